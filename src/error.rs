@@ -1,0 +1,88 @@
+//! The one error type of the crate.
+
+/// Everything that can go wrong in embtable.
+///
+/// Every variant carries what a caller needs to fix the call: the position in
+/// the batch, the offending value, the expected shape. An operation that
+/// returns `Err` has written nothing: tables, gradients, optimizer state and
+/// output buffers are exactly as they were before the call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An id at `position` of a batch is negative or not below the row count.
+    #[error("id {index} at position {position} is out of range for a table of {rows} rows")]
+    IndexOutOfRange {
+        /// Position of the id in the batch.
+        position: usize,
+        /// The id itself, widened so that any `Index` type fits.
+        index: i128,
+        /// Number of rows of the table.
+        rows: usize,
+    },
+    /// A buffer or argument has the wrong length or shape.
+    #[error("{what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which buffer or dimension.
+        what: &'static str,
+        /// The length or size that was required.
+        expected: usize,
+        /// The length or size that was given.
+        got: usize,
+    },
+    /// A NaN or infinite value where finite numbers are required.
+    #[error("{what} at position {position} is not finite ({value})")]
+    NonFinite {
+        /// Which input held the value.
+        what: &'static str,
+        /// Flat position of the value in that input.
+        position: usize,
+        /// The value itself.
+        value: f32,
+    },
+    /// A configuration field holds a value the operation cannot work with.
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// The field, as named in the config struct.
+        field: &'static str,
+        /// Why the value is rejected, naming the value.
+        reason: String,
+    },
+    /// Bag offsets are not a valid CSR offsets array.
+    #[error("offset {value} at position {position} is invalid: {reason}")]
+    InvalidOffsets {
+        /// Position in the offsets array.
+        position: usize,
+        /// The offending offset.
+        value: usize,
+        /// What rule it breaks.
+        reason: &'static str,
+    },
+    /// The allocator could not provide memory for a table or state buffer.
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    Alloc {
+        /// What was being allocated.
+        what: &'static str,
+        /// Requested size in bytes (`usize::MAX` when the size itself overflows).
+        bytes: usize,
+    },
+    /// Reading or writing a file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, including the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's content does not follow its format.
+    #[error("line {line}: {reason}")]
+    Format {
+        /// 1-based line (text formats) or record number (binary formats).
+        line: usize,
+        /// What is wrong, naming the offending token.
+        reason: String,
+    },
+}
+
+/// `Result` with embtable's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,346 @@
+//! `SparseGrad`: the gradient of a table, kept as coalesced `(row, gradient)` pairs.
+//!
+//! The gradient of a lookup touches only the looked-up rows. `SparseGrad`
+//! keeps one slot per distinct row (a `hashbrown` map from row to slot) and
+//! sums every contribution to a row into its slot. Memory and time are
+//! proportional to the batch, never to the table.
+//!
+//! **Determinism.** Each slot's sum is taken in batch order (and across
+//! calls, in call order), whatever the thread count: accumulation is
+//! parallel over slots, never over the contributions to one slot.
+
+use hashbrown::HashMap;
+use rayon::prelude::*;
+
+use crate::aligned::stride_for;
+use crate::index::{Index, row_unchecked};
+use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::{Error, Result};
+
+/// Below this many contributed floats, accumulation runs on the calling thread.
+const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+
+/// The sparse gradient of an embedding table.
+///
+/// # Examples
+/// ```
+/// use embtable::SparseGrad;
+/// let mut grad = SparseGrad::new(2);
+/// grad.accumulate_lookup(&[3u32, 1, 3], &[1., 1., 2., 2., 10., 10.])?;
+/// assert_eq!(grad.rows(), &[3, 1]);
+/// assert_eq!(grad.row_grad(0), &[11., 11.]); // id 3 appeared twice: summed
+/// assert_eq!(grad.to_dense(4), [0., 0., 2., 2., 0., 0., 11., 11.]);
+/// # Ok::<(), embtable::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct SparseGrad {
+    dim: usize,
+    stride: usize,
+    /// Row count of the table this gradient is for, when known: ids are
+    /// then checked against it as lookups check them.
+    row_bound: Option<usize>,
+    slot_of: HashMap<usize, usize>,
+    /// Slot -> row, in the order rows were first seen.
+    rows: Vec<usize>,
+    /// Slot `k`'s gradient is `grads[k * stride..][..dim]`; pad lanes are zero.
+    grads: Vec<f32>,
+    scratch: Scratch,
+}
+
+/// Per-call working memory, kept between calls to avoid reallocating.
+#[derive(Clone, Debug, Default)]
+struct Scratch {
+    /// Slot of each position of the current batch.
+    slot_of_position: Vec<usize>,
+    /// CSR over slots: positions of slot `k` are `order[start[k]..start[k + 1]]`.
+    start: Vec<usize>,
+    order: Vec<usize>,
+}
+
+/// What position `j` of a batch adds to its row's gradient.
+///
+/// Implementations add into `row` (the `dim` floats of the slot) with the
+/// tier's instructions; `add` for one slot is called in increasing `j`.
+pub(crate) trait Contribution: Sync {
+    /// Adds position `j`'s contribution to `row`.
+    fn add<S: Simd>(&self, s: S, j: usize, row: &mut [f32]);
+}
+
+impl SparseGrad {
+    /// An empty gradient for a table of `dim` columns.
+    ///
+    /// Ids are checked to be non-negative here and against the table's row
+    /// count when an optimizer applies the gradient; use
+    /// [`for_table`](Self::for_table) to check them on accumulation.
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            stride: stride_for(dim),
+            ..Self::default()
+        }
+    }
+
+    /// An empty gradient for `table`: ids are checked against its row count
+    /// as soon as they are accumulated.
+    pub fn for_table(table: &crate::EmbeddingTable) -> Self {
+        Self {
+            row_bound: Some(table.rows()),
+            ..Self::new(table.dim())
+        }
+    }
+
+    /// Columns of the table this gradient is for.
+    #[inline]
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Distance in floats between slots in [`as_padded`](Self::as_padded).
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Number of distinct rows with a gradient.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row has a gradient.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The distinct rows, in the order they were first accumulated.
+    #[inline]
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+
+    /// The summed gradient of row `rows()[k]`, `dim` floats.
+    ///
+    /// # Panics
+    /// If `k >= len()`.
+    #[inline]
+    #[track_caller]
+    pub fn row_grad(&self, k: usize) -> &[f32] {
+        assert!(
+            k < self.len(),
+            "slot {k} out of range for {} rows",
+            self.len()
+        );
+        &self.grads[k * self.stride..][..self.dim]
+    }
+
+    /// All slots' gradients, `len() * stride()` floats, pad lanes zero.
+    #[inline]
+    pub fn as_padded(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// Forgets every row, keeping the allocations for the next batch.
+    pub fn clear(&mut self) {
+        self.slot_of.clear();
+        self.rows.clear();
+        self.grads.clear();
+    }
+
+    /// The gradient as a dense row-major `rows × dim` matrix.
+    ///
+    /// # Panics
+    /// If a row with a gradient is `>= rows`.
+    pub fn to_dense(&self, rows: usize) -> Vec<f32> {
+        let mut dense = vec![0.0; rows * self.dim];
+        for (k, &r) in self.rows.iter().enumerate() {
+            assert!(
+                r < rows,
+                "row {r} has a gradient but the table has {rows} rows"
+            );
+            dense[r * self.dim..][..self.dim].copy_from_slice(self.row_grad(k));
+        }
+        dense
+    }
+
+    /// Adds the gradient of `lookup(ids)` given `grad_out`, the gradient of
+    /// its output (`ids.len() * dim` floats, row-major): row `ids[j]` gets
+    /// `grad_out[j * dim..][..dim]`, duplicates summed in batch order.
+    ///
+    /// This is `onehot(ids)ᵀ · grad_out`. Calls add up until [`clear`](Self::clear).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if `grad_out.len() != ids.len() * dim`;
+    /// [`Error::IndexOutOfRange`] for a negative id (or one beyond the
+    /// table, with [`for_table`](Self::for_table)); [`Error::NonFinite`] for
+    /// a NaN or infinite gradient value. On error nothing is accumulated.
+    pub fn accumulate_lookup<I: Index>(&mut self, ids: &[I], grad_out: &[f32]) -> Result<()> {
+        let expected = ids.len().checked_mul(self.dim).unwrap_or(usize::MAX);
+        if grad_out.len() != expected {
+            return Err(Error::ShapeMismatch {
+                what: "gradient length (ids * dim)",
+                expected,
+                got: grad_out.len(),
+            });
+        }
+        check_finite("gradient", grad_out)?;
+        self.validate(ids)?;
+        let dim = self.dim;
+        struct Rows<'a> {
+            grad_out: &'a [f32],
+            dim: usize,
+        }
+        impl Contribution for Rows<'_> {
+            #[inline(always)]
+            fn add<S: Simd>(&self, s: S, j: usize, row: &mut [f32]) {
+                kernels::add_scaled(s, row, &self.grad_out[j * self.dim..][..self.dim], 1.0);
+            }
+        }
+        // SAFETY: ids were validated just above.
+        unsafe { self.accumulate_unchecked(kernels::current(), ids, &Rows { grad_out, dim }) };
+        Ok(())
+    }
+
+    /// Checks that every id names a row: non-negative, and below the row
+    /// bound when there is one.
+    pub(crate) fn validate<I: Index>(&self, ids: &[I]) -> Result<()> {
+        crate::index::validate_ids(ids, self.row_bound.unwrap_or(usize::MAX))
+    }
+
+    /// Adds `contribution(j)` to row `ids[j]` for every position `j`.
+    ///
+    /// # Safety
+    /// Every id was checked with [`validate`](Self::validate).
+    pub(crate) unsafe fn accumulate_unchecked<I: Index, C: Contribution>(
+        &mut self,
+        tier: Tier,
+        ids: &[I],
+        contribution: &C,
+    ) {
+        // Slots first, serially: a slot's number depends on first-seen order.
+        let Scratch {
+            slot_of_position,
+            start,
+            order,
+        } = &mut self.scratch;
+        slot_of_position.clear();
+        for &id in ids {
+            // SAFETY: the caller validated every id.
+            let row = unsafe { row_unchecked(id) };
+            let next = self.rows.len();
+            let slot = *self.slot_of.entry(row).or_insert_with(|| {
+                self.rows.push(row);
+                next
+            });
+            slot_of_position.push(slot);
+        }
+        self.grads.resize(self.rows.len() * self.stride, 0.0);
+
+        let (dim, stride) = (self.dim, self.stride);
+        if ids.len() * dim < PARALLEL_MIN_FLOATS {
+            // Serial: visiting positions in order sums each slot in batch order.
+            kernels::dispatch(
+                tier,
+                AddSerial {
+                    slots: slot_of_position,
+                    grads: &mut self.grads,
+                    dim,
+                    stride,
+                    contribution,
+                },
+            );
+            return;
+        }
+        // Parallel over slots: group positions by slot (a stable counting
+        // sort, so each group stays in batch order), then each slot sums its
+        // own group. No two tasks write the same slot.
+        let slots = self.rows.len();
+        start.clear();
+        start.resize(slots + 1, 0);
+        for &s in slot_of_position.iter() {
+            start[s + 1] += 1;
+        }
+        for k in 0..slots {
+            start[k + 1] += start[k];
+        }
+        order.clear();
+        order.resize(ids.len(), 0);
+        let mut fill = start[..slots].to_vec();
+        for (j, &s) in slot_of_position.iter().enumerate() {
+            order[fill[s]] = j;
+            fill[s] += 1;
+        }
+        let (start, order) = (&*start, &*order);
+        self.grads
+            .par_chunks_mut(stride)
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(slot, row)| {
+                let positions = &order[start[slot]..start[slot + 1]];
+                if !positions.is_empty() {
+                    kernels::dispatch(
+                        tier,
+                        AddPositions {
+                            positions,
+                            row: &mut row[..dim],
+                            contribution,
+                        },
+                    );
+                }
+            });
+    }
+}
+
+/// Adds each position's contribution to its slot, positions in order.
+struct AddSerial<'a, C> {
+    slots: &'a [usize],
+    grads: &'a mut [f32],
+    dim: usize,
+    stride: usize,
+    contribution: &'a C,
+}
+
+impl<C: Contribution> Kernel for AddSerial<'_, C> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for (j, &slot) in self.slots.iter().enumerate() {
+            let row = &mut self.grads[slot * self.stride..][..self.dim];
+            self.contribution.add(s, j, row);
+        }
+    }
+}
+
+/// Adds the contributions of `positions` (in order) to one slot's row.
+struct AddPositions<'a, C> {
+    positions: &'a [usize],
+    row: &'a mut [f32],
+    contribution: &'a C,
+}
+
+impl<C: Contribution> Kernel for AddPositions<'_, C> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for &j in self.positions {
+            self.contribution.add(s, j, self.row);
+        }
+    }
+}
+
+/// `Err(NonFinite)` naming the first NaN or infinite value.
+pub(crate) fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
+    // Branch-free scan for the common all-finite case.
+    if values.iter().fold(true, |ok, x| ok & x.is_finite()) {
+        return Ok(());
+    }
+    let position = values
+        .iter()
+        .position(|x| !x.is_finite())
+        .expect("one is not finite");
+    Err(Error::NonFinite {
+        what,
+        position,
+        value: values[position],
+    })
+}

@@ -1,0 +1,263 @@
+//! SIMD kernels, chosen once at run time.
+//!
+//! Every operation is written once, as a generic `#[inline(always)]` body over
+//! the [`Simd`] trait, and run through [`dispatch`], which instantiates the body
+//! inside a thin `#[target_feature]` wrapper for the chosen [`Tier`]:
+//!
+//! | tier | vector | where |
+//! |---|---|---|
+//! | [`Tier::Avx512`] | 16 × f32 (`__m512`) | x86-64 with AVX-512F |
+//! | [`Tier::Avx2`] | 8 × f32 (`__m256`) | x86-64 with AVX2 and FMA |
+//! | [`Tier::Portable`] | 8 × f32 (`wide::f32x8`) | any target; SSE2/NEON pairs |
+//! | [`Tier::Scalar`] | 1 × f32 | any target: the fallback and the test oracle |
+//!
+//! The best tier the CPU supports is detected on first use and cached. The
+//! environment variable `EMBTABLE_TIER` (`scalar`, `portable`, `avx2`,
+//! `avx512`) overrides that process-wide, and [`with_tier`] overrides it for
+//! the calls made inside a closure, which is how tests and benches cover
+//! every tier.
+//!
+//! **Every tier gives bitwise identical results.** Kernels only use IEEE
+//! operations that round the same in every width (add, sub, mul, div, sqrt,
+//! max) and never fuse a multiply and an add (no FMA contraction), and lane
+//! `i` of a row is always computed from lane `i` of the inputs, so the
+//! vector width cannot change the order of any sum.
+
+mod ops;
+mod portable;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+pub use ops::{add_scaled, copy_row, max_into, scale};
+pub use portable::Portable;
+pub use scalar::Scalar;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{Avx2, Avx512};
+
+/// An instruction-set tier of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// One float at a time: the fallback and the reference the others are tested against.
+    Scalar,
+    /// `wide::f32x8`: portable SIMD at the target's baseline features.
+    Portable,
+    /// AVX2 + FMA, 8 lanes (x86-64). FMA is required but never fused into
+    /// results, so this tier stays bitwise equal to the others.
+    Avx2,
+    /// AVX-512F, 16 lanes (x86-64).
+    Avx512,
+}
+
+impl Tier {
+    /// Every tier, slowest first.
+    pub const ALL: [Tier; 4] = [Tier::Scalar, Tier::Portable, Tier::Avx2, Tier::Avx512];
+
+    /// Whether this CPU can run the tier.
+    pub fn is_available(self) -> bool {
+        match self {
+            Tier::Scalar | Tier::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2 => Avx2::detect().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512 => Avx512::detect().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Tier::Avx2 | Tier::Avx512 => false,
+        }
+    }
+
+    /// The tiers this CPU can run, slowest first.
+    pub fn available() -> Vec<Tier> {
+        Tier::ALL.into_iter().filter(|t| t.is_available()).collect()
+    }
+
+    /// The fastest tier this CPU can run.
+    pub fn best() -> Tier {
+        *Tier::available()
+            .last()
+            .expect("scalar is always available")
+    }
+
+    /// The tier's name as `EMBTABLE_TIER` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Scalar => "scalar",
+            Tier::Portable => "portable",
+            Tier::Avx2 => "avx2",
+            Tier::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a name as `EMBTABLE_TIER` spells it.
+    pub fn from_name(name: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.name() == name.trim())
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+static DEFAULT_TIER: OnceLock<Tier> = OnceLock::new();
+
+thread_local! {
+    static FORCED_TIER: Cell<Option<Tier>> = const { Cell::new(None) };
+}
+
+/// The process-wide tier: `EMBTABLE_TIER` if set to an available tier, else the best.
+///
+/// # Panics
+/// If `EMBTABLE_TIER` names an unknown tier or one this CPU lacks: a bench
+/// or test asked for a tier it would silently not measure.
+pub fn default_tier() -> Tier {
+    *DEFAULT_TIER.get_or_init(|| match std::env::var("EMBTABLE_TIER") {
+        Ok(name) => {
+            let tier = Tier::from_name(&name)
+                .unwrap_or_else(|| panic!("EMBTABLE_TIER={name:?} is not a tier name"));
+            assert!(
+                tier.is_available(),
+                "EMBTABLE_TIER={name}: this CPU cannot run that tier"
+            );
+            tier
+        }
+        Err(_) => Tier::best(),
+    })
+}
+
+/// The tier that operations started on this thread use now.
+///
+/// Operations read it once, on the calling thread, and hand it to their
+/// worker threads, so one call never mixes tiers.
+pub fn current() -> Tier {
+    FORCED_TIER.with(Cell::get).unwrap_or_else(default_tier)
+}
+
+/// Runs `f` with every operation it starts on this thread using `tier`.
+///
+/// When combining with a rayon pool, call this inside `pool.install`, since
+/// the override belongs to the thread that starts the operation.
+///
+/// # Panics
+/// If this CPU cannot run `tier`.
+pub fn with_tier<R>(tier: Tier, f: impl FnOnce() -> R) -> R {
+    assert!(
+        tier.is_available(),
+        "tier {tier} is not available on this CPU"
+    );
+    struct Restore(Option<Tier>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_TIER.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED_TIER.with(|t| t.replace(Some(tier))));
+    f()
+}
+
+/// A vector instruction set, as a zero-sized token.
+///
+/// A token of a tier can only be obtained on a CPU that runs it (see
+/// `detect`), which is what makes the safe methods sound. Methods are
+/// `#[inline(always)]`, so inside a `#[target_feature]` wrapper they compile
+/// to single instructions.
+pub trait Simd: Copy + Send + Sync + 'static {
+    /// A vector of `N` floats.
+    type V: Copy;
+    /// Floats per vector. Divides 16, so every row stride is whole vectors.
+    const N: usize;
+    /// The tier this token belongs to.
+    const TIER: Tier;
+
+    /// All lanes `x`.
+    fn splat(self, x: f32) -> Self::V;
+    /// Loads `N` floats from `src[..N]`.
+    ///
+    /// # Panics
+    /// If `src.len() < N`.
+    fn load(self, src: &[f32]) -> Self::V;
+    /// Stores `N` floats into `dst[..N]`.
+    ///
+    /// # Panics
+    /// If `dst.len() < N`.
+    fn store(self, v: Self::V, dst: &mut [f32]);
+    /// Loads `src.len() < N` floats; the other lanes are zero.
+    fn load_partial(self, src: &[f32]) -> Self::V;
+    /// Stores the first `dst.len() < N` lanes.
+    fn store_partial(self, v: Self::V, dst: &mut [f32]);
+    /// Lane-wise `a + b`.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a - b`.
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a * b`.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a / b`.
+    fn div(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise square root.
+    fn sqrt(self, a: Self::V) -> Self::V;
+    /// Lane-wise `if a > b { a } else { b }` (so a NaN in `a` yields `b`,
+    /// a NaN in `b` yields `b`, and `max(-0, +0) == +0`), as `maxps` does.
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+}
+
+/// An operation with one generic body for every tier.
+///
+/// Implementations must mark `run` `#[inline(always)]`: that is what makes
+/// the body compile with the tier's instructions inside [`dispatch`].
+pub trait Kernel {
+    /// What the operation returns.
+    type Output;
+    /// Runs the body with the tier's token.
+    fn run<S: Simd>(self, simd: S) -> Self::Output;
+}
+
+/// Runs `kernel` with the instructions of `tier`.
+///
+/// # Panics
+/// If this CPU cannot run `tier` (tiers come from [`current`], which only
+/// yields available ones).
+#[inline]
+pub fn dispatch<K: Kernel>(tier: Tier, kernel: K) -> K::Output {
+    match tier {
+        Tier::Scalar => kernel.run(Scalar),
+        Tier::Portable => kernel.run(Portable),
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 => x86_64::run_avx2(kernel, Avx2::detect().expect("AVX2 tier detected")),
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => {
+            x86_64::run_avx512(kernel, Avx512::detect().expect("AVX-512 tier detected"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Tier::Avx2 | Tier::Avx512 => panic!("tier {tier} is not available on this CPU"),
+    }
+}
+
+/// Asks the CPU to start loading the cache line at `p` into all cache levels.
+///
+/// A hint only: it never faults, whatever `p` is.
+#[inline(always)]
+pub fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: prefetch is a hint that cannot fault, even on an invalid
+        // address, and SSE is part of the x86-64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Prefetches every cache line of the `len` floats from `p`.
+#[inline(always)]
+pub fn prefetch_row(p: *const f32, len: usize) {
+    let mut off = 0;
+    while off < len {
+        prefetch(p.wrapping_add(off));
+        off += crate::aligned::LANES_PER_LINE;
+    }
+}

@@ -1,0 +1,91 @@
+//! Row operations shared by lookups, pooling and optimizers.
+//!
+//! Each takes a [`Simd`] token and slices of any length: whole vectors first,
+//! then one partial vector for the tail (rows in padded layout have none).
+//! Lane `i` of the result depends only on lane `i` of the inputs, so every
+//! tier produces the same bits.
+
+use super::Simd;
+
+/// Runs `body(range)` over `0..len` in steps of `S::N`, then once on the tail.
+///
+/// `body` gets the start of the chunk and whether it is a whole vector.
+#[inline(always)]
+fn for_chunks<S: Simd>(len: usize, mut body: impl FnMut(usize, bool)) {
+    let whole = len - len % S::N;
+    let mut i = 0;
+    while i < whole {
+        body(i, true);
+        i += S::N;
+    }
+    if whole < len {
+        body(whole, false);
+    }
+}
+
+/// `dst = src` (equal lengths).
+#[inline(always)]
+pub fn copy_row<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    let len = dst.len().min(src.len());
+    for_chunks::<S>(len, |i, whole| {
+        if whole {
+            s.store(s.load(&src[i..]), &mut dst[i..]);
+        } else {
+            s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
+        }
+    });
+}
+
+/// `acc += a * x` (equal lengths; the product is rounded before the sum).
+#[inline(always)]
+pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
+    debug_assert_eq!(acc.len(), x.len());
+    let len = acc.len().min(x.len());
+    let av = s.splat(a);
+    for_chunks::<S>(len, |i, whole| {
+        if whole {
+            let v = s.add(s.load(&acc[i..]), s.mul(av, s.load(&x[i..])));
+            s.store(v, &mut acc[i..]);
+        } else {
+            let v = s.add(
+                s.load_partial(&acc[i..len]),
+                s.mul(av, s.load_partial(&x[i..len])),
+            );
+            s.store_partial(v, &mut acc[i..len]);
+        }
+    });
+}
+
+/// `x *= a`.
+#[inline(always)]
+pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
+    let len = x.len();
+    let av = s.splat(a);
+    for_chunks::<S>(len, |i, whole| {
+        if whole {
+            let v = s.mul(s.load(&x[i..]), av);
+            s.store(v, &mut x[i..]);
+        } else {
+            let v = s.mul(s.load_partial(&x[i..len]), av);
+            s.store_partial(v, &mut x[i..len]);
+        }
+    });
+}
+
+/// `acc = max(x, acc)` lane-wise, with [`Simd::max`]'s rule: `x` wins only
+/// where `x > acc` (so the first of equal values is kept).
+#[inline(always)]
+pub fn max_into<S: Simd>(s: S, acc: &mut [f32], x: &[f32]) {
+    debug_assert_eq!(acc.len(), x.len());
+    let len = acc.len().min(x.len());
+    for_chunks::<S>(len, |i, whole| {
+        if whole {
+            let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
+            s.store(v, &mut acc[i..]);
+        } else {
+            let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
+            s.store_partial(v, &mut acc[i..len]);
+        }
+    });
+}

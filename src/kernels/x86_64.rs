@@ -1,0 +1,199 @@
+//! The x86-64 tiers: AVX2 (+FMA) with 8 lanes and AVX-512F with 16.
+//!
+//! Tokens are created only by `detect`, after the CPU reported the features;
+//! every `unsafe` block below relies on that one invariant.
+
+use std::arch::x86_64::*;
+
+use super::{Kernel, Simd, Tier};
+
+/// Token of the AVX2 tier: proof that this CPU has AVX2 and FMA.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2(());
+
+impl Avx2 {
+    /// The token, if this CPU has AVX2 and FMA.
+    pub fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Avx2(()))
+    }
+}
+
+/// Token of the AVX-512 tier: proof that this CPU has AVX-512F.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512(());
+
+impl Avx512 {
+    /// The token, if this CPU has AVX-512F.
+    pub fn detect() -> Option<Self> {
+        is_x86_feature_detected!("avx512f").then_some(Avx512(()))
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn run_avx2_features<K: Kernel>(kernel: K, simd: Avx2) -> K::Output {
+    kernel.run(simd)
+}
+
+#[target_feature(enable = "avx512f")]
+fn run_avx512_features<K: Kernel>(kernel: K, simd: Avx512) -> K::Output {
+    kernel.run(simd)
+}
+
+/// Runs the kernel body compiled for AVX2.
+#[inline]
+pub(super) fn run_avx2<K: Kernel>(kernel: K, simd: Avx2) -> K::Output {
+    // SAFETY: the token proves the CPU has AVX2 and FMA.
+    unsafe { run_avx2_features(kernel, simd) }
+}
+
+/// Runs the kernel body compiled for AVX-512F.
+#[inline]
+pub(super) fn run_avx512<K: Kernel>(kernel: K, simd: Avx512) -> K::Output {
+    // SAFETY: the token proves the CPU has AVX-512F.
+    unsafe { run_avx512_features(kernel, simd) }
+}
+
+// In both impls, every `unsafe` block calls an intrinsic of the token's own
+// feature set; the token exists only where detection found it.
+impl Simd for Avx2 {
+    type V = __m256;
+    const N: usize = 8;
+    const TIER: Tier = Tier::Avx2;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn load(self, src: &[f32]) -> __m256 {
+        assert!(src.len() >= 8);
+        // SAFETY: 8 floats are readable (asserted); AVX is available (token).
+        unsafe { _mm256_loadu_ps(src.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store(self, v: __m256, dst: &mut [f32]) {
+        assert!(dst.len() >= 8);
+        // SAFETY: 8 floats are writable (asserted); AVX is available (token).
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn load_partial(self, src: &[f32]) -> __m256 {
+        let mut lanes = [0.0f32; 8];
+        lanes[..src.len()].copy_from_slice(src);
+        self.load(&lanes)
+    }
+    #[inline(always)]
+    fn store_partial(self, v: __m256, dst: &mut [f32]) {
+        let mut lanes = [0.0f32; 8];
+        self.store(v, &mut lanes);
+        let n = dst.len();
+        dst.copy_from_slice(&lanes[..n]);
+    }
+    #[inline(always)]
+    fn add(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sub(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sqrt(self, a: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available.
+        unsafe { _mm256_sqrt_ps(a) }
+    }
+    #[inline(always)]
+    fn max(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available. `maxps` returns its
+        // second operand unless `a > b`, the rule every tier follows.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+}
+
+impl Simd for Avx512 {
+    type V = __m512;
+    const N: usize = 16;
+    const TIER: Tier = Tier::Avx512;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn load(self, src: &[f32]) -> __m512 {
+        assert!(src.len() >= 16);
+        // SAFETY: 16 floats are readable (asserted); AVX-512F is available.
+        unsafe { _mm512_loadu_ps(src.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store(self, v: __m512, dst: &mut [f32]) {
+        assert!(dst.len() >= 16);
+        // SAFETY: 16 floats are writable (asserted); AVX-512F is available.
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn load_partial(self, src: &[f32]) -> __m512 {
+        let mask = lane_mask(src.len());
+        // SAFETY: masked-off lanes are never read (and cannot fault); the
+        // mask covers exactly the `src.len()` readable floats.
+        unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store_partial(self, v: __m512, dst: &mut [f32]) {
+        let mask = lane_mask(dst.len());
+        // SAFETY: only the `dst.len()` lanes in the mask are written.
+        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sub(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sqrt(self, a: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available.
+        unsafe { _mm512_sqrt_ps(a) }
+    }
+    #[inline(always)]
+    fn max(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available. `vmaxps`
+        // returns its second operand unless `a > b`, as every tier does.
+        unsafe { _mm512_max_ps(a, b) }
+    }
+}
+
+/// A mask of the low `n < 16` lanes.
+#[inline(always)]
+fn lane_mask(n: usize) -> __mmask16 {
+    debug_assert!(n < 16);
+    ((1u32 << n) - 1) as __mmask16
+}

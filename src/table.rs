@@ -1,0 +1,317 @@
+//! `EmbeddingTable`: rows of `f32` in one aligned allocation, and lookups.
+
+use rayon::prelude::*;
+
+use crate::aligned::{AlignedBuf, stride_for};
+use crate::index::{Index, row_unchecked, validate_ids};
+use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::{Error, Init, Result};
+
+/// Below this many output floats a lookup runs on the calling thread: the
+/// work is smaller than the cost of waking rayon's workers.
+const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+
+/// Output floats per parallel task: large enough to amortise scheduling,
+/// small enough that two threads finish together.
+const TASK_FLOATS: usize = 1 << 16;
+
+/// Rows prefetched ahead of the one being copied. Random rows come from
+/// DRAM at ~100 ns; eight in flight hide most of that latency.
+const PREFETCH_AHEAD: usize = 8;
+
+/// An embedding table: `rows` vectors of `dim` floats.
+///
+/// Stored as one 64-byte aligned allocation of `rows * stride` floats, where
+/// `stride` is `dim` rounded up to a multiple of 16 and the pad lanes are
+/// zero (see [`stride`](Self::stride)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingTable {
+    data: AlignedBuf,
+    rows: usize,
+    dim: usize,
+    stride: usize,
+}
+
+impl EmbeddingTable {
+    /// A table of `rows × dim` values drawn by `init` from `seed`.
+    ///
+    /// The same `(init, seed)` gives the same table on every run and every
+    /// thread count; large tables are filled in parallel.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `rows` or `dim` is zero or `init` is
+    /// invalid; [`Error::Alloc`] if the table does not fit in memory.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{EmbeddingTable, Init};
+    /// let table = EmbeddingTable::new(1000, 64, Init::default(), 42)?;
+    /// assert_eq!((table.rows(), table.dim()), (1000, 64));
+    /// assert!(table.row(3).iter().all(|&x| (-0.05..0.05).contains(&x)));
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn new(rows: usize, dim: usize, init: Init, seed: u64) -> Result<Self> {
+        init.validate()?;
+        let mut table = Self::zeros(rows, dim)?;
+        if init != Init::Zeros {
+            table
+                .data
+                .as_mut_slice()
+                .par_chunks_mut(table.stride)
+                .with_min_len(256)
+                .enumerate()
+                .for_each(|(r, row)| init.fill_row(seed, r, &mut row[..dim]));
+        }
+        Ok(table)
+    }
+
+    /// A table of zeros.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn zeros(rows: usize, dim: usize) -> Result<Self> {
+        if rows == 0 {
+            return Err(Error::InvalidConfig {
+                field: "rows",
+                reason: "a table needs at least one row".into(),
+            });
+        }
+        if dim == 0 {
+            return Err(Error::InvalidConfig {
+                field: "dim",
+                reason: "a table needs at least one column".into(),
+            });
+        }
+        let stride = stride_for(dim);
+        let len = rows.checked_mul(stride).ok_or(Error::Alloc {
+            what: "table",
+            bytes: usize::MAX,
+        })?;
+        let data = AlignedBuf::zeroed(len, "table")?;
+        Ok(Self {
+            data,
+            rows,
+            dim,
+            stride,
+        })
+    }
+
+    /// A table holding `values`, row-major `rows × dim`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `rows` or `dim` is zero;
+    /// [`Error::ShapeMismatch`] if `values.len() != rows * dim`.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::from_rows(3, 2, &[0., 1., 2., 3., 4., 5.])?;
+    /// assert_eq!(table.row(1), &[2., 3.]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn from_rows(rows: usize, dim: usize, values: &[f32]) -> Result<Self> {
+        let expected = rows.checked_mul(dim).unwrap_or(usize::MAX);
+        if rows != 0 && dim != 0 && values.len() != expected {
+            return Err(Error::ShapeMismatch {
+                what: "from_rows values (rows * dim)",
+                expected,
+                got: values.len(),
+            });
+        }
+        let mut table = Self::zeros(rows, dim)?;
+        let stride = table.stride;
+        table
+            .data
+            .as_mut_slice()
+            .par_chunks_mut(stride)
+            .zip(values.par_chunks(dim))
+            .with_min_len(256)
+            .for_each(|(row, src)| row[..dim].copy_from_slice(src));
+        Ok(table)
+    }
+
+    /// Number of rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Floats per row.
+    #[inline]
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Distance between rows in floats: `dim` rounded up to a multiple of 16.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Row `i`.
+    ///
+    /// # Panics
+    /// If `i >= rows()`.
+    #[inline]
+    #[track_caller]
+    pub fn row(&self, i: usize) -> &[f32] {
+        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        &self.data.as_slice()[i * self.stride..][..self.dim]
+    }
+
+    /// Row `i`, mutably (only its `dim` values; the padding stays zero).
+    ///
+    /// # Panics
+    /// If `i >= rows()`.
+    #[inline]
+    #[track_caller]
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        let (stride, dim) = (self.stride, self.dim);
+        &mut self.data.as_mut_slice()[i * stride..][..dim]
+    }
+
+    /// Row `i` without a bounds check.
+    ///
+    /// # Safety
+    /// `i < self.rows()`.
+    #[inline]
+    pub unsafe fn row_unchecked(&self, i: usize) -> &[f32] {
+        debug_assert!(i < self.rows);
+        // SAFETY: i < rows (caller), so the row lies inside the buffer.
+        unsafe {
+            self.data
+                .as_slice()
+                .get_unchecked(i * self.stride..i * self.stride + self.dim)
+        }
+    }
+
+    /// The whole storage: `rows * stride` floats, pad lanes included.
+    #[inline]
+    pub fn as_padded(&self) -> &[f32] {
+        self.data.as_slice()
+    }
+
+    /// The whole storage, mutably. Writers must keep the pad lanes zero.
+    #[inline]
+    pub fn as_padded_mut(&mut self) -> &mut [f32] {
+        self.data.as_mut_slice()
+    }
+
+    /// A dense row-major copy, `rows * dim` floats.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.dim];
+        out.par_chunks_mut(self.dim)
+            .zip(self.data.as_slice().par_chunks(self.stride))
+            .with_min_len(256)
+            .for_each(|(dst, row)| dst.copy_from_slice(&row[..self.dim]));
+        out
+    }
+
+    /// Copies row `ids[j]` to `out[j * dim..][..dim]` for every `j`: Keras'
+    /// `Embedding` and PyTorch's `nn.Embedding` forward pass.
+    ///
+    /// Every id is checked before anything is written. Parallel above a size
+    /// threshold; the result is the same for every thread count and tier (a
+    /// lookup is a copy).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if `out.len() != ids.len() * dim`;
+    /// [`Error::IndexOutOfRange`] naming the first id that is negative or
+    /// `>= rows`. On error `out` is untouched.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::from_rows(3, 2, &[0., 1., 2., 3., 4., 5.])?;
+    /// let mut out = vec![0.0; 3 * 2];
+    /// table.lookup(&[2u32, 0, 2], &mut out)?;
+    /// assert_eq!(out, [4., 5., 0., 1., 4., 5.]);
+    /// assert!(table.lookup(&[1i64, -1, 0], &mut out).is_err());
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn lookup<I: Index>(&self, ids: &[I], out: &mut [f32]) -> Result<()> {
+        let expected = ids.len().checked_mul(self.dim).unwrap_or(usize::MAX);
+        if out.len() != expected {
+            return Err(Error::ShapeMismatch {
+                what: "lookup output length (ids * dim)",
+                expected,
+                got: out.len(),
+            });
+        }
+        validate_ids(ids, self.rows)?;
+        // SAFETY: every id was validated against `rows` just above.
+        unsafe { self.gather_unchecked(kernels::current(), ids, out) };
+        Ok(())
+    }
+
+    /// [`lookup`](Self::lookup) into a new vector of `ids.len() * dim` floats.
+    ///
+    /// # Errors
+    /// As [`lookup`](Self::lookup).
+    pub fn lookup_vec<I: Index>(&self, ids: &[I]) -> Result<Vec<f32>> {
+        validate_ids(ids, self.rows)?;
+        let mut out = vec![0.0; ids.len() * self.dim];
+        // SAFETY: every id was validated against `rows` just above.
+        unsafe { self.gather_unchecked(kernels::current(), ids, &mut out) };
+        Ok(out)
+    }
+
+    /// The gather behind `lookup`, parallel above a threshold.
+    ///
+    /// # Safety
+    /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
+    pub(crate) unsafe fn gather_unchecked<I: Index>(&self, tier: Tier, ids: &[I], out: &mut [f32]) {
+        debug_assert_eq!(out.len(), ids.len() * self.dim);
+        let gather = |ids: &[I], out: &mut [f32]| {
+            kernels::dispatch(
+                tier,
+                Gather {
+                    table: self,
+                    ids,
+                    out,
+                },
+            )
+        };
+        if out.len() < PARALLEL_MIN_FLOATS {
+            gather(ids, out);
+        } else {
+            let ids_per_task = (TASK_FLOATS / self.dim).max(1);
+            ids.par_chunks(ids_per_task)
+                .zip(out.par_chunks_mut(ids_per_task * self.dim))
+                .for_each(|(ids, out)| gather(ids, out));
+        }
+    }
+}
+
+/// Copies rows `ids` of `table` into consecutive `dim`-float slots of `out`,
+/// prefetching the row `PREFETCH_AHEAD` ids ahead so several DRAM fetches
+/// are in flight at once.
+///
+/// Invariant: every id was validated against `table.rows`.
+struct Gather<'a, I> {
+    table: &'a EmbeddingTable,
+    ids: &'a [I],
+    out: &'a mut [f32],
+}
+
+impl<I: Index> Kernel for Gather<'_, I> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let Gather { table, ids, out } = self;
+        let (dim, stride) = (table.dim, table.stride);
+        let base = table.data.as_ptr();
+        for (j, (&id, dst)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
+            if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
+                // SAFETY: validated id (struct invariant).
+                let r = unsafe { row_unchecked(ahead) };
+                kernels::prefetch_row(base.wrapping_add(r * stride), dim);
+            }
+            // SAFETY: validated id (struct invariant), so the row is in the table.
+            let src = unsafe { table.row_unchecked(row_unchecked(id)) };
+            kernels::copy_row(s, src, dst);
+        }
+    }
+}

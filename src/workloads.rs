@@ -1,0 +1,162 @@
+//! The benchmark workloads of embtable's `WORKLOADS.md`, generated bit-exactly.
+//!
+//! The same generators were used to measure PyTorch, FBGEMM and TensorFlow,
+//! so a port that reproduces the checksums (see the tests) measures the
+//! same lookups. Indices are `i64`, as those systems use.
+
+use crate::init::mix;
+
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Element `i` of the SplitMix64 stream of `seed`.
+#[inline]
+fn stream(seed: u64, i: u64) -> u64 {
+    mix(seed.wrapping_add((i + 1).wrapping_mul(GAMMA)))
+}
+
+/// `n` indices uniform in `0..rows` (Lemire's multiply-shift on the high 32 bits).
+///
+/// # Panics
+/// If `rows >= 2^32`.
+pub fn uniform(seed: u64, n: usize, rows: usize) -> Vec<i64> {
+    assert!(rows < 1 << 32, "rows must be below 2^32");
+    (0..n as u64)
+        .map(|i| (((stream(seed, i) >> 32) * rows as u64) >> 32) as i64)
+        .collect()
+}
+
+/// `n` indices from a Zipf law of exponent `s` over ranks `0..rows`, with
+/// hot rows scattered by `rank * 999983 mod rows`.
+pub fn zipf(seed: u64, n: usize, rows: usize, s: f64) -> Vec<i64> {
+    let mut cdf: Vec<f64> = Vec::with_capacity(rows);
+    let mut total = 0.0;
+    for k in 1..=rows {
+        total += (k as f64).powf(-s);
+        cdf.push(total);
+    }
+    let last = cdf[rows - 1];
+    for c in &mut cdf {
+        *c /= last;
+    }
+    (0..n as u64)
+        .map(|i| {
+            let u = (stream(seed, i) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            let rank = cdf.partition_point(|&c| c <= u).min(rows - 1);
+            ((rank as u64 * 999_983) % rows as u64) as i64
+        })
+        .collect()
+}
+
+/// `n` per-sample weights in `[0, 1)` with 24 random bits.
+pub fn weights(seed: u64, n: usize) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| (stream(seed, i) >> 40) as f32 * (1.0 / (1u64 << 24) as f32))
+        .collect()
+}
+
+/// `n` values uniform in `[low, high)`, for tables and gradients (values do
+/// not affect timing; only finiteness matters).
+pub fn values(seed: u64, n: usize, low: f32, high: f32) -> Vec<f32> {
+    weights(seed, n)
+        .into_iter()
+        .map(|u| low + (high - low) * u)
+        .collect()
+}
+
+/// Rows of the large tables (W1, W3, W4, W5).
+pub const BIG_ROWS: usize = 1_000_000;
+/// Rows of the cache-resident table (W2).
+pub const SMALL_ROWS: usize = 10_000;
+/// Lookups per batch in W1, W2, W3 and W5.
+pub const BATCH: usize = 262_144;
+/// Bags in W4.
+pub const BAGS: usize = 16_384;
+/// Ids per bag in W4.
+pub const BAG_LEN: usize = 32;
+
+/// The "useful bytes" of a gather of `n` rows of `dim` floats: ids read,
+/// rows read, output written.
+pub fn gather_bytes(n: usize, dim: usize) -> u64 {
+    (n * 8 + 2 * n * dim * 4) as u64
+}
+
+/// The "useful bytes" of a pooled lookup: ids, offsets, rows read, output
+/// written, and per-sample weights if any.
+pub fn pooled_bytes(n: usize, bags: usize, dim: usize, weighted: bool) -> u64 {
+    (n * 8 + bags * 8 + n * dim * 4 + bags * dim * 4 + if weighted { n * 4 } else { 0 }) as u64
+}
+
+/// The "useful bytes" of a sparse update: ids and gradient read, then the
+/// unique rows' weights and `state_arrays` state arrays read and written.
+pub fn update_bytes(n: usize, unique: usize, dim: usize, state_arrays: usize) -> u64 {
+    (n * 8 + n * dim * 4 + unique * dim * 4 * 2 * (1 + state_arrays)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn check(ids: &[i64], first: [i64; 5], sum: i64, unique: usize) {
+        assert_eq!(&ids[..5], &first);
+        assert_eq!(ids.iter().sum::<i64>(), sum);
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), unique);
+    }
+
+    #[test]
+    fn checksums_match_workloads_md() {
+        let w1 = uniform(1, BATCH, BIG_ROWS);
+        check(
+            &w1,
+            [566561, 745781, 971002, 444359, 444264],
+            131378383523,
+            230_534,
+        );
+        let w2 = uniform(2, BATCH, SMALL_ROWS);
+        check(&w2, [5911, 7491, 5956, 7654, 3115], 1312087075, 10_000);
+        let w3 = zipf(3, BATCH, BIG_ROWS, 1.05);
+        check(
+            &w3,
+            [999983, 929603, 981793, 0, 999915],
+            204526714781,
+            64_957,
+        );
+        let mut hits = std::collections::HashMap::new();
+        for &r in &w3 {
+            *hits.entry(r).or_insert(0usize) += 1;
+        }
+        assert_eq!(hits.values().max(), Some(&24_765));
+        let w4 = uniform(4, BAGS * BAG_LEN, BIG_ROWS);
+        check(
+            &w4,
+            [431455, 892406, 859117, 491774, 394580],
+            262097025798,
+            408_164,
+        );
+        let w5 = uniform(5, BATCH, BIG_ROWS);
+        check(
+            &w5,
+            [386768, 752307, 232709, 99339, 187960],
+            131171209585,
+            230_623,
+        );
+    }
+
+    #[test]
+    fn weight_checksum_matches_workloads_md() {
+        let w = weights(40, BAGS * BAG_LEN);
+        assert_eq!(&w[..4], &[0.21335876, 0.9724051, 0.65501803, 0.03556311]);
+        let sum: f64 = w.iter().map(|&x| x as f64).sum();
+        assert!((sum - 262124.0887963772).abs() < 1e-6, "{sum}");
+    }
+
+    #[test]
+    fn byte_accounting_matches_workloads_md() {
+        let mb = |b: u64| (b as f64 / 1e6 * 10.0).round() / 10.0;
+        assert_eq!(mb(gather_bytes(BATCH, 128)), 270.5);
+        assert_eq!(mb(gather_bytes(BATCH, 32)), 69.2);
+        assert_eq!(mb(update_bytes(BATCH, 230_623, 128, 0)), 372.5);
+        assert_eq!(mb(update_bytes(BATCH, 230_623, 128, 1)), 608.6);
+        assert_eq!(mb(pooled_bytes(BAGS * BAG_LEN, BAGS, 128, false)), 281.1);
+    }
+}
