@@ -175,7 +175,7 @@ impl SparseGrad {
     /// table, with [`for_table`](Self::for_table)); [`Error::NonFinite`] for
     /// a NaN or infinite gradient value. On error nothing is accumulated.
     pub fn accumulate_lookup<I: Index>(&mut self, ids: &[I], grad_out: &[f32]) -> Result<()> {
-        let expected = ids.len().checked_mul(self.dim).unwrap_or(usize::MAX);
+        let expected = ids.len().saturating_mul(self.dim);
         if grad_out.len() != expected {
             return Err(Error::ShapeMismatch {
                 what: "gradient length (ids * dim)",

@@ -49,7 +49,7 @@ pub(crate) fn validate_ids<I: Index>(ids: &[I], rows: usize) -> Result<()> {
     }
     let position = ids
         .iter()
-        .position(|&id| !id.row().is_some_and(|r| r < rows))
+        .position(|&id| id.row().is_none_or(|r| r >= rows))
         .expect("a bad id exists");
     Err(Error::IndexOutOfRange {
         position,

@@ -110,7 +110,7 @@ impl EmbeddingTable {
     /// # Ok::<(), embtable::Error>(())
     /// ```
     pub fn from_rows(rows: usize, dim: usize, values: &[f32]) -> Result<Self> {
-        let expected = rows.checked_mul(dim).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(dim);
         if rows != 0 && dim != 0 && values.len() != expected {
             return Err(Error::ShapeMismatch {
                 what: "from_rows values (rows * dim)",
@@ -231,7 +231,7 @@ impl EmbeddingTable {
     /// # Ok::<(), embtable::Error>(())
     /// ```
     pub fn lookup<I: Index>(&self, ids: &[I], out: &mut [f32]) -> Result<()> {
-        let expected = ids.len().checked_mul(self.dim).unwrap_or(usize::MAX);
+        let expected = ids.len().saturating_mul(self.dim);
         if out.len() != expected {
             return Err(Error::ShapeMismatch {
                 what: "lookup output length (ids * dim)",
