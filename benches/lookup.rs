@@ -117,6 +117,34 @@ fn bench_workload(group: &mut BenchmarkGroup<WallTime>, w: &Workload) {
     });
 }
 
+/// STREAM-convention copy bandwidth (regular stores; bytes read + written),
+/// the ceiling the gathers are compared against.
+fn copy_bandwidth(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let floats = 64 << 20; // 256 MB each way: far beyond the caches
+    let src = vec![1.0f32; floats];
+    let mut dst = vec![0.0f32; floats];
+    let mut group = c.benchmark_group("bandwidth");
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Bytes((2 * floats * 4) as u64));
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        group.bench_function(format!("copy/t{threads}"), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    dst.par_chunks_mut(1 << 16)
+                        .zip(src.par_chunks(1 << 16))
+                        .for_each(|(d, s)| d.copy_from_slice(black_box(s)))
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("lookup");
     group
@@ -145,5 +173,5 @@ fn lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup);
+criterion_group!(benches, copy_bandwidth, lookup);
 criterion_main!(benches);
