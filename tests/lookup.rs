@@ -98,6 +98,29 @@ fn large_batch_takes_the_parallel_path() {
 }
 
 #[test]
+fn large_aligned_output_takes_the_streaming_path() {
+    // 16 MiB of 64-byte aligned output with whole-line rows: streamed stores.
+    let (rows, dim) = (1000, 64);
+    let table = table_of(rows, dim);
+    let ids: Vec<u32> = (0..65_536u32).map(|i| (i * 7919) % rows as u32).collect();
+    let mut want = vec![0.0; ids.len() * dim];
+    for (j, &id) in ids.iter().enumerate() {
+        want[j * dim..][..dim].copy_from_slice(table.row(id as usize));
+    }
+    for (tier, threads, got) in each_config(|| {
+        let mut out = embtable::AlignedBuf::zeroed(ids.len() * dim, "out").unwrap();
+        table.lookup(&ids, out.as_mut_slice()).unwrap();
+        out
+    }) {
+        assert_bits_eq(
+            got.as_slice(),
+            &want,
+            &format!("streamed {tier} x{threads}"),
+        );
+    }
+}
+
+#[test]
 fn wrong_output_length_is_a_shape_error() {
     let table = table_of(4, 3);
     let mut out = vec![0.0; 5];

@@ -1,0 +1,129 @@
+//! Runs one workload of `WORKLOADS.md` through embtable's public API and
+//! prints its median time, so it can be compared with another system
+//! measured in the same run.
+//!
+//! ```sh
+//! cargo run --release --example workloads -- W1 --threads 2
+//! ```
+//!
+//! Workloads: W1, W1-d32, W1-d512, W2, W3. Options: `--threads N` (default
+//! 1), `--runs R` timed runs after warm-up (default 15, at least 15),
+//! `--tier T` to force a kernel tier. The last line is
+//! `<W> threads=<N> median_ms=<x>`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use embtable::kernels::{self, Tier};
+use embtable::workloads::{self, BATCH, BIG_ROWS, SMALL_ROWS};
+use embtable::{EmbeddingTable, Init};
+
+struct Args {
+    workload: String,
+    threads: usize,
+    runs: usize,
+    tier: Tier,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let workload = args
+        .next()
+        .ok_or("usage: workloads <W> [--threads N] [--runs R] [--tier T]")?;
+    let mut parsed = Args {
+        workload,
+        threads: 1,
+        runs: 15,
+        tier: kernels::default_tier(),
+    };
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--threads" => {
+                parsed.threads = value
+                    .parse()
+                    .map_err(|e| format!("--threads {value}: {e}"))?
+            }
+            "--runs" => parsed.runs = value.parse().map_err(|e| format!("--runs {value}: {e}"))?,
+            "--tier" => {
+                parsed.tier = Tier::from_name(&value)
+                    .filter(|t| t.is_available())
+                    .ok_or(format!("--tier {value}: not an available tier"))?
+            }
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    if parsed.runs < 15 {
+        return Err(format!("--runs {}: at least 15 timed runs", parsed.runs));
+    }
+    Ok(parsed)
+}
+
+/// A prepared workload: `run` performs one timed operation on buffers made
+/// outside the timed region.
+type Prepared = Box<dyn FnMut()>;
+
+fn gather(rows: usize, dim: usize, ids: Vec<i64>) -> Prepared {
+    let table = EmbeddingTable::new(rows, dim, Init::default(), 7).expect("table");
+    let mut out = vec![0.0f32; ids.len() * dim];
+    Box::new(move || table.lookup(&ids, &mut out).expect("lookup"))
+}
+
+fn prepare(name: &str) -> Option<Prepared> {
+    let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
+    Some(match name {
+        "W1" => gather(BIG_ROWS, 128, w1()),
+        "W1-d32" => gather(BIG_ROWS, 32, w1()),
+        "W1-d512" => gather(BIG_ROWS, 512, w1()),
+        "W2" => gather(SMALL_ROWS, 64, workloads::uniform(2, BATCH, SMALL_ROWS)),
+        "W3" => gather(BIG_ROWS, 128, workloads::zipf(3, BATCH, BIG_ROWS, 1.05)),
+        _ => return None,
+    })
+}
+
+fn median_ms(mut run: Prepared, runs: usize) -> f64 {
+    for _ in 0..3 {
+        run(); // warm-up: page faults, caches, thread wake-up
+    }
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()
+        .expect("thread pool");
+    let median = pool.install(|| {
+        kernels::with_tier(args.tier, || {
+            prepare(&args.workload).map(|run| median_ms(run, args.runs))
+        })
+    });
+    match median {
+        Some(ms) => {
+            println!(
+                "{} threads={} median_ms={ms:.2}",
+                args.workload, args.threads
+            );
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("error: unknown workload {:?}", args.workload);
+            ExitCode::FAILURE
+        }
+    }
+}
