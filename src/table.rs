@@ -270,7 +270,7 @@ impl EmbeddingTable {
         debug_assert_eq!(out.len(), ids.len() * self.dim);
         // Streaming pays only when every output row starts on a cache line:
         // lines shared by two rows would mix streaming and regular stores.
-        let stream = out.len() * size_of::<f32>() >= STREAM_MIN_BYTES
+        let stream = size_of_val(out) >= STREAM_MIN_BYTES
             && (out.as_ptr() as usize).is_multiple_of(64)
             && self.dim.is_multiple_of(16);
         let gather = |ids: &[I], out: &mut [f32]| {
