@@ -88,3 +88,8 @@ pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
 pub use table::EmbeddingTable;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
