@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::aligned::{AlignedBuf, stride_for};
+use crate::aligned::{AlignedBuf, SendPtr, stride_for};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Init, Result};
@@ -262,6 +262,58 @@ impl EmbeddingTable {
         Ok(out)
     }
 
+    /// Rescales each row in `ids` whose L2 norm exceeds `max_norm` to norm
+    /// `max_norm`, as PyTorch's `max_norm` and Keras' `MaxNorm` constraint:
+    /// `row *= max_norm / (norm + 1e-7)`. Rows within the bound are
+    /// untouched, rows named twice are rescaled once, other rows never.
+    ///
+    /// The norm is summed in `f64` over four interleaved partial sums in a
+    /// fixed order, so it is the same for every tier and thread count.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `max_norm` is finite and positive;
+    /// [`Error::IndexOutOfRange`] for a bad id. Nothing is written on error.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::EmbeddingTable;
+    /// let mut table = EmbeddingTable::from_rows(2, 2, &[3., 4., 0.3, 0.4])?;
+    /// table.renorm_rows(&[0u32, 1], 1.0)?;
+    /// assert!((table.row(0)[0] - 0.6).abs() < 1e-6); // norm 5 -> 1
+    /// assert_eq!(table.row(1), &[0.3, 0.4]);         // norm 0.5: untouched
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn renorm_rows<I: Index>(&mut self, ids: &[I], max_norm: f32) -> Result<()> {
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "max_norm",
+                reason: format!("{max_norm} is not a finite positive number"),
+            });
+        }
+        validate_ids(ids, self.rows)?;
+        let mut rows: Vec<usize> = ids
+            .iter()
+            // SAFETY: every id was validated just above.
+            .map(|&id| unsafe { row_unchecked(id) })
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let tier = kernels::current();
+        let (dim, stride) = (self.dim, self.stride);
+        let base = SendPtr(self.data.as_mut_ptr());
+        rows.par_iter().with_min_len(256).for_each(|&r| {
+            // SAFETY: r < rows (validated) and `rows` holds each row once, so
+            // this task is the only one touching row r's `dim` floats.
+            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * stride), dim) };
+            let norm = l2_norm(row);
+            if norm > max_norm as f64 {
+                let factor = (max_norm as f64 / (norm + 1e-7)) as f32;
+                kernels::dispatch(tier, Scale { row, factor });
+            }
+        });
+        Ok(())
+    }
+
     /// The gather behind `lookup`, parallel above a threshold.
     ///
     /// # Safety
@@ -292,6 +344,31 @@ impl EmbeddingTable {
                 .zip(out.par_chunks_mut(ids_per_task * self.dim))
                 .for_each(|(ids, out)| gather(ids, out));
         }
+    }
+}
+
+/// The L2 norm in `f64`, from four partial sums of lanes `k mod 4`.
+fn l2_norm(row: &[f32]) -> f64 {
+    let mut partial = [0.0f64; 4];
+    for chunk in row.chunks(4) {
+        for (p, &x) in partial.iter_mut().zip(chunk) {
+            *p += x as f64 * x as f64;
+        }
+    }
+    ((partial[0] + partial[1]) + (partial[2] + partial[3])).sqrt()
+}
+
+/// `row *= factor`.
+struct Scale<'a> {
+    row: &'a mut [f32],
+    factor: f32,
+}
+
+impl Kernel for Scale<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        kernels::scale(s, self.row, self.factor);
     }
 }
 
