@@ -341,7 +341,7 @@ fn parse_header(text: &str) -> Result<Header, String> {
         ">f4" => true,
         other => {
             return Err(format!(
-                "dtype {other:?} is not supported: save float32, e.g. np.save(path, w.astype('<f4'))"
+                "dtype '{other}' is not supported: save float32, e.g. np.save(path, w.astype('<f4'))"
             ));
         }
     };

@@ -287,6 +287,8 @@ pub(crate) struct Builder {
     storage: Storage,
     report: LoadReport,
     unicode: UnicodeErrors,
+    /// Where a record beyond the table's rows is parsed (see `record`).
+    scratch: Vec<f32>,
 }
 
 impl Builder {
@@ -305,6 +307,7 @@ impl Builder {
                 ..LoadReport::default()
             },
             unicode,
+            scratch: Vec::new(),
         })
     }
 
@@ -318,6 +321,7 @@ impl Builder {
             },
             report: LoadReport::default(),
             unicode,
+            scratch: Vec::new(),
         }
     }
 
@@ -339,19 +343,16 @@ impl Builder {
         // A duplicate's values are parsed too (a malformed one is an error,
         // as in gensim) into the next free row, which the next new word
         // overwrites.
+        let mut overflow = false;
         let slot = match &mut self.storage {
+            Storage::Table(table) if row < table.rows() => table.row_mut(row),
             Storage::Table(table) => {
-                if row >= table.rows() {
-                    return Err(format_error(
-                        line,
-                        format!(
-                            "more vectors than the {} the file's size allowed when reading \
-                             began; was it changed while being read?",
-                            table.rows()
-                        ),
-                    ));
-                }
-                table.row_mut(row)
+                // The table was sized to what the file can hold, so only a
+                // malformed or changing file gets here: parse into scratch
+                // space to report what is wrong with this record.
+                overflow = true;
+                self.scratch.resize(table.dim(), 0.0);
+                &mut self.scratch[..]
             }
             Storage::Chunks { dim, chunks } => {
                 let dim = *dim;
@@ -372,6 +373,15 @@ impl Builder {
                 line,
                 first_row,
             }),
+            None if overflow => {
+                return Err(format_error(
+                    line,
+                    format!(
+                        "more vectors than the file's size could hold when reading began ({row}); \
+                         was it changed while being read?"
+                    ),
+                ));
+            }
             None => {
                 self.vocab.push_new(word);
             }

@@ -345,7 +345,7 @@ fn read_binary<R: BufRead>(
         if n == 0 {
             return Err(end_of_file(line, builder.records(), declared));
         }
-        if word.pop() != Some(b' ') {
+        if word.last() != Some(&b' ') {
             let reason = if n as u64 > MAX_WORD_BYTES {
                 format!(
                     "no space in the first {MAX_WORD_BYTES} bytes of the record: \
@@ -356,6 +356,7 @@ fn read_binary<R: BufRead>(
             };
             return Err(format_error(line, reason));
         }
+        word.pop();
         builder.record(&word, line, |row| {
             vector.clear();
             let got = (&mut reader)
