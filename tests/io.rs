@@ -365,7 +365,7 @@ fn limit_reads_only_the_first_vectors() {
 #[test]
 fn limit_stops_before_a_broken_tail() {
     let dir = Scratch::new("limit-tail");
-    let path = dir.write("v.txt", "3 2\na 1 2\nb 3 4\nc oops\n");
+    let path = dir.write("v.txt", "3 2\na 1 2\nb 3 4\nc oops 2\n");
     let options = ReadOptions {
         limit: Some(2),
         ..Default::default()
@@ -373,6 +373,38 @@ fn limit_stops_before_a_broken_tail() {
     let (p, _) = io::read_word2vec_with(&path, Word2VecFormat::Text, &options).unwrap();
     assert_eq!(p.table.to_vec(), [1., 2., 3., 4.]);
     assert_format(read_w2v_text(&path), 4, "\"oops\"");
+}
+
+#[test]
+fn words_with_spaces_are_read_on_request() {
+    // As in glove.840B.300d.txt: ". . ." and "at name@domain.com" are words.
+    let dir = Scratch::new("spaced");
+    let glove = dir.write("g.txt", "the 1 2\n. . . 3 4\nat name@domain.com 5 6\n");
+    let w2v = dir.write("w.txt", "3 2\nthe 1 2\n. . . 3 4\nat name@domain.com 5 6\n");
+    assert_format(
+        io::read_glove(&glove),
+        2,
+        "expected 2 values after word \".\", found 4",
+    );
+    assert_format(read_w2v_text(&w2v), 3, "found 4");
+    let options = ReadOptions {
+        words_with_spaces: true,
+        ..Default::default()
+    };
+    let (g, _) = io::read_glove_with(&glove, &options).unwrap();
+    let (w, _) = io::read_word2vec_with(&w2v, Word2VecFormat::Text, &options).unwrap();
+    assert_eq!(g, w);
+    assert_eq!(g.vocab.words(), ["the", ". . .", "at name@domain.com"]);
+    assert_eq!(g.table.to_vec(), [1., 2., 3., 4., 5., 6.]);
+    // Too few values is still an error.
+    let short = dir.write("s.txt", "the 1 2\n. 3\n");
+    assert_format(io::read_glove_with(&short, &options), 2, "found 1");
+    let odd = dir.write("o.txt", "the 1 2\n. . 3\n");
+    assert_format(
+        io::read_glove_with(&odd, &options),
+        2,
+        "not a number: \".\"",
+    );
 }
 
 // ---------------------------------------------------------- bad files
@@ -768,9 +800,11 @@ fn read_all_ways(dir: &Scratch, bytes: &[u8]) -> [bool; 5] {
     let replace = ReadOptions {
         unicode_errors: UnicodeErrors::Replace,
         limit: None,
+        words_with_spaces: true,
     };
     [
-        read_w2v_text(&path).is_ok(),
+        read_w2v_text(&path).is_ok()
+            | io::read_word2vec_with(&path, Word2VecFormat::Text, &replace).is_ok(),
         io::read_word2vec_with(&path, Word2VecFormat::Binary, &replace).is_ok(),
         io::read_glove_with(&path, &replace).is_ok(),
         io::load_npy(&path).is_ok(),

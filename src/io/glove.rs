@@ -6,7 +6,7 @@ use std::io::{BufReader, Seek};
 use std::path::Path;
 
 use super::pretrained::Builder;
-use super::text::{Lines, count_lines, is_blank, parse_values, tokens, write_line};
+use super::text::{Lines, count_lines, is_blank, parse_values, split_word, tokens, write_line};
 use super::{
     LoadReport, Pretrained, ReadOptions, Vocab, check_words, format_error, open, read_error, show,
     vectors_to_read, write_atomic,
@@ -47,8 +47,9 @@ pub fn read_glove(path: impl AsRef<Path>) -> Result<Pretrained> {
 /// the end, so it briefly needs twice the memory. Duplicates and `limit`
 /// are handled as in [`read_word2vec_with`](super::read_word2vec_with).
 ///
-/// GloVe's `glove.840B.300d.txt` has a few words holding spaces, which this
-/// format cannot tell from values; those lines are reported as errors.
+/// GloVe's `glove.840B.300d.txt` has a few words holding spaces (`. . .`);
+/// by default their lines are errors (too many values), as in gensim. Set
+/// [`ReadOptions::words_with_spaces`] to read them.
 ///
 /// # Errors
 /// [`Error::Format`](crate::Error::Format) naming the line for: a file with
@@ -77,6 +78,11 @@ pub fn read_glove(path: impl AsRef<Path>) -> Result<Pretrained> {
 /// // Line 4 has three values where line 1 has two.
 /// let err = io::read_glove(&path).unwrap_err();
 /// assert!(matches!(err, embtable::Error::Format { line: 4, .. }), "{err}");
+///
+/// // ... unless words may hold spaces: then its word is "c 7".
+/// let options = ReadOptions { words_with_spaces: true, ..Default::default() };
+/// let (pretrained, _) = io::read_glove_with(&path, &options)?;
+/// assert_eq!(pretrained.vector("c 7"), Some(&[8., 9.][..]));
 /// # std::fs::remove_file(&path).ok();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -108,8 +114,6 @@ fn read(path: &Path, options: &ReadOptions, two_pass: bool) -> Result<(Pretraine
         if is_blank(line) {
             continue;
         }
-        let mut toks = tokens(line);
-        let word = toks.next().unwrap_or_default();
         let b = match &mut builder {
             Some(b) => b,
             None => {
@@ -120,7 +124,8 @@ fn read(path: &Path, options: &ReadOptions, two_pass: bool) -> Result<(Pretraine
                 })
             }
         };
-        b.record(word, n, |row| parse_values(toks, row, word, n))?;
+        let (word, values) = split_word(line, b.dim(), options.words_with_spaces);
+        b.record(word, n, |row| parse_values(values, row, word, n))?;
     }
     builder
         .ok_or_else(|| format_error(1, "the file holds no vectors"))?

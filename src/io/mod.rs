@@ -107,6 +107,14 @@ pub struct ReadOptions {
     pub limit: Option<usize>,
     /// What to do with a word that is not valid UTF-8.
     pub unicode_errors: UnicodeErrors,
+    /// Text formats: a line with more than `dim` values takes all but the
+    /// last `dim` tokens as its word, instead of being an error. Needed for
+    /// `glove.840B.300d.txt`, which has a few words holding spaces (`. . .`,
+    /// `at name@domain.com`). The dimension still comes from the header, or
+    /// for GloVe from the first line, which must not be such a line. The
+    /// writers refuse such words, since they cannot be read back without this
+    /// option. Default `false`.
+    pub words_with_spaces: bool,
 }
 
 /// What to do with a word that is not valid UTF-8.

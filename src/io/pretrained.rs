@@ -325,6 +325,14 @@ impl Builder {
         }
     }
 
+    /// Floats per vector.
+    pub(crate) fn dim(&self) -> usize {
+        match &self.storage {
+            Storage::Table(table) => table.dim(),
+            Storage::Chunks { dim, .. } => *dim,
+        }
+    }
+
     /// Vectors read so far, duplicates included.
     pub(crate) fn records(&self) -> usize {
         self.report.records

@@ -98,6 +98,41 @@ pub(crate) fn tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
     line.split(|&b| is_separator(b)).filter(|t| !t.is_empty())
 }
 
+/// Splits a line into its word and the rest (the values).
+///
+/// The word is the first token. With `words_with_spaces`, a line of more
+/// than `dim + 1` tokens takes all but the last `dim` as its word, with the
+/// separators between them as they are (`glove.840B.300d.txt` has words
+/// such as `. . .`).
+pub(crate) fn split_word(line: &[u8], dim: usize, words_with_spaces: bool) -> (&[u8], &[u8]) {
+    let start = line
+        .iter()
+        .position(|&b| !is_separator(b))
+        .unwrap_or(line.len());
+    let line = &line[start..];
+    let mut word_tokens = 1;
+    if words_with_spaces {
+        word_tokens = tokens(line).count().saturating_sub(dim).max(1);
+    }
+    // The end of token number `word_tokens`.
+    let mut seen = 0;
+    let mut in_token = false;
+    for (i, &b) in line.iter().enumerate() {
+        if is_separator(b) {
+            if in_token {
+                seen += 1;
+                if seen == word_tokens {
+                    return (&line[..i], &line[i..]);
+                }
+            }
+            in_token = false;
+        } else {
+            in_token = true;
+        }
+    }
+    (line, &[])
+}
+
 /// Whether a line holds nothing but separators and carriage returns.
 pub(crate) fn is_blank(line: &[u8]) -> bool {
     line.iter().all(|&b| is_separator(b) || b == b'\r')
@@ -140,46 +175,60 @@ pub(crate) fn count_lines(reader: &mut impl BufRead, limit: usize) -> io::Result
     Ok((count + usize::from(content)).min(limit))
 }
 
-/// Parses exactly `row.len()` values from `values` into `row`.
+/// Parses exactly `row.len()` values from the tokens of `values` into `row`.
 ///
 /// # Errors
-/// `Error::Format` at `line` for a token that is not a number or a count of
-/// values other than `row.len()`.
-pub(crate) fn parse_values<'a>(
-    mut values: impl Iterator<Item = &'a [u8]>,
-    row: &mut [f32],
-    word: &[u8],
-    line: usize,
-) -> Result<()> {
+/// `Error::Format` at `line` for a wrong count of values (reported first,
+/// as it says more about the file) or a token that is not a number.
+pub(crate) fn parse_values(values: &[u8], row: &mut [f32], word: &[u8], line: usize) -> Result<()> {
     let dim = row.len();
+    let mut toks = tokens(values);
+    let mut bad = None;
     for (k, slot) in row.iter_mut().enumerate() {
-        let Some(token) = values.next() else {
+        let Some(token) = toks.next() else {
             return Err(wrong_count(dim, k, word, line));
         };
-        *slot = parse_f32(token).ok_or_else(|| {
-            format_error(
-                line,
-                format!(
-                    "value {} of word {} is not a number: {}",
-                    k + 1,
-                    show(word),
-                    show(token)
-                ),
-            )
-        })?;
+        match parse_f32(token) {
+            Some(x) => *slot = x,
+            None => {
+                bad = Some((k, token));
+                break;
+            }
+        }
     }
-    let extra = values.count();
-    if extra > 0 {
-        return Err(wrong_count(dim, dim + extra, word, line));
+    // Only on the error path: count every token.
+    let found = if bad.is_some() {
+        tokens(values).count()
+    } else {
+        dim + toks.count()
+    };
+    if found != dim {
+        return Err(wrong_count(dim, found, word, line));
     }
-    Ok(())
+    match bad {
+        Some((k, token)) => Err(format_error(
+            line,
+            format!(
+                "value {} of word {} is not a number: {}",
+                k + 1,
+                show(word),
+                show(token)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn wrong_count(dim: usize, found: usize, word: &[u8], line: usize) -> crate::Error {
+    let hint = if found > dim {
+        "; if words may hold spaces, set ReadOptions::words_with_spaces"
+    } else {
+        ""
+    };
     format_error(
         line,
         format!(
-            "expected {dim} values after word {}, found {found}",
+            "expected {dim} values after word {}, found {found}{hint}",
             show(word)
         ),
     )
@@ -271,6 +320,20 @@ mod tests {
         assert_eq!(s(2.5e-9), "2.5e-9");
         assert_eq!(s(1e20), "1e20");
         assert_eq!(s(f32::MAX), "3.4028235e38");
+    }
+
+    #[test]
+    fn words_with_spaces_take_the_leading_tokens() {
+        let split = |line: &'static [u8], dim, spaced| {
+            let (w, rest) = split_word(line, dim, spaced);
+            (w, tokens(rest).count())
+        };
+        assert_eq!(split(b"a 1 2", 2, false), (&b"a"[..], 2));
+        assert_eq!(split(b" a\t1 2 ", 2, true), (&b"a"[..], 2));
+        assert_eq!(split(b". . . 1 2", 2, true), (&b". . ."[..], 2));
+        assert_eq!(split(b". . . 1 2", 2, false), (&b"."[..], 4));
+        assert_eq!(split(b"a 1", 2, true), (&b"a"[..], 1));
+        assert_eq!(split(b"a", 2, true), (&b"a"[..], 0));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use super::pretrained::Builder;
-use super::text::{Lines, is_blank, parse_values, tokens, write_line};
+use super::text::{Lines, is_blank, parse_values, split_word, tokens, write_line};
 use super::{
     LoadReport, Pretrained, ReadOptions, Vocab, check_words, format_error, open, read_error, show,
     vectors_to_read, write_atomic,
@@ -90,7 +90,11 @@ pub fn read_word2vec(path: impl AsRef<Path>, format: Word2VecFormat) -> Result<P
 /// let file = b"4 2\nthe 1 2\ncaf\xE9 3 4\nthe 5 6\nend 7 8\n".to_vec();
 /// std::fs::write(&path, file)?;
 ///
-/// let options = ReadOptions { limit: Some(3), unicode_errors: UnicodeErrors::Replace };
+/// let options = ReadOptions {
+///     limit: Some(3),
+///     unicode_errors: UnicodeErrors::Replace,
+///     ..Default::default()
+/// };
 /// let (pretrained, report) = io::read_word2vec_with(&path, Word2VecFormat::Text, &options)?;
 /// assert_eq!(pretrained.vocab.words(), ["the", "caf\u{FFFD}"]); // "end" is past the limit
 /// assert_eq!(pretrained.vector("the"), Some(&[1.0, 2.0][..]));  // the first "the" wins
@@ -148,7 +152,12 @@ pub fn read_word2vec_with(
     };
     let mut builder = Builder::with_table(rows, dim, Some(count), options.unicode_errors)?;
     match format {
-        Word2VecFormat::Text => read_text(&mut lines, &mut builder, needed, count)?,
+        Word2VecFormat::Text => read_text(
+            &mut lines,
+            &mut builder,
+            (needed, count, dim),
+            options.words_with_spaces,
+        )?,
         Word2VecFormat::Binary => {
             read_binary(lines.into_inner(), path, &mut builder, needed, count, dim)?
         }
@@ -303,8 +312,8 @@ fn end_of_file(line: usize, read: usize, declared: usize) -> crate::Error {
 fn read_text<R: BufRead>(
     lines: &mut Lines<'_, R>,
     builder: &mut Builder,
-    needed: usize,
-    declared: usize,
+    (needed, declared, dim): (usize, usize, usize),
+    words_with_spaces: bool,
 ) -> Result<()> {
     while builder.records() < needed {
         let Some((n, line)) = lines.next_line()? else {
@@ -313,9 +322,8 @@ fn read_text<R: BufRead>(
         if is_blank(line) {
             continue;
         }
-        let mut toks = tokens(line);
-        let word = toks.next().unwrap_or_default();
-        builder.record(word, n, |row| parse_values(toks, row, word, n))?;
+        let (word, values) = split_word(line, dim, words_with_spaces);
+        builder.record(word, n, |row| parse_values(values, row, word, n))?;
     }
     Ok(())
 }
