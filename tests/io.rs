@@ -322,6 +322,28 @@ fn npy_rows_beyond_one_read_chunk() {
     let path = dir.path("big.npy");
     io::save_npy(&path, &table).unwrap();
     assert_eq!(io::load_npy(&path).unwrap(), table);
+
+    // The same array in Fortran order (column-major), as
+    // np.save(p, np.asfortranarray(w)) writes it: columns span chunks.
+    let mut bytes = fs::read(&path).unwrap();
+    let header = b"'fortran_order': False";
+    let at = bytes
+        .windows(header.len())
+        .position(|w| w == header)
+        .unwrap();
+    bytes.splice(
+        at..at + header.len(),
+        b"'fortran_order': True ".iter().copied(),
+    );
+    let data_start = 128;
+    bytes.truncate(data_start);
+    for j in 0..3 {
+        for i in 0..table.rows() {
+            bytes.extend_from_slice(&table.row(i)[j].to_le_bytes());
+        }
+    }
+    let path = dir.write("big_f.npy", &bytes);
+    assert_eq!(io::load_npy(&path).unwrap(), table);
 }
 
 // ---------------------------------------------------------------- limits
@@ -848,7 +870,7 @@ fn every_prefix_of_a_valid_file_is_handled() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
