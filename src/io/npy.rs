@@ -98,8 +98,10 @@ fn header_bytes(rows: usize, dim: usize) -> Vec<u8> {
 /// `(rows, dim)`: what `np.save` writes for Keras' `get_weights()[0]` or a
 /// PyTorch weight.
 ///
-/// Accepted: format versions 1.0, 2.0 and 3.0; dtype `<f4` (and `>f4`,
-/// byte-swapped); C order, and Fortran order (`fortran_order: True`, as
+/// Accepted: format versions 1.0, 2.0 and 3.0; dtype `<f4`, and `>f4`
+/// (byte-swapped) and `<f8` / `>f8` (rounded to the nearest `f32`, as
+/// Keras' `set_weights` does: `np.zeros((n, d))`, the usual start of an
+/// embedding matrix, is `float64`); C order, and Fortran order (`fortran_order: True`, as
 /// `np.save(np.asfortranarray(w))` writes), which is read column by column
 /// into the same `(rows, dim)` table, i.e. the logical array, not its
 /// transpose. The data is streamed into the table; its length is checked
@@ -109,7 +111,8 @@ fn header_bytes(rows: usize, dim: usize) -> Vec<u8> {
 /// [`Error::Format`] (the header is line 1, row `k` line `k + 2`) for: a
 /// wrong magic string; an unsupported version; a header that is not the
 /// dict NumPy writes (exactly the keys `descr`, `fortran_order`, `shape`);
-/// a dtype other than `float32` (convert with `w.astype('<f4')`); a shape
+/// a dtype other than `float32` or `float64` (convert with
+/// `w.astype('<f4')`); a shape
 /// that is not 2-D or has a zero side; data shorter or longer than the
 /// shape says. [`Error::Io`] if the file cannot be read; [`Error::Alloc`]
 /// if the table does not fit in memory.
@@ -134,23 +137,24 @@ pub fn load_npy(path: impl AsRef<Path>) -> Result<EmbeddingTable> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let (header, data_start) = read_header(&mut reader, path)?;
     let Header {
-        big_endian,
+        dtype,
         fortran_order,
         rows,
         dim,
     } = header;
-    let floats = rows
+    let size = dtype.size();
+    let bytes = rows
         .checked_mul(dim)
-        .filter(|n| n.checked_mul(4).is_some())
-        .ok_or_else(|| format_error(1, format!("shape ({rows}, {dim}) is too large")))?;
-    let bytes = floats as u64 * 4;
+        .and_then(|n| n.checked_mul(size))
+        .ok_or_else(|| format_error(1, format!("shape ({rows}, {dim}) is too large")))?
+        as u64;
     if let Some(len) = file_len {
         let have = len.saturating_sub(data_start);
         if have < bytes {
             let line = if fortran_order {
                 2
             } else {
-                2 + (have / (dim as u64 * 4)) as usize
+                2 + (have / (dim * size) as u64) as usize
             };
             return Err(format_error(
                 line,
@@ -163,41 +167,34 @@ pub fn load_npy(path: impl AsRef<Path>) -> Result<EmbeddingTable> {
     }
     let mut table = EmbeddingTable::zeros(rows, dim)?;
     let stride = table.stride();
-    let decode = |b: &[u8]| {
-        let b = [b[0], b[1], b[2], b[3]];
-        if big_endian {
-            f32::from_be_bytes(b)
-        } else {
-            f32::from_le_bytes(b)
-        }
-    };
-    let mut buf = vec![0u8; CHUNK_FLOATS.min(floats) * 4];
     let data = table.as_padded_mut();
     if fortran_order {
         // Column j holds element (i, j) for every i, in row order.
+        let mut buf = vec![0u8; CHUNK_FLOATS.min(rows) * size];
         for j in 0..dim {
             let mut i = 0;
             while i < rows {
                 let n = (rows - i).min(CHUNK_FLOATS);
-                read_data(&mut reader, path, &mut buf[..n * 4], 2)?;
-                for (k, b) in buf[..n * 4].chunks_exact(4).enumerate() {
-                    data[(i + k) * stride + j] = decode(b);
+                let chunk = &mut buf[..n * size];
+                read_data(&mut reader, path, chunk, 2)?;
+                for (k, b) in chunk.chunks_exact(size).enumerate() {
+                    data[(i + k) * stride + j] = dtype.decode(b);
                 }
                 i += n;
             }
         }
     } else {
         let rows_per_chunk = (CHUNK_FLOATS / dim).max(1);
-        let mut row_buf = vec![0u8; rows_per_chunk.min(rows) * dim * 4];
+        let mut buf = vec![0u8; rows_per_chunk.min(rows) * dim * size];
         let mut i = 0;
         while i < rows {
             let n = (rows - i).min(rows_per_chunk);
-            let chunk = &mut row_buf[..n * dim * 4];
+            let chunk = &mut buf[..n * dim * size];
             read_data(&mut reader, path, chunk, i + 2)?;
-            for (k, src) in chunk.chunks_exact(dim * 4).enumerate() {
+            for (k, src) in chunk.chunks_exact(dim * size).enumerate() {
                 let dst = &mut data[(i + k) * stride..][..dim];
-                for (x, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *x = decode(b);
+                for (x, b) in dst.iter_mut().zip(src.chunks_exact(size)) {
+                    *x = dtype.decode(b);
                 }
             }
             i += n;
@@ -215,6 +212,52 @@ pub fn load_npy(path: impl AsRef<Path>) -> Result<EmbeddingTable> {
         }
     }
     Ok(table)
+}
+
+/// The element types `load_npy` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dtype {
+    /// `<f4`
+    F32Le,
+    /// `>f4`
+    F32Be,
+    /// `<f8`, rounded to the nearest `f32`
+    F64Le,
+    /// `>f8`, rounded to the nearest `f32`
+    F64Be,
+}
+
+impl Dtype {
+    fn parse(descr: &str) -> Option<Self> {
+        match descr {
+            "<f4" => Some(Self::F32Le),
+            ">f4" => Some(Self::F32Be),
+            "<f8" => Some(Self::F64Le),
+            ">f8" => Some(Self::F64Be),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    fn size(self) -> usize {
+        match self {
+            Self::F32Le | Self::F32Be => 4,
+            Self::F64Le | Self::F64Be => 8,
+        }
+    }
+
+    /// The element in `b` (exactly `size()` bytes) as an `f32`.
+    #[inline]
+    fn decode(self, b: &[u8]) -> f32 {
+        let four = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+        let eight = |b: &[u8]| [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
+        match self {
+            Self::F32Le => f32::from_le_bytes(four(b)),
+            Self::F32Be => f32::from_be_bytes(four(b)),
+            Self::F64Le => f64::from_le_bytes(eight(b)) as f32,
+            Self::F64Be => f64::from_be_bytes(eight(b)) as f32,
+        }
+    }
 }
 
 fn trailing(rows: usize, extra: u64) -> Error {
@@ -238,7 +281,7 @@ fn read_data(reader: &mut BufReader<File>, path: &Path, buf: &mut [u8], line: us
 /// What the header says about the array.
 #[derive(Debug, PartialEq)]
 struct Header {
-    big_endian: bool,
+    dtype: Dtype,
     fortran_order: bool,
     rows: usize,
     dim: usize,
@@ -336,14 +379,10 @@ fn parse_header(text: &str) -> Result<Header, String> {
     let (Some(descr), Some(fortran_order), Some(shape)) = (descr, fortran, shape) else {
         return Err("the header lacks one of the keys descr, fortran_order, shape".into());
     };
-    let big_endian = match descr.as_str() {
-        "<f4" => false,
-        ">f4" => true,
-        other => {
-            return Err(format!(
-                "dtype '{other}' is not supported: save float32, e.g. np.save(path, w.astype('<f4'))"
-            ));
-        }
+    let Some(dtype) = Dtype::parse(&descr) else {
+        return Err(format!(
+            "dtype '{descr}' is not supported: save float32, e.g. np.save(path, w.astype('<f4'))"
+        ));
     };
     let [rows, dim] = shape[..] else {
         return Err(format!(
@@ -356,7 +395,7 @@ fn parse_header(text: &str) -> Result<Header, String> {
         ));
     }
     Ok(Header {
-        big_endian,
+        dtype,
         fortran_order,
         rows,
         dim,
@@ -468,7 +507,8 @@ mod tests {
             let (header, start) = read_header(&mut &h[..], Path::new("mem")).unwrap();
             assert_eq!(start, h.len() as u64);
             assert_eq!((header.rows, header.dim), (rows, dim));
-            assert!(!header.fortran_order && !header.big_endian);
+            assert!(!header.fortran_order);
+            assert_eq!(header.dtype, Dtype::F32Le);
         }
         let h = header_bytes(7, 6);
         assert_eq!(
@@ -489,7 +529,8 @@ mod tests {
             assert_eq!((parsed.rows, parsed.dim), (3, 4));
         }
         let bad = [
-            "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 4), }",
+            "{'descr': '<f2', 'fortran_order': False, 'shape': (3, 4), }",
+            "{'descr': '<i4', 'fortran_order': False, 'shape': (3, 4), }",
             "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
             "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4, 5), }",
             "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 4), }",
