@@ -6,7 +6,9 @@ use std::io::{BufReader, Seek};
 use std::path::Path;
 
 use super::pretrained::Builder;
-use super::text::{Lines, count_lines, is_blank, parse_values, split_word, tokens, write_line};
+use super::text::{
+    Lines, count_lines, is_blank, parse_values, read_vector_lines, split_word, tokens, write_line,
+};
 use super::{
     LoadReport, Pretrained, ReadOptions, Vocab, check_words, format_error, open, read_error, show,
     vectors_to_read, write_atomic,
@@ -90,46 +92,54 @@ pub fn read_glove_with(
     path: impl AsRef<Path>,
     options: &ReadOptions,
 ) -> Result<(Pretrained, LoadReport)> {
-    read(path.as_ref(), options, true)
+    read(path.as_ref(), options, true, true)
 }
 
-/// Reads a GloVe file; `two_pass` allows counting a regular file first.
-fn read(path: &Path, options: &ReadOptions, two_pass: bool) -> Result<(Pretrained, LoadReport)> {
+/// Reads a GloVe file; `two_pass` allows counting a regular file first,
+/// `parallel` parsing batches of lines in parallel.
+pub(crate) fn read(
+    path: &Path,
+    options: &ReadOptions,
+    two_pass: bool,
+    parallel: bool,
+) -> Result<(Pretrained, LoadReport)> {
     let limit = vectors_to_read(options, usize::MAX)?;
     let (mut file, file_len) = open(path)?;
     let count = match file_len {
         Some(_) if two_pass => Some(count_and_rewind(&mut file, path, limit)?),
         _ => None,
     };
+    let no_vectors = || format_error(1, "the file holds no vectors");
     if count == Some(0) {
-        return Err(format_error(1, "the file holds no vectors"));
+        return Err(no_vectors());
     }
-    let stop = count.unwrap_or(limit);
     let mut lines = Lines::new(BufReader::with_capacity(1 << 20, file), path);
-    let mut builder: Option<Builder> = None;
-    while builder.as_ref().is_none_or(|b| b.records() < stop) {
+    // The first non-blank line gives the dimension.
+    let mut builder = loop {
         let Some((n, line)) = lines.next_line()? else {
-            break;
+            return Err(no_vectors());
         };
         if is_blank(line) {
             continue;
         }
-        let b = match &mut builder {
-            Some(b) => b,
-            None => {
-                let dim = first_line_dim(line, n)?;
-                builder.insert(match count {
-                    Some(count) => Builder::with_table(count, dim, None, options.unicode_errors)?,
-                    None => Builder::growing(dim, options.unicode_errors),
-                })
-            }
+        let dim = first_line_dim(line, n)?;
+        let mut builder = match count {
+            Some(count) => Builder::with_table(count, dim, None, options.unicode_errors)?,
+            None => Builder::growing(dim, options.unicode_errors),
         };
-        let (word, values) = split_word(line, b.dim(), options.words_with_spaces);
-        b.record(word, n, |row| parse_values(values, row, word, n))?;
-    }
-    builder
-        .ok_or_else(|| format_error(1, "the file holds no vectors"))?
-        .finish(1)
+        let (word, values) = split_word(line, dim, options.words_with_spaces);
+        builder.record(word, n, |row| parse_values(values, row, word, n))?;
+        break builder;
+    };
+    let stop = count.unwrap_or(limit);
+    read_vector_lines(
+        &mut lines,
+        &mut builder,
+        stop,
+        options.words_with_spaces,
+        parallel,
+    )?;
+    builder.finish(1)
 }
 
 /// Counts the vectors of a regular file (up to `limit`) and rewinds it.
@@ -215,9 +225,10 @@ mod tests {
                 limit,
                 ..Default::default()
             };
-            let two = read(&path, &options, true).unwrap();
-            let one = read(&path, &options, false).unwrap();
-            assert_eq!(two, one);
+            let two = read(&path, &options, true, true).unwrap();
+            for (two_pass, parallel) in [(true, false), (false, true), (false, false)] {
+                assert_eq!(read(&path, &options, two_pass, parallel).unwrap(), two);
+            }
             let rows = limit.unwrap_or(40_000).min(39_000);
             assert_eq!(two.0.table.rows(), rows);
             assert_eq!(

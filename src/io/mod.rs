@@ -359,6 +359,83 @@ mod tests {
         assert!(matches!(err, Error::Io { .. }), "{err:?}");
     }
 
+    /// What a read gave, comparable: words, value bits and report, or the
+    /// error's message.
+    fn outcome(
+        result: Result<(Pretrained, LoadReport)>,
+    ) -> Result<(Vec<String>, Vec<u32>, LoadReport), String> {
+        result
+            .map(|(p, report)| {
+                let bits = p.table.to_vec().iter().map(|x| x.to_bits()).collect();
+                (p.vocab.into_words(), bits, report)
+            })
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// Parsing batches of lines in parallel gives what parsing line by
+        /// line gives, errors included, on files full of duplicates, blank
+        /// lines, bad values and bad words.
+        #[test]
+        fn parallel_text_parsing_equals_serial(
+            lines in proptest::collection::vec(
+                (0usize..12, 0usize..12, proptest::array::uniform4(0usize..8)), 0..40),
+            count in 1usize..45,
+            dim in 1usize..4,
+            limit in proptest::option::of(1usize..45),
+            replace in proptest::bool::ANY,
+            spaced in proptest::bool::ANY,
+            clean in proptest::bool::ANY,
+        ) {
+            // Good words and lines of `dim` numbers, and unless `clean`,
+            // bad ones now and then.
+            const WORDS: [&[u8]; 12] =
+                [b"a", b"b", b"c", "東".as_bytes(), b"a", b"b", b"e", b"f", b"g", b"\xff", b"", b"d d"];
+            const VALUES: [&str; 8] = ["1", "-2.5", "x", "nan", "1e3", "0", " ", "7"];
+            const GOOD: [&str; 8] = ["1", "-2.5", "0.5", "nan", "1e3", "0", "-0", "7"];
+            let mut text = Vec::new();
+            for &(w, kind, vals) in &lines {
+                let (w, kind) = if clean { (w % 9, 3) } else { (w, kind) };
+                text.extend_from_slice(WORDS[w]);
+                let (n, table) = match kind {
+                    0 => (vals[0] % 5, &VALUES),
+                    1 => (dim + 1, &GOOD),
+                    2 => (dim, &VALUES),
+                    _ => (dim, &GOOD),
+                };
+                for v in vals.iter().cycle().take(n) {
+                    text.push(b' ');
+                    text.extend_from_slice(table[*v].as_bytes());
+                }
+                text.push(b'\n');
+            }
+            let dir = scratch_dir("parallel");
+            let options = ReadOptions {
+                limit,
+                unicode_errors: if replace { UnicodeErrors::Replace } else { UnicodeErrors::Strict },
+                words_with_spaces: spaced,
+            };
+            let glove = dir.join("g.txt");
+            fs::write(&glove, &text).unwrap();
+            for two_pass in [true, false] {
+                proptest::prop_assert_eq!(
+                    outcome(glove::read(&glove, &options, two_pass, true)),
+                    outcome(glove::read(&glove, &options, two_pass, false))
+                );
+            }
+            let w2v = dir.join("w.txt");
+            let mut with_header = format!("{count} {dim}\n").into_bytes();
+            with_header.extend_from_slice(&text);
+            fs::write(&w2v, &with_header).unwrap();
+            proptest::prop_assert_eq!(
+                outcome(word2vec::read(&w2v, Word2VecFormat::Text, &options, true)),
+                outcome(word2vec::read(&w2v, Word2VecFormat::Text, &options, false))
+            );
+        }
+    }
+
     #[test]
     fn show_quotes_and_truncates() {
         assert_eq!(show(b"abc"), "\"abc\"");

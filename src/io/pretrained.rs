@@ -4,6 +4,8 @@
 use std::borrow::Borrow;
 use std::collections::BinaryHeap;
 
+use rayon::prelude::*;
+
 use super::{Duplicate, LoadReport, UnicodeErrors, Vocab, format_error, show};
 use crate::{EmbeddingTable, Error, Init, Result};
 
@@ -346,7 +348,7 @@ impl Builder {
         line: usize,
         fill: impl FnOnce(&mut [f32]) -> Result<()>,
     ) -> Result<()> {
-        let word = self.decode(word, line)?;
+        let word = decode(word, line, self.unicode, &mut self.report)?;
         let row = self.vocab.len();
         // A duplicate's values are parsed too (a malformed one is an error,
         // as in gensim) into the next free row, which the next new word
@@ -381,15 +383,7 @@ impl Builder {
                 line,
                 first_row,
             }),
-            None if overflow => {
-                return Err(format_error(
-                    line,
-                    format!(
-                        "more vectors than the file's size could hold when reading began ({row}); \
-                         was it changed while being read?"
-                    ),
-                ));
-            }
+            None if overflow => return Err(no_row_left(line, row)),
             None => {
                 self.vocab.push_new(word);
             }
@@ -397,26 +391,98 @@ impl Builder {
         Ok(())
     }
 
-    fn decode(&mut self, word: &[u8], line: usize) -> Result<String> {
-        if word.is_empty() {
-            return Err(format_error(line, "empty word"));
-        }
-        match String::from_utf8(word.to_vec()) {
-            Ok(word) => Ok(word),
-            Err(_) if self.unicode == UnicodeErrors::Replace => {
-                self.report.replaced_words.push(line);
-                Ok(String::from_utf8_lossy(word).into_owned())
+    /// Adds a batch of records in file order: the words are resolved one
+    /// after the other, then the values are parsed in parallel, new words'
+    /// straight into their rows. The outcome, errors and report included, is
+    /// that of calling [`record`](Self::record) for each record in turn: the
+    /// error reported is the one of the earliest record that has one.
+    pub(crate) fn record_batch<P>(&mut self, records: &[Record<'_>], parse: P) -> Result<()>
+    where
+        P: Fn(&[u8], &mut [f32], &[u8], usize) -> Result<()> + Sync,
+    {
+        let table = match &mut self.storage {
+            Storage::Table(table) => table,
+            Storage::Chunks { .. } => {
+                for r in records {
+                    self.record(r.word, r.line, |row| parse(r.values, row, r.word, r.line))?;
+                }
+                return Ok(());
             }
-            Err(e) => Err(format_error(
-                line,
-                format!(
-                    "word {} is not valid UTF-8 (invalid byte at offset {}); \
-                     UnicodeErrors::Replace reads it lossily",
-                    show(word),
-                    e.utf8_error().valid_up_to()
-                ),
-            )),
+        };
+        let (rows, dim, stride) = (table.rows(), table.dim(), table.stride());
+
+        // Words, in file order. Record `new[k]` holds the word of row
+        // `base + k`. Resolution stops at the first bad word, or at the first
+        // new word with no row left (`overflow`, see `record`).
+        let base = self.vocab.len();
+        let mut new = Vec::with_capacity(records.len());
+        let mut dups = Vec::new();
+        let mut stop = None;
+        for (i, r) in records.iter().enumerate() {
+            let word = match decode(r.word, r.line, self.unicode, &mut self.report) {
+                Ok(word) => word,
+                Err(e) => {
+                    stop = Some((i, Some(e)));
+                    break;
+                }
+            };
+            match self.vocab.get(&word) {
+                Some(first_row) => dups.push((
+                    i,
+                    Duplicate {
+                        word,
+                        line: r.line,
+                        first_row,
+                    },
+                )),
+                None if self.vocab.len() >= rows => {
+                    stop = Some((i, None));
+                    break;
+                }
+                None => {
+                    self.vocab.push_new(word);
+                    new.push(i);
+                }
+            }
         }
+
+        // Values, in parallel. Rows of distinct records are disjoint chunks
+        // of the table; duplicates are parsed into scratch space (checked,
+        // then dropped).
+        let parse_record = |i: usize, row: &mut [f32]| {
+            let r = &records[i];
+            parse(r.values, row, r.word, r.line).err().map(|e| (i, e))
+        };
+        let new_rows = &mut table.as_padded_mut()[base * stride..(base + new.len()) * stride];
+        let bad_new = new_rows
+            .par_chunks_mut(stride)
+            .zip(new.par_iter())
+            .with_min_len(64)
+            .filter_map(|(row, &i)| parse_record(i, &mut row[..dim]))
+            .min_by_key(|&(i, _)| i);
+        let bad_dup = dups
+            .par_iter()
+            .filter_map(|&(i, _)| parse_record(i, &mut vec![0.0; dim]))
+            .min_by_key(|&(i, _)| i);
+        // Every record seen is before `stop`, so its error comes first.
+        if let Some((_, e)) = bad_new.into_iter().chain(bad_dup).min_by_key(|&(i, _)| i) {
+            return Err(e);
+        }
+        match stop {
+            Some((_, Some(e))) => return Err(e),
+            Some((i, None)) => {
+                let r = &records[i];
+                self.scratch.resize(dim, 0.0);
+                parse(r.values, &mut self.scratch, r.word, r.line)?;
+                return Err(no_row_left(r.line, rows));
+            }
+            None => {}
+        }
+        self.report.records += records.len();
+        self.report
+            .duplicates
+            .extend(dups.into_iter().map(|(_, d)| d));
+        Ok(())
     }
 
     /// The vectors read, in a table of exactly one row per distinct word.
@@ -462,6 +528,56 @@ impl Builder {
             self.report,
         ))
     }
+}
+
+/// One vector line of a text file: its number, its word and the text of
+/// its values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Record<'a> {
+    pub(crate) line: usize,
+    pub(crate) word: &'a [u8],
+    pub(crate) values: &'a [u8],
+}
+
+/// The word of a record as a `String`, invalid UTF-8 handled as `unicode`
+/// says (replacements are noted in `report`).
+fn decode(
+    word: &[u8],
+    line: usize,
+    unicode: UnicodeErrors,
+    report: &mut LoadReport,
+) -> Result<String> {
+    if word.is_empty() {
+        return Err(format_error(line, "empty word"));
+    }
+    match String::from_utf8(word.to_vec()) {
+        Ok(word) => Ok(word),
+        Err(_) if unicode == UnicodeErrors::Replace => {
+            report.replaced_words.push(line);
+            Ok(String::from_utf8_lossy(word).into_owned())
+        }
+        Err(e) => Err(format_error(
+            line,
+            format!(
+                "word {} is not valid UTF-8 (invalid byte at offset {}); \
+                 UnicodeErrors::Replace reads it lossily",
+                show(word),
+                e.utf8_error().valid_up_to()
+            ),
+        )),
+    }
+}
+
+/// A new word at `line` found every one of the `rows` rows taken: the
+/// table was sized to what the file could hold, so the file changed.
+fn no_row_left(line: usize, rows: usize) -> Error {
+    format_error(
+        line,
+        format!(
+            "more vectors than the file's size could hold when reading began ({rows}); \
+             was it changed while being read?"
+        ),
+    )
 }
 
 #[cfg(test)]

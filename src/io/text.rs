@@ -4,6 +4,7 @@
 use std::io::{self, BufRead, Read, Write};
 use std::path::Path;
 
+use super::pretrained::{Builder, Record};
 use super::{format_error, read_error, show};
 use crate::Result;
 
@@ -232,6 +233,69 @@ fn wrong_count(dim: usize, found: usize, word: &[u8], line: usize) -> crate::Err
             show(word)
         ),
     )
+}
+
+/// A batch of lines is parsed in parallel once it holds this many bytes...
+const BATCH_BYTES: usize = 4 << 20;
+/// ... or this many lines.
+const BATCH_LINES: usize = 1 << 15;
+
+/// Reads `word v1 … vdim` lines into `builder` until it holds `stop`
+/// vectors or the file ends, skipping blank lines. Returns whether the file
+/// ended.
+///
+/// With `parallel`, lines are gathered in batches of a few MiB whose words
+/// are resolved in file order and whose values are then parsed in parallel
+/// ([`Builder::record_batch`]); the result, errors included, is the same as
+/// line by line.
+pub(crate) fn read_vector_lines<R: BufRead>(
+    lines: &mut Lines<'_, R>,
+    builder: &mut Builder,
+    stop: usize,
+    words_with_spaces: bool,
+    parallel: bool,
+) -> Result<bool> {
+    let dim = builder.dim();
+    if !parallel {
+        while builder.records() < stop {
+            let Some((n, line)) = lines.next_line()? else {
+                return Ok(true);
+            };
+            if is_blank(line) {
+                continue;
+            }
+            let (word, values) = split_word(line, dim, words_with_spaces);
+            builder.record(word, n, |row| parse_values(values, row, word, n))?;
+        }
+        return Ok(false);
+    }
+    let mut bytes = Vec::new();
+    let mut spans = Vec::new();
+    let mut ended = false;
+    while builder.records() < stop && !ended {
+        bytes.clear();
+        spans.clear();
+        let want = (stop - builder.records()).min(BATCH_LINES);
+        while spans.len() < want && bytes.len() < BATCH_BYTES {
+            let Some((n, line)) = lines.next_line()? else {
+                ended = true;
+                break;
+            };
+            if !is_blank(line) {
+                spans.push((n, bytes.len(), bytes.len() + line.len()));
+                bytes.extend_from_slice(line);
+            }
+        }
+        let records: Vec<Record<'_>> = spans
+            .iter()
+            .map(|&(line, start, end)| {
+                let (word, values) = split_word(&bytes[start..end], dim, words_with_spaces);
+                Record { line, word, values }
+            })
+            .collect();
+        builder.record_batch(&records, parse_values)?;
+    }
+    Ok(ended)
 }
 
 /// A decimal number as the nearest `f32` (correctly rounded).

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use super::pretrained::Builder;
-use super::text::{Lines, is_blank, parse_values, split_word, tokens, write_line};
+use super::text::{Lines, read_vector_lines, tokens, write_line};
 use super::{
     LoadReport, Pretrained, ReadOptions, Vocab, check_words, format_error, open, read_error, show,
     vectors_to_read, write_atomic,
@@ -113,7 +113,16 @@ pub fn read_word2vec_with(
     format: Word2VecFormat,
     options: &ReadOptions,
 ) -> Result<(Pretrained, LoadReport)> {
-    let path = path.as_ref();
+    read(path.as_ref(), format, options, true)
+}
+
+/// Reads a word2vec file; `parallel` parses batches of text lines in parallel.
+pub(crate) fn read(
+    path: &Path,
+    format: Word2VecFormat,
+    options: &ReadOptions,
+    parallel: bool,
+) -> Result<(Pretrained, LoadReport)> {
     let (file, file_len) = open(path)?;
     let mut lines = Lines::new(BufReader::with_capacity(1 << 20, file), path);
     let Some((_, header)) = lines.next_line()? else {
@@ -155,8 +164,9 @@ pub fn read_word2vec_with(
         Word2VecFormat::Text => read_text(
             &mut lines,
             &mut builder,
-            (needed, count, dim),
+            (needed, count),
             options.words_with_spaces,
+            parallel,
         )?,
         Word2VecFormat::Binary => {
             read_binary(lines.into_inner(), path, &mut builder, needed, count, dim)?
@@ -312,18 +322,13 @@ fn end_of_file(line: usize, read: usize, declared: usize) -> crate::Error {
 fn read_text<R: BufRead>(
     lines: &mut Lines<'_, R>,
     builder: &mut Builder,
-    (needed, declared, dim): (usize, usize, usize),
+    (needed, declared): (usize, usize),
     words_with_spaces: bool,
+    parallel: bool,
 ) -> Result<()> {
-    while builder.records() < needed {
-        let Some((n, line)) = lines.next_line()? else {
-            return Err(end_of_file(lines.line() + 1, builder.records(), declared));
-        };
-        if is_blank(line) {
-            continue;
-        }
-        let (word, values) = split_word(line, dim, words_with_spaces);
-        builder.record(word, n, |row| parse_values(values, row, word, n))?;
+    let ended = read_vector_lines(lines, builder, needed, words_with_spaces, parallel)?;
+    if ended && builder.records() < needed {
+        return Err(end_of_file(lines.line() + 1, builder.records(), declared));
     }
     Ok(())
 }
