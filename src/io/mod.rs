@@ -16,7 +16,10 @@
 //! declare their size in the header; a GloVe file is counted in a first
 //! cheap pass over its bytes, as gensim does. A table of `count × dim` is
 //! allocated once, capped by what the file's size can hold, so a corrupt
-//! header cannot ask for terabytes.
+//! header cannot ask for terabytes. Text is parsed in batches of a few MiB:
+//! the words of a batch are resolved in file order, then its values are
+//! parsed in parallel (rayon) straight into their rows; the result, errors
+//! included, does not depend on the thread count.
 //!
 //! Words repeated in a file are resolved as gensim does: the first
 //! occurrence is kept and later ones are skipped (their values are still

@@ -281,9 +281,9 @@ enum Storage {
 /// Rows per chunk of [`Storage::Chunks`].
 const CHUNK_ROWS: usize = 1 << 14;
 
-/// Builds a [`Pretrained`] one record at a time, in file order: decodes the
-/// word, parses the vector straight into the next free row, and resolves
-/// duplicates as gensim does (the first occurrence wins).
+/// Builds a [`Pretrained`] record by record (or batch by batch), in file
+/// order: decodes the word, parses the vector straight into the next free
+/// row, and resolves duplicates as gensim does (the first occurrence wins).
 pub(crate) struct Builder {
     vocab: Vocab,
     storage: Storage,
