@@ -118,6 +118,16 @@ impl Pretrained {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `vocab.len() != table.rows()`.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Pretrained;
+    /// use embtable::{EmbeddingTable, Vocab};
+    /// let table = EmbeddingTable::zeros(2, 4)?;
+    /// assert!(Pretrained::new(Vocab::from_words(["a", "b"])?, table.clone()).is_ok());
+    /// assert!(Pretrained::new(Vocab::from_words(["a"])?, table).is_err());
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn new(vocab: Vocab, table: EmbeddingTable) -> Result<Self> {
         if vocab.len() != table.rows() {
             return Err(Error::ShapeMismatch {
