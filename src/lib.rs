@@ -78,6 +78,7 @@ mod error;
 mod grad;
 mod index;
 mod init;
+pub mod io;
 pub mod kernels;
 mod table;
 pub mod workloads;
@@ -87,6 +88,7 @@ pub use error::{Error, Result};
 pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
+pub use io::Vocab;
 pub use table::EmbeddingTable;
 
 /// The README's examples, compiled and run as doctests.

@@ -1,0 +1,448 @@
+//! Reading and writing the files users already have: pretrained word vectors
+//! (word2vec text and binary, GloVe, fastText `.vec`) and tables as NumPy
+//! `.npy` arrays.
+//!
+//! | format | read | write |
+//! |---|---|---|
+//! | word2vec text (`count dim` header, `word v1 … vdim` lines) | [`read_word2vec`] `Text` | [`write_word2vec`] `Text` |
+//! | word2vec binary (header line, `word` + space + `dim` little-endian `f32`) | [`read_word2vec`] `Binary` | [`write_word2vec`] `Binary` |
+//! | fastText `.vec` (word2vec text) | [`read_fasttext_vec`] | [`write_word2vec`] `Text` |
+//! | GloVe (word2vec text without the header) | [`read_glove`] | [`write_glove`] |
+//! | `.npy`, `(rows, dim)` `float32` | [`load_npy`] | [`save_npy`] |
+//!
+//! # Reading
+//! Files are streamed through a buffered reader straight into the rows of
+//! the table: the vectors are never held twice. word2vec and fastText files
+//! declare their size in the header; a GloVe file is counted in a first
+//! cheap pass over its bytes, as gensim does. A table of `count × dim` is
+//! allocated once, capped by what the file's size can hold, so a corrupt
+//! header cannot ask for terabytes. Text is parsed in batches of a few MiB:
+//! the words of a batch are resolved in file order, then its values are
+//! parsed in parallel (rayon) straight into their rows; the result, errors
+//! included, does not depend on the thread count.
+//!
+//! Words repeated in a file are resolved as gensim does: the first
+//! occurrence is kept and later ones are skipped (their values are still
+//! checked). The `_with` readers take [`ReadOptions`] (read only the first
+//! `limit` vectors; replace invalid UTF-8 in words, as gensim's
+//! `unicode_errors='replace'`) and return a [`LoadReport`] listing the
+//! skipped duplicates with their line numbers. When duplicates were skipped
+//! the table is copied once into a smaller one, since a table cannot shrink
+//! in place.
+//!
+//! Text lines are split on runs of spaces and tabs; a trailing space (as
+//! fastText writes) or `\r\n` line ends are fine, blank lines are skipped,
+//! and a UTF-8 byte order mark at the start is ignored. Values are parsed
+//! with Rust's correctly rounded `f32` parser (`nan` and `inf` are
+//! accepted). Data after the vectors a header declares is ignored, as gensim
+//! and fastText do.
+//!
+//! # Errors and line numbers
+//! A malformed file gives [`Error::Format`] with the line at fault and what
+//! is wrong with it, never a panic. Lines are 1-based and physical in text
+//! files. In binary files the header is line 1 and the `k`-th vector
+//! (1-based) is line `k + 1`, so a vector has the same number in both
+//! formats; in `.npy` files the header is line 1 and row `k` (0-based) is
+//! line `k + 2`. Operating-system failures give [`Error::Io`] whose context
+//! names the path.
+//!
+//! # Writing
+//! Every writer writes to a temporary file in the target's directory,
+//! flushes and syncs it to disk, then renames it over the target: a crash
+//! mid-write leaves the previous file intact. Text formats write each `f32`
+//! in the shortest decimal that parses back to the same value, so a
+//! write–read round trip is exact (NaN payloads aside); binary formats and
+//! `.npy` are bit for bit.
+//!
+//! # Examples
+//! ```
+//! use embtable::io::{self, Word2VecFormat};
+//! use embtable::{EmbeddingTable, Vocab};
+//!
+//! let vocab = Vocab::from_words(["king", "queen"])?;
+//! let table = EmbeddingTable::from_rows(2, 3, &[0.1, 0.2, 0.3, -1.0, 0.0, 2.5e-9])?;
+//! let path = std::env::temp_dir().join("embtable-io-doc-module.txt");
+//! io::write_word2vec(&path, &vocab, &table, Word2VecFormat::Text)?;
+//!
+//! let pretrained = io::read_word2vec(&path, Word2VecFormat::Text)?;
+//! assert_eq!(pretrained.vocab, vocab);
+//! assert_eq!(pretrained.table, table);
+//! # std::fs::remove_file(&path).ok();
+//! # Ok::<(), embtable::Error>(())
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{Error, Result};
+
+mod glove;
+mod npy;
+mod pretrained;
+mod text;
+mod vocab;
+mod word2vec;
+
+pub use glove::{read_glove, read_glove_with, write_glove};
+pub use npy::{load_npy, save_npy};
+pub use pretrained::{Coverage, Pretrained, TableOptions};
+pub use vocab::Vocab;
+pub use word2vec::{
+    Word2VecFormat, read_fasttext_vec, read_fasttext_vec_with, read_word2vec, read_word2vec_with,
+    write_word2vec,
+};
+
+/// Options of the `_with` readers.
+///
+/// # Examples
+/// ```
+/// use embtable::io::{ReadOptions, UnicodeErrors};
+/// let options = ReadOptions { limit: Some(100_000), ..Default::default() };
+/// assert_eq!(options.unicode_errors, UnicodeErrors::Strict);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Read only the first `limit` vectors of the file (gensim's `limit`),
+    /// counting skipped duplicates; `None` reads them all. `Some(0)` is
+    /// rejected, since a table holds at least one row.
+    pub limit: Option<usize>,
+    /// What to do with a word that is not valid UTF-8.
+    pub unicode_errors: UnicodeErrors,
+    /// Text formats: a line with more than `dim` values takes all but the
+    /// last `dim` tokens as its word, instead of being an error. Needed for
+    /// `glove.840B.300d.txt`, which has a few words holding spaces (`. . .`,
+    /// `at name@domain.com`). The dimension still comes from the header, or
+    /// for GloVe from the first line, which must not be such a line. The
+    /// writers refuse such words, since they cannot be read back without this
+    /// option. Default `false`.
+    pub words_with_spaces: bool,
+}
+
+/// What to do with a word that is not valid UTF-8.
+///
+/// The original word2vec tool truncates long words at a byte count, which
+/// can cut a multi-byte character in half; such files need `Replace`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UnicodeErrors {
+    /// An [`Error::Format`] naming the line (gensim's `'strict'`).
+    #[default]
+    Strict,
+    /// Replace each invalid sequence by U+FFFD (gensim's `'replace'`). The
+    /// [`LoadReport`] lists the lines where this happened.
+    Replace,
+}
+
+/// What a reader met on the way, besides the vectors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// The number of vectors the header declares (`None` for GloVe).
+    pub declared: Option<usize>,
+    /// Vectors read, duplicates included (at most the `limit`).
+    pub records: usize,
+    /// Words met again after their first occurrence, in file order. Their
+    /// vectors were skipped: the first occurrence wins, as in gensim.
+    pub duplicates: Vec<Duplicate>,
+    /// Lines whose word held invalid UTF-8 that was replaced by U+FFFD
+    /// (only with [`UnicodeErrors::Replace`]).
+    pub replaced_words: Vec<usize>,
+}
+
+/// A word met again in a file: its vector was skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Duplicate {
+    /// The word.
+    pub word: String,
+    /// Line of the skipped occurrence (numbered as in [`Error::Format`]).
+    pub line: usize,
+    /// Row of the table holding the first occurrence's vector.
+    pub first_row: usize,
+}
+
+/// `Error::Io` for reading `path`.
+pub(crate) fn read_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    }
+}
+
+/// `Error::Format` at `line`.
+pub(crate) fn format_error(line: usize, reason: impl Into<String>) -> Error {
+    Error::Format {
+        line,
+        reason: reason.into(),
+    }
+}
+
+/// Opens `path` for reading. Returns the file and, for a regular file, its
+/// length in bytes (used to cap allocations a corrupt header asks for).
+pub(crate) fn open(path: &Path) -> Result<(File, Option<u64>)> {
+    let file = File::open(path).map_err(|e| read_error(path, e))?;
+    let meta = file.metadata().map_err(|e| read_error(path, e))?;
+    let len = meta.is_file().then_some(meta.len());
+    Ok((file, len))
+}
+
+/// Checks `options.limit` and returns the number of vectors to read from a
+/// file declaring `declared` (`usize::MAX`: unknown).
+pub(crate) fn vectors_to_read(options: &ReadOptions, declared: usize) -> Result<usize> {
+    match options.limit {
+        Some(0) => Err(Error::InvalidConfig {
+            field: "limit",
+            reason: "0: a table holds at least one row; use None to read every vector".into(),
+        }),
+        Some(limit) => Ok(limit.min(declared)),
+        None => Ok(declared),
+    }
+}
+
+/// Up to 40 characters of `bytes`, quoted, for an error message.
+pub(crate) fn show(bytes: &[u8]) -> String {
+    const MAX_CHARS: usize = 40;
+    let text = String::from_utf8_lossy(bytes);
+    let mut shown: String = text.chars().take(MAX_CHARS).collect();
+    if text.chars().nth(MAX_CHARS).is_some() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
+}
+
+/// Checks that `vocab` names exactly the rows of `table` and that every word
+/// can be written in a whitespace-separated format.
+pub(crate) fn check_words(vocab: &Vocab, rows: usize, format: &str) -> Result<()> {
+    if vocab.len() != rows {
+        return Err(Error::ShapeMismatch {
+            what: "vocabulary length (table rows)",
+            expected: rows,
+            got: vocab.len(),
+        });
+    }
+    for (row, word) in vocab.iter() {
+        if word.is_empty() || word.bytes().any(|b| b.is_ascii_whitespace()) {
+            return Err(Error::InvalidConfig {
+                field: "vocab",
+                reason: format!(
+                    "word {word:?} of row {row} is empty or holds whitespace, \
+                     which the {format} format cannot store"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` atomically: `write` fills a temporary file in the same
+/// directory, which is flushed, synced to disk and renamed over `path`.
+/// A crash or an error at any point leaves the previous `path` intact; on
+/// error the temporary file is removed.
+pub(crate) fn write_atomic<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+{
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let io_error = |context: String, source| Error::Io { context, source };
+    let name = path.file_name().ok_or_else(|| {
+        io_error(
+            format!("writing {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.{}-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io_error(format!("creating {}", tmp.display()), e))?;
+    let written = (|| {
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        write(&mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        // The write already failed; a leftover temporary file is all a
+        // failed removal could cost, so its error is not reported.
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error(
+            format!("writing {} (for {})", tmp.display(), path.display()),
+            e,
+        ));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        ));
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Makes the rename durable. Best effort: some file systems refuse to sync
+/// a directory, and the data itself is already on disk.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("embtable-io-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file() {
+        let dir = scratch_dir("atomic-ok");
+        let path = dir.join("out.txt");
+        fs::write(&path, b"old").unwrap();
+        write_atomic(&path, |w| w.write_all(b"new contents")).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new contents");
+        assert_eq!(entries(&dir), ["out.txt"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn failed_atomic_write_keeps_the_old_file_and_cleans_up() {
+        let dir = scratch_dir("atomic-fail");
+        let path = dir.join("out.txt");
+        fs::write(&path, b"old").unwrap();
+        let err = write_atomic(&path, |w| {
+            w.write_all(&[7; 3 << 20])?; // more than the buffer: reaches the file
+            Err(std::io::Error::other("disk on fire"))
+        })
+        .unwrap_err();
+        match &err {
+            Error::Io { context, source } => {
+                assert!(context.contains("out.txt"), "{context}");
+                assert_eq!(source.to_string(), "disk on fire");
+            }
+            other => panic!("expected Error::Io, got {other:?}"),
+        }
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(entries(&dir), ["out.txt"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn atomic_write_into_a_missing_directory_is_an_io_error() {
+        let path = std::env::temp_dir().join("embtable-no-such-dir-xyz/out.txt");
+        let err = write_atomic(&path, |w| w.write_all(b"x")).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    }
+
+    /// What a read gave, comparable: words, value bits and report, or the
+    /// error's message.
+    fn outcome(
+        result: Result<(Pretrained, LoadReport)>,
+    ) -> Result<(Vec<String>, Vec<u32>, LoadReport), String> {
+        result
+            .map(|(p, report)| {
+                let bits = p.table.to_vec().iter().map(|x| x.to_bits()).collect();
+                (p.vocab.into_words(), bits, report)
+            })
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// Parsing batches of lines in parallel gives what parsing line by
+        /// line gives, errors included, on files full of duplicates, blank
+        /// lines, bad values and bad words.
+        #[test]
+        fn parallel_text_parsing_equals_serial(
+            lines in proptest::collection::vec(
+                (0usize..12, 0usize..12, proptest::array::uniform4(0usize..8)), 0..40),
+            count in 1usize..45,
+            dim in 1usize..4,
+            limit in proptest::option::of(1usize..45),
+            replace in proptest::bool::ANY,
+            spaced in proptest::bool::ANY,
+            clean in proptest::bool::ANY,
+        ) {
+            // Good words and lines of `dim` numbers, and unless `clean`,
+            // bad ones now and then.
+            const WORDS: [&[u8]; 12] =
+                [b"a", b"b", b"c", "東".as_bytes(), b"a", b"b", b"e", b"f", b"g", b"\xff", b"", b"d d"];
+            const VALUES: [&str; 8] = ["1", "-2.5", "x", "nan", "1e3", "0", " ", "7"];
+            const GOOD: [&str; 8] = ["1", "-2.5", "0.5", "nan", "1e3", "0", "-0", "7"];
+            let mut text = Vec::new();
+            for &(w, kind, vals) in &lines {
+                let (w, kind) = if clean { (w % 9, 3) } else { (w, kind) };
+                text.extend_from_slice(WORDS[w]);
+                let (n, table) = match kind {
+                    0 => (vals[0] % 5, &VALUES),
+                    1 => (dim + 1, &GOOD),
+                    2 => (dim, &VALUES),
+                    _ => (dim, &GOOD),
+                };
+                for v in vals.iter().cycle().take(n) {
+                    text.push(b' ');
+                    text.extend_from_slice(table[*v].as_bytes());
+                }
+                text.push(b'\n');
+            }
+            let dir = scratch_dir("parallel");
+            let options = ReadOptions {
+                limit,
+                unicode_errors: if replace { UnicodeErrors::Replace } else { UnicodeErrors::Strict },
+                words_with_spaces: spaced,
+            };
+            let glove = dir.join("g.txt");
+            fs::write(&glove, &text).unwrap();
+            for two_pass in [true, false] {
+                proptest::prop_assert_eq!(
+                    outcome(glove::read(&glove, &options, two_pass, true)),
+                    outcome(glove::read(&glove, &options, two_pass, false))
+                );
+            }
+            let w2v = dir.join("w.txt");
+            let mut with_header = format!("{count} {dim}\n").into_bytes();
+            with_header.extend_from_slice(&text);
+            fs::write(&w2v, &with_header).unwrap();
+            proptest::prop_assert_eq!(
+                outcome(word2vec::read(&w2v, Word2VecFormat::Text, &options, true)),
+                outcome(word2vec::read(&w2v, Word2VecFormat::Text, &options, false))
+            );
+        }
+    }
+
+    #[test]
+    fn show_quotes_and_truncates() {
+        assert_eq!(show(b"abc"), "\"abc\"");
+        assert_eq!(show(&[b'x'; 100]).chars().count(), 2 + 40 + 1);
+        assert_eq!(show(b"\xff"), "\"\u{fffd}\"");
+    }
+}
