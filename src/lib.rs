@@ -12,6 +12,7 @@ mod grad;
 mod index;
 mod init;
 pub mod kernels;
+pub mod optim;
 mod table;
 pub mod workloads;
 
@@ -20,4 +21,8 @@ pub use error::{Error, Result};
 pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
+pub use optim::{
+    Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
+};
 pub use table::EmbeddingTable;
