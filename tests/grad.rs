@@ -99,7 +99,7 @@ fn check_all_configs(rows: usize, dim: usize, batches: &[(Vec<usize>, Vec<f32>)]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// Small batches (the serial path), several accumulations adding up.
     #[test]
@@ -109,7 +109,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(8))]
+    #![proptest_config(ProptestConfig::with_cases(16))]
 
     /// Batches large enough for the parallel path (ids × dim ≥ 2^15).
     #[test]
