@@ -360,9 +360,17 @@ pub(crate) fn max_abs_finite(what: &'static str, values: &[f32]) -> Result<f32> 
     // One branch-free pass over the bit patterns: with the sign bit cleared
     // they order like the magnitudes, and ±inf and NaN lie above every
     // finite value.
-    let bits = values
-        .iter()
-        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    // Large inputs are scanned in parallel (max is exact in any order).
+    let max_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    let bits = if values.len() < PARALLEL_MIN_FLOATS {
+        max_bits(values)
+    } else {
+        values
+            .par_chunks(PARALLEL_MIN_FLOATS)
+            .map(max_bits)
+            .max()
+            .unwrap_or(0)
+    };
     if bits < f32::INFINITY.to_bits() {
         return Ok(f32::from_bits(bits));
     }
