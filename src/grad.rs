@@ -359,8 +359,8 @@ impl<C: Contribution> Kernel for AddPositions<'_, C> {
 pub(crate) fn max_abs_finite(what: &'static str, values: &[f32]) -> Result<f32> {
     // One branch-free pass over the bit patterns: with the sign bit cleared
     // they order like the magnitudes, and ±inf and NaN lie above every
-    // finite value.
-    // Large inputs are scanned in parallel (max is exact in any order).
+    // finite value. Large inputs are scanned in parallel (a max is the same
+    // in any order).
     let max_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
     let bits = if values.len() < PARALLEL_MIN_FLOATS {
         max_bits(values)

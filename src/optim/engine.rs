@@ -73,7 +73,8 @@ pub(crate) trait Rule: Sync {
     /// has `dim` real lanes.
     ///
     /// Implementations must map zero pads (weight, state, gradient) to zero
-    /// weight pads, and compute lane `j` from lane `j` only.
+    /// weight pads, and compute lane `j` from lane `j` only (a reduction
+    /// over the row, as row-wise Adagrad takes, must use a fixed order).
     fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], dim: usize);
 }
 
