@@ -161,8 +161,9 @@ pub trait SparseOptimizer {
     /// evaluation. A no-op under [`Semantics::Lazy`] and before the first step.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) if the state
-    /// belongs to a table of another shape; nothing is written then.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad
+    /// config; [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) if the
+    /// state belongs to a table of another shape. Nothing is written then.
     fn flush(&mut self, table: &mut EmbeddingTable) -> Result<()>;
 
     /// Brings `rows` current (see [`flush`](Self::flush)), for a layer that
@@ -172,8 +173,8 @@ pub trait SparseOptimizer {
     ///
     /// # Errors
     /// [`Error::IndexOutOfRange`](crate::Error::IndexOutOfRange) for a row
-    /// `>= table.rows()`, [`Error::ShapeMismatch`](crate::Error::ShapeMismatch)
-    /// as for [`flush`](Self::flush); nothing is written then.
+    /// `>= table.rows()` (`position` is its index in `rows`), and the errors
+    /// of [`flush`](Self::flush). Nothing is written then.
     fn catch_up(&mut self, table: &mut EmbeddingTable, rows: &[usize]) -> Result<()> {
         let _ = (table, rows);
         Ok(())
