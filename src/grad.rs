@@ -44,6 +44,11 @@ pub struct SparseGrad {
     rows: Vec<usize>,
     /// Slot `k`'s gradient is `grads[k * stride..][..dim]`; pad lanes are zero.
     grads: Vec<f32>,
+    /// An upper bound on `Σ|contribution|` over the contributions to any
+    /// one slot since the last `clear`; infinity when not tracked.
+    magnitude: f64,
+    /// Contributions accumulated since the last `clear` (all slots).
+    terms: u64,
     scratch: Scratch,
 }
 
@@ -145,6 +150,21 @@ impl SparseGrad {
         self.slot_of.clear();
         self.rows.clear();
         self.grads.clear();
+        self.magnitude = 0.0;
+        self.terms = 0;
+    }
+
+    /// Whether every summed value is provably finite without looking at it.
+    ///
+    /// Inputs are finite (checked on accumulation), but their sums may
+    /// overflow. A sum of `n` floats, taken in order, is at most
+    /// `(1 + γ) Σ|xᵢ|` with `γ <= 2nu` (`u = 2⁻²⁴`, `nu <= 1/2`); this
+    /// checks that bound against `f32::MAX` using the tracked `Σ|xᵢ|`
+    /// bound, so an optimizer can skip a pass over the gradient.
+    pub(crate) fn is_proven_finite(&self) -> bool {
+        const U: f64 = 1.0 / (1u64 << 24) as f64;
+        let nu = self.terms as f64 * U;
+        nu <= 0.5 && self.magnitude * (1.0 + 2.0 * nu) < f32::MAX as f64
     }
 
     /// The gradient as a dense row-major `rows × dim` matrix.
@@ -183,7 +203,7 @@ impl SparseGrad {
                 got: grad_out.len(),
             });
         }
-        check_finite("gradient", grad_out)?;
+        let max_abs = max_abs_finite("gradient", grad_out)?;
         self.validate(ids)?;
         let dim = self.dim;
         struct Rows<'a> {
@@ -196,8 +216,12 @@ impl SparseGrad {
                 kernels::add_scaled(s, row, &self.grad_out[j * self.dim..][..self.dim], 1.0);
             }
         }
+        let (magnitude, terms) = (self.magnitude, self.terms);
         // SAFETY: ids were validated just above.
         unsafe { self.accumulate_unchecked(kernels::current(), ids, &Rows { grad_out, dim }) };
+        // Each slot got at most `ids.len()` rows, each value at most `max_abs`.
+        self.magnitude = magnitude + max_abs as f64 * ids.len() as f64;
+        self.terms = terms + ids.len() as u64;
         Ok(())
     }
 
@@ -217,6 +241,8 @@ impl SparseGrad {
         ids: &[I],
         contribution: &C,
     ) {
+        // Callers that track magnitudes (see `is_proven_finite`) restore this.
+        self.magnitude = f64::INFINITY;
         // Slots first, serially: a slot's number depends on first-seen order.
         let Scratch {
             slot_of_position,
@@ -328,6 +354,30 @@ impl<C: Contribution> Kernel for AddPositions<'_, C> {
     }
 }
 
+/// The largest magnitude in `values`, or `Err(NonFinite)` naming the first
+/// NaN or infinite value.
+pub(crate) fn max_abs_finite(what: &'static str, values: &[f32]) -> Result<f32> {
+    // One branch-free pass over the bit patterns: with the sign bit cleared
+    // they order like the magnitudes, and ±inf and NaN lie above every
+    // finite value. Large inputs are scanned in parallel (a max is the same
+    // in any order).
+    let max_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    let bits = if values.len() < PARALLEL_MIN_FLOATS {
+        max_bits(values)
+    } else {
+        values
+            .par_chunks(PARALLEL_MIN_FLOATS)
+            .map(max_bits)
+            .max()
+            .unwrap_or(0)
+    };
+    if bits < f32::INFINITY.to_bits() {
+        return Ok(f32::from_bits(bits));
+    }
+    check_finite(what, values)?;
+    unreachable!("a value is not finite")
+}
+
 /// `Err(NonFinite)` naming the first NaN or infinite value.
 pub(crate) fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
     // Branch-free scan for the common all-finite case.
@@ -343,4 +393,29 @@ pub(crate) fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
         position,
         value: values[position],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finiteness_is_proven_only_while_sums_cannot_overflow() {
+        let mut grad = SparseGrad::new(2);
+        assert!(grad.is_proven_finite());
+        grad.accumulate_lookup(&[1u32, 1, 0], &[1.0, -2.0, 3.0, 4.0, 5.0, 6.0])
+            .unwrap();
+        assert!(grad.is_proven_finite());
+        // Three values of 3e38 may add up beyond f32::MAX (they do here).
+        grad.accumulate_lookup(&[0u32, 0, 0], &[3e38; 6]).unwrap();
+        assert!(!grad.is_proven_finite());
+        assert!(grad.row_grad(1)[0].is_infinite());
+        grad.clear();
+        assert!(grad.is_proven_finite());
+        // One large value alone cannot overflow.
+        grad.accumulate_lookup(&[0u32], &[3e38, -3e38]).unwrap();
+        assert!(grad.is_proven_finite());
+        assert_eq!(max_abs_finite("g", &[-0.0, 2.5, -7.0]).unwrap(), 7.0);
+        assert!(max_abs_finite("g", &[1.0, f32::NAN]).is_err());
+    }
 }

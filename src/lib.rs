@@ -80,6 +80,7 @@ mod index;
 mod init;
 pub mod io;
 pub mod kernels;
+pub mod optim;
 mod table;
 pub mod workloads;
 
@@ -89,6 +90,10 @@ pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
+pub use optim::{
+    Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
+};
 pub use table::EmbeddingTable;
 
 /// The README's examples, compiled and run as doctests.

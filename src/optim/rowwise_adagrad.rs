@@ -1,0 +1,233 @@
+//! Row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): one accumulator per row.
+
+use super::config::{self, Fields, named};
+use super::engine::{Config, Core, Lanes, Rule, each_vector};
+use crate::Result;
+use crate::aligned::LANES_PER_LINE;
+use crate::kernels::Simd;
+
+/// The settings of [`RowWiseAdagrad`]. `Default` is FBGEMM's
+/// (`SplitTableBatchedEmbeddingBagsCodegen`: `learning_rate=0.01`,
+/// `eps=1.0e-8`, optimizer state initialised to zeros).
+///
+/// # Examples
+/// ```
+/// use embtable::RowWiseAdagradConfig;
+/// let cfg = RowWiseAdagradConfig::default();
+/// assert_eq!((cfg.lr, cfg.initial_accumulator_value, cfg.epsilon), (0.01, 0.0, 1e-8));
+/// assert!(RowWiseAdagradConfig { lr: -1.0, ..cfg }.validate().is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowWiseAdagradConfig {
+    /// Learning rate η, `> 0`. FBGEMM: 0.01.
+    pub lr: f32,
+    /// Starting value of every row's accumulator, `>= 0`. FBGEMM: 0.
+    pub initial_accumulator_value: f32,
+    /// ε, `> 0`, outside the root. FBGEMM: 1e-8.
+    pub epsilon: f32,
+}
+
+impl Default for RowWiseAdagradConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.01,
+            initial_accumulator_value: 0.0,
+            epsilon: 1e-8,
+        }
+    }
+}
+
+impl RowWiseAdagradConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the
+    /// field and its value if `lr` or `epsilon` is not positive and finite,
+    /// or `initial_accumulator_value` is negative or not finite.
+    pub fn validate(&self) -> Result<()> {
+        config::positive("lr", self.lr)?;
+        config::non_negative("initial_accumulator_value", self.initial_accumulator_value)?;
+        config::positive("epsilon", self.epsilon)
+    }
+}
+
+/// Row-wise Adagrad over the rows of a sparse gradient
+/// ([`RowWiseAdagradConfig`]): one accumulator per row instead of one per
+/// value, which saves almost all of Adagrad's state memory.
+///
+/// For a row with summed gradient `g` of `dim` values:
+///
+/// ```text
+/// h += (Σⱼ gⱼ²) / dim          "accumulator", one float per row
+/// w −= (η / (√h + ε)) · g
+/// ```
+///
+/// The sum of squares is taken in a fixed order whatever the vector width:
+/// column `j` goes to partial sum `j mod 16`, and the 16 partial sums are
+/// added pairwise (`p[i] += p[i+8]`, then `+4`, `+2`, `+1`). Every tier and
+/// thread count therefore gives the same bits.
+///
+/// State: `"accumulator"`, shape `[rows]`.
+///
+/// # Examples
+/// ```
+/// use embtable::{EmbeddingTable, RowWiseAdagrad, RowWiseAdagradConfig, SparseGrad, SparseOptimizer};
+/// let mut table = EmbeddingTable::from_rows(1, 2, &[1., 1.])?;
+/// let mut grad = SparseGrad::new(2);
+/// grad.accumulate_lookup(&[0u32], &[3., 5.])?;
+/// let mut opt = RowWiseAdagrad::new(RowWiseAdagradConfig { lr: 1.0, ..Default::default() });
+/// opt.step(&mut table, &grad)?;
+/// // h = (9 + 25) / 2 = 17: w = 1 − g / √17
+/// assert_eq!(opt.state().arrays[0].values, [17.0]);
+/// assert!((table.row(0)[0] - (1.0 - 3.0 / 17f32.sqrt())).abs() < 1e-6);
+/// # Ok::<(), embtable::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct RowWiseAdagrad {
+    config: RowWiseAdagradConfig,
+    core: Core,
+}
+
+impl RowWiseAdagrad {
+    /// An optimizer with `config` (checked on every step).
+    pub fn new(config: RowWiseAdagradConfig) -> Self {
+        Self {
+            config,
+            core: Core::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RowWiseAdagradConfig {
+        &self.config
+    }
+}
+
+super::sparse_optimizer_impl!(RowWiseAdagrad);
+
+/// [`RowWiseAdagradConfig`] ready to apply.
+pub(crate) struct RowWiseAdagradRule {
+    lr: f32,
+    epsilon: f32,
+    arrays: [(&'static str, f32); 1],
+}
+
+impl Config for RowWiseAdagradConfig {
+    type Rule = RowWiseAdagradRule;
+    const KIND: &'static str = "rowwise_adagrad";
+    const FIELDS: &'static [&'static str] = &["lr", "initial_accumulator_value", "epsilon"];
+
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    fn rule(&self) -> RowWiseAdagradRule {
+        RowWiseAdagradRule {
+            lr: self.lr,
+            epsilon: self.epsilon,
+            arrays: [("accumulator", self.initial_accumulator_value)],
+        }
+    }
+
+    fn to_fields(&self) -> Vec<(String, f64)> {
+        named(&[
+            ("lr", self.lr as f64),
+            (
+                "initial_accumulator_value",
+                self.initial_accumulator_value as f64,
+            ),
+            ("epsilon", self.epsilon as f64),
+        ])
+    }
+
+    fn from_fields(f: &Fields<'_>) -> Result<Self> {
+        Ok(Self {
+            lr: f.f32("lr")?,
+            initial_accumulator_value: f.f32("initial_accumulator_value")?,
+            epsilon: f.f32("epsilon")?,
+        })
+    }
+}
+
+impl Rule for RowWiseAdagradRule {
+    fn arrays(&self) -> &[(&'static str, f32)] {
+        &self.arrays
+    }
+
+    fn per_row(&self) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], dim: usize) {
+        let [w, h, ..] = lanes;
+        let sum = sum_of_squares(s, g);
+        let acc = h[0] + sum / dim as f32;
+        h[0] = acc;
+        let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
+        each_vector::<S>(g.len(), |i| {
+            let wv = s.sub(s.load(&w[i..]), s.mul(factor, s.load(&g[i..])));
+            s.store(wv, &mut w[i..]);
+        });
+    }
+}
+
+/// `Σ g²` over a padded row, in an order that does not depend on `S::N`:
+/// column `j` is added to partial sum `j mod 16` (columns in increasing
+/// order), then the 16 partials are summed pairwise.
+#[inline(always)]
+fn sum_of_squares<S: Simd>(s: S, g: &[f32]) -> f32 {
+    const P: usize = LANES_PER_LINE;
+    debug_assert_eq!(g.len() % P, 0);
+    // Vector q of `acc` holds partials q·N .. (q+1)·N; 16 / N of them are used.
+    let mut acc = [s.splat(0.0); P];
+    let mut line = 0;
+    while line < g.len() {
+        for (q, a) in acc.iter_mut().enumerate().take(P / S::N) {
+            let gv = s.load(&g[line + q * S::N..]);
+            *a = s.add(*a, s.mul(gv, gv));
+        }
+        line += P;
+    }
+    let mut p = [0.0f32; P];
+    for (q, a) in acc.iter().enumerate().take(P / S::N) {
+        s.store(*a, &mut p[q * S::N..]);
+    }
+    let mut half = P / 2;
+    while half > 0 {
+        for i in 0..half {
+            p[i] += p[i + half];
+        }
+        half /= 2;
+    }
+    p[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{Kernel, Tier, dispatch};
+
+    struct Sum<'a>(&'a [f32]);
+    impl Kernel for Sum<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> f32 {
+            sum_of_squares(s, self.0)
+        }
+    }
+
+    #[test]
+    fn sum_of_squares_is_the_same_on_every_tier() {
+        // Values of very different magnitudes, so a change of order would show.
+        let g: Vec<f32> = (0..80)
+            .map(|j| (j as f32 * 0.37).sin() * 10f32.powi(j % 7 - 3))
+            .collect();
+        let want = dispatch(Tier::Scalar, Sum(&g));
+        let naive: f64 = g.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert!((want as f64 - naive).abs() <= naive * 1e-6);
+        for tier in Tier::available() {
+            assert_eq!(dispatch(tier, Sum(&g)).to_bits(), want.to_bits(), "{tier}");
+        }
+    }
+}
