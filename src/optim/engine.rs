@@ -227,6 +227,12 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Whether rows may lag behind the step counter (`DenseExact` after
+    /// the first step), so that `catch_up` has work to do.
+    pub(crate) fn has_lagging_rows(&self) -> bool {
+        self.tables.as_ref().is_some_and(|t| t.last.is_some())
+    }
+
     /// One step (see the module docs).
     pub(crate) fn step<C: Config>(
         &mut self,

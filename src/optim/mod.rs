@@ -101,6 +101,10 @@ macro_rules! sparse_optimizer_impl {
                 self.core.catch_up(&self.config, table, Some(rows))
             }
 
+            fn has_lagging_rows(&self) -> bool {
+                self.core.has_lagging_rows()
+            }
+
             fn state(&self) -> $crate::optim::OptimizerState {
                 self.core.export(&self.config)
             }
@@ -178,6 +182,13 @@ pub trait SparseOptimizer {
     fn catch_up(&mut self, table: &mut EmbeddingTable, rows: &[usize]) -> Result<()> {
         let _ = (table, rows);
         Ok(())
+    }
+
+    /// Whether some rows may lag behind (see [`catch_up`](Self::catch_up)),
+    /// so a caller can skip collecting rows to catch up when none can lag.
+    /// The provided method says `false`, matching the provided `catch_up`.
+    fn has_lagging_rows(&self) -> bool {
+        false
     }
 
     /// A copy of the whole optimizer state (config, step counter, state
