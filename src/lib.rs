@@ -12,6 +12,7 @@ mod grad;
 mod index;
 mod init;
 pub mod kernels;
+pub mod pool;
 mod table;
 pub mod workloads;
 
@@ -20,4 +21,5 @@ pub use error::{Error, Result};
 pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
+pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;
