@@ -33,7 +33,8 @@
 //! - `c_j = (w_j / d)` computed in `f64` and rounded once to `f32` (so Sum's
 //!   coefficients are the weights themselves). When `d == 0` the bag's row
 //!   is zero and its ids get no gradient. A coefficient too large for
-//!   `f32` (only when the weights of a bag nearly cancel) is an error.
+//!   `f32` (only with Mean, when the weights of a bag nearly cancel) is an
+//!   error.
 //! - The row is `((0 + c_0·e_0) + c_1·e_1) + …` in `f32`, in bag order, each
 //!   product rounded before its sum (never a fused multiply-add). This is
 //!   exactly the dense `B · (onehot(ids) · W)` with in-order sums, where
@@ -400,10 +401,11 @@ fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<(
 }
 
 /// `Err` naming the first coefficient that overflows `f32`. Only weighted
-/// Mean and SqrtN can overflow: unweighted coefficients are 1, 1/L or 1/√L,
-/// and Sum's are the weights, checked finite by the `Bags` constructors.
+/// Mean can overflow (when a bag's weights nearly cancel): unweighted
+/// coefficients are 1, 1/L or 1/√L, Sum's are the weights (checked finite
+/// by the `Bags` constructors) and SqrtN's are at most 1 in magnitude.
 fn check_coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
-    let (Some(weights), Pooling::Mean | Pooling::SqrtN) = (bags.weights, pooling) else {
+    let (Some(weights), Pooling::Mean) = (bags.weights, pooling) else {
         return Ok(());
     };
     for window in bags.offsets.windows(2) {
@@ -437,7 +439,7 @@ impl EmbeddingTable {
     /// [`Error::InvalidConfig`] for [`Pooling::Max`] with weighted bags;
     /// [`Error::IndexOutOfRange`] naming the position in `bags.ids()` of the
     /// first id that is negative or `>= rows`; [`Error::NonFinite`] if a
-    /// Mean/SqrtN coefficient overflows `f32`. On error `out` is untouched.
+    /// Mean coefficient overflows `f32`. On error `out` is untouched.
     ///
     /// # Examples
     /// ```
