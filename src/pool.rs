@@ -626,6 +626,14 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
                 padded.get_unchecked(r * stride..r * stride + stride)
             }
         };
+        // Start the task's first rows together rather than one miss at a
+        // time; `row` then keeps PREFETCH_AHEAD rows in flight.
+        let start = offsets[0];
+        for &id in &ids[start..end.min(start + PREFETCH_AHEAD)] {
+            // SAFETY: a validated id (struct invariant).
+            let r = unsafe { row_unchecked(id) };
+            kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
+        }
         for (b, dst) in out.chunks_exact_mut(dim).enumerate() {
             let (lo, hi) = (offsets[b], offsets[b + 1]);
             if lo == hi {
