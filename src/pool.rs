@@ -169,6 +169,48 @@ impl<'a, I: Index> Bags<'a, I> {
         })
     }
 
+    /// Bags from their lengths (FBGEMM's `lengths`, a ragged tensor's row
+    /// lengths): bag `b` holds the next `lengths[b]` ids.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if the lengths do not add up to `ids.len()`
+    /// or `weights` is not one per id; [`Error::NonFinite`] naming the first
+    /// NaN or infinite weight.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::Bags;
+    /// let bags = Bags::from_lengths(&[7u32, 8, 9], &[2, 0, 1], None)?;
+    /// assert_eq!(bags.offsets(), &[0, 2, 2, 3]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn from_lengths(
+        ids: &'a [I],
+        lengths: &[usize],
+        weights: Option<&'a [f32]>,
+    ) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0usize);
+        let mut total = 0usize;
+        for &len in lengths {
+            total = total.saturating_add(len);
+            offsets.push(total);
+        }
+        if total != ids.len() {
+            return Err(Error::ShapeMismatch {
+                what: "sum of bag lengths (number of ids)",
+                expected: ids.len(),
+                got: total,
+            });
+        }
+        check_weights(weights, ids.len())?;
+        Ok(Self {
+            ids,
+            offsets: Cow::Owned(offsets),
+            weights,
+        })
+    }
+
     /// Bags of `bag_len` consecutive ids each: the 2-D `(bags, bag_len)`
     /// input of PyTorch's `EmbeddingBag` and W4 of the benchmarks.
     ///

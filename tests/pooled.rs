@@ -551,6 +551,40 @@ fn fixed_bags_equal_explicit_offsets() {
             &format!("{pooling:?}"),
         );
     }
+    let lengths = Bags::from_lengths(&ids, &[2, 2, 2], None).unwrap();
+    assert_eq!(lengths.offsets(), explicit.offsets());
+    let ragged = Bags::from_lengths(&ids, &[0, 5, 0, 1], Some(&weights)).unwrap();
+    assert_eq!(ragged.offsets(), &[0, 0, 5, 5, 6]);
+    assert_eq!(ragged.bag_weights(3), Some(&[6.0][..]));
+    let err = Bags::from_lengths(&ids, &[2, 2, 1], None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                expected: 6,
+                got: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = Bags::from_lengths(&ids, &[usize::MAX, 7], None).unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeMismatch { expected: 6, .. }),
+        "{err:?}"
+    );
+    let err = Bags::from_lengths(&ids, &[6], Some(&weights[..5])).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                expected: 6,
+                got: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let debug = format!("{:?}", fixed.clone());
     assert!(debug.contains("ids: [3, 1, 2, 2, 0, 1]"), "{debug}");
     assert_eq!(Pooling::default(), Pooling::Mean);
