@@ -253,7 +253,7 @@ impl<'a, I: Index> Bags<'a, I> {
         self.offsets.len() - 1
     }
 
-    /// Whether there are no bags (there may still be no ids in a non-empty batch).
+    /// Whether there are no bags (a batch of empty bags is not empty).
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
