@@ -81,6 +81,7 @@ mod init;
 pub mod io;
 pub mod kernels;
 pub mod optim;
+pub mod pool;
 mod table;
 pub mod workloads;
 
@@ -94,6 +95,7 @@ pub use optim::{
     Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
 };
+pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;
 
 /// The README's examples, compiled and run as doctests.

@@ -22,7 +22,7 @@ const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// Rows prefetched ahead of the one being copied. Random rows come from
 /// DRAM at ~100 ns; eight in flight hide most of that latency.
-const PREFETCH_AHEAD: usize = 8;
+pub(crate) const PREFETCH_AHEAD: usize = 8;
 
 /// An embedding table: `rows` vectors of `dim` floats.
 ///
