@@ -80,6 +80,7 @@ mod index;
 mod init;
 pub mod io;
 pub mod kernels;
+mod layer;
 pub mod optim;
 pub mod pool;
 mod table;
@@ -91,6 +92,7 @@ pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
+pub use layer::{Embedding, EmbeddingOptions, OutOfRange};
 pub use optim::{
     Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
