@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_bits_eq, assert_close, matmul, onehot, transpose};
+use common::{assert_bits_eq, assert_close, assert_close_scaled, matmul, onehot, transpose};
 use embtable::{
     Adagrad, AdagradConfig, Bags, Embedding, EmbeddingOptions, EmbeddingTable, Error, Init,
     OutOfRange, Pooling, Semantics, Sgd, SgdConfig, SparseOptimizer,
@@ -72,8 +72,8 @@ fn shared_table_equals_dense<O: SparseOptimizer>(
         let (oh_a, oh_b) = (onehot(&ids_a, rows), onehot(&ids_b, rows));
         let dense_a = matmul(&oh_a, &w, a.len(), rows, dim);
         let dense_b = matmul(&oh_b, &w, b.len(), rows, dim);
-        assert_close(&out_a, &dense_a, 1e-5, &format!("step {step} feature a"));
-        assert_close(&out_b, &dense_b, 1e-5, &format!("step {step} feature b"));
+        assert_close_scaled(&out_a, &dense_a, 1e-5, &format!("step {step} feature a"));
+        assert_close_scaled(&out_b, &dense_b, 1e-5, &format!("step {step} feature b"));
 
         let (t_a, t_b) = (target(a.len(), 0.5), target(b.len(), 1.5));
         let g_a: Vec<f32> = out_a.iter().zip(&t_a).map(|(o, t)| o - t).collect();
@@ -88,7 +88,7 @@ fn shared_table_equals_dense<O: SparseOptimizer>(
         dense.step(&mut w, &mut state, &g);
     }
     layer.flush().unwrap();
-    assert_close(&layer.table().to_vec(), &w, 1e-5, "table after training");
+    assert_close_scaled(&layer.table().to_vec(), &w, 1e-5, "table after training");
 }
 
 fn two_feature_batches(rows: usize) -> impl Strategy<Value = Vec<(Vec<u32>, Vec<u32>)>> {
@@ -432,4 +432,57 @@ fn keras_embedding_from_a_given_matrix() {
         out,
         [1.0, 1.1, 2.0, 2.1, 2.0, 2.1, 1.0, 1.1, 2.0, 2.1, 0.0, 0.1]
     );
+}
+
+#[test]
+fn every_policy_routes_pooled_gradients_to_the_rows_it_looked_up() {
+    // Bag 0: [4, 23, -2]; bag 1: [7]. Rows 10.
+    let ids: Vec<i64> = vec![4, 23, -2, 7];
+    let offsets = [0, 3, 4];
+    let cases: [(OutOfRange, &[usize]); 3] = [
+        (OutOfRange::Zero, &[4, 7]),
+        (OutOfRange::DefaultRow(0), &[4, 0, 7]),
+        (OutOfRange::Modulo, &[]), // -2 is an error even under Modulo
+    ];
+    for (policy, want_rows) in cases {
+        let mut layer = layer_with(EmbeddingOptions {
+            out_of_range: policy,
+            ..Default::default()
+        });
+        let bags = Bags::new(&ids, &offsets, None).unwrap();
+        let result = layer.backward_pooled(&bags, Pooling::Sum, &[1.0; 8]);
+        if want_rows.is_empty() {
+            assert!(matches!(
+                result,
+                Err(Error::IndexOutOfRange { position: 2, .. })
+            ));
+            assert!(layer.grad().is_empty());
+            continue;
+        }
+        result.unwrap();
+        assert_eq!(layer.grad().rows(), want_rows, "{policy:?}");
+        if let OutOfRange::DefaultRow(_) = policy {
+            // Two ids of bag 0 fell back to row 0: it gets both gradients.
+            assert_eq!(layer.grad().row_grad(1), &[2.0; 4]);
+        }
+    }
+}
+
+#[test]
+fn a_boxed_optimizer_chosen_at_run_time_trains() {
+    use embtable::{RmsProp, SparseOptimizer};
+    for name in ["sgd", "adagrad", "rmsprop"] {
+        let optimizer: Box<dyn SparseOptimizer> = match name {
+            "sgd" => Box::new(Sgd::default()),
+            "adagrad" => Box::new(Adagrad::default()),
+            _ => Box::new(RmsProp::default()),
+        };
+        let table = EmbeddingTable::new(5, 3, Init::default(), 1).unwrap();
+        let before = table.clone();
+        let mut layer = Embedding::new(table, optimizer);
+        layer.backward(&[2u32], &[1.0; 3]).unwrap();
+        layer.step().unwrap();
+        assert_ne!(layer.table().row(2), before.row(2), "{name}");
+        assert_eq!(layer.table().row(1), before.row(1), "{name}");
+    }
 }

@@ -213,6 +213,29 @@ pub trait SparseOptimizer {
     fn load_state(&mut self, state: OptimizerState) -> Result<()>;
 }
 
+/// A boxed optimizer is an optimizer, so the choice can be made at run time
+/// (`Embedding<Box<dyn SparseOptimizer>>`).
+impl<O: SparseOptimizer + ?Sized> SparseOptimizer for Box<O> {
+    fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) -> Result<()> {
+        (**self).step(table, grad)
+    }
+    fn flush(&mut self, table: &mut EmbeddingTable) -> Result<()> {
+        (**self).flush(table)
+    }
+    fn catch_up(&mut self, table: &mut EmbeddingTable, rows: &[usize]) -> Result<()> {
+        (**self).catch_up(table, rows)
+    }
+    fn has_lagging_rows(&self) -> bool {
+        (**self).has_lagging_rows()
+    }
+    fn state(&self) -> OptimizerState {
+        (**self).state()
+    }
+    fn load_state(&mut self, state: OptimizerState) -> Result<()> {
+        (**self).load_state(state)
+    }
+}
+
 /// Where ε goes in the denominator of RMSprop and Adagrad.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EpsPlacement {
