@@ -97,15 +97,14 @@ pub fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
     }
 }
 
-/// As [`assert_close`], but each |want| is raised to a tenth of the largest
-/// |want| first: values that cancelled down to near zero carry the rounding
-/// of the larger terms they came from, so they are judged at that scale.
+/// As [`assert_close`], but each |want| is raised to `scale` first: values
+/// that cancelled down to near zero carry the rounding of the larger terms
+/// they came from, so they are judged at the magnitude of those terms.
 #[track_caller]
-pub fn assert_close_scaled(got: &[f32], want: &[f32], rel: f32, what: &str) {
+pub fn assert_close_scaled(got: &[f32], want: &[f32], rel: f32, scale: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let floor = want.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 10.0;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = rel * w.abs().max(floor).max(1e-6) + 1e-7;
+        let tol = rel * w.abs().max(scale).max(1e-6) + 1e-7;
         assert!((g - w).abs() <= tol, "{what}[{i}]: got {g}, want {w}");
     }
 }
