@@ -5,9 +5,20 @@
 //!
 //! * [`EmbeddingTable`]: one flat, 64-byte aligned `f32` allocation with
 //!   parallel, SIMD lookups ([`EmbeddingTable::lookup`], Keras `Embedding`,
-//!   PyTorch `nn.Embedding`).
+//!   PyTorch `nn.Embedding`) and pooled lookups
+//!   ([`EmbeddingTable::pooled_lookup`] over [`Bags`] with a [`Pooling`]:
+//!   PyTorch `EmbeddingBag`, TensorFlow `embedding_lookup_sparse`).
 //! * [`SparseGrad`]: the gradient of a lookup, kept sparse and coalesced
 //!   (duplicate ids summed) from backward to the optimizer.
+//! * [`optim`]: [`Sgd`], [`RmsProp`], [`Adagrad`] and [`RowWiseAdagrad`]
+//!   behind the [`SparseOptimizer`] trait, updating only the rows in the
+//!   batch, with Keras 3's formulas and defaults (and PyTorch presets),
+//!   [`Semantics::Lazy`] or [`Semantics::DenseExact`].
+//! * [`Embedding`]: a table, its optimizer and its gradient as one layer,
+//!   with padding rows, out-of-range policies ([`OutOfRange`]), frozen
+//!   tables and `max_norm` ([`EmbeddingOptions`]).
+//! * [`io`]: word2vec, GloVe and fastText vectors, `.npy`, and
+//!   checkpoints that include the optimizer state.
 //!
 //! Everything is proven equal to the dense formulation, a one-hot matrix
 //! times the table, by property tests over random shapes, for every kernel
