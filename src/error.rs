@@ -86,3 +86,18 @@ pub enum Error {
 
 /// `Result` with embtable's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// `Err(ShapeMismatch)` unless a length is the expected one.
+    pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+        if got == expected {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            })
+        }
+    }
+}

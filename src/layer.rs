@@ -202,13 +202,7 @@ impl<O: SparseOptimizer> Embedding<O> {
     pub fn forward_into<I: Index>(&mut self, ids: &[I], out: &mut [f32]) -> Result<()> {
         let dim = self.table.dim();
         let expected = ids.len().saturating_mul(dim);
-        if out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "forward output length (ids * dim)",
-                expected,
-                got: out.len(),
-            });
-        }
+        Error::check_len("forward output length (ids * dim)", expected, out.len())?;
         let resolved = self.resolve(ids)?;
         self.catch_up(&resolved)?;
         match resolved {
@@ -237,13 +231,7 @@ impl<O: SparseOptimizer> Embedding<O> {
     pub fn backward<I: Index>(&mut self, ids: &[I], grad_out: &[f32]) -> Result<()> {
         let dim = self.table.dim();
         let expected = ids.len().saturating_mul(dim);
-        if grad_out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "gradient length (ids * dim)",
-                expected,
-                got: grad_out.len(),
-            });
-        }
+        Error::check_len("gradient length (ids * dim)", expected, grad_out.len())?;
         check_finite("gradient", grad_out)?;
         let resolved = self.resolve(ids)?;
         if !self.options.trainable {
@@ -301,13 +289,11 @@ impl<O: SparseOptimizer> Embedding<O> {
         grad_out: &[f32],
     ) -> Result<()> {
         let expected = bags.len().saturating_mul(self.table.dim());
-        if grad_out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "pooled gradient length (bags * dim)",
-                expected,
-                got: grad_out.len(),
-            });
-        }
+        Error::check_len(
+            "pooled gradient length (bags * dim)",
+            expected,
+            grad_out.len(),
+        )?;
         check_finite("gradient", grad_out)?;
         let resolved = self.resolve(bags.ids())?;
         if !self.options.trainable {

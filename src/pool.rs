@@ -511,13 +511,11 @@ impl EmbeddingTable {
         out: &mut [f32],
     ) -> Result<()> {
         let expected = bags.len().saturating_mul(self.dim());
-        if out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "pooled lookup output length (bags * dim)",
-                expected,
-                got: out.len(),
-            });
-        }
+        Error::check_len(
+            "pooled lookup output length (bags * dim)",
+            expected,
+            out.len(),
+        )?;
         self.check_pooled(bags, pooling)?;
         // SAFETY: ids validated against `rows` and out's length checked just above.
         unsafe { self.pool_unchecked(kernels::current(), bags, pooling, out) };
@@ -762,13 +760,11 @@ impl SparseGrad {
             });
         }
         let expected = bags.len().saturating_mul(dim);
-        if grad_out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "pooled gradient length (bags * dim)",
-                expected,
-                got: grad_out.len(),
-            });
-        }
+        Error::check_len(
+            "pooled gradient length (bags * dim)",
+            expected,
+            grad_out.len(),
+        )?;
         check_finite("gradient", grad_out)?;
         table.check_pooled(bags, pooling)?;
         self.validate(bags.ids)?;

@@ -237,13 +237,7 @@ impl EmbeddingTable {
     /// ```
     pub fn lookup<I: Index>(&self, ids: &[I], out: &mut [f32]) -> Result<()> {
         let expected = ids.len().saturating_mul(self.dim);
-        if out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "lookup output length (ids * dim)",
-                expected,
-                got: out.len(),
-            });
-        }
+        Error::check_len("lookup output length (ids * dim)", expected, out.len())?;
         validate_ids(ids, self.rows)?;
         // SAFETY: every id was validated against `rows` just above.
         unsafe { self.gather_unchecked(kernels::current(), ids, out) };
