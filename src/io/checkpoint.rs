@@ -26,7 +26,7 @@
 //! | `embtable.tables` | the table names, comma-separated, in the order they were added |
 //! | `{name}.optim.kind` | `sgd`, `rmsprop`, `adagrad` or `rowwise_adagrad` (absent for a table saved without optimizer) |
 //! | `{name}.optim.steps` | steps taken, in decimal |
-//! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581543,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
+//! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
 //!
@@ -797,6 +797,14 @@ fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
     }
     for array in &state.arrays {
         check_name("arrays", "state array name", &array.name)?;
+        if array.name == "last_step" {
+            return Err(Error::InvalidConfig {
+                field: "arrays",
+                reason: "a state array cannot be named \"last_step\", the name of the per-row \
+                         step counts"
+                    .into(),
+            });
+        }
         if array.shape != [rows, dim] && array.shape != [rows] {
             return Err(Error::InvalidConfig {
                 field: "arrays",
@@ -1059,6 +1067,11 @@ impl<'b> Parsed<'b> {
         for array in arrays_text.split(',').filter(|a| !a.is_empty()) {
             check_name("arrays", "state array name", array)
                 .map_err(|e| bad(format!("{name}.optim.arrays: {e}")))?;
+            if array == "last_step" {
+                return Err(bad(format!(
+                    "{name}.optim.arrays lists \"last_step\", the name of the per-row step counts"
+                )));
+            }
             let tensor = key(array);
             if !used.insert(tensor.clone()) {
                 return Err(bad(format!("{name}.optim.arrays lists {array:?} twice")));
