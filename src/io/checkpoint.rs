@@ -15,7 +15,7 @@
 //! |---|---|---|---|
 //! | `{name}.weight` | `F32` | `[rows, dim]` | always |
 //! | `{name}.optim.{array}` | `F32` | `[rows, dim]`, or `[rows]` for per-row state | one per state array of the optimizer (e.g. `momentum`, `square_avg`, `accumulator`) |
-//! | `{name}.optim.last_step` | `I64` | `[rows]` | under [`Semantics::DenseExact`]: steps each row has seen |
+//! | `{name}.optim.last_step` | `I64` (`U64` is read too) | `[rows]` | under [`Semantics::DenseExact`]: steps each row has seen |
 //!
 //! The safetensors `__metadata__` string map holds:
 //!
@@ -29,6 +29,10 @@
 //! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
+//!
+//! Weights and state values are stored bit for bit (NaN payloads
+//! included); config values round-trip exactly, except that a NaN is
+//! written `NaN` and reads back as the canonical NaN.
 //!
 //! This is exactly [`OptimizerState`], so nothing is lost: under
 //! [`Semantics::DenseExact`] rows that lag behind stay lagging, with their
@@ -225,16 +229,45 @@ impl<'a> Checkpoint<'a> {
     }
 
     /// Number of tables.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// assert_eq!(Checkpoint::new().with_table("a", &table).with_table("b", &table).len(), 2);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Whether the checkpoint holds no table.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// assert!(Checkpoint::new().is_empty());
+    /// assert!(!Checkpoint::new().with_table("a", &table).is_empty());
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// The table names, in the order they were added (and saved).
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let ckpt = Checkpoint::new().with_table("user", &table).with_table("item", &table);
+    /// assert_eq!(ckpt.names().collect::<Vec<_>>(), ["user", "item"]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
         self.entries.iter().map(|e| e.name.as_str())
     }
@@ -257,6 +290,22 @@ impl<'a> Checkpoint<'a> {
 
     /// The optimizer state saved with the table named `name`; `None` if
     /// there is no such table or it has no optimizer state.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{EmbeddingTable, Adagrad, SparseGrad, SparseOptimizer};
+    /// let mut table = EmbeddingTable::zeros(4, 2)?;
+    /// let mut opt = Adagrad::default();
+    /// let mut grad = SparseGrad::new(2);
+    /// grad.accumulate_lookup(&[1u32], &[1.0, 2.0])?;
+    /// opt.step(&mut table, &grad)?;
+    /// let ckpt = Checkpoint::new().with("t", &table, &opt);
+    /// let state = ckpt.optimizer_state("t").unwrap();
+    /// assert_eq!((state.kind.as_str(), state.steps), ("adagrad", 1));
+    /// assert_eq!(state.arrays[0].values[2..4], [1.1, 4.1]); // a₀ + g²
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn optimizer_state(&self, name: &str) -> Option<&OptimizerState> {
         self.entry(name).and_then(|e| e.state.as_ref())
     }
@@ -275,7 +324,24 @@ impl<'a> Checkpoint<'a> {
     /// saved kind. On error the optimizer and the checkpoint are unchanged.
     ///
     /// # Examples
-    /// See [`Checkpoint`].
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{Adagrad, EmbeddingTable, Error, Sgd, SgdConfig};
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-restore.safetensors");
+    /// Checkpoint::new().with("t", &table, &sgd).save(&path)?;
+    ///
+    /// let mut ckpt = Checkpoint::load(&path)?;
+    /// let err = ckpt.restore("t", &mut Adagrad::default()).unwrap_err();
+    /// assert!(matches!(err, Error::InvalidConfig { field: "kind", .. }));
+    /// let mut resumed = Sgd::default();
+    /// assert_eq!(ckpt.restore("t", &mut resumed)?, table);
+    /// assert_eq!(resumed.config().lr, 0.5);
+    /// assert!(ckpt.is_empty()); // restored tables leave the checkpoint
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn restore<O: SparseOptimizer + ?Sized>(
         &mut self,
         name: &str,
@@ -350,7 +416,23 @@ impl<'a> Checkpoint<'a> {
     /// [`Error::Alloc`] if a table does not fit in memory.
     ///
     /// # Examples
-    /// See [`Checkpoint`].
+    /// ```
+    /// use embtable::io::{self, Checkpoint};
+    /// use embtable::{EmbeddingTable, Error, Sgd};
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-load.safetensors");
+    /// io::save_checkpoint(&path, &table, &Sgd::default())?;
+    /// let ckpt = Checkpoint::load(&path)?;
+    /// assert_eq!(ckpt.names().collect::<Vec<_>>(), ["embedding"]);
+    /// assert_eq!(ckpt.optimizer_state("embedding").unwrap().kind, "sgd");
+    ///
+    /// // A table-only file is not a checkpoint.
+    /// io::save_table_safetensors(&path, "weight", &table)?;
+    /// let err = Checkpoint::load(&path).unwrap_err();
+    /// assert!(matches!(err, Error::Format { line: 0, .. }));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
     pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint<'static>> {
         let path = path.as_ref();
         let bytes = fs::read(path).map_err(|e| read_error(path, e))?;
@@ -482,7 +564,20 @@ pub fn save_checkpoint<O: SparseOptimizer + ?Sized>(
 /// unchanged.
 ///
 /// # Examples
-/// See [`save_checkpoint`].
+/// Resuming training: see [`save_checkpoint`]. The optimizer must be of the
+/// saved kind:
+/// ```
+/// use embtable::io;
+/// use embtable::{Adagrad, EmbeddingTable, Error, RmsProp};
+/// let table = EmbeddingTable::zeros(4, 2)?;
+/// let path = std::env::temp_dir().join("embtable-doc-checkpoint-kind.safetensors");
+/// io::save_checkpoint(&path, &table, &Adagrad::default())?;
+/// let err = io::load_checkpoint(&path, &mut RmsProp::default()).unwrap_err();
+/// assert!(matches!(err, Error::InvalidConfig { field: "kind", .. }));
+/// assert_eq!(io::load_checkpoint(&path, &mut Adagrad::default())?, table);
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
 pub fn load_checkpoint<O: SparseOptimizer + ?Sized>(
     path: impl AsRef<Path>,
     optimizer: &mut O,
@@ -558,7 +653,19 @@ pub fn save_table_safetensors(
 /// dtype; [`Error::Alloc`] if the table does not fit in memory.
 ///
 /// # Examples
-/// See [`save_table_safetensors`].
+/// The weights of a checkpoint, without its optimizer:
+/// ```
+/// use embtable::io;
+/// use embtable::{EmbeddingTable, Error, Init, Sgd};
+/// let table = EmbeddingTable::new(10, 3, Init::default(), 1)?;
+/// let path = std::env::temp_dir().join("embtable-doc-table-load.safetensors");
+/// io::save_checkpoint(&path, &table, &Sgd::default())?;
+/// assert_eq!(io::load_table_safetensors(&path, "embedding.weight")?, table);
+/// let err = io::load_table_safetensors(&path, "weight").unwrap_err();
+/// assert!(err.to_string().contains("no tensor \"weight\""), "{err}");
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
 pub fn load_table_safetensors(path: impl AsRef<Path>, name: &str) -> Result<EmbeddingTable> {
     let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| read_error(path, e))?;
