@@ -752,10 +752,11 @@ impl<'s> Plan<'s> {
                 .cmp(&a.data.width())
                 .then_with(|| a.name.cmp(&b.name))
         });
-        if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
+        let mut names = BTreeSet::new();
+        if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
             return Err(Error::InvalidConfig {
                 field: "name",
-                reason: format!("two tensors would be named {:?}; rename a table", w[0].name),
+                reason: format!("two tensors would be named {:?}; rename a table", t.name),
             });
         }
         let mut json = String::from("{");
