@@ -9,6 +9,8 @@
 //! | fastText `.vec` (word2vec text) | [`read_fasttext_vec`] | [`write_word2vec`] `Text` |
 //! | GloVe (word2vec text without the header) | [`read_glove`] | [`write_glove`] |
 //! | `.npy`, `(rows, dim)` `float32` | [`load_npy`] | [`save_npy`] |
+//! | safetensors, one `[rows, dim]` tensor by name (`F32`; reads `F16`, `BF16`, `F64` too) | [`load_table_safetensors`] | [`save_table_safetensors`] |
+//! | checkpoint: tables and their optimizers' full state, as safetensors | [`Checkpoint::load`], [`load_checkpoint`] | [`Checkpoint::save`], [`save_checkpoint`] |
 //!
 //! # Reading
 //! Files are streamed through a buffered reader straight into the rows of
@@ -54,6 +56,16 @@
 //! write–read round trip is exact (NaN payloads aside); binary formats and
 //! `.npy` are bit for bit.
 //!
+//! # Checkpoints
+//! [`save_checkpoint`] and [`Checkpoint`] (several named tables) save tables
+//! with their optimizers' whole state, lagging `DenseExact` rows included,
+//! in a safetensors file that PyTorch and NumPy read; [`load_checkpoint`]
+//! and [`Checkpoint::restore`] load them into fresh optimizers so training
+//! resumes bit for bit. The [`checkpoint` module docs](checkpoint) name the
+//! tensors and metadata. Errors in a safetensors file are
+//! [`Error::Format`] with `line` 0 (the file has no lines) and a reason
+//! naming the tensor or metadata key.
+//!
 //! # Examples
 //! ```
 //! use embtable::io::{self, Word2VecFormat};
@@ -78,6 +90,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
 
+pub mod checkpoint;
 mod glove;
 mod npy;
 mod pretrained;
@@ -85,6 +98,9 @@ mod text;
 mod vocab;
 mod word2vec;
 
+pub use checkpoint::{
+    Checkpoint, load_checkpoint, load_table_safetensors, save_checkpoint, save_table_safetensors,
+};
 pub use glove::{read_glove, read_glove_with, write_glove};
 pub use npy::{load_npy, save_npy};
 pub use pretrained::{Coverage, Pretrained, TableOptions};

@@ -1,0 +1,1453 @@
+//! Checkpoints: tables with their optimizers' full state in one
+//! [safetensors](https://huggingface.co/docs/safetensors/index) file, so
+//! that training resumes bit for bit; and single tables as plain
+//! safetensors tensors, the format PyTorch and Hugging Face tools read.
+//!
+//! # Checkpoint format (version 1)
+//!
+//! A safetensors file: an 8-byte little-endian header length, a JSON header
+//! (padded with spaces to a multiple of 8 bytes) naming each tensor's dtype,
+//! shape and byte range, then the tensors' little-endian data, packed with
+//! no padding. Tensors are stored unpadded, row-major (C order). For each
+//! table `{name}`:
+//!
+//! | tensor | dtype | shape | present |
+//! |---|---|---|---|
+//! | `{name}.weight` | `F32` | `[rows, dim]` | always |
+//! | `{name}.optim.{array}` | `F32` | `[rows, dim]`, or `[rows]` for per-row state | one per state array of the optimizer (e.g. `momentum`, `square_avg`, `accumulator`) |
+//! | `{name}.optim.last_step` | `I64` (`U64` is read too) | `[rows]` | under [`Semantics::DenseExact`]: steps each row has seen |
+//!
+//! The safetensors `__metadata__` string map holds:
+//!
+//! | key | value |
+//! |---|---|
+//! | `embtable.format` | `embtable-checkpoint` |
+//! | `embtable.version` | `1` |
+//! | `embtable.tables` | the table names, comma-separated, in the order they were added |
+//! | `{name}.optim.kind` | `sgd`, `rmsprop`, `adagrad` or `rowwise_adagrad` (absent for a table saved without optimizer) |
+//! | `{name}.optim.steps` | steps taken, in decimal |
+//! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
+//! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
+//! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
+//!
+//! Weights and state values are stored bit for bit (NaN payloads
+//! included); config values round-trip exactly, except that a NaN is
+//! written `NaN` and reads back as the canonical NaN.
+//!
+//! This is exactly [`OptimizerState`], so nothing is lost: under
+//! [`Semantics::DenseExact`] rows that lag behind stay lagging, with their
+//! per-row step counts, and catch up after loading exactly as they would
+//! have. There is no need to [`flush`](SparseOptimizer::flush) before saving
+//! (flushing first makes the saved weights current, for readers other than
+//! embtable).
+//!
+//! Names (tables, state arrays, optimizer kinds, config fields) are made of
+//! ASCII letters, digits and `_`, `-`, `.`, `/`; PyTorch's dotted module
+//! paths (`model.user_emb`) fit. The header and the metadata are written in
+//! a fixed order, so saving the same state twice gives the same bytes.
+//!
+//! In Python, `safetensors.numpy.load_file(path)` (or
+//! `safetensors.torch.load_file`) gives every tensor by name, and
+//! `safetensors.safe_open(path, "np").metadata()` the metadata.
+//!
+//! # Writing
+//! Files are written atomically (a temporary file in the same directory,
+//! synced, then renamed over the target): a crash or an error mid-write
+//! leaves the previous checkpoint intact. Everything is validated before the
+//! file is touched. The tables are streamed to the file row by row; the
+//! optimizer state is copied once ([`SparseOptimizer::state`]).
+//!
+//! # Reading
+//! The whole file is read into memory and its header checked by the
+//! `safetensors` crate (offsets in range, contiguous, covering the file,
+//! sizes matching shapes and dtypes), then the tensors are copied into
+//! tables and states. Loading a checkpoint also checks the format name and
+//! version, that every tensor it needs is there with the right dtype and a
+//! shape matching its table, and that the file holds no other tensor. A file
+//! that fails any check gives [`Error::Format`] with `line` 0 (a
+//! safetensors file has no lines) and a reason naming the tensor or
+//! metadata key; no input, however corrupt, makes it panic. Whether the
+//! saved state suits the optimizer it is restored into (its kind, its
+//! config values, its array shapes) is checked by
+//! [`SparseOptimizer::load_state`], with that method's errors.
+//!
+//! [`Semantics::DenseExact`]: crate::Semantics::DenseExact
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use rayon::prelude::*;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+
+use super::{format_error, read_error, write_atomic};
+use crate::optim::{OptimizerState, SparseOptimizer, StateArray};
+use crate::{EmbeddingTable, Error, Result};
+
+/// `embtable.format` of a checkpoint.
+const FORMAT: &str = "embtable-checkpoint";
+/// `embtable.version` written, and the only one read.
+const VERSION: &str = "1";
+const KEY_FORMAT: &str = "embtable.format";
+const KEY_VERSION: &str = "embtable.version";
+const KEY_TABLES: &str = "embtable.tables";
+/// The table name [`save_checkpoint`] uses.
+const DEFAULT_NAME: &str = "embedding";
+/// Values converted per write while saving.
+const CHUNK: usize = 1 << 14;
+
+// ------------------------------------------------------------------ API
+
+/// Tables by name, each with the full state of its optimizer (or none): what
+/// a model with several embedding tables (users and items, words and
+/// characters) needs to resume training bit for bit.
+///
+/// Build one with [`new`](Self::new), [`with`](Self::with) and
+/// [`with_table`](Self::with_table) and [`save`](Self::save) it; a
+/// [`load`](Self::load)ed one gives the tables back with
+/// [`restore`](Self::restore) (which also restores the optimizer) or
+/// [`take_table`](Self::take_table). The module docs describe the file.
+///
+/// A checkpoint being built borrows its tables (saving copies nothing but
+/// the optimizer state); a loaded one owns them.
+///
+/// # Examples
+/// Resuming a model with two tables:
+/// ```
+/// use embtable::io::Checkpoint;
+/// use embtable::{Adagrad, EmbeddingTable, Init, RmsProp, RmsPropConfig, Semantics};
+/// use embtable::{SparseGrad, SparseOptimizer};
+///
+/// let mut users = EmbeddingTable::new(100, 8, Init::default(), 1)?;
+/// let mut items = EmbeddingTable::new(500, 8, Init::default(), 2)?;
+/// let mut user_opt = Adagrad::default();
+/// let mut item_opt = RmsProp::new(RmsPropConfig {
+///     momentum: 0.9,
+///     semantics: Semantics::DenseExact,
+///     ..RmsPropConfig::default()
+/// });
+/// let mut grad = SparseGrad::new(8);
+/// grad.accumulate_lookup(&[3u32, 7, 3], &[0.1; 24])?;
+/// user_opt.step(&mut users, &grad)?;
+/// item_opt.step(&mut items, &grad)?;
+///
+/// let path = std::env::temp_dir().join("embtable-doc-checkpoint-two.safetensors");
+/// Checkpoint::new()
+///     .with("user", &users, &user_opt)
+///     .with("item", &items, &item_opt)
+///     .save(&path)?;
+///
+/// // Later: fresh optimizers; their configs come from the checkpoint.
+/// let mut ckpt = Checkpoint::load(&path)?;
+/// assert_eq!(ckpt.names().collect::<Vec<_>>(), ["user", "item"]);
+/// let mut user_opt2 = Adagrad::default();
+/// let mut item_opt2 = RmsProp::default();
+/// let users2 = ckpt.restore("user", &mut user_opt2)?;
+/// let items2 = ckpt.restore("item", &mut item_opt2)?;
+/// assert_eq!((users2, items2), (users, items));
+/// assert_eq!(item_opt2.config(), item_opt.config());
+/// assert_eq!(item_opt2.state(), item_opt.state());
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Checkpoint<'a> {
+    entries: Vec<Entry<'a>>,
+}
+
+/// One named table of a [`Checkpoint`].
+#[derive(Clone, Debug, PartialEq)]
+struct Entry<'a> {
+    name: String,
+    table: Cow<'a, EmbeddingTable>,
+    state: Option<OptimizerState>,
+}
+
+impl<'a> Checkpoint<'a> {
+    /// An empty checkpoint.
+    ///
+    /// # Examples
+    /// ```
+    /// let ckpt = embtable::io::Checkpoint::new();
+    /// assert!(ckpt.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `table` under `name`, with a copy of `optimizer`'s whole state
+    /// ([`SparseOptimizer::state`]) as it is now.
+    ///
+    /// Names are checked by [`save`](Self::save): they must be unique and
+    /// made of ASCII letters, digits and `_ - . /`.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{EmbeddingTable, Sgd};
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let ckpt = Checkpoint::new().with("words", &table, &Sgd::default());
+    /// assert_eq!(ckpt.optimizer_state("words").unwrap().kind, "sgd");
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn with<O: SparseOptimizer + ?Sized>(
+        mut self,
+        name: impl Into<String>,
+        table: &'a EmbeddingTable,
+        optimizer: &O,
+    ) -> Self {
+        self.entries.push(Entry {
+            name: name.into(),
+            table: Cow::Borrowed(table),
+            state: Some(optimizer.state()),
+        });
+        self
+    }
+
+    /// Adds `table` under `name` without optimizer state (a frozen table,
+    /// or weights for evaluation).
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let ckpt = Checkpoint::new().with_table("pretrained", &table);
+    /// assert!(ckpt.optimizer_state("pretrained").is_none());
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn with_table(mut self, name: impl Into<String>, table: &'a EmbeddingTable) -> Self {
+        self.entries.push(Entry {
+            name: name.into(),
+            table: Cow::Borrowed(table),
+            state: None,
+        });
+        self
+    }
+
+    /// Number of tables.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// assert_eq!(Checkpoint::new().with_table("a", &table).with_table("b", &table).len(), 2);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the checkpoint holds no table.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// assert!(Checkpoint::new().is_empty());
+    /// assert!(!Checkpoint::new().with_table("a", &table).is_empty());
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The table names, in the order they were added (and saved).
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let ckpt = Checkpoint::new().with_table("user", &table).with_table("item", &table);
+    /// assert_eq!(ckpt.names().collect::<Vec<_>>(), ["user", "item"]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.entries.iter().map(|e| e.name.as_str())
+    }
+
+    /// The table named `name`, if there is one.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let ckpt = Checkpoint::new().with_table("t", &table);
+    /// assert_eq!(ckpt.table("t"), Some(&table));
+    /// assert_eq!(ckpt.table("u"), None);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn table(&self, name: &str) -> Option<&EmbeddingTable> {
+        self.entry(name).map(|e| &*e.table)
+    }
+
+    /// The optimizer state saved with the table named `name`; `None` if
+    /// there is no such table or it has no optimizer state.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{EmbeddingTable, Adagrad, SparseGrad, SparseOptimizer};
+    /// let mut table = EmbeddingTable::zeros(4, 2)?;
+    /// let mut opt = Adagrad::default();
+    /// let mut grad = SparseGrad::new(2);
+    /// grad.accumulate_lookup(&[1u32], &[1.0, 2.0])?;
+    /// opt.step(&mut table, &grad)?;
+    /// let ckpt = Checkpoint::new().with("t", &table, &opt);
+    /// let state = ckpt.optimizer_state("t").unwrap();
+    /// assert_eq!((state.kind.as_str(), state.steps), ("adagrad", 1));
+    /// assert_eq!(state.arrays[0].values[2..4], [1.1, 4.1]); // a₀ + g²
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn optimizer_state(&self, name: &str) -> Option<&OptimizerState> {
+        self.entry(name).and_then(|e| e.state.as_ref())
+    }
+
+    /// Loads the optimizer state saved with the table `name` into
+    /// `optimizer` ([`SparseOptimizer::load_state`]: its config is replaced
+    /// too, so a `Default` optimizer of the right kind will do), removes the
+    /// table from the checkpoint and returns it. Training then resumes
+    /// exactly where it stopped.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `name`) if there is no table `name`,
+    /// (field `optimizer`) if it was saved without optimizer state; the
+    /// errors of [`SparseOptimizer::load_state`], among them
+    /// [`Error::InvalidConfig`] (field `kind`) if `optimizer` is not of the
+    /// saved kind. On error the optimizer and the checkpoint are unchanged.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{Adagrad, EmbeddingTable, Error, Sgd, SgdConfig};
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-restore.safetensors");
+    /// Checkpoint::new().with("t", &table, &sgd).save(&path)?;
+    ///
+    /// let mut ckpt = Checkpoint::load(&path)?;
+    /// let err = ckpt.restore("t", &mut Adagrad::default()).unwrap_err();
+    /// assert!(matches!(err, Error::InvalidConfig { field: "kind", .. }));
+    /// let mut resumed = Sgd::default();
+    /// assert_eq!(ckpt.restore("t", &mut resumed)?, table);
+    /// assert_eq!(resumed.config().lr, 0.5);
+    /// assert!(ckpt.is_empty()); // restored tables leave the checkpoint
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn restore<O: SparseOptimizer + ?Sized>(
+        &mut self,
+        name: &str,
+        optimizer: &mut O,
+    ) -> Result<EmbeddingTable> {
+        let i = self.position(name)?;
+        let Some(state) = &self.entries[i].state else {
+            return Err(Error::InvalidConfig {
+                field: "optimizer",
+                reason: format!("table {name:?} was saved without optimizer state; use take_table"),
+            });
+        };
+        // `load_state` consumes the state; a copy keeps the checkpoint whole
+        // should it fail.
+        optimizer.load_state(state.clone())?;
+        Ok(self.entries.remove(i).table.into_owned())
+    }
+
+    /// Removes the table `name` from the checkpoint and returns it, leaving
+    /// out its optimizer state, if any.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `name`) if there is no table `name`.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-take.safetensors");
+    /// Checkpoint::new().with_table("frozen", &table).save(&path)?;
+    /// let mut ckpt = Checkpoint::load(&path)?;
+    /// assert_eq!(ckpt.take_table("frozen")?, table);
+    /// assert!(ckpt.take_table("frozen").is_err()); // taken
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn take_table(&mut self, name: &str) -> Result<EmbeddingTable> {
+        let i = self.position(name)?;
+        Ok(self.entries.remove(i).table.into_owned())
+    }
+
+    /// Writes the checkpoint to `path` atomically (see the module docs for
+    /// the format). Everything is checked before the file is touched.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `name`) for an empty or repeated
+    /// table name, a name with a character outside ASCII letters, digits and
+    /// `_ - . /`, or names whose tensors collide (table `a` with an array
+    /// `x` and table `a.optim.x`); [`Error::InvalidConfig`] (fields `kind`,
+    /// `config`, `arrays`, `shape`, `last_step`) and
+    /// [`Error::ShapeMismatch`] for an optimizer state that is not
+    /// consistent with itself or with its table (an optimizer used on a
+    /// table of another shape); [`Error::Io`] if writing fails. On error
+    /// `path` is unchanged.
+    ///
+    /// # Examples
+    /// See [`Checkpoint`].
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let plan = self.plan()?;
+        write_atomic(path.as_ref(), |out| plan.write(out))
+    }
+
+    /// Reads a checkpoint written by [`save`](Self::save) (or by any tool
+    /// that follows the format in the module docs).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read; [`Error::Format`] (line 0)
+    /// if it is not a valid safetensors file, not an embtable checkpoint,
+    /// of another format version, or a tensor or metadata entry is missing,
+    /// malformed, of the wrong dtype or shape, or unexpected;
+    /// [`Error::Alloc`] if a table does not fit in memory.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::{self, Checkpoint};
+    /// use embtable::{EmbeddingTable, Error, Sgd};
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-load.safetensors");
+    /// io::save_checkpoint(&path, &table, &Sgd::default())?;
+    /// let ckpt = Checkpoint::load(&path)?;
+    /// assert_eq!(ckpt.names().collect::<Vec<_>>(), ["embedding"]);
+    /// assert_eq!(ckpt.optimizer_state("embedding").unwrap().kind, "sgd");
+    ///
+    /// // A table-only file is not a checkpoint.
+    /// io::save_table_safetensors(&path, "weight", &table)?;
+    /// let err = Checkpoint::load(&path).unwrap_err();
+    /// assert!(matches!(err, Error::Format { line: 0, .. }));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint<'static>> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| read_error(path, e))?;
+        let file = Parsed::parse(&bytes)?;
+        file.checkpoint()
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry<'a>> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    fn position(&self, name: &str) -> Result<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "name",
+                reason: format!(
+                    "the checkpoint holds no table {name:?}; it holds {:?}",
+                    self.names().collect::<Vec<_>>()
+                ),
+            })
+    }
+
+    /// Checks everything and lays out the file.
+    fn plan(&self) -> Result<Plan<'_>> {
+        let mut metadata = vec![
+            (KEY_FORMAT.to_owned(), FORMAT.to_owned()),
+            (KEY_VERSION.to_owned(), VERSION.to_owned()),
+        ];
+        let mut tensors = Vec::new();
+        for (i, entry) in self.entries.iter().enumerate() {
+            let name = &entry.name;
+            check_name("name", "table name", name)?;
+            if self.entries[..i].iter().any(|e| e.name == *name) {
+                return Err(Error::InvalidConfig {
+                    field: "name",
+                    reason: format!("table name {name:?} is used twice"),
+                });
+            }
+            let table = &*entry.table;
+            tensors.push(Tensor {
+                name: format!("{name}.weight"),
+                shape: vec![table.rows(), table.dim()],
+                data: Data::Table(table),
+            });
+            if let Some(state) = &entry.state {
+                check_state(state, table)?;
+                plan_state(name, state, &mut metadata, &mut tensors);
+            }
+        }
+        let names: Vec<&str> = self.names().collect();
+        metadata.push((KEY_TABLES.to_owned(), names.join(",")));
+        Plan::new(Some(metadata), tensors)
+    }
+}
+
+/// Saves `table` and the whole state of its `optimizer` to `path`, as a
+/// [`Checkpoint`] holding one table named `embedding` (tensors
+/// `embedding.weight`, `embedding.optim.{array}`, …; see the module docs).
+///
+/// No [`flush`](SparseOptimizer::flush) is needed first: rows that lag
+/// behind under `DenseExact` are saved with their step counts and catch up
+/// after loading exactly as they would have.
+///
+/// # Errors
+/// As [`Checkpoint::save`]: [`Error::ShapeMismatch`] if the optimizer's
+/// state belongs to a table of another shape, [`Error::InvalidConfig`] for
+/// an inconsistent state, [`Error::Io`] if writing fails. On error `path`
+/// is unchanged.
+///
+/// # Examples
+/// Resuming training:
+/// ```
+/// use embtable::io;
+/// use embtable::{EmbeddingTable, Init, Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer};
+///
+/// let cfg = SgdConfig { momentum: 0.9, semantics: Semantics::DenseExact, ..SgdConfig::default() };
+/// let mut table = EmbeddingTable::new(1000, 16, Init::default(), 7)?;
+/// let mut opt = Sgd::new(cfg);
+/// let mut grad = SparseGrad::new(16);
+/// let mut train = |table: &mut EmbeddingTable, opt: &mut Sgd, step: u32| {
+///     grad.clear();
+///     grad.accumulate_lookup(&[step % 10, 42], &[0.5; 32])?;
+///     opt.step(table, &grad)
+/// };
+/// for step in 0..5 {
+///     train(&mut table, &mut opt, step)?;
+/// }
+/// let path = std::env::temp_dir().join("embtable-doc-checkpoint-resume.safetensors");
+/// io::save_checkpoint(&path, &table, &opt)?;
+///
+/// // Uninterrupted: five more steps.
+/// for step in 5..10 {
+///     train(&mut table, &mut opt, step)?;
+/// }
+///
+/// // Resumed in a new process: a fresh optimizer, config from the file.
+/// let mut opt2 = Sgd::default();
+/// let mut table2 = io::load_checkpoint(&path, &mut opt2)?;
+/// for step in 5..10 {
+///     train(&mut table2, &mut opt2, step)?;
+/// }
+/// assert_eq!(table2, table); // bit for bit
+/// assert_eq!(opt2.state(), opt.state());
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
+pub fn save_checkpoint<O: SparseOptimizer + ?Sized>(
+    path: impl AsRef<Path>,
+    table: &EmbeddingTable,
+    optimizer: &O,
+) -> Result<()> {
+    Checkpoint::new()
+        .with(DEFAULT_NAME, table, optimizer)
+        .save(path)
+}
+
+/// Loads a checkpoint holding one table (as [`save_checkpoint`] writes,
+/// whatever the table's name), restores its optimizer state into
+/// `optimizer` (config included) and returns the table.
+///
+/// # Errors
+/// The errors of [`Checkpoint::load`]; [`Error::InvalidConfig`] (field
+/// `name`) if the file holds several tables or none (use
+/// [`Checkpoint::load`] and restore each by name); the errors of
+/// [`Checkpoint::restore`], among them [`Error::InvalidConfig`] (field
+/// `kind`) if `optimizer` is not of the saved kind. On error `optimizer` is
+/// unchanged.
+///
+/// # Examples
+/// Resuming training: see [`save_checkpoint`]. The optimizer must be of the
+/// saved kind:
+/// ```
+/// use embtable::io;
+/// use embtable::{Adagrad, EmbeddingTable, Error, RmsProp};
+/// let table = EmbeddingTable::zeros(4, 2)?;
+/// let path = std::env::temp_dir().join("embtable-doc-checkpoint-kind.safetensors");
+/// io::save_checkpoint(&path, &table, &Adagrad::default())?;
+/// let err = io::load_checkpoint(&path, &mut RmsProp::default()).unwrap_err();
+/// assert!(matches!(err, Error::InvalidConfig { field: "kind", .. }));
+/// assert_eq!(io::load_checkpoint(&path, &mut Adagrad::default())?, table);
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
+pub fn load_checkpoint<O: SparseOptimizer + ?Sized>(
+    path: impl AsRef<Path>,
+    optimizer: &mut O,
+) -> Result<EmbeddingTable> {
+    let mut ckpt = Checkpoint::load(path)?;
+    if ckpt.len() != 1 {
+        return Err(Error::InvalidConfig {
+            field: "name",
+            reason: format!(
+                "the checkpoint holds {} tables {:?}, not one; use Checkpoint::load \
+                 and restore each by name",
+                ckpt.len(),
+                ckpt.names().collect::<Vec<_>>()
+            ),
+        });
+    }
+    let name = ckpt.entries[0].name.clone();
+    ckpt.restore(&name, optimizer)
+}
+
+/// Writes `table` as a safetensors file holding one `F32 [rows, dim]`
+/// tensor named `name`, without metadata: what PyTorch's
+/// `safetensors.torch.save_file({name: weight}, path)` writes. With `name`
+/// `"weight"`, `nn.Embedding.load_state_dict(load_file(path))` takes it as
+/// is. The file is written atomically.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] (field `name`) if `name` is empty or has a
+/// character outside ASCII letters, digits and `_ - . /`; [`Error::Io`] if
+/// writing fails, `path` being then unchanged.
+///
+/// # Examples
+/// ```
+/// use embtable::io;
+/// use embtable::{EmbeddingTable, Init};
+/// let table = EmbeddingTable::new(10, 3, Init::default(), 1)?;
+/// let path = std::env::temp_dir().join("embtable-doc-table.safetensors");
+/// io::save_table_safetensors(&path, "weight", &table)?;
+/// assert_eq!(io::load_table_safetensors(&path, "weight")?, table);
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
+pub fn save_table_safetensors(
+    path: impl AsRef<Path>,
+    name: &str,
+    table: &EmbeddingTable,
+) -> Result<()> {
+    check_name("name", "tensor name", name)?;
+    let plan = Plan::new(
+        None,
+        vec![Tensor {
+            name: name.to_owned(),
+            shape: vec![table.rows(), table.dim()],
+            data: Data::Table(table),
+        }],
+    )?;
+    write_atomic(path.as_ref(), |out| plan.write(out))
+}
+
+/// Reads the 2-D tensor `name` of a safetensors file as a table: a table
+/// saved by [`save_table_safetensors`], a table of a checkpoint
+/// (`"item.weight"`), or an embedding of a PyTorch or Hugging Face model
+/// (`"model.embed_tokens.weight"`). Other tensors in the file are ignored.
+///
+/// `F32` values are read bit for bit; `F16` and `BF16` widen to `f32`
+/// exactly (as `tensor.float()` does); `F64` rounds to the nearest `f32`.
+/// The whole file is read into memory.
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be read; [`Error::Format`] (line 0) if
+/// it is not a valid safetensors file, holds no tensor `name`, or that
+/// tensor is not 2-D with at least one row and one column, or of another
+/// dtype; [`Error::Alloc`] if the table does not fit in memory.
+///
+/// # Examples
+/// The weights of a checkpoint, without its optimizer:
+/// ```
+/// use embtable::io;
+/// use embtable::{EmbeddingTable, Error, Init, Sgd};
+/// let table = EmbeddingTable::new(10, 3, Init::default(), 1)?;
+/// let path = std::env::temp_dir().join("embtable-doc-table-load.safetensors");
+/// io::save_checkpoint(&path, &table, &Sgd::default())?;
+/// assert_eq!(io::load_table_safetensors(&path, "embedding.weight")?, table);
+/// let err = io::load_table_safetensors(&path, "weight").unwrap_err();
+/// assert!(err.to_string().contains("no tensor \"weight\""), "{err}");
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), embtable::Error>(())
+/// ```
+pub fn load_table_safetensors(path: impl AsRef<Path>, name: &str) -> Result<EmbeddingTable> {
+    let path = path.as_ref();
+    let bytes = fs::read(path).map_err(|e| read_error(path, e))?;
+    let file = Parsed::parse(&bytes)?;
+    let (info, data) = file.get(name)?;
+    let (rows, dim) = matrix_shape(name, &info.shape)?;
+    let (width, widen): (usize, fn(&[u8]) -> f32) = match info.dtype {
+        Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Dtype::F64 => (8, |b| {
+            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+        }),
+        Dtype::F16 => (2, |b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+        Dtype::BF16 => (2, |b| {
+            f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+        }),
+        other => {
+            return Err(format_error(
+                0,
+                format!("tensor {name:?} is {other}; a table must be F32, F16, BF16 or F64"),
+            ));
+        }
+    };
+    table_from_bytes(name, rows, dim, data, width, widen)
+}
+
+// ---------------------------------------------------------------- writing
+
+/// A tensor to write.
+struct Tensor<'s> {
+    name: String,
+    shape: Vec<usize>,
+    data: Data<'s>,
+}
+
+/// Where a tensor's values come from.
+enum Data<'s> {
+    /// A table's rows, unpadded: `F32`.
+    Table(&'s EmbeddingTable),
+    /// `F32` values.
+    F32(&'s [f32]),
+    /// Step counts, checked to fit: `I64`.
+    I64(&'s [u64]),
+}
+
+impl Data<'_> {
+    fn dtype(&self) -> &'static str {
+        match self {
+            Data::Table(_) | Data::F32(_) => "F32",
+            Data::I64(_) => "I64",
+        }
+    }
+
+    fn width(&self) -> usize {
+        match self {
+            Data::Table(_) | Data::F32(_) => 4,
+            Data::I64(_) => 8,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Data::Table(t) => t.rows() * t.dim(),
+            Data::F32(v) => v.len(),
+            Data::I64(v) => v.len(),
+        }
+    }
+}
+
+/// A file laid out: its header, then its tensors in order.
+struct Plan<'s> {
+    header: Vec<u8>,
+    tensors: Vec<Tensor<'s>>,
+}
+
+impl<'s> Plan<'s> {
+    /// Orders the tensors as the `safetensors` crate does (wider dtypes
+    /// first, so every tensor is aligned to its element size when the file
+    /// is mapped; then by name) and writes the header: the 8-byte length,
+    /// then the JSON padded with spaces to a multiple of 8 bytes.
+    fn new(metadata: Option<Vec<(String, String)>>, mut tensors: Vec<Tensor<'s>>) -> Result<Self> {
+        tensors.sort_by(|a, b| {
+            b.data
+                .width()
+                .cmp(&a.data.width())
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let mut names = BTreeSet::new();
+        if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+            return Err(Error::InvalidConfig {
+                field: "name",
+                reason: format!("two tensors would be named {:?}; rename a table", t.name),
+            });
+        }
+        let mut json = String::from("{");
+        if let Some(mut metadata) = metadata {
+            metadata.sort();
+            if let Some(w) = metadata.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(Error::InvalidConfig {
+                    field: "name",
+                    reason: format!("two metadata keys would be {:?}; rename a table", w[0].0),
+                });
+            }
+            json.push_str("\"__metadata__\":{");
+            for (i, (key, value)) in metadata.iter().enumerate() {
+                if i > 0 {
+                    json.push(',');
+                }
+                push_json_string(&mut json, key);
+                json.push(':');
+                push_json_string(&mut json, value);
+            }
+            json.push('}');
+        }
+        let mut offset = 0usize;
+        for (i, t) in tensors.iter().enumerate() {
+            let end = t
+                .data
+                .len()
+                .checked_mul(t.data.width())
+                .and_then(|n| n.checked_add(offset))
+                .ok_or(Error::Alloc {
+                    what: "checkpoint",
+                    bytes: usize::MAX,
+                })?;
+            if i > 0 || json.len() > 1 {
+                json.push(',');
+            }
+            push_json_string(&mut json, &t.name);
+            let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
+            json.push_str(&format!(
+                ":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
+                t.data.dtype(),
+                dims.join(",")
+            ));
+            offset = end;
+        }
+        json.push('}');
+        let len = json.len().next_multiple_of(8);
+        let mut header = Vec::with_capacity(8 + len);
+        header.extend_from_slice(&(len as u64).to_le_bytes());
+        header.extend_from_slice(json.as_bytes());
+        header.resize(8 + len, b' ');
+        Ok(Self { header, tensors })
+    }
+
+    fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
+        out.write_all(&self.header)?;
+        let mut buf = Vec::with_capacity(CHUNK * 8);
+        for t in &self.tensors {
+            match t.data {
+                Data::Table(table) => {
+                    let rows_per_chunk = (CHUNK / table.dim()).max(1);
+                    for first in (0..table.rows()).step_by(rows_per_chunk) {
+                        buf.clear();
+                        for r in first..(first + rows_per_chunk).min(table.rows()) {
+                            buf.extend(table.row(r).iter().flat_map(|x| x.to_le_bytes()));
+                        }
+                        out.write_all(&buf)?;
+                    }
+                }
+                Data::F32(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
+                Data::I64(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        // Checked to fit in `check_state`.
+                        buf.extend(chunk.iter().flat_map(|&x| (x as i64).to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends `s` as a JSON string. Names are checked to need no escapes, but
+/// the header stays valid JSON whatever it is given.
+fn push_json_string(json: &mut String, s: &str) {
+    json.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => json.push_str("\\\""),
+            '\\' => json.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => json.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => json.push(c),
+        }
+    }
+    json.push('"');
+}
+
+/// Checks a name that goes into tensor names or metadata lists.
+fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/');
+    if !name.is_empty() && name.chars().all(ok) {
+        return Ok(());
+    }
+    Err(Error::InvalidConfig {
+        field,
+        reason: format!(
+            "{what} {name:?} must be non-empty and made of ASCII letters, digits and _ - . /"
+        ),
+    })
+}
+
+/// Checks that `state` can be written and read back for `table`.
+fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
+    check_name("kind", "optimizer kind", &state.kind)?;
+    for (field, _) in &state.config {
+        check_name("config", "config field", field)?;
+    }
+    let Some((rows, dim)) = state.shape else {
+        if !state.arrays.is_empty() || !state.last_step.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "shape",
+                reason: "an optimizer state without a table shape must hold no arrays".into(),
+            });
+        }
+        return Ok(());
+    };
+    for (what, expected, got) in [
+        ("optimizer state rows (the table's)", table.rows(), rows),
+        ("optimizer state dim (the table's)", table.dim(), dim),
+    ] {
+        if expected != got {
+            return Err(Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            });
+        }
+    }
+    for array in &state.arrays {
+        check_name("arrays", "state array name", &array.name)?;
+        if array.name == "last_step" {
+            return Err(Error::InvalidConfig {
+                field: "arrays",
+                reason: "a state array cannot be named \"last_step\", the name of the per-row \
+                         step counts"
+                    .into(),
+            });
+        }
+        if array.shape != [rows, dim] && array.shape != [rows] {
+            return Err(Error::InvalidConfig {
+                field: "arrays",
+                reason: format!(
+                    "state array {:?} has shape {:?}; expected [{rows}, {dim}] or [{rows}]",
+                    array.name, array.shape
+                ),
+            });
+        }
+        let len: usize = array.shape.iter().product();
+        if array.values.len() != len {
+            return Err(Error::ShapeMismatch {
+                what: "state array values (its shape's product)",
+                expected: len,
+                got: array.values.len(),
+            });
+        }
+    }
+    if !state.last_step.is_empty() && state.last_step.len() != rows {
+        return Err(Error::ShapeMismatch {
+            what: "last_step length (table rows)",
+            expected: rows,
+            got: state.last_step.len(),
+        });
+    }
+    if let Some(&bad) = state.last_step.iter().find(|&&s| s > i64::MAX as u64) {
+        return Err(Error::InvalidConfig {
+            field: "last_step",
+            reason: format!("{bad} does not fit in an I64 tensor"),
+        });
+    }
+    Ok(())
+}
+
+/// The metadata and tensors of `state`, saved for table `name`.
+fn plan_state<'s>(
+    name: &str,
+    state: &'s OptimizerState,
+    metadata: &mut Vec<(String, String)>,
+    tensors: &mut Vec<Tensor<'s>>,
+) {
+    let config: Vec<String> = state
+        .config
+        .iter()
+        .map(|(field, value)| format!("{field}={value:?}"))
+        .collect();
+    let shape = match state.shape {
+        Some((rows, dim)) => format!("{rows},{dim}"),
+        None => "none".to_owned(),
+    };
+    let arrays: Vec<&str> = state.arrays.iter().map(|a| a.name.as_str()).collect();
+    for (key, value) in [
+        ("kind", state.kind.clone()),
+        ("steps", state.steps.to_string()),
+        ("config", config.join(",")),
+        ("shape", shape),
+        ("arrays", arrays.join(",")),
+    ] {
+        metadata.push((format!("{name}.optim.{key}"), value));
+    }
+    for array in &state.arrays {
+        tensors.push(Tensor {
+            name: format!("{name}.optim.{}", array.name),
+            shape: array.shape.clone(),
+            data: Data::F32(&array.values),
+        });
+    }
+    if !state.last_step.is_empty() {
+        tensors.push(Tensor {
+            name: format!("{name}.optim.last_step"),
+            shape: vec![state.last_step.len()],
+            data: Data::I64(&state.last_step),
+        });
+    }
+}
+
+// ---------------------------------------------------------------- reading
+
+/// `Error::Format` for a checkpoint: safetensors files have no lines.
+fn bad(reason: impl Into<String>) -> Error {
+    format_error(0, reason)
+}
+
+/// A safetensors file read into memory, its header checked.
+struct Parsed<'b> {
+    meta: Metadata,
+    data: &'b [u8],
+}
+
+impl<'b> Parsed<'b> {
+    fn parse(bytes: &'b [u8]) -> Result<Self> {
+        let (n, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        // `read_metadata` checked that the header and the data fill the
+        // buffer exactly.
+        let data = bytes
+            .get(8 + n..)
+            .ok_or_else(|| bad("not a valid safetensors file: truncated"))?;
+        Ok(Self { meta, data })
+    }
+
+    /// The tensor `name` and its bytes.
+    fn get(&self, name: &str) -> Result<(&TensorInfo, &'b [u8])> {
+        let Some(info) = self.meta.info(name) else {
+            let mut names = self.meta.offset_keys();
+            names.sort();
+            let more = names.len().saturating_sub(10);
+            names.truncate(10);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            return Err(bad(format!(
+                "no tensor {name:?} in the file; it holds {names:?}{more}"
+            )));
+        };
+        let (start, end) = info.data_offsets;
+        let data = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| bad(format!("tensor {name:?} lies outside the file")))?;
+        Ok((info, data))
+    }
+
+    /// The metadata value of `key`.
+    fn meta(&self, key: &str) -> Option<&str> {
+        self.meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .map(String::as_str)
+    }
+
+    fn require(&self, key: &str) -> Result<&str> {
+        self.meta(key)
+            .ok_or_else(|| bad(format!("metadata {key:?} is missing")))
+    }
+
+    /// The checkpoint this file holds.
+    fn checkpoint(&self) -> Result<Checkpoint<'static>> {
+        match self.meta(KEY_FORMAT) {
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "not an embtable checkpoint: {KEY_FORMAT} is {other:?}, not {FORMAT:?}"
+                )));
+            }
+            None => {
+                return Err(bad(format!(
+                    "not an embtable checkpoint: metadata {KEY_FORMAT:?} is missing \
+                     (use load_table_safetensors for a plain tensor file)"
+                )));
+            }
+        }
+        let version = self.require(KEY_VERSION)?;
+        if version != VERSION {
+            return Err(bad(format!(
+                "checkpoint format version {version:?} is not supported; this embtable \
+                 reads version {VERSION}"
+            )));
+        }
+        let tables = self.require(KEY_TABLES)?;
+        let names: Vec<&str> = if tables.is_empty() {
+            Vec::new()
+        } else {
+            tables.split(',').collect()
+        };
+        let mut entries: Vec<Entry<'static>> = Vec::with_capacity(names.len());
+        let mut used = BTreeSet::new();
+        for name in names {
+            check_name("name", "table name", name)
+                .map_err(|e| bad(format!("{KEY_TABLES}: {e}")))?;
+            if entries.iter().any(|e| e.name == name) {
+                return Err(bad(format!("{KEY_TABLES}: table {name:?} is listed twice")));
+            }
+            let weight = format!("{name}.weight");
+            let (info, data) = self.get(&weight)?;
+            if !used.insert(weight.clone()) {
+                return Err(bad(format!("tensor {weight:?} belongs to two tables")));
+            }
+            let (rows, dim) = matrix_shape(&weight, &info.shape)?;
+            check_dtype(&weight, info, Dtype::F32)?;
+            let table = table_from_bytes(&weight, rows, dim, data, 4, |b| {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            })?;
+            let state = match self.meta(&format!("{name}.optim.kind")) {
+                Some(kind) => Some(self.state(name, kind, &table, &mut used)?),
+                None => None,
+            };
+            entries.push(Entry {
+                name: name.to_owned(),
+                table: Cow::Owned(table),
+                state,
+            });
+        }
+        let mut unknown: Vec<String> = self
+            .meta
+            .offset_keys()
+            .into_iter()
+            .filter(|t| !used.contains(t))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            unknown.truncate(10);
+            return Err(bad(format!(
+                "unexpected tensors {unknown:?}: not part of a table listed in {KEY_TABLES}"
+            )));
+        }
+        Ok(Checkpoint { entries })
+    }
+
+    /// The optimizer state saved with table `name`, which is `table`.
+    fn state(
+        &self,
+        name: &str,
+        kind: &str,
+        table: &EmbeddingTable,
+        used: &mut BTreeSet<String>,
+    ) -> Result<OptimizerState> {
+        let key = |k: &str| format!("{name}.optim.{k}");
+        let steps_key = key("steps");
+        let steps_text = self.require(&steps_key)?;
+        let steps: u64 = steps_text
+            .parse()
+            .map_err(|_| bad(format!("{steps_key} is {steps_text:?}, not a step count")))?;
+        let config_key = key("config");
+        let config_text = self.require(&config_key)?;
+        let mut config = Vec::new();
+        for pair in config_text.split(',').filter(|p| !p.is_empty()) {
+            let parsed = pair
+                .split_once('=')
+                .and_then(|(field, value)| Some((field.to_owned(), value.parse::<f64>().ok()?)));
+            let Some(parsed) = parsed else {
+                return Err(bad(format!("{config_key}: {pair:?} is not field=number")));
+            };
+            config.push(parsed);
+        }
+        let shape_key = key("shape");
+        let shape_text = self.require(&shape_key)?;
+        let shape = if shape_text == "none" {
+            None
+        } else {
+            let parsed = shape_text
+                .split_once(',')
+                .and_then(|(r, d)| Some((r.parse::<usize>().ok()?, d.parse::<usize>().ok()?)));
+            match parsed {
+                Some(s) if s == (table.rows(), table.dim()) => Some(s),
+                _ => {
+                    return Err(bad(format!(
+                        "{shape_key} is {shape_text:?}; the table is {},{}",
+                        table.rows(),
+                        table.dim()
+                    )));
+                }
+            }
+        };
+        let arrays_text = self.require(&key("arrays"))?;
+        let mut arrays = Vec::new();
+        for array in arrays_text.split(',').filter(|a| !a.is_empty()) {
+            check_name("arrays", "state array name", array)
+                .map_err(|e| bad(format!("{name}.optim.arrays: {e}")))?;
+            if array == "last_step" {
+                return Err(bad(format!(
+                    "{name}.optim.arrays lists \"last_step\", the name of the per-row step counts"
+                )));
+            }
+            let tensor = key(array);
+            if !used.insert(tensor.clone()) {
+                return Err(bad(format!("{name}.optim.arrays lists {array:?} twice")));
+            }
+            let (info, data) = self.get(&tensor)?;
+            check_dtype(&tensor, info, Dtype::F32)?;
+            let (rows, dim) = (table.rows(), table.dim());
+            if shape.is_none() || (info.shape != [rows, dim] && info.shape != [rows]) {
+                return Err(bad(format!(
+                    "tensor {tensor:?} has shape {:?}; expected [{rows}, {dim}] or [{rows}] \
+                     ({shape_key} {shape_text:?})",
+                    info.shape
+                )));
+            }
+            arrays.push(StateArray {
+                name: array.to_owned(),
+                shape: info.shape.clone(),
+                values: data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            });
+        }
+        let last_name = key("last_step");
+        let last_step = match self.meta.info(&last_name) {
+            None => Vec::new(),
+            Some(_) => {
+                let (info, data) = self.get(&last_name)?;
+                if !used.insert(last_name.clone()) {
+                    return Err(bad(format!("{name}.optim.arrays lists \"last_step\"")));
+                }
+                if info.shape != [table.rows()] {
+                    return Err(bad(format!(
+                        "tensor {last_name:?} has shape {:?}; expected [{}]",
+                        info.shape,
+                        table.rows()
+                    )));
+                }
+                let eight = |b: &[u8]| [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
+                match info.dtype {
+                    Dtype::I64 => data
+                        .chunks_exact(8)
+                        .map(|b| u64::try_from(i64::from_le_bytes(eight(b))))
+                        .collect::<std::result::Result<Vec<u64>, _>>()
+                        .map_err(|_| bad(format!("tensor {last_name:?} holds a negative count")))?,
+                    Dtype::U64 => data
+                        .chunks_exact(8)
+                        .map(|b| u64::from_le_bytes(eight(b)))
+                        .collect(),
+                    other => {
+                        return Err(bad(format!(
+                            "tensor {last_name:?} is {other}; expected I64 (or U64)"
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(OptimizerState {
+            kind: kind.to_owned(),
+            config,
+            steps,
+            shape,
+            arrays,
+            last_step,
+        })
+    }
+}
+
+fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
+    if info.dtype == want {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "tensor {name:?} is {}; expected {want}",
+            info.dtype
+        )))
+    }
+}
+
+/// `(rows, dim)` of a tensor that must be a non-empty matrix.
+fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match *shape {
+        [rows, dim] if rows > 0 && dim > 0 => Ok((rows, dim)),
+        _ => Err(bad(format!(
+            "tensor {name:?} has shape {shape:?}; a table is [rows, dim] with both above 0"
+        ))),
+    }
+}
+
+/// A `rows × dim` table from `data`, `width` bytes per value, each
+/// converted by `read`. `data` holds exactly `rows * dim` values (checked
+/// by the `safetensors` crate against the dtype; checked again here).
+fn table_from_bytes(
+    name: &str,
+    rows: usize,
+    dim: usize,
+    data: &[u8],
+    width: usize,
+    read: fn(&[u8]) -> f32,
+) -> Result<EmbeddingTable> {
+    let row_bytes = dim * width;
+    if Some(data.len()) != rows.checked_mul(row_bytes) {
+        return Err(bad(format!(
+            "tensor {name:?} holds {} bytes, not {rows} × {dim} values",
+            data.len()
+        )));
+    }
+    let mut table = EmbeddingTable::zeros(rows, dim)?;
+    let stride = table.stride();
+    table
+        .as_padded_mut()
+        .par_chunks_mut(stride)
+        .zip(data.par_chunks(row_bytes))
+        .with_min_len(256)
+        .for_each(|(row, src)| {
+            for (x, b) in row[..dim].iter_mut().zip(src.chunks_exact(width)) {
+                *x = read(b);
+            }
+        });
+    Ok(table)
+}
+
+/// IEEE half precision to `f32`, exactly (every `f16` is an `f32`); NaN
+/// payloads are kept, as NumPy's `astype(np.float32)` keeps them.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let magnitude = match exp {
+        // Zero and subnormals: man · 2⁻²⁴, exact in f32.
+        0 => (man as f32 * (1.0 / 16_777_216.0)).to_bits(),
+        // Infinities and NaNs.
+        31 => 0x7f80_0000 | (man << 13),
+        // Normal: rebias the exponent from 15 to 127.
+        _ => ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_widening_matches_the_definition() {
+        for h in 0..=u16::MAX {
+            let x = f16_to_f32(h);
+            let exp = i32::from((h >> 10) & 0x1f);
+            let man = f64::from(h & 0x3ff);
+            let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+            let want = match exp {
+                0 => sign * man * 2f64.powi(-24),
+                31 if man == 0.0 => sign * f64::INFINITY,
+                31 => {
+                    assert!(x.is_nan(), "{h:#06x}");
+                    assert_eq!(x.to_bits() >> 31, u32::from(h >> 15));
+                    assert_eq!(x.to_bits() & 0x7f_ffff, u32::from(h & 0x3ff) << 13);
+                    continue;
+                }
+                _ => sign * (1.0 + man / 1024.0) * 2f64.powi(exp - 15),
+            };
+            assert_eq!(f64::from(x), want, "{h:#06x}");
+            assert_eq!(x.is_sign_negative(), h & 0x8000 != 0, "{h:#06x}");
+        }
+    }
+
+    #[test]
+    fn header_is_valid_safetensors_and_padded() {
+        let table = EmbeddingTable::from_rows(2, 3, &[1., 2., 3., 4., 5., 6.]).unwrap();
+        let last = [1u64, 2];
+        let values = [0.5f32; 2];
+        let plan = Plan::new(
+            Some(vec![("k\"ey".into(), "v\\al\n".into())]),
+            vec![
+                Tensor {
+                    name: "w".into(),
+                    shape: vec![2, 3],
+                    data: Data::Table(&table),
+                },
+                Tensor {
+                    name: "a".into(),
+                    shape: vec![2],
+                    data: Data::F32(&values),
+                },
+                Tensor {
+                    name: "z".into(),
+                    shape: vec![2],
+                    data: Data::I64(&last),
+                },
+            ],
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        plan.write(&mut bytes).unwrap();
+        assert_eq!(plan.header.len() % 8, 0);
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        // The 8-byte tensor comes first, so it is 8-byte aligned.
+        let (n, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.offset_keys(), ["z", "a", "w"]);
+        assert_eq!((8 + n) % 8, 0);
+        assert_eq!(
+            meta.metadata().as_ref().unwrap().get("k\"ey").unwrap(),
+            "v\\al\n"
+        );
+        let w = st.tensor("w").unwrap();
+        assert_eq!((w.dtype(), w.shape()), (Dtype::F32, &[2, 3][..]));
+        let want: Vec<u8> = table
+            .to_vec()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(w.data(), &want[..]);
+        let z = st.tensor("z").unwrap();
+        assert_eq!(z.dtype(), Dtype::I64);
+        assert_eq!(z.data(), [1i64.to_le_bytes(), 2i64.to_le_bytes()].concat());
+    }
+
+    /// A writer that fails after `left` bytes, like a full disk.
+    struct FailAfter<W> {
+        inner: W,
+        left: usize,
+    }
+
+    impl<W: Write> Write for FailAfter<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if buf.len() > self.left {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.left -= buf.len();
+            self.inner.write(buf)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn a_save_failing_mid_write_keeps_the_old_file() {
+        let dir = std::env::temp_dir().join(format!("embtable-ckpt-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ckpt.safetensors");
+        let small = EmbeddingTable::from_rows(1, 1, &[1.0]).unwrap();
+        Checkpoint::new()
+            .with_table("t", &small)
+            .save(&path)
+            .unwrap();
+        let old = fs::read(&path).unwrap();
+
+        let big = EmbeddingTable::zeros(300, 200).unwrap(); // 240 kB, past the buffer
+        let ckpt = Checkpoint::new().with_table("t", &big);
+        let plan = ckpt.plan().unwrap();
+        let err = write_atomic(&path, |out| {
+            plan.write(&mut FailAfter {
+                inner: out,
+                left: 100_000,
+            })
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        assert_eq!(fs::read(&path).unwrap(), old);
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary file left"
+        );
+        assert_eq!(Checkpoint::load(&path).unwrap().table("t"), Some(&small));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
