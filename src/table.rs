@@ -15,10 +15,15 @@ const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 /// small enough that two threads finish together.
 const TASK_FLOATS: usize = 1 << 16;
 
-/// Outputs at least this large (and cache-line aligned) are written with
-/// streaming stores: they would not stay in the last-level cache anyway, and
-/// streaming saves the read of every output line before it is overwritten.
+/// Outputs at least this large are written with streaming stores: they
+/// would not stay in the last-level cache anyway, and streaming saves the
+/// read of every output line before it is overwritten.
 const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Rows are staged in a buffer of this many floats (8 KiB, well inside L1)
+/// and the staged span is streamed out, so only the two ends of each span
+/// are partial lines, whatever the output's alignment and the row length.
+const STAGE_FLOATS: usize = 2048;
 
 /// Rows prefetched ahead of the one being copied. Random rows come from
 /// DRAM at ~100 ns; eight in flight hide most of that latency.
@@ -314,11 +319,7 @@ impl EmbeddingTable {
     /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
     pub(crate) unsafe fn gather_unchecked<I: Index>(&self, tier: Tier, ids: &[I], out: &mut [f32]) {
         debug_assert_eq!(out.len(), ids.len() * self.dim);
-        // Streaming pays only when every output row starts on a cache line:
-        // lines shared by two rows would mix streaming and regular stores.
-        let stream = size_of_val(out) >= STREAM_MIN_BYTES
-            && (out.as_ptr() as usize).is_multiple_of(64)
-            && self.dim.is_multiple_of(16);
+        let stream = size_of_val(out) >= STREAM_MIN_BYTES && self.dim <= STAGE_FLOATS;
         let gather = |ids: &[I], out: &mut [f32]| {
             kernels::dispatch(
                 tier,
@@ -370,6 +371,10 @@ impl Kernel for Scale<'_> {
 /// prefetching the row `PREFETCH_AHEAD` ids ahead so several DRAM fetches
 /// are in flight at once.
 ///
+/// With `stream`, rows are copied to an L1-resident stage a few at a time and
+/// each staged span is written out with streaming stores (`dim` must be at
+/// most `STAGE_FLOATS`).
+///
 /// Invariant: every id was validated against `table.rows`.
 struct Gather<'a, I> {
     table: &'a EmbeddingTable,
@@ -389,24 +394,43 @@ impl<I: Index> Kernel for Gather<'_, I> {
             out,
             stream,
         } = self;
-        let (dim, stride) = (table.dim, table.stride);
-        let base = table.data.as_ptr();
-        for (j, (&id, dst)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
-            if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
-                // SAFETY: validated id (struct invariant).
-                let r = unsafe { row_unchecked(ahead) };
-                kernels::prefetch_row(base.wrapping_add(r * stride), dim);
-            }
-            // SAFETY: validated id (struct invariant), so the row is in the table.
-            let src = unsafe { table.row_unchecked(row_unchecked(id)) };
-            if stream {
-                kernels::copy_row_streaming(s, src, dst);
-            } else {
-                kernels::copy_row(s, src, dst);
-            }
+        let dim = table.dim;
+        if !stream {
+            copy_rows(s, table, ids, 0, out);
+            return;
         }
-        if stream {
-            s.fence();
+        let mut stage = [0.0f32; STAGE_FLOATS];
+        let per_stage = STAGE_FLOATS / dim;
+        for (g, dst) in out.chunks_mut(per_stage * dim).enumerate() {
+            let staged = &mut stage[..dst.len()];
+            copy_rows(s, table, ids, g * per_stage, staged);
+            kernels::copy_row_streaming(s, staged, dst);
         }
+        s.fence();
+    }
+}
+
+/// Copies rows `ids[first..]` into `out` until it is full, prefetching ahead.
+///
+/// Every id must be validated against `table.rows` (the `Gather` invariant).
+#[inline(always)]
+fn copy_rows<S: Simd, I: Index>(
+    s: S,
+    table: &EmbeddingTable,
+    ids: &[I],
+    first: usize,
+    out: &mut [f32],
+) {
+    let (dim, stride) = (table.dim, table.stride);
+    let base = table.data.as_ptr();
+    for (j, dst) in (first..).zip(out.chunks_exact_mut(dim)) {
+        if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
+            // SAFETY: validated id (caller's invariant).
+            let r = unsafe { row_unchecked(ahead) };
+            kernels::prefetch_row(base.wrapping_add(r * stride), dim);
+        }
+        // SAFETY: validated id (caller's invariant), so the row is in the table.
+        let src = unsafe { table.row_unchecked(row_unchecked(ids[j])) };
+        kernels::copy_row(s, src, dst);
     }
 }
