@@ -423,14 +423,16 @@ fn copy_rows<S: Simd, I: Index>(
 ) {
     let (dim, stride) = (table.dim, table.stride);
     let base = table.data.as_ptr();
-    for (j, dst) in (first..).zip(out.chunks_exact_mut(dim)) {
-        if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
+    let upcoming = ids.get(first + PREFETCH_AHEAD..).unwrap_or_default();
+    let rows = ids[first..].iter().zip(out.chunks_exact_mut(dim));
+    for (k, (&id, dst)) in rows.enumerate() {
+        if let Some(&ahead) = upcoming.get(k) {
             // SAFETY: validated id (caller's invariant).
             let r = unsafe { row_unchecked(ahead) };
             kernels::prefetch_row(base.wrapping_add(r * stride), dim);
         }
         // SAFETY: validated id (caller's invariant), so the row is in the table.
-        let src = unsafe { table.row_unchecked(row_unchecked(ids[j])) };
+        let src = unsafe { table.row_unchecked(row_unchecked(id)) };
         kernels::copy_row(s, src, dst);
     }
 }
