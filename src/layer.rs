@@ -214,8 +214,10 @@ impl<O: SparseOptimizer> Embedding<O> {
         match resolved {
             Resolved::Direct(ids) => self.table.lookup(ids, out),
             Resolved::Mapped(rows) => {
-                let rows_or_zero: Vec<usize> =
-                    rows.iter().map(|&r| if r == DROPPED { 0 } else { r }).collect();
+                let rows_or_zero: Vec<usize> = rows
+                    .iter()
+                    .map(|&r| if r == DROPPED { 0 } else { r })
+                    .collect();
                 self.table.lookup(&rows_or_zero, out)?;
                 for (j, _) in rows.iter().enumerate().filter(|(_, r)| **r == DROPPED) {
                     out[j * dim..][..dim].fill(0.0);

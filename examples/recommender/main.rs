@@ -1,0 +1,571 @@
+//! The main demo: a two-tower recommender trained with embtable.
+//!
+//! ```sh
+//! cargo run --release --example recommender
+//! cargo run --release --example recommender -- --optimizer rmsprop --epochs 5
+//! cargo run --release --example recommender -- --data ml-latest-small/ratings.csv
+//! ```
+//!
+//! By default it generates 20,000 users and 50,000 items with Zipf
+//! popularity and hidden topics ([`data`]), trains a model whose only
+//! parameters are two embedding tables ([`model`]: the user vector is the
+//! mean of the user's recent items plus a user-id embedding, the item
+//! vector a row of the same item table, BPR loss on sampled negatives), and
+//! after each epoch reports recall@10 and NDCG@10 on each user's held-out
+//! interaction beside a most-popular baseline ([`metrics`]).
+//!
+//! Run with `--help` for the options.
+
+mod checkpoint;
+mod data;
+mod metrics;
+mod model;
+mod rng;
+
+use std::error::Error;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use embtable::{
+    Adagrad, AdagradConfig, Embedding, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    RowWiseAdagradConfig, Sgd, SgdConfig, SparseOptimizer,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint::Checkpoint;
+use crate::data::{CsvOptions, Dataset, GenConfig};
+use crate::metrics::Metrics;
+use crate::model::{BatchStats, Model, ModelConfig};
+use crate::rng::Rng;
+
+/// Ranking cut-off of the reported metrics.
+const K: usize = 10;
+
+/// Command-line options.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Train a two-tower recommender whose only parameters are embtable embedding tables",
+    long_about = None
+)]
+struct Args {
+    /// Sparse optimizer for both tables [default: adagrad].
+    #[arg(long, value_enum)]
+    optimizer: Option<OptName>,
+    /// Learning rate [default: tuned per optimizer, see --help of each].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Embedding dimension [default: 32].
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Passes over the training interactions.
+    #[arg(long, default_value_t = 6)]
+    epochs: u64,
+    /// Training examples per step.
+    #[arg(long, default_value_t = 2048)]
+    batch: usize,
+    /// Recent items pooled into the user vector [default: 20].
+    #[arg(long)]
+    history: Option<usize>,
+    /// Negatives sampled per positive [default: 4].
+    #[arg(long)]
+    negatives: Option<usize>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the data, the initial tables, the negatives and the shuffles.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Interactions CSV `user,item[,rating[,timestamp]]` (MovieLens
+    /// `ratings.csv`) instead of the generated data.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// With --data: keep interactions rated at least this.
+    #[arg(long)]
+    min_rating: Option<f32>,
+    /// Users of the generated data set.
+    #[arg(long, default_value_t = 20_000)]
+    users: usize,
+    /// Items of the generated data set.
+    #[arg(long, default_value_t = 50_000)]
+    items: usize,
+    /// Users evaluated after each epoch (a fixed random sample; 0: all).
+    #[arg(long, default_value_t = 5_000)]
+    eval_users: usize,
+    /// Write a checkpoint here after every epoch.
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
+    /// Continue training from this checkpoint (same data and seed).
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
+}
+
+/// The `--optimizer` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OptName {
+    /// Adagrad (per-coordinate), lr 0.1.
+    Adagrad,
+    /// FBGEMM's row-wise Adagrad (one accumulator per row), lr 0.1.
+    RowwiseAdagrad,
+    /// RMSprop, lr 0.003.
+    Rmsprop,
+    /// Plain SGD, lr 0.5.
+    Sgd,
+}
+
+impl OptName {
+    fn name(self) -> &'static str {
+        match self {
+            OptName::Adagrad => "adagrad",
+            OptName::RowwiseAdagrad => "rowwise-adagrad",
+            OptName::Rmsprop => "rmsprop",
+            OptName::Sgd => "sgd",
+        }
+    }
+
+    /// The learning rate each optimizer was tuned to on the default data.
+    fn default_lr(self) -> f32 {
+        match self {
+            OptName::Adagrad => 0.1,
+            OptName::RowwiseAdagrad => 0.1,
+            OptName::Rmsprop => 0.003,
+            OptName::Sgd => 0.5,
+        }
+    }
+}
+
+/// Settings of one training run (the options once defaults are filled in).
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Total epochs.
+    pub epochs: u64,
+    /// Examples per step.
+    pub batch: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Trains one epoch: the training examples in a fresh order drawn from
+/// `(seed, epoch)`, batch `b` drawing its negatives from `(seed, epoch, b)`,
+/// so a resumed run repeats exactly what an uninterrupted one does.
+/// `progress` sees every batch's stats.
+///
+/// # Errors
+/// From the layers.
+pub fn train_epoch<O: SparseOptimizer + Send>(
+    model: &mut Model<O>,
+    data: &Dataset,
+    owner: &[u32],
+    run: &RunConfig,
+    epoch: u64,
+    mut progress: impl FnMut(BatchStats),
+) -> embtable::Result<BatchStats> {
+    let mut order: Vec<u32> = (0..data.train_len() as u32).collect();
+    Rng::derive(run.seed, &[3, epoch]).shuffle(&mut order);
+    let mut total = BatchStats::default();
+    for (b, batch) in order.chunks(run.batch.max(1)).enumerate() {
+        let mut rng = Rng::derive(run.seed, &[4, epoch, b as u64]);
+        let stats = model.train_batch(data, owner, batch, &mut rng)?;
+        total.loss_sum += stats.loss_sum;
+        total.examples += stats.examples;
+        progress(stats);
+    }
+    Ok(total)
+}
+
+/// Recall@10 and NDCG@10 of `model` on the held-out items of `users`.
+pub fn evaluate_model<O: SparseOptimizer + Send + Sync>(
+    model: &Model<O>,
+    data: &Dataset,
+    users: &[usize],
+) -> Metrics {
+    metrics::evaluate(
+        users,
+        data.items,
+        K,
+        |block, out| model.score_block(data, block, out),
+        |u| data.history(u),
+        |u| data.test[u].into_iter().collect(),
+    )
+}
+
+/// The most-popular baseline: every user gets the items seen most often in
+/// training, minus its own training items.
+pub fn evaluate_popular(data: &Dataset, users: &[usize]) -> Metrics {
+    let counts: Vec<f32> = data.item_counts().iter().map(|&c| c as f32).collect();
+    metrics::evaluate(
+        users,
+        data.items,
+        K,
+        |block, out| {
+            for row in out.chunks_exact_mut(data.items).take(block.len()) {
+                row.copy_from_slice(&counts);
+            }
+        },
+        |u| data.history(u),
+        |u| data.test[u].into_iter().collect(),
+    )
+}
+
+/// A fixed sample of `n` users with a held-out item (all of them if `n` is
+/// 0 or too large), drawn from `seed`.
+fn eval_sample(data: &Dataset, n: usize, seed: u64) -> Vec<usize> {
+    let mut users = data.test_users();
+    if n > 0 && n < users.len() {
+        Rng::derive(seed, &[5]).shuffle(&mut users);
+        users.truncate(n);
+        users.sort_unstable();
+    }
+    users
+}
+
+/// `1234567` → `"1,234,567"`.
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1.23M` style rate.
+fn rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.2}M", per_s / 1e6)
+    } else {
+        format!("{:.0}k", per_s / 1e3)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()?;
+    }
+    let started = Instant::now();
+
+    // Data.
+    let data = match &args.data {
+        Some(path) => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let opts = CsvOptions {
+                min_rating: args.min_rating,
+            };
+            data::read_interactions(BufReader::new(file), opts, args.seed)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => {
+            if args.min_rating.is_some() {
+                return Err("--min-rating applies to --data only".into());
+            }
+            let cfg = GenConfig {
+                users: args.users,
+                items: args.items,
+                ..GenConfig::default()
+            };
+            if cfg.users == 0 || cfg.items <= cfg.max_len {
+                return Err(
+                    format!("--users must be positive and --items above {}", cfg.max_len).into(),
+                );
+            }
+            data::generate(&cfg, args.seed)
+        }
+    };
+    let source = match &args.data {
+        Some(p) => p.display().to_string(),
+        None => format!("generated (seed {})", args.seed),
+    };
+    let eval_users = eval_sample(&data, args.eval_users, args.seed);
+    println!(
+        "data: {source}: {} users, {} items, {} training interactions, {} held out ({} evaluated) [{:.1}s]",
+        thousands(data.users),
+        thousands(data.items),
+        thousands(data.train_len()),
+        thousands(data.test_users().len()),
+        thousands(eval_users.len()),
+        started.elapsed().as_secs_f64()
+    );
+    if eval_users.is_empty() {
+        return Err("no user has two interactions: nothing to hold out".into());
+    }
+
+    // Resume or start.
+    let resumed = match &args.resume {
+        Some(path) => Some(
+            checkpoint::load(path)
+                .map_err(|e| format!("cannot resume from {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let pick =
+        |given: Option<usize>, saved: Option<u64>, default: usize, what: &str| match (given, saved)
+        {
+            (Some(g), Some(s)) if g as u64 != s => Err(format!(
+                "--{what} {g} differs from the checkpoint's {s}; leave it out to resume"
+            )),
+            (_, Some(s)) => Ok(s as usize),
+            (Some(g), None) => Ok(g),
+            (None, None) => Ok(default),
+        };
+    let shape = resumed.as_ref().map(|c| c.shape);
+    let model = ModelConfig {
+        dim: pick(args.dim, shape.map(|s| s[0]), 32, "dim")?,
+        history: pick(args.history, shape.map(|s| s[1]), 20, "history")?,
+        negatives: pick(args.negatives, shape.map(|s| s[2]), 4, "negatives")?,
+        ..ModelConfig::default()
+    };
+    if model.dim == 0 || model.negatives == 0 {
+        return Err("--dim and --negatives must be positive".into());
+    }
+    let opt = match (&resumed, args.optimizer) {
+        (Some(c), given) => {
+            let saved = OptName::from_str(&c.optimizer, false)
+                .map_err(|_| format!("unknown optimizer `{}` in the checkpoint", c.optimizer))?;
+            if given.is_some_and(|g| g != saved) {
+                return Err(format!(
+                    "--optimizer differs from the checkpoint's {}; leave it out to resume",
+                    c.optimizer
+                )
+                .into());
+            }
+            saved
+        }
+        (None, given) => given.unwrap_or(OptName::Adagrad),
+    };
+    let lr = args.lr.unwrap_or(opt.default_lr());
+    let run = RunConfig {
+        model,
+        epochs: args.epochs,
+        batch: args.batch,
+        seed: args.seed,
+    };
+    let ctx = Context {
+        args: &args,
+        data: &data,
+        eval_users: &eval_users,
+        run: &run,
+        opt,
+        lr,
+        resumed,
+        started,
+    };
+    match opt {
+        OptName::Adagrad => ctx.train(|| {
+            Adagrad::new(AdagradConfig {
+                lr,
+                initial_accumulator_value: 0.0,
+                epsilon: 1e-8,
+                eps_placement: EpsPlacement::OutsideSqrt,
+            })
+        }),
+        OptName::RowwiseAdagrad => ctx.train(|| {
+            RowWiseAdagrad::new(RowWiseAdagradConfig {
+                lr,
+                ..RowWiseAdagradConfig::default()
+            })
+        }),
+        OptName::Rmsprop => ctx.train(|| {
+            RmsProp::new(RmsPropConfig {
+                lr,
+                ..RmsPropConfig::default()
+            })
+        }),
+        OptName::Sgd => ctx.train(|| {
+            Sgd::new(SgdConfig {
+                lr,
+                ..SgdConfig::default()
+            })
+        }),
+    }
+}
+
+/// Everything `train` needs besides the optimizer type.
+struct Context<'a> {
+    args: &'a Args,
+    data: &'a Dataset,
+    eval_users: &'a [usize],
+    run: &'a RunConfig,
+    opt: OptName,
+    lr: f32,
+    resumed: Option<Checkpoint>,
+    started: Instant,
+}
+
+impl Context<'_> {
+    fn train<O: SparseOptimizer + Send + Sync>(
+        self,
+        make: impl Fn() -> O,
+    ) -> Result<(), Box<dyn Error>> {
+        let Context {
+            args,
+            data,
+            eval_users,
+            run,
+            opt,
+            lr,
+            resumed,
+            started,
+        } = self;
+        let fingerprint = data.fingerprint();
+        let (mut model, first_epoch) = match resumed {
+            Some(c) => {
+                if c.data_fingerprint != fingerprint {
+                    return Err(
+                        "the checkpoint was trained on other data (or another --seed)".into(),
+                    );
+                }
+                let [items_t, users_t] = c.tables;
+                let [items_s, users_s] = c.states;
+                let (mut oi, mut ou) = (make(), make());
+                oi.load_state(items_s)?;
+                ou.load_state(users_s)?;
+                let items = Embedding::new(items_t, oi);
+                let users = Embedding::new(users_t, ou);
+                println!(
+                    "resumed from {} after epoch {}",
+                    args.resume.as_ref().expect("resumed").display(),
+                    c.epoch
+                );
+                (Model::from_parts(items, users, run.model), c.epoch)
+            }
+            None => (Model::new(data, run.model, &make, run.seed)?, 0),
+        };
+        let owner = data.owners();
+
+        let popular = evaluate_popular(data, eval_users);
+        println!(
+            "model: dim {}, history {}, {} negatives, optimizer {} (lr {lr}), batch {}, {} threads",
+            run.model.dim,
+            run.model.history,
+            run.model.negatives,
+            opt.name(),
+            run.batch,
+            rayon::current_num_threads()
+        );
+        println!(
+            "most-popular baseline: recall@{K} {:.4}  NDCG@{K} {:.4}",
+            popular.recall, popular.ndcg
+        );
+
+        let style = ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {percent:>3}% {msg} ({elapsed}<{eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        let mut train_time = Duration::ZERO;
+        let mut trained = 0usize;
+        let mut last = None;
+        for epoch in first_epoch..run.epochs {
+            let bar = ProgressBar::new(data.train_len() as u64)
+                .with_style(style.clone())
+                .with_prefix(format!("{}/{}", epoch + 1, run.epochs));
+            let t0 = Instant::now();
+            let (mut loss, mut seen) = (0.0, 0usize);
+            let stats = train_epoch(&mut model, data, &owner, run, epoch, |s| {
+                loss += s.loss_sum;
+                seen += s.examples;
+                bar.inc(s.examples as u64);
+                bar.set_message(format!(
+                    "loss {:.4}  {} ex/s",
+                    loss / seen as f64,
+                    rate(seen as f64 / t0.elapsed().as_secs_f64())
+                ));
+            })?;
+            let dt = t0.elapsed();
+            bar.finish_and_clear();
+            train_time += dt;
+            trained += stats.examples;
+            let t1 = Instant::now();
+            let m = evaluate_model(&model, data, eval_users);
+            println!(
+                "epoch {:>2}/{}  loss {:.4}  {:>6} ex/s  {:.1}s | recall@{K} {:.4}  NDCG@{K} {:.4}  ({:.2}x / {:.2}x most-popular) [eval {:.1}s]",
+                epoch + 1,
+                run.epochs,
+                stats.loss_sum / stats.examples.max(1) as f64,
+                rate(stats.examples as f64 / dt.as_secs_f64()),
+                dt.as_secs_f64(),
+                m.recall,
+                m.ndcg,
+                m.recall / popular.recall,
+                m.ndcg / popular.ndcg,
+                t1.elapsed().as_secs_f64(),
+            );
+            last = Some(m);
+            if let Some(path) = &args.save {
+                save(path, &model, opt, run, epoch + 1, fingerprint)?;
+            }
+        }
+        let m = match last {
+            Some(m) => m,
+            None => evaluate_model(&model, data, eval_users),
+        };
+        println!(
+            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s); recall@{K} {:.4} vs {:.4} most-popular ({:.2}x), NDCG@{K} {:.4} vs {:.4} ({:.2}x)",
+            started.elapsed().as_secs_f64(),
+            thousands(trained),
+            train_time.as_secs_f64(),
+            rate(trained as f64 / train_time.as_secs_f64().max(1e-9)),
+            m.recall,
+            popular.recall,
+            m.recall / popular.recall,
+            m.ndcg,
+            popular.ndcg,
+            m.ndcg / popular.ndcg,
+        );
+        if let Some(path) = &args.save {
+            println!("checkpoint: {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Writes a checkpoint (see [`checkpoint`]): the one place to switch to
+/// `embtable::io::save_checkpoint` once it exists.
+fn save<O: SparseOptimizer>(
+    path: &Path,
+    model: &Model<O>,
+    opt: OptName,
+    run: &RunConfig,
+    epoch: u64,
+    data_fingerprint: u64,
+) -> Result<(), Box<dyn Error>> {
+    let ckpt = Checkpoint {
+        epoch,
+        data_fingerprint,
+        optimizer: opt.name().to_owned(),
+        shape: [
+            run.model.dim as u64,
+            run.model.history as u64,
+            run.model.negatives as u64,
+        ],
+        tables: [model.items.table().clone(), model.users.table().clone()],
+        states: [
+            model.items.optimizer().state(),
+            model.users.optimizer().state(),
+        ],
+    };
+    checkpoint::save(path, &ckpt).map_err(|e| format!("cannot save {}: {e}", path.display()))?;
+    Ok(())
+}
