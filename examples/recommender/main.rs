@@ -18,6 +18,7 @@
 
 mod checkpoint;
 mod data;
+mod dense;
 mod metrics;
 mod model;
 mod rng;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use embtable::{
-    Adagrad, AdagradConfig, Embedding, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    Adagrad, AdagradConfig, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Sgd, SgdConfig, SparseOptimizer,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,7 +40,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::Checkpoint;
 use crate::data::{CsvOptions, Dataset, GenConfig};
 use crate::metrics::Metrics;
-use crate::model::{BatchStats, Model, ModelConfig};
+use crate::model::{BatchStats, Loss, Model, ModelConfig};
 use crate::rng::Rng;
 
 /// Ranking cut-off of the reported metrics.
@@ -70,9 +71,18 @@ struct Args {
     /// Recent items pooled into the user vector [default: 20].
     #[arg(long)]
     history: Option<usize>,
-    /// Negatives sampled per positive [default: 4].
+    /// Negatives sampled per batch, shared by its examples [default: 256].
     #[arg(long)]
     negatives: Option<usize>,
+    /// Training loss.
+    #[arg(long, value_enum, default_value_t = LossName::Softmax)]
+    loss: LossName,
+    /// Draw negatives ∝ (count + 1)^POWER: 0 uniform, 1 by popularity.
+    #[arg(long, default_value_t = 0.0)]
+    negative_power: f64,
+    /// Rescale rows to at most this L2 norm after each step (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    max_norm: f32,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -101,6 +111,15 @@ struct Args {
     /// Continue training from this checkpoint (same data and seed).
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
+}
+
+/// The `--loss` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LossName {
+    /// Sampled softmax over the positive and the shared negatives.
+    Softmax,
+    /// BPR: −log σ(s⁺ − s⁻), averaged over the negatives.
+    Bpr,
 }
 
 /// The `--optimizer` choices.
@@ -184,11 +203,12 @@ pub fn evaluate_model<O: SparseOptimizer + Send + Sync>(
     data: &Dataset,
     users: &[usize],
 ) -> Metrics {
+    let items_t = model.items_transposed();
     metrics::evaluate(
         users,
         data.items,
         K,
-        |block, out| model.score_block(data, block, out),
+        |block, out| model.score_block(data, block, &items_t, out),
         |u| data.history(u),
         |u| data.test[u].into_iter().collect(),
     )
@@ -333,7 +353,13 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let model = ModelConfig {
         dim: pick(args.dim, shape.map(|s| s[0]), 32, "dim")?,
         history: pick(args.history, shape.map(|s| s[1]), 20, "history")?,
-        negatives: pick(args.negatives, shape.map(|s| s[2]), 4, "negatives")?,
+        negatives: pick(args.negatives, shape.map(|s| s[2]), 256, "negatives")?,
+        loss: match args.loss {
+            LossName::Softmax => Loss::Softmax,
+            LossName::Bpr => Loss::Bpr,
+        },
+        max_norm: (args.max_norm > 0.0).then_some(args.max_norm),
+        negative_power: args.negative_power,
         ..ModelConfig::default()
     };
     if model.dim == 0 || model.negatives == 0 {
@@ -441,14 +467,15 @@ impl Context<'_> {
                 let (mut oi, mut ou) = (make(), make());
                 oi.load_state(items_s)?;
                 ou.load_state(users_s)?;
-                let items = Embedding::new(items_t, oi);
-                let users = Embedding::new(users_t, ou);
                 println!(
                     "resumed from {} after epoch {}",
                     args.resume.as_ref().expect("resumed").display(),
                     c.epoch
                 );
-                (Model::from_parts(items, users, run.model), c.epoch)
+                (
+                    Model::from_parts(data, items_t, oi, users_t, ou, run.model)?,
+                    c.epoch,
+                )
             }
             None => (Model::new(data, run.model, &make, run.seed)?, 0),
         };

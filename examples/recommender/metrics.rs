@@ -62,7 +62,7 @@ pub struct Metrics {
 }
 
 /// Users scored together, so each item row is read once per block.
-pub const USER_BLOCK: usize = 16;
+pub const USER_BLOCK: usize = 32;
 
 /// Evaluates `users` in parallel. `score_block(block, out)` writes the
 /// scores of every item (`items` of them) for each user of `block`, row by

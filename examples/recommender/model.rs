@@ -1,41 +1,62 @@
 //! A two-tower retrieval model whose only parameters are embedding tables,
-//! trained with BPR on sampled negatives.
+//! trained against sampled negatives shared by the batch.
 //!
 //! * **User tower**: the mean of the item embeddings of the user's recent
 //!   history (a pooled lookup, [`Pooling::Mean`]) plus a user-id embedding:
 //!   `u = mean(E[h₁..h_L]) + U[user]`.
 //! * **Item tower**: the candidate's row of the *same* item table `E`.
 //! * **Score**: `s(user, item) = u · E[item]`.
-//! * **Loss** (BPR, averaged over `K` sampled negatives `n_k`):
-//!   `ℓ = (1/K) Σ_k −log σ(s⁺ − s⁻_k)`, with `s⁺ = u · E[pos]`,
-//!   `s⁻_k = u · E[n_k]`.
+//! * **Negatives**: `K` items drawn uniformly per batch and shared by all of
+//!   its examples (a negative equal to an example's positive is skipped for
+//!   that example), so a batch looks up `batch + K` candidate rows and the
+//!   scores are one matrix product ([`dense`](crate::dense)).
+//! * **Loss** per example, with `s⁺ = u · E[pos]` and `s_k = u · E[n_k]`:
+//!   - sampled softmax (default): `ℓ = −s⁺ + log(e^{s⁺} + Σ_k e^{s_k})`.
+//!     Uniform sampling needs no log-Q correction (every logit would get
+//!     the same shift).
+//!   - BPR: `ℓ = (1/K) Σ_k −log σ(s⁺ − s_k)`.
 //!
-//! The gradients are written out by hand. With `x_k = s⁺ − s⁻_k` and
-//! `c_k = (σ(x_k) − 1) / K` (note `dℓ/dx_k = c_k`):
+//! The gradients are written out by hand. Both losses give `dℓ/ds⁺ = g₀`
+//! and `dℓ/ds_k = p_k`: softmax `p = softmax(s⁺, s_1..s_K)`,
+//! `g₀ = p₀ − 1`; BPR `p_k = (1 − σ(s⁺ − s_k)) / K`, `g₀ = −Σ_k p_k`. Then
 //!
 //! ```text
-//! dℓ/du      = Σ_k c_k (E[pos] − E[n_k])
-//! dℓ/dE[pos] = (Σ_k c_k) u
-//! dℓ/dE[n_k] = −c_k u
+//! dℓ/du      = g₀ E[pos] + Σ_k p_k E[n_k]      (batch: G_U = g₀ ∘ E[pos] + P · N)
+//! dℓ/dE[pos] = g₀ u
+//! dℓ/dE[n_k] = Σ_examples p_k u                (batch: G_N = Pᵀ · U)
 //! ```
 //!
 //! and `dℓ/du` flows unchanged to the user row and, through the mean, to
 //! every history row (the layer's `backward_pooled` divides by the bag
 //! length). The item table therefore gets two backward passes per batch,
-//! one pooled (history) and one plain (candidates), that add up into one
-//! sparse gradient before its single `step()`: the layer coalesces the rows
-//! both passes touch.
+//! one pooled (history) and one plain (positives and negatives), that add
+//! up into one sparse gradient before its single `step()`: the layer
+//! coalesces the rows both passes touch. The loss is summed over the batch
+//! (each example contributes its own gradient, as in word2vec).
 //!
 //! Training examples are the positions of the users' training sequences:
 //! the item at position `t` is the positive, the (up to) `L` items before
 //! it are the history. Evaluation scores every item against the user vector
 //! built from the last `L` training items.
 
-use embtable::{Bags, Embedding, EmbeddingTable, Init, Pooling, Result, SparseOptimizer};
+use embtable::{
+    Bags, Embedding, EmbeddingOptions, EmbeddingTable, Init, Pooling, Result, SparseOptimizer,
+};
 use rayon::prelude::*;
 
 use crate::data::Dataset;
-use crate::rng::Rng;
+use crate::dense::Layout::{RowMajor, Transposed};
+use crate::dense::{matmul, transpose};
+use crate::rng::{Rng, Weighted};
+
+/// The training loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// Softmax over the positive and the sampled negatives.
+    Softmax,
+    /// Bayesian personalised ranking, averaged over the negatives.
+    Bpr,
+}
 
 /// Shape and training settings of the model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,10 +65,19 @@ pub struct ModelConfig {
     pub dim: usize,
     /// History items pooled into the user vector (the most recent `L`).
     pub history: usize,
-    /// Negatives sampled per positive.
+    /// Negatives sampled per batch, shared by its examples.
     pub negatives: usize,
+    /// The loss.
+    pub loss: Loss,
+    /// Negatives are drawn with probability proportional to
+    /// `(training count + 1)^power`: 0 is uniform, 1 follows popularity.
+    pub negative_power: f64,
     /// Standard deviation of the initial embeddings (normal, mean 0).
     pub init_std: f32,
+    /// Rows of both tables are rescaled to at most this L2 norm after each
+    /// step (the layer's `max_norm` option), which keeps rare items from
+    /// being pushed far out by a few examples.
+    pub max_norm: Option<f32>,
 }
 
 impl Default for ModelConfig {
@@ -55,8 +85,11 @@ impl Default for ModelConfig {
         ModelConfig {
             dim: 32,
             history: 20,
-            negatives: 4,
+            negatives: 256,
+            loss: Loss::Softmax,
+            negative_power: 0.0,
             init_std: 0.1,
+            max_norm: None,
         }
     }
 }
@@ -71,7 +104,32 @@ pub struct Model<O> {
     pub users: Embedding<O>,
     /// Settings.
     pub cfg: ModelConfig,
+    negatives: Negatives,
     scratch: Scratch,
+}
+
+/// The distribution negatives are drawn from, and `log q` of every item
+/// for the softmax's correction (`s − log q`: sampled softmax then
+/// estimates the full softmax whatever the proposal).
+#[derive(Clone, Debug)]
+struct Negatives {
+    sampler: Weighted,
+    log_q: Vec<f32>,
+}
+
+impl Negatives {
+    fn new(data: &Dataset, power: f64) -> Self {
+        let weights: Vec<f64> = data
+            .item_counts()
+            .iter()
+            .map(|&c| (f64::from(c) + 1.0).powf(power))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        Negatives {
+            sampler: Weighted::new(weights.iter().copied()),
+            log_q: weights.iter().map(|w| (w / total).ln() as f32).collect(),
+        }
+    }
 }
 
 /// Buffers reused from batch to batch.
@@ -84,6 +142,7 @@ struct Scratch {
     pooled: Vec<f32>,
     user_rows: Vec<f32>,
     cand_rows: Vec<f32>,
+    scores: Vec<f32>,
     grad_user: Vec<f32>,
     grad_cand: Vec<f32>,
     loss: Vec<f32>,
@@ -132,6 +191,66 @@ fn neg_log_sigmoid(x: f32) -> f32 {
     (-x).max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
+/// Sampled softmax over `[s⁺, scores…]` (negatives with `hit(k)` left
+/// out): returns `(loss, g₀)` and overwrites `scores` with `p_k`.
+fn softmax_coefficients(s_pos: f32, scores: &mut [f32], hit: impl Fn(usize) -> bool) -> (f32, f32) {
+    // Any bound at least the largest logit keeps the exponentials finite.
+    let max = scores.iter().fold(s_pos, |m, &x| m.max(x));
+    for x in scores.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    for (q, x) in scores.iter_mut().enumerate() {
+        if hit(q) {
+            *x = 0.0;
+        }
+    }
+    let e_pos = exp_nonpositive(s_pos - max);
+    let sum = e_pos + scores.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    for x in scores.iter_mut() {
+        *x *= inv;
+    }
+    (sum.ln() + max - s_pos, e_pos * inv - 1.0)
+}
+
+/// `e^x` for `x <= 0`, within 2 ulp of `f32::exp` (Cephes' `expf`: `x =
+/// n ln2 + r`, a degree-5 polynomial for `e^r`, `2^n` by building the
+/// exponent bits). Branch-free, so a loop over a slice vectorises at the
+/// baseline instruction set, unlike calls to the libm `expf`.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    let x = x.max(-87.0); // e^-87 is still a normal f32; below, 0 is as good
+    // n = round(x / ln 2), with the 1.5·2²³ trick (round to nearest even).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// BPR against each negative (those with `hit(k)` left out), averaged:
+/// returns `(loss, g₀)` and overwrites `scores` with `p_k`.
+fn bpr_coefficients(s_pos: f32, scores: &mut [f32], hit: impl Fn(usize) -> bool) -> (f32, f32) {
+    let used = (0..scores.len()).filter(|&q| !hit(q)).count().max(1) as f32;
+    let (mut loss, mut g0) = (0.0, 0.0);
+    for (q, x) in scores.iter_mut().enumerate() {
+        if hit(q) {
+            *x = 0.0;
+            continue;
+        }
+        let margin = s_pos - *x;
+        loss += neg_log_sigmoid(margin);
+        *x = (1.0 - sigmoid(margin)) / used;
+        g0 -= *x;
+    }
+    (loss / used, g0)
+}
+
 impl<O: SparseOptimizer + Send> Model<O> {
     /// A model for `data` with freshly initialised tables; `make_optimizer`
     /// gives each table its own optimizer.
@@ -150,26 +269,37 @@ impl<O: SparseOptimizer + Send> Model<O> {
         };
         let items = EmbeddingTable::new(data.items, cfg.dim, init, seed)?;
         let users = EmbeddingTable::new(data.users, cfg.dim, init, seed ^ 0x5eed)?;
-        Ok(Self::from_parts(
-            Embedding::new(items, make_optimizer()),
-            Embedding::new(users, make_optimizer()),
-            cfg,
-        ))
+        Self::from_parts(data, items, make_optimizer(), users, make_optimizer(), cfg)
     }
 
-    /// A model from trained layers (e.g. a checkpoint).
-    pub fn from_parts(items: Embedding<O>, users: Embedding<O>, cfg: ModelConfig) -> Self {
-        Model {
-            items,
-            users,
+    /// A model from tables and optimizers (e.g. a checkpoint's).
+    ///
+    /// # Errors
+    /// [`embtable::Error::InvalidConfig`] for a bad `max_norm`.
+    pub fn from_parts(
+        data: &Dataset,
+        items: EmbeddingTable,
+        items_optimizer: O,
+        users: EmbeddingTable,
+        users_optimizer: O,
+        cfg: ModelConfig,
+    ) -> Result<Self> {
+        let options = EmbeddingOptions {
+            max_norm: cfg.max_norm,
+            ..EmbeddingOptions::default()
+        };
+        Ok(Model {
+            items: Embedding::with_options(items, items_optimizer, options)?,
+            users: Embedding::with_options(users, users_optimizer, options)?,
             cfg,
+            negatives: Negatives::new(data, cfg.negative_power),
             scratch: Scratch::default(),
-        }
+        })
     }
 
-    /// One step of BPR on the training examples `batch` (indices into
-    /// `data.train_items`, whose owners are `owner`), with negatives drawn
-    /// from `rng`.
+    /// One step on the training examples `batch` (indices into
+    /// `data.train_items`, whose owners are `owner`), with the negatives
+    /// drawn from `rng`.
     ///
     /// # Errors
     /// From the layers (a bug if it happens: every id comes from `data`).
@@ -184,12 +314,14 @@ impl<O: SparseOptimizer + Send> Model<O> {
             dim: d,
             history,
             negatives: k,
+            loss: loss_kind,
             ..
         } = self.cfg;
         let n = batch.len();
         let s = &mut self.scratch;
 
-        // Assemble ids: history bags (CSR), users, [positive, negatives…] per example.
+        // Ids: history bags (CSR), users, then the candidates: every
+        // example's positive followed by the K shared negatives.
         s.hist_ids.clear();
         s.hist_offsets.clear();
         s.hist_offsets.push(0);
@@ -202,74 +334,89 @@ impl<O: SparseOptimizer + Send> Model<O> {
             s.hist_ids.extend_from_slice(&data.train_items[from..j]);
             s.hist_offsets.push(s.hist_ids.len());
             s.user_ids.push(u as u32);
-            let pos = data.train_items[j];
-            s.cand_ids.push(pos);
-            for _ in 0..k {
-                let mut neg = rng.below(data.items) as u32;
-                if neg == pos {
-                    neg = rng.below(data.items) as u32;
-                }
-                s.cand_ids.push(neg);
-            }
+            s.cand_ids.push(data.train_items[j]);
+        }
+        for _ in 0..k {
+            s.cand_ids.push(self.negatives.sampler.sample(rng) as u32);
         }
         let bags = Bags::new(&s.hist_ids, &s.hist_offsets, None)?;
 
         // Forward: the two towers (the item table is read twice).
         s.pooled.resize(n * d, 0.0);
         s.user_rows.resize(n * d, 0.0);
-        s.cand_rows.resize(n * (1 + k) * d, 0.0);
+        s.cand_rows.resize((n + k) * d, 0.0);
         self.items
             .forward_pooled(&bags, Pooling::Mean, &mut s.pooled)?;
         self.users.forward_into(&s.user_ids, &mut s.user_rows)?;
         self.items.forward_into(&s.cand_ids, &mut s.cand_rows)?;
+        // u = pooled history + user row (kept in `pooled`).
+        for (p, e) in s.pooled.iter_mut().zip(&s.user_rows) {
+            *p += e;
+        }
+        let u_rows = &s.pooled;
+        let (pos_rows, neg_rows) = s.cand_rows.split_at(n * d);
 
-        // Scores, loss and gradients by hand, in parallel over examples.
-        s.grad_user.resize(n * d, 0.0);
-        s.grad_cand.resize(n * (1 + k) * d, 0.0);
+        // Scores of the shared negatives: S = U · Nᵀ (batch × K).
+        s.scores.resize(n * k, 0.0);
+        matmul(
+            u_rows,
+            RowMajor,
+            &transpose(neg_rows, k, d),
+            d,
+            k,
+            &mut s.scores,
+        );
+
+        // Per example: the positive's score, the loss, and the coefficients
+        // g₀ (kept in `loss`'s twin `g0`) and p_k (overwriting the scores).
+        let neg_ids = &s.cand_ids[n..];
+        let pos_ids = &s.cand_ids[..n];
+        let log_q = &self.negatives.log_q;
+        let neg_log_q: Vec<f32> = neg_ids.iter().map(|&i| log_q[i as usize]).collect();
         s.loss.resize(n, 0.0);
-        let (pooled, user_rows, cand_rows) = (&s.pooled, &s.user_rows, &s.cand_rows);
+        let mut g0 = vec![0.0f32; n];
+        s.scores
+            .par_chunks_mut(k)
+            .zip(s.loss.par_iter_mut())
+            .zip(g0.par_iter_mut())
+            .enumerate()
+            .with_min_len(32)
+            .for_each(|(b, ((p, loss), g0))| {
+                let s_pos = dot(&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
+                let hit = |q: usize| neg_ids[q] == pos_ids[b];
+                (*loss, *g0) = match loss_kind {
+                    Loss::Softmax => {
+                        for (x, lq) in p.iter_mut().zip(&neg_log_q) {
+                            *x -= lq;
+                        }
+                        let z_pos = s_pos - log_q[pos_ids[b] as usize];
+                        softmax_coefficients(z_pos, p, hit)
+                    }
+                    Loss::Bpr => bpr_coefficients(s_pos, p, hit),
+                };
+            });
+        let coef = &s.scores;
+
+        // Gradients: G_U = g₀ ∘ E[pos] + P · N;  G_pos = g₀ ∘ U;  G_N = Pᵀ · U.
+        s.grad_user.resize(n * d, 0.0);
+        matmul(coef, RowMajor, neg_rows, k, d, &mut s.grad_user);
+        s.grad_cand.resize((n + k) * d, 0.0);
+        let (grad_pos, grad_neg) = s.grad_cand.split_at_mut(n * d);
         s.grad_user
             .par_chunks_mut(d)
-            .zip(s.grad_cand.par_chunks_mut((1 + k) * d))
-            .zip(s.loss.par_iter_mut())
+            .zip(grad_pos.par_chunks_mut(d))
             .enumerate()
-            .with_min_len(64)
-            .for_each_init(
-                || vec![0.0f32; d],
-                |u, (b, ((gu, gc), loss))| {
-                    for ((u, p), e) in u
-                        .iter_mut()
-                        .zip(&pooled[b * d..][..d])
-                        .zip(&user_rows[b * d..][..d])
-                    {
-                        *u = p + e;
-                    }
-                    let cands = &cand_rows[b * (1 + k) * d..][..(1 + k) * d];
-                    let (pos, negs) = cands.split_at(d);
-                    let s_pos = dot(u, pos);
-                    gu.fill(0.0);
-                    let mut c_pos = 0.0;
-                    let mut l = 0.0;
-                    for (q, neg) in negs.chunks_exact(d).enumerate() {
-                        let x = s_pos - dot(u, neg);
-                        l += neg_log_sigmoid(x);
-                        let c = (sigmoid(x) - 1.0) / k as f32;
-                        c_pos += c;
-                        for ((g, p), m) in gu.iter_mut().zip(pos).zip(neg) {
-                            *g += c * (p - m);
-                        }
-                        for (g, x) in gc[(1 + q) * d..][..d].iter_mut().zip(u.iter()) {
-                            *g = -c * x;
-                        }
-                    }
-                    for (g, x) in gc[..d].iter_mut().zip(u.iter()) {
-                        *g = c_pos * x;
-                    }
-                    *loss = l / k as f32;
-                },
-            );
+            .with_min_len(256)
+            .for_each(|(b, (gu, gp))| {
+                let (u, pos) = (&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
+                for ((gu, gp), (x, e)) in gu.iter_mut().zip(gp).zip(u.iter().zip(pos)) {
+                    *gu += g0[b] * e;
+                    *gp = g0[b] * x;
+                }
+            });
+        matmul(coef, Transposed, u_rows, n, d, grad_neg);
 
-        // Backward: two passes into the item table's one gradient, one step each table.
+        // Backward: two passes into the item table's one gradient, one step per table.
         self.items
             .backward_pooled(&bags, Pooling::Mean, &s.grad_user)?;
         self.items.backward(&s.cand_ids, &s.grad_cand)?;
@@ -303,24 +450,30 @@ impl<O: SparseOptimizer + Send> Model<O> {
         }
     }
 
+    /// The item table transposed (`dim × items`), the right-hand side of
+    /// [`score_block`](Self::score_block).
+    pub fn items_transposed(&self) -> Vec<f32> {
+        let t = self.items.table();
+        let (n, d, stride) = (t.rows(), t.dim(), t.stride());
+        let rows = t.as_padded();
+        let mut out = vec![0.0; d * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(l, col)| {
+            for (i, x) in col.iter_mut().enumerate() {
+                *x = rows[i * stride + l];
+            }
+        });
+        out
+    }
+
     /// Scores every item for each of `users`: `out` is `users.len() × items`,
-    /// row-major. Each item row is read once per block of users.
-    pub fn score_block(&self, data: &Dataset, users: &[usize], out: &mut [f32]) {
+    /// row-major; `items_t` is [`items_transposed`](Self::items_transposed).
+    pub fn score_block(&self, data: &Dataset, users: &[usize], items_t: &[f32], out: &mut [f32]) {
         let d = self.cfg.dim;
-        let items = self.items.table();
-        let n = items.rows();
         let mut vecs = vec![0.0f32; users.len() * d];
         for (v, &u) in vecs.chunks_exact_mut(d).zip(users) {
             self.user_vector(data, u, v);
         }
-        let stride = items.stride();
-        let rows = items.as_padded();
-        for i in 0..n {
-            let row = &rows[i * stride..][..d];
-            for (b, v) in vecs.chunks_exact(d).enumerate() {
-                out[b * n + i] = dot(v, row);
-            }
-        }
+        matmul(&vecs, RowMajor, items_t, d, data.items, out);
     }
 }
 
@@ -338,20 +491,37 @@ mod tests {
         assert!((neg_log_sigmoid(0.0) - std::f32::consts::LN_2).abs() < 1e-6);
         assert!(neg_log_sigmoid(-100.0).is_finite() && neg_log_sigmoid(100.0) >= 0.0);
         assert!((sigmoid(2.0) + sigmoid(-2.0) - 1.0).abs() < 1e-6);
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            assert!((got - want).abs() <= 2.5e-7 * want, "{x}: {got} vs {want}");
+        }
+        assert_eq!(exp_nonpositive(-1e9), exp_nonpositive(-87.0));
     }
 
     /// The hand-written gradient equals a central difference of the loss:
     /// one SGD step with `lr = 1` moves each row by minus its gradient.
     #[test]
     fn gradient_matches_finite_differences() {
+        for (loss, power) in [
+            (Loss::Softmax, 0.0),
+            (Loss::Softmax, 0.75),
+            (Loss::Bpr, 0.5),
+        ] {
+            check_gradient(ModelConfig {
+                dim: 5,
+                negatives: 3,
+                init_std: 0.5,
+                loss,
+                negative_power: power,
+                ..ModelConfig::default()
+            });
+        }
+    }
+
+    fn check_gradient(cfg: ModelConfig) {
         let data = generate(&GenConfig::tiny(), 3);
         let owner = data.owners();
-        let cfg = ModelConfig {
-            dim: 5,
-            negatives: 3,
-            init_std: 0.5,
-            ..ModelConfig::default()
-        };
         let sgd = || {
             Sgd::new(SgdConfig {
                 lr: 1.0,
@@ -401,7 +571,7 @@ mod tests {
                 let analytic = f64::from(before.row(row)[lane] - after.row(row)[lane]);
                 assert!(
                     (numeric - analytic).abs() < 2e-3 * (1.0 + analytic.abs()),
-                    "{table} row {row} lane {lane}: numeric {numeric} analytic {analytic}"
+                    "{cfg:?}: {table} row {row} lane {lane}: numeric {numeric} analytic {analytic}"
                 );
             }
         }
