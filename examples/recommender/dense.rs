@@ -53,7 +53,7 @@ pub enum Layout {
 /// If the lengths do not match.
 pub fn matmul(a: &[f32], layout: Layout, b: &[f32], l: usize, m: usize, c: &mut [f32]) {
     assert_eq!(b.len(), l * m, "b is l × m");
-    let n = if m == 0 { 0 } else { c.len() / m };
+    let n = c.len().checked_div(m).unwrap_or(0);
     assert_eq!(c.len(), n * m, "c is n × m");
     assert_eq!(a.len(), n * l, "a is n × l");
     if n == 0 || m == 0 {
