@@ -40,7 +40,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::Checkpoint;
 use crate::data::{CsvOptions, Dataset, GenConfig};
 use crate::metrics::Metrics;
-use crate::model::{BatchStats, Loss, Model, ModelConfig};
+use crate::model::{BatchStats, Loss, Model, ModelConfig, Phases};
 use crate::rng::Rng;
 
 /// Ranking cut-off of the reported metrics.
@@ -190,8 +190,7 @@ pub fn train_epoch<O: SparseOptimizer + Send>(
     for (b, batch) in order.chunks(run.batch.max(1)).enumerate() {
         let mut rng = Rng::derive(run.seed, &[4, epoch, b as u64]);
         let stats = model.train_batch(data, owner, batch, &mut rng)?;
-        total.loss_sum += stats.loss_sum;
-        total.examples += stats.examples;
+        total.add(&stats);
         progress(stats);
     }
     Ok(total)
@@ -503,6 +502,7 @@ impl Context<'_> {
         .progress_chars("=> ");
         let mut train_time = Duration::ZERO;
         let mut trained = 0usize;
+        let mut phases = Phases::default();
         let mut last = None;
         for epoch in first_epoch..run.epochs {
             let bar = ProgressBar::new(data.train_len() as u64)
@@ -524,6 +524,7 @@ impl Context<'_> {
             bar.finish_and_clear();
             train_time += dt;
             trained += stats.examples;
+            phases.add(&stats.time);
             let t1 = Instant::now();
             let m = evaluate_model(&model, data, eval_users);
             println!(
@@ -560,6 +561,16 @@ impl Context<'_> {
             m.ndcg,
             popular.ndcg,
             m.ndcg / popular.ndcg,
+        );
+        let share = |d: Duration| 100.0 * d.as_secs_f64() / phases.total().as_secs_f64().max(1e-9);
+        println!(
+            "training time: embtable {:.0}% (lookups {:.0}%, sparse backward {:.0}%, optimizer steps {:.0}%), dense maths {:.0}%, batch assembly {:.0}%",
+            share(phases.forward + phases.backward + phases.step),
+            share(phases.forward),
+            share(phases.backward),
+            share(phases.step),
+            share(phases.dense),
+            share(phases.batch),
         );
         if let Some(path) = &args.save {
             println!("checkpoint: {}", path.display());
