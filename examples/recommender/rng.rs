@@ -5,6 +5,9 @@
 //! (epoch, batch, user…), so a part of a run can be reproduced without
 //! replaying everything before it (a resumed run draws what an
 //! uninterrupted one would have drawn).
+//!
+//! Shared by the recommender and word2vec examples, each using a subset.
+#![allow(dead_code)]
 
 /// SplitMix64: 64 bits of state, passes BigCrush, one multiply-xorshift
 /// chain per draw. Plenty for sampling data and negatives.
