@@ -72,6 +72,13 @@ pub struct ModelConfig {
     pub negatives: usize,
     /// The loss.
     pub loss: Loss,
+    /// Weight of a history item relative to the next more recent one (1:
+    /// the plain mean; below 1: recent items count more, through the bags'
+    /// per-sample weights).
+    pub recency: f32,
+    /// Standard deviation of the initial user-id embeddings (0: zeros, so
+    /// the history alone speaks at first).
+    pub user_init_std: f32,
     /// Negatives are drawn with probability proportional to
     /// `(training count + 1)^power`: 0 is uniform, 1 follows popularity.
     pub negative_power: f64,
@@ -91,6 +98,8 @@ impl Default for ModelConfig {
             negatives: 256,
             loss: Loss::Softmax,
             negative_power: 0.0,
+            recency: 1.0,
+            user_init_std: 0.1,
             init_std: 0.1,
             max_norm: None,
         }
@@ -140,6 +149,7 @@ impl Negatives {
 struct Scratch {
     hist_ids: Vec<u32>,
     hist_offsets: Vec<usize>,
+    hist_weights: Vec<f32>,
     user_ids: Vec<u32>,
     cand_ids: Vec<u32>,
     pooled: Vec<f32>,
@@ -209,6 +219,18 @@ impl Laps {
     fn lap(&mut self) -> Duration {
         let now = Instant::now();
         now - std::mem::replace(&mut self.0, now)
+    }
+}
+
+/// Appends the weights of a history of `len` items, oldest first:
+/// `decay^(len − 1), …, decay, 1`.
+fn push_recency_weights(weights: &mut Vec<f32>, len: usize, decay: f32) {
+    let start = weights.len();
+    let mut w = 1.0f32;
+    weights.resize(start + len, 0.0);
+    for x in weights[start..].iter_mut().rev() {
+        *x = w;
+        w *= decay;
     }
 }
 
@@ -347,7 +369,15 @@ impl<O: SparseOptimizer + Send> Model<O> {
             std: cfg.init_std,
         };
         let items = EmbeddingTable::new(data.items, cfg.dim, init, seed)?;
-        let users = EmbeddingTable::new(data.users, cfg.dim, init, seed ^ 0x5eed)?;
+        let user_init = if cfg.user_init_std > 0.0 {
+            Init::Normal {
+                mean: 0.0,
+                std: cfg.user_init_std,
+            }
+        } else {
+            Init::Zeros
+        };
+        let users = EmbeddingTable::new(data.users, cfg.dim, user_init, seed ^ 0x5eed)?;
         Self::from_parts(data, items, make_optimizer(), users, make_optimizer(), cfg)
     }
 
@@ -406,6 +436,7 @@ impl<O: SparseOptimizer + Send> Model<O> {
         s.hist_ids.clear();
         s.hist_offsets.clear();
         s.hist_offsets.push(0);
+        s.hist_weights.clear();
         s.user_ids.clear();
         s.cand_ids.clear();
         for &j in batch {
@@ -414,13 +445,17 @@ impl<O: SparseOptimizer + Send> Model<O> {
             let from = data.train_offsets[u].max(j.saturating_sub(history));
             s.hist_ids.extend_from_slice(&data.train_items[from..j]);
             s.hist_offsets.push(s.hist_ids.len());
+            if self.cfg.recency != 1.0 {
+                push_recency_weights(&mut s.hist_weights, j - from, self.cfg.recency);
+            }
             s.user_ids.push(u as u32);
             s.cand_ids.push(data.train_items[j]);
         }
         for _ in 0..k {
             s.cand_ids.push(self.negatives.sampler.sample(rng) as u32);
         }
-        let bags = Bags::new(&s.hist_ids, &s.hist_offsets, None)?;
+        let weights = (self.cfg.recency != 1.0).then_some(s.hist_weights.as_slice());
+        let bags = Bags::new(&s.hist_ids, &s.hist_offsets, weights)?;
         time.batch = clock.lap();
 
         // Forward: the two towers (the item table is read twice).
@@ -523,24 +558,32 @@ impl<O: SparseOptimizer + Send> Model<O> {
         })
     }
 
-    /// Writes user `u`'s vector (`dim` floats): the mean of its last `L`
-    /// training items plus its user-id row.
-    pub fn user_vector(&self, data: &Dataset, u: usize, out: &mut [f32]) {
-        let h = data.history(u);
-        let recent = &h[h.len().saturating_sub(self.cfg.history)..];
-        out.copy_from_slice(self.users.table().row(u));
-        if !recent.is_empty() {
-            let mut sum = vec![0.0f32; out.len()];
-            for &i in recent {
-                for (s, x) in sum.iter_mut().zip(self.items.table().row(i as usize)) {
-                    *s += x;
-                }
-            }
-            let inv = 1.0 / recent.len() as f32;
-            for (o, s) in out.iter_mut().zip(&sum) {
-                *o += s * inv;
+    /// The vectors of `users` (`users.len() × dim`): the (weighted) mean of
+    /// each one's last `L` training items, a pooled lookup as in training,
+    /// plus its user-id row.
+    pub fn user_vectors(&self, data: &Dataset, users: &[usize]) -> Vec<f32> {
+        let (mut ids, mut offsets, mut weights) = (Vec::new(), vec![0], Vec::new());
+        for &u in users {
+            let h = data.history(u);
+            let recent = &h[h.len().saturating_sub(self.cfg.history)..];
+            ids.extend_from_slice(recent);
+            offsets.push(ids.len());
+            push_recency_weights(&mut weights, recent.len(), self.cfg.recency);
+        }
+        let weights = (self.cfg.recency != 1.0).then_some(weights.as_slice());
+        let bags = Bags::new(&ids, &offsets, weights).expect("offsets and weights are consistent");
+        let mut out = self
+            .items
+            .table()
+            .pooled_lookup_vec(&bags, Pooling::Mean)
+            .expect("history items are rows of the item table");
+        let d = self.cfg.dim;
+        for (v, &u) in out.chunks_exact_mut(d).zip(users) {
+            for (x, e) in v.iter_mut().zip(self.users.table().row(u)) {
+                *x += e;
             }
         }
+        out
     }
 
     /// The item table transposed (`dim × items`), the right-hand side of
@@ -561,12 +604,8 @@ impl<O: SparseOptimizer + Send> Model<O> {
     /// Scores every item for each of `users`: `out` is `users.len() × items`,
     /// row-major; `items_t` is [`items_transposed`](Self::items_transposed).
     pub fn score_block(&self, data: &Dataset, users: &[usize], items_t: &[f32], out: &mut [f32]) {
-        let d = self.cfg.dim;
-        let mut vecs = vec![0.0f32; users.len() * d];
-        for (v, &u) in vecs.chunks_exact_mut(d).zip(users) {
-            self.user_vector(data, u, v);
-        }
-        matmul(&vecs, RowMajor, items_t, d, data.items, out);
+        let vecs = self.user_vectors(data, users);
+        matmul(&vecs, RowMajor, items_t, self.cfg.dim, data.items, out);
     }
 }
 
