@@ -181,7 +181,8 @@ pub struct RunConfig {
 /// `progress` sees every batch's stats.
 ///
 /// # Errors
-/// From the layers.
+/// From the layers (a summed gradient that overflowed, say), and when the
+/// loss stops being finite: the learning rate is too high.
 pub fn train_epoch<O: SparseOptimizer + Send>(
     model: &mut Model<O>,
     data: &Dataset,
@@ -189,13 +190,29 @@ pub fn train_epoch<O: SparseOptimizer + Send>(
     run: &RunConfig,
     epoch: u64,
     mut progress: impl FnMut(BatchStats),
-) -> embtable::Result<BatchStats> {
+) -> Result<BatchStats, Box<dyn Error>> {
     let mut order: Vec<u32> = (0..data.train_len() as u32).collect();
     Rng::derive(run.seed, &[3, epoch]).shuffle(&mut order);
     let mut total = BatchStats::default();
     for (b, batch) in order.chunks(run.batch.max(1)).enumerate() {
         let mut rng = Rng::derive(run.seed, &[4, epoch, b as u64]);
-        let stats = model.train_batch(data, owner, batch, &mut rng)?;
+        let stats = model
+            .train_batch(data, owner, batch, &mut rng)
+            .map_err(|e| {
+                let hint = match e {
+                    embtable::Error::NonFinite { .. } => " (training diverged: try a lower --lr)",
+                    _ => "",
+                };
+                format!("epoch {}, step {b}: {e}{hint}", epoch + 1)
+            })?;
+        if !stats.loss_sum.is_finite() {
+            return Err(format!(
+                "epoch {}, step {b}: the loss is {} (training diverged: try a lower --lr)",
+                epoch + 1,
+                stats.loss_sum
+            )
+            .into());
+        }
         total.add(&stats);
         progress(stats);
     }
@@ -260,6 +277,15 @@ fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// `a / b` as `"1.93x"`, or `"n/a"` when `b` is zero.
+fn times(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "n/a".to_owned()
+    }
 }
 
 /// `1.23M` style rate.
@@ -541,7 +567,7 @@ impl Context<'_> {
                 .with_prefix(format!("{}/{}", epoch + 1, run.epochs));
             let t0 = Instant::now();
             let (mut loss, mut seen) = (0.0, 0usize);
-            let stats = train_epoch(&mut model, data, &owner, run, epoch, |s| {
+            let result = train_epoch(&mut model, data, &owner, run, epoch, |s| {
                 loss += s.loss_sum;
                 seen += s.examples;
                 bar.inc(s.examples as u64);
@@ -550,16 +576,17 @@ impl Context<'_> {
                     loss / seen as f64,
                     rate(seen as f64 / t0.elapsed().as_secs_f64())
                 ));
-            })?;
+            });
             let dt = t0.elapsed();
             bar.finish_and_clear();
+            let stats = result?;
             train_time += dt;
             trained += stats.examples;
             phases.add(&stats.time);
             let t1 = Instant::now();
             let m = evaluate_model(&model, data, eval_users);
             println!(
-                "epoch {:>2}/{}  loss {:.4}  {:>6} ex/s  {:.1}s | recall@{K} {:.4}  NDCG@{K} {:.4}  ({:.2}x / {:.2}x most-popular) [eval {:.1}s]",
+                "epoch {:>2}/{}  loss {:.4}  {:>6} ex/s  {:.1}s | recall@{K} {:.4}  NDCG@{K} {:.4}  ({} / {} most-popular) [eval {:.1}s]",
                 epoch + 1,
                 run.epochs,
                 stats.loss_sum / stats.examples.max(1) as f64,
@@ -567,8 +594,8 @@ impl Context<'_> {
                 dt.as_secs_f64(),
                 m.recall,
                 m.ndcg,
-                m.recall / popular.recall,
-                m.ndcg / popular.ndcg,
+                times(m.recall, popular.recall),
+                times(m.ndcg, popular.ndcg),
                 t1.elapsed().as_secs_f64(),
             );
             last = Some(m);
@@ -581,17 +608,17 @@ impl Context<'_> {
             None => evaluate_model(&model, data, eval_users),
         };
         println!(
-            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s); recall@{K} {:.4} vs {:.4} most-popular ({:.2}x), NDCG@{K} {:.4} vs {:.4} ({:.2}x)",
+            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s); recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
             started.elapsed().as_secs_f64(),
             thousands(trained),
             train_time.as_secs_f64(),
             rate(trained as f64 / train_time.as_secs_f64().max(1e-9)),
             m.recall,
             popular.recall,
-            m.recall / popular.recall,
+            times(m.recall, popular.recall),
             m.ndcg,
             popular.ndcg,
-            m.ndcg / popular.ndcg,
+            times(m.ndcg, popular.ndcg),
         );
         let share = |d: Duration| 100.0 * d.as_secs_f64() / phases.total().as_secs_f64().max(1e-9);
         println!(
@@ -740,5 +767,7 @@ mod tests {
         assert_eq!(thousands(12_345_678), "12,345,678");
         assert_eq!(rate(1_234_567.0), "1.23M");
         assert_eq!(rate(456_789.0), "457k");
+        assert_eq!(times(0.3, 0.2), "1.50x");
+        assert_eq!(times(0.3, 0.0), "n/a");
     }
 }

@@ -220,7 +220,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             .with_prefix(format!("{}/{}", epoch + 1, args.epochs));
         let t0 = Instant::now();
         let (mut loss, mut pairs, mut seen) = (0.0, 0usize, 0usize);
-        let stats = train(&mut model, &corpus, epoch, args.batch, args.seed, |s| {
+        let result = train(&mut model, &corpus, epoch, args.batch, args.seed, |s| {
             loss += s.loss_sum;
             pairs += s.pairs;
             seen += s.words;
@@ -230,9 +230,10 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
                 loss / pairs.max(1) as f64,
                 seen as f64 / t0.elapsed().as_secs_f64() / 1e3
             ));
-        })?;
+        });
         let dt = t0.elapsed();
         bar.finish_and_clear();
+        let stats = result?;
         train_time += dt;
         words += stats.words;
         let clusters = corpus
