@@ -7,8 +7,8 @@
 //! one built on the public [`OptimizerState`] fields:
 //!
 //! ```text
-//! "EMBTREC1"  meta: epoch u64, data fingerprint u64, optimizer name str,
-//!             dim u64, history u64, negatives u64
+//! "EMBTREC1"  meta: epoch u64, data fingerprint u64, seed u64,
+//!             settings (name str, value f64)*
 //! table × 2   (items, users): rows u64, dim u64, rows·dim f32
 //! state × 2   kind str, config (name str, value f64)*, steps u64,
 //!             shape (flag u8, rows u64, dim u64), arrays (name str,
@@ -34,10 +34,11 @@ pub struct Checkpoint {
     pub epoch: u64,
     /// [`Dataset::fingerprint`](crate::data::Dataset::fingerprint) of the training data.
     pub data_fingerprint: u64,
-    /// The `--optimizer` name.
-    pub optimizer: String,
-    /// Model settings: dim, history, negatives.
-    pub shape: [u64; 3],
+    /// The `--seed`.
+    pub seed: u64,
+    /// The other options that shape training, by option name (the
+    /// optimizer as a code, see `OptName::code`).
+    pub settings: Vec<(String, f64)>,
     /// Item and user tables.
     pub tables: [EmbeddingTable; 2],
     /// Item and user optimizer states.
@@ -52,10 +53,8 @@ pub fn save(path: &Path, ckpt: &Checkpoint) -> io::Result<()> {
         w.write_all(MAGIC)?;
         put_u64(&mut w, ckpt.epoch)?;
         put_u64(&mut w, ckpt.data_fingerprint)?;
-        put_str(&mut w, &ckpt.optimizer)?;
-        for x in ckpt.shape {
-            put_u64(&mut w, x)?;
-        }
+        put_u64(&mut w, ckpt.seed)?;
+        put_pairs(&mut w, &ckpt.settings)?;
         for t in &ckpt.tables {
             put_u64(&mut w, t.rows() as u64)?;
             put_u64(&mut w, t.dim() as u64)?;
@@ -85,8 +84,8 @@ pub fn load(path: &Path) -> io::Result<Checkpoint> {
     }
     let epoch = get_u64(&mut r)?;
     let data_fingerprint = get_u64(&mut r)?;
-    let optimizer = get_str(&mut r)?;
-    let shape = [get_u64(&mut r)?, get_u64(&mut r)?, get_u64(&mut r)?];
+    let seed = get_u64(&mut r)?;
+    let settings = get_pairs(&mut r)?;
     let mut table = || -> io::Result<EmbeddingTable> {
         let rows = get_len(&mut r)?;
         let dim = get_len(&mut r)?;
@@ -102,8 +101,8 @@ pub fn load(path: &Path) -> io::Result<Checkpoint> {
     Ok(Checkpoint {
         epoch,
         data_fingerprint,
-        optimizer,
-        shape,
+        seed,
+        settings,
         tables,
         states,
     })
@@ -127,13 +126,18 @@ fn put_f32s(w: &mut impl Write, xs: &[f32]) -> io::Result<()> {
     w.write_all(&bytes)
 }
 
-fn put_state(w: &mut impl Write, s: &OptimizerState) -> io::Result<()> {
-    put_str(w, &s.kind)?;
-    put_u64(w, s.config.len() as u64)?;
-    for (name, value) in &s.config {
+fn put_pairs(w: &mut impl Write, pairs: &[(String, f64)]) -> io::Result<()> {
+    put_u64(w, pairs.len() as u64)?;
+    for (name, value) in pairs {
         put_str(w, name)?;
         w.write_all(&value.to_le_bytes())?;
     }
+    Ok(())
+}
+
+fn put_state(w: &mut impl Write, s: &OptimizerState) -> io::Result<()> {
+    put_str(w, &s.kind)?;
+    put_pairs(w, &s.config)?;
     put_u64(w, s.steps)?;
     let (flag, (rows, dim)) = match s.shape {
         Some(shape) => (1u8, shape),
@@ -197,15 +201,20 @@ fn get_f32s(r: &mut impl Read, n: usize) -> io::Result<Vec<f32>> {
         .collect())
 }
 
-fn get_state(r: &mut impl Read) -> io::Result<OptimizerState> {
-    let kind = get_str(r)?;
-    let mut config = Vec::new();
+fn get_pairs(r: &mut impl Read) -> io::Result<Vec<(String, f64)>> {
+    let mut pairs = Vec::new();
     for _ in 0..get_len(r)? {
         let name = get_str(r)?;
         let mut b = [0u8; 8];
         r.read_exact(&mut b)?;
-        config.push((name, f64::from_le_bytes(b)));
+        pairs.push((name, f64::from_le_bytes(b)));
     }
+    Ok(pairs)
+}
+
+fn get_state(r: &mut impl Read) -> io::Result<OptimizerState> {
+    let kind = get_str(r)?;
+    let config = get_pairs(r)?;
     let steps = get_u64(r)?;
     let mut flag = [0u8];
     r.read_exact(&mut flag)?;

@@ -46,55 +46,58 @@ use crate::rng::Rng;
 /// Ranking cut-off of the reported metrics.
 const K: usize = 10;
 
-/// Command-line options.
+/// Command-line options. Those that shape training are saved in
+/// checkpoints: on `--resume` they come from the checkpoint, and giving a
+/// different value is an error.
 #[derive(Parser, Debug)]
 #[command(
     about = "Train a two-tower recommender whose only parameters are embtable embedding tables",
     long_about = None
 )]
 struct Args {
-    /// Sparse optimizer for both tables [default: adagrad].
+    /// Sparse optimizer of both tables [default: adagrad].
     #[arg(long, value_enum)]
     optimizer: Option<OptName>,
-    /// Learning rate [default: tuned per optimizer, see --help of each].
+    /// Learning rate [default: tuned per optimizer, see the --optimizer values].
     #[arg(long)]
     lr: Option<f32>,
     /// Embedding dimension [default: 32].
     #[arg(long)]
     dim: Option<usize>,
-    /// Passes over the training interactions.
+    /// Passes over the training interactions (in all, resumed ones included).
     #[arg(long, default_value_t = 6)]
     epochs: u64,
-    /// Training examples per step.
-    #[arg(long, default_value_t = 2048)]
-    batch: usize,
+    /// Training examples per step [default: 2048].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Recent items pooled into the user vector [default: 20].
     #[arg(long)]
     history: Option<usize>,
-    /// Negatives sampled per batch, shared by its examples [default: 256].
+    /// Negatives sampled per step, shared by its examples [default: 256].
     #[arg(long)]
     negatives: Option<usize>,
-    /// Training loss.
-    #[arg(long, value_enum, default_value_t = LossName::Softmax)]
-    loss: LossName,
-    /// Draw negatives ∝ (count + 1)^POWER: 0 uniform, 1 by popularity.
-    #[arg(long, default_value_t = 0.5)]
-    negative_power: f64,
-    /// Weight of each history item relative to the next more recent one (1: plain mean).
-    #[arg(long, default_value_t = 1.0)]
-    recency: f32,
-    /// Standard deviation of the initial user-id embeddings (0: zeros).
-    #[arg(long, default_value_t = 0.1)]
-    user_init_std: f32,
-    /// Rescale rows to at most this L2 norm after each step (0: off).
-    #[arg(long, default_value_t = 0.0)]
-    max_norm: f32,
+    /// Training loss [default: softmax].
+    #[arg(long, value_enum)]
+    loss: Option<LossName>,
+    /// Draw negatives ∝ (count + 1)^POWER: 0 uniform, 1 by popularity [default: 0.5].
+    #[arg(long)]
+    negative_power: Option<f64>,
+    /// Weight of each history item relative to the next more recent one
+    /// (1: plain mean) [default: 1].
+    #[arg(long)]
+    recency: Option<f32>,
+    /// Standard deviation of the initial user-id embeddings (0: zeros) [default: 0.1].
+    #[arg(long)]
+    user_init_std: Option<f32>,
+    /// Rescale updated rows to at most this L2 norm (0: off) [default: 3 for sgd, else 0].
+    #[arg(long)]
+    max_norm: Option<f32>,
+    /// Seed of the data, the initial tables, the negatives and the shuffles [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Seed of the data, the initial tables, the negatives and the shuffles.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
     /// Interactions CSV `user,item[,rating[,timestamp]]` (MovieLens
     /// `ratings.csv`) instead of the generated data.
     #[arg(long, value_name = "FILE")]
@@ -114,7 +117,8 @@ struct Args {
     /// Write a checkpoint here after every epoch.
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
-    /// Continue training from this checkpoint (same data and seed).
+    /// Continue from this checkpoint: its tables, optimizer states and
+    /// settings, on the same data, up to --epochs.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
 }
@@ -131,13 +135,13 @@ enum LossName {
 /// The `--optimizer` choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum OptName {
-    /// Adagrad (per-coordinate), lr 0.1.
+    /// Adagrad (one accumulator per weight), lr 0.1.
     Adagrad,
     /// FBGEMM's row-wise Adagrad (one accumulator per row), lr 0.1.
     RowwiseAdagrad,
-    /// RMSprop, lr 0.003.
+    /// RMSprop, lr 0.01.
     Rmsprop,
-    /// Plain SGD, lr 0.5.
+    /// Plain SGD, lr 0.02, with rows kept within norm 3.
     Sgd,
 }
 
@@ -156,8 +160,28 @@ impl OptName {
         match self {
             OptName::Adagrad => 0.1,
             OptName::RowwiseAdagrad => 0.1,
-            OptName::Rmsprop => 0.003,
-            OptName::Sgd => 0.5,
+            OptName::Rmsprop => 0.01,
+            OptName::Sgd => 0.02,
+        }
+    }
+
+    /// The row norm bound each optimizer trains best with: plain SGD needs
+    /// one (the summed gradient of a popular row is large), the adaptive
+    /// optimizers do not.
+    fn default_max_norm(self) -> f32 {
+        match self {
+            OptName::Sgd => 3.0,
+            _ => 0.0,
+        }
+    }
+
+    /// The code of the optimizer in saved settings.
+    fn code(self) -> f64 {
+        match self {
+            OptName::Adagrad => 0.0,
+            OptName::RowwiseAdagrad => 1.0,
+            OptName::Rmsprop => 2.0,
+            OptName::Sgd => 3.0,
         }
     }
 }
@@ -173,6 +197,122 @@ pub struct RunConfig {
     pub batch: usize,
     /// Seed.
     pub seed: u64,
+}
+
+/// Everything that shapes training, resolved from the options, their
+/// defaults and a checkpoint being resumed.
+#[derive(Clone, Debug)]
+struct Settings {
+    opt: OptName,
+    lr: f32,
+    run: RunConfig,
+}
+
+impl Settings {
+    /// Fills in defaults; with a checkpoint, takes its settings and refuses
+    /// options that contradict them.
+    fn resolve(args: &Args, ckpt: Option<&Checkpoint>) -> Result<Settings, String> {
+        let saved = ckpt.map(|c| c.settings.as_slice());
+        let get = |name: &str, given: Option<f64>, default: f64| -> Result<f64, String> {
+            let stored = saved.and_then(|s| s.iter().find(|(n, _)| n == name).map(|p| p.1));
+            match (stored, given) {
+                (Some(s), Some(g)) if s != g => Err(format!(
+                    "--{name} {g} differs from the checkpoint's {s}; leave it out to resume"
+                )),
+                (Some(s), _) => Ok(s),
+                (None, Some(g)) => Ok(g),
+                (None, None) if saved.is_some() => {
+                    Err(format!("the checkpoint does not record --{name}"))
+                }
+                (None, None) => Ok(default),
+            }
+        };
+        let opt = match get("optimizer", args.optimizer.map(OptName::code), 0.0)? {
+            0.0 => OptName::Adagrad,
+            1.0 => OptName::RowwiseAdagrad,
+            2.0 => OptName::Rmsprop,
+            3.0 => OptName::Sgd,
+            x => return Err(format!("unknown optimizer code {x} in the checkpoint")),
+        };
+        let loss = match args.loss {
+            Some(LossName::Softmax) => Some(0.0),
+            Some(LossName::Bpr) => Some(1.0),
+            None => None,
+        };
+        let size = |name: &str, given: Option<usize>, default: usize| -> Result<usize, String> {
+            let x = get(name, given.map(|g| g as f64), default as f64)?;
+            if x >= 1.0 && x.fract() == 0.0 {
+                Ok(x as usize)
+            } else {
+                Err(format!("--{name} must be a positive integer, got {x}"))
+            }
+        };
+        let f32_of = |name: &str, given: Option<f32>, default: f32| {
+            get(name, given.map(f64::from), f64::from(default)).map(|x| x as f32)
+        };
+        let max_norm = f32_of("max-norm", args.max_norm, opt.default_max_norm())?;
+        let model = ModelConfig {
+            dim: size("dim", args.dim, 32)?,
+            history: size("history", args.history, 20)?,
+            negatives: size("negatives", args.negatives, 256)?,
+            loss: if get("loss", loss, 0.0)? == 0.0 {
+                Loss::Softmax
+            } else {
+                Loss::Bpr
+            },
+            negative_power: get("negative-power", args.negative_power, 0.5)?,
+            recency: f32_of("recency", args.recency, 1.0)?,
+            user_init_std: f32_of("user-init-std", args.user_init_std, 0.1)?,
+            max_norm: (max_norm > 0.0).then_some(max_norm),
+            ..ModelConfig::default()
+        };
+        if !(model.recency > 0.0 && model.recency <= 1.0) {
+            return Err(format!(
+                "--recency must be in (0, 1], got {}",
+                model.recency
+            ));
+        }
+        let seed = match (ckpt.map(|c| c.seed), args.seed) {
+            (Some(s), Some(g)) if s != g => {
+                return Err(format!(
+                    "--seed {g} differs from the checkpoint's {s}; leave it out to resume"
+                ));
+            }
+            (Some(s), _) => s,
+            (None, given) => given.unwrap_or(42),
+        };
+        Ok(Settings {
+            opt,
+            lr: f32_of("lr", args.lr, opt.default_lr())?,
+            run: RunConfig {
+                model,
+                epochs: args.epochs,
+                batch: size("batch", args.batch, 2048)?,
+                seed,
+            },
+        })
+    }
+
+    /// The settings as saved in a checkpoint.
+    fn to_pairs(&self) -> Vec<(String, f64)> {
+        let m = &self.run.model;
+        [
+            ("optimizer", self.opt.code()),
+            ("lr", f64::from(self.lr)),
+            ("dim", m.dim as f64),
+            ("history", m.history as f64),
+            ("negatives", m.negatives as f64),
+            ("loss", if m.loss == Loss::Softmax { 0.0 } else { 1.0 }),
+            ("negative-power", m.negative_power),
+            ("recency", f64::from(m.recency)),
+            ("user-init-std", f64::from(m.user_init_std)),
+            ("max-norm", f64::from(m.max_norm.unwrap_or(0.0))),
+            ("batch", self.run.batch as f64),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect()
+    }
 }
 
 /// Trains one epoch: the training examples in a fresh order drawn from
@@ -316,6 +456,17 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let started = Instant::now();
 
+    // Settings, from the options or the checkpoint being resumed.
+    let resumed = match &args.resume {
+        Some(path) => Some(
+            checkpoint::load(path)
+                .map_err(|e| format!("cannot resume from {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let settings = Settings::resolve(&args, resumed.as_ref())?;
+    let seed = settings.run.seed;
+
     // Data.
     let data = match &args.data {
         Some(path) => {
@@ -324,7 +475,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             let opts = CsvOptions {
                 min_rating: args.min_rating,
             };
-            data::read_interactions(BufReader::new(file), opts, args.seed)
+            data::read_interactions(BufReader::new(file), opts, seed)
                 .map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => {
@@ -341,14 +492,14 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
                     format!("--users must be positive and --items above {}", cfg.max_len).into(),
                 );
             }
-            data::generate(&cfg, args.seed)
+            data::generate(&cfg, seed)
         }
     };
     let source = match &args.data {
         Some(p) => p.display().to_string(),
-        None => format!("generated (seed {})", args.seed),
+        None => format!("generated (seed {seed})"),
     };
-    let eval_users = eval_sample(&data, args.eval_users, args.seed);
+    let eval_users = eval_sample(&data, args.eval_users, seed);
     println!(
         "data: {source}: {} users, {} items, {} training interactions, {} held out ({} evaluated) [{:.1}s]",
         thousands(data.users),
@@ -362,75 +513,16 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         return Err("no user has two interactions: nothing to hold out".into());
     }
 
-    // Resume or start.
-    let resumed = match &args.resume {
-        Some(path) => Some(
-            checkpoint::load(path)
-                .map_err(|e| format!("cannot resume from {}: {e}", path.display()))?,
-        ),
-        None => None,
-    };
-    let pick =
-        |given: Option<usize>, saved: Option<u64>, default: usize, what: &str| match (given, saved)
-        {
-            (Some(g), Some(s)) if g as u64 != s => Err(format!(
-                "--{what} {g} differs from the checkpoint's {s}; leave it out to resume"
-            )),
-            (_, Some(s)) => Ok(s as usize),
-            (Some(g), None) => Ok(g),
-            (None, None) => Ok(default),
-        };
-    let shape = resumed.as_ref().map(|c| c.shape);
-    let model = ModelConfig {
-        dim: pick(args.dim, shape.map(|s| s[0]), 32, "dim")?,
-        history: pick(args.history, shape.map(|s| s[1]), 20, "history")?,
-        negatives: pick(args.negatives, shape.map(|s| s[2]), 256, "negatives")?,
-        loss: match args.loss {
-            LossName::Softmax => Loss::Softmax,
-            LossName::Bpr => Loss::Bpr,
-        },
-        max_norm: (args.max_norm > 0.0).then_some(args.max_norm),
-        negative_power: args.negative_power,
-        recency: args.recency,
-        user_init_std: args.user_init_std,
-        ..ModelConfig::default()
-    };
-    if model.dim == 0 || model.negatives == 0 {
-        return Err("--dim and --negatives must be positive".into());
-    }
-    let opt = match (&resumed, args.optimizer) {
-        (Some(c), given) => {
-            let saved = OptName::from_str(&c.optimizer, false)
-                .map_err(|_| format!("unknown optimizer `{}` in the checkpoint", c.optimizer))?;
-            if given.is_some_and(|g| g != saved) {
-                return Err(format!(
-                    "--optimizer differs from the checkpoint's {}; leave it out to resume",
-                    c.optimizer
-                )
-                .into());
-            }
-            saved
-        }
-        (None, given) => given.unwrap_or(OptName::Adagrad),
-    };
-    let lr = args.lr.unwrap_or(opt.default_lr());
-    let run = RunConfig {
-        model,
-        epochs: args.epochs,
-        batch: args.batch,
-        seed: args.seed,
-    };
+    let lr = settings.lr;
     let ctx = Context {
         args: &args,
         data: &data,
         eval_users: &eval_users,
-        run: &run,
-        opt,
-        lr,
+        settings: &settings,
         resumed,
         started,
     };
-    match opt {
+    match settings.opt {
         OptName::Adagrad => ctx.train(|| adagrad(lr)),
         OptName::RowwiseAdagrad => ctx.train(|| rowwise_adagrad(lr)),
         OptName::Rmsprop => ctx.train(|| rmsprop(lr)),
@@ -501,9 +593,7 @@ struct Context<'a> {
     args: &'a Args,
     data: &'a Dataset,
     eval_users: &'a [usize],
-    run: &'a RunConfig,
-    opt: OptName,
-    lr: f32,
+    settings: &'a Settings,
     resumed: Option<Checkpoint>,
     started: Instant,
 }
@@ -517,12 +607,11 @@ impl Context<'_> {
             args,
             data,
             eval_users,
-            run,
-            opt,
-            lr,
+            settings,
             resumed,
             started,
         } = self;
+        let (run, opt, lr) = (&settings.run, settings.opt, settings.lr);
         let fingerprint = data.fingerprint();
         let (mut model, first_epoch) = match resumed {
             Some(c) => {
@@ -600,7 +689,7 @@ impl Context<'_> {
             );
             last = Some(m);
             if let Some(path) = &args.save {
-                save(path, &model, opt, run, epoch + 1, fingerprint)?;
+                save(path, &model, settings, epoch + 1, fingerprint)?;
             }
         }
         let m = match last {
@@ -642,20 +731,15 @@ impl Context<'_> {
 fn save<O: SparseOptimizer>(
     path: &Path,
     model: &Model<O>,
-    opt: OptName,
-    run: &RunConfig,
+    settings: &Settings,
     epoch: u64,
     data_fingerprint: u64,
 ) -> Result<(), Box<dyn Error>> {
     let ckpt = Checkpoint {
         epoch,
         data_fingerprint,
-        optimizer: opt.name().to_owned(),
-        shape: [
-            run.model.dim as u64,
-            run.model.history as u64,
-            run.model.negatives as u64,
-        ],
+        seed: settings.run.seed,
+        settings: settings.to_pairs(),
         tables: [model.items.table().clone(), model.users.table().clone()],
         states: [
             model.items.optimizer().state(),
@@ -723,10 +807,33 @@ mod tests {
         let mut first = Model::new(&data, run.model, make, run.seed).unwrap();
         train_epoch(&mut first, &data, &owner, &run, 0, |_| {}).unwrap();
         let path = std::env::temp_dir().join(format!("embtable-rec-{}.ckpt", std::process::id()));
-        save(&path, &first, OptName::Rmsprop, &run, 1, data.fingerprint()).unwrap();
+        let settings = Settings {
+            opt: OptName::Rmsprop,
+            lr: 0.003,
+            run: run.clone(),
+        };
+        save(&path, &first, &settings, 1, data.fingerprint()).unwrap();
         let ckpt = checkpoint::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
-        assert_eq!(ckpt.optimizer, "rmsprop");
+        assert_eq!(
+            (ckpt.seed, ckpt.settings.clone()),
+            (run.seed, settings.to_pairs())
+        );
+
+        // The settings come back from the checkpoint; contradicting them is refused.
+        let args = Args::parse_from(["recommender", "--epochs", "2"]);
+        let back = Settings::resolve(&args, Some(&ckpt)).unwrap();
+        assert_eq!(
+            (back.opt, back.lr, back.run.batch),
+            (OptName::Rmsprop, 0.003, 256)
+        );
+        assert_eq!(back.run.model, run.model);
+        let args = Args::parse_from(["recommender", "--dim", "8"]);
+        let e = Settings::resolve(&args, Some(&ckpt)).unwrap_err();
+        assert!(
+            e.contains("--dim 8 differs from the checkpoint's 16"),
+            "{e}"
+        );
         let (mut resumed, epoch) = restore(ckpt, &data, run.model, make).unwrap();
         assert_eq!(epoch, 1);
         train_epoch(&mut resumed, &data, &owner, &run, 1, |_| {}).unwrap();
@@ -740,7 +847,7 @@ mod tests {
 
         // Other data is refused.
         let other = data::generate(&GenConfig::tiny(), 12);
-        save(&path, &first, OptName::Rmsprop, &run, 1, data.fingerprint()).unwrap();
+        save(&path, &first, &settings, 1, data.fingerprint()).unwrap();
         let ckpt = checkpoint::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
         assert!(restore(ckpt, &other, run.model, make).is_err());
@@ -756,6 +863,26 @@ mod tests {
         let e = checkpoint::load(&path).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
         std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn settings_defaults_per_optimizer() {
+        let s = Settings::resolve(&Args::parse_from(["recommender"]), None).unwrap();
+        assert_eq!(
+            (s.opt, s.lr, s.run.model.max_norm),
+            (OptName::Adagrad, 0.1, None)
+        );
+        assert_eq!((s.run.model.dim, s.run.batch, s.run.seed), (32, 2048, 42));
+        let args = Args::parse_from(["recommender", "--optimizer", "sgd"]);
+        let s = Settings::resolve(&args, None).unwrap();
+        assert_eq!((s.lr, s.run.model.max_norm), (0.02, Some(3.0)));
+        let args = Args::parse_from(["recommender", "--optimizer", "sgd", "--max-norm", "0"]);
+        assert_eq!(
+            Settings::resolve(&args, None).unwrap().run.model.max_norm,
+            None
+        );
+        let args = Args::parse_from(["recommender", "--dim", "0"]);
+        assert!(Settings::resolve(&args, None).is_err());
     }
 
     #[test]
