@@ -377,18 +377,17 @@ pub fn evaluate_model<O: SparseOptimizer + Send + Sync>(
 }
 
 /// The most-popular baseline: every user gets the items seen most often in
-/// training, minus its own training items.
+/// training, minus its own training items. All users share one ranking, so
+/// each user's top 10 is read off it, skipping the user's items.
 pub fn evaluate_popular(data: &Dataset, users: &[usize]) -> Metrics {
-    let counts: Vec<f32> = data.item_counts().iter().map(|&c| c as f32).collect();
-    metrics::evaluate(
+    let counts = data.item_counts();
+    let mut ranking: Vec<u32> = (0..data.items as u32).collect();
+    // Most seen first; equal counts by id, as `top_k` breaks ties.
+    ranking.sort_by_key(|&i| (std::cmp::Reverse(counts[i as usize]), i));
+    metrics::evaluate_ranking(
         users,
-        data.items,
+        &ranking,
         K,
-        |block, out| {
-            for row in out.chunks_exact_mut(data.items).take(block.len()) {
-                row.copy_from_slice(&counts);
-            }
-        },
         |u| data.history(u),
         |u| data.test[u].into_iter().collect(),
     )
@@ -692,16 +691,27 @@ impl Context<'_> {
                 save(path, &model, settings, epoch + 1, fingerprint)?;
             }
         }
-        let m = match last {
-            Some(m) => m,
-            None => evaluate_model(&model, data, eval_users),
+        // The final numbers on every user with a held-out item.
+        let all_users = data.test_users();
+        let (m, popular) = if all_users.len() > eval_users.len() {
+            (
+                evaluate_model(&model, data, &all_users),
+                evaluate_popular(data, &all_users),
+            )
+        } else {
+            let m = last.unwrap_or_else(|| evaluate_model(&model, data, eval_users));
+            (m, popular)
         };
         println!(
-            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s); recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
+            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s)",
             started.elapsed().as_secs_f64(),
             thousands(trained),
             train_time.as_secs_f64(),
             rate(trained as f64 / train_time.as_secs_f64().max(1e-9)),
+        );
+        println!(
+            "held-out items of all {} users: recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
+            thousands(m.users),
             m.recall,
             popular.recall,
             times(m.recall, popular.recall),
