@@ -10,9 +10,11 @@
 //! popularity and hidden topics ([`data`]), trains a model whose only
 //! parameters are two embedding tables ([`model`]: the user vector is the
 //! mean of the user's recent items plus a user-id embedding, the item
-//! vector a row of the same item table, BPR loss on sampled negatives), and
-//! after each epoch reports recall@10 and NDCG@10 on each user's held-out
-//! interaction beside a most-popular baseline ([`metrics`]).
+//! vector a row of the same item table, a sampled softmax over negatives
+//! shared by the batch, or BPR), and after each epoch reports recall@10 and
+//! NDCG@10 on the users' held-out interactions beside a most-popular
+//! baseline ([`metrics`]). The dense maths of a step is a few matrix
+//! products ([`dense`]); `--save`/`--resume` use [`checkpoint`].
 //!
 //! Run with `--help` for the options.
 
@@ -627,17 +629,26 @@ impl Context<'_> {
 
         let popular = evaluate_popular(data, eval_users);
         println!(
-            "model: dim {}, history {}, {} negatives, optimizer {} (lr {lr}), batch {}, {} threads",
+            "model: dim {}, history {}, {} loss with {} shared negatives, optimizer {} (lr {lr}{}), batch {}, {} threads",
             run.model.dim,
             run.model.history,
+            match run.model.loss {
+                Loss::Softmax => "softmax",
+                Loss::Bpr => "BPR",
+            },
             run.model.negatives,
             opt.name(),
+            run.model
+                .max_norm
+                .map_or(String::new(), |m| format!(", max_norm {m}")),
             run.batch,
             rayon::current_num_threads()
         );
         println!(
-            "most-popular baseline: recall@{K} {:.4}  NDCG@{K} {:.4}",
-            popular.recall, popular.ndcg
+            "most-popular baseline on the {} evaluated users: recall@{K} {:.4}  NDCG@{K} {:.4}",
+            thousands(popular.users),
+            popular.recall,
+            popular.ndcg
         );
 
         let style = ProgressStyle::with_template(
