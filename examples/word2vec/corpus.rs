@@ -3,7 +3,7 @@
 //!
 //! # The generated corpus
 //!
-//! Words belong to hidden topics (`animal00`, `animal01`, … `fruit00`, …)
+//! Words belong to hidden topics (`animal000`, `animal001`, … `fruit000`, …)
 //! and a few function words (`the`, `of`, …) belong to none. Each sentence
 //! picks one topic; each of its words is a function word with probability
 //! `function_share`, a word of another random topic with probability
@@ -170,9 +170,10 @@ pub fn generate(cfg: &CorpusConfig, seed: u64) -> Corpus {
     let f = FUNCTION_WORDS.len();
     let mut words: Vec<String> = FUNCTION_WORDS.iter().map(|w| w.to_string()).collect();
     let mut topic_of = vec![None; f];
+    let width = (cfg.words_per_topic - 1).max(10).to_string().len();
     for (t, name) in TOPICS.iter().enumerate().take(cfg.topics) {
         for i in 0..cfg.words_per_topic {
-            words.push(format!("{name}{i:02}"));
+            words.push(format!("{name}{i:0width$}"));
             topic_of.push(Some(t));
         }
     }
@@ -235,7 +236,7 @@ mod tests {
         assert_eq!(a.vocab.word(0), Some("the"));
         let clusters = a.clusters.as_ref().unwrap();
         assert_eq!(clusters.len(), a.vocab.len());
-        assert_eq!(clusters[a.vocab.get("fruit03").unwrap()], Some(1));
+        assert_eq!(clusters[a.vocab.get("fruit003").unwrap()], Some(1));
         assert_eq!(clusters[a.vocab.get("of").unwrap()], None);
         assert!(a.tokens() >= 2_000 * cfg.len.0 && a.tokens() <= 2_000 * cfg.len.1);
     }

@@ -183,9 +183,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     };
     println!(
         "corpus: {source}: {} sentences, {} words, vocabulary {} [{:.1}s]",
-        corpus.sentences.len(),
-        corpus.tokens(),
-        corpus.vocab.len(),
+        thousands(corpus.sentences.len()),
+        thousands(corpus.tokens()),
+        thousands(corpus.vocab.len()),
         started.elapsed().as_secs_f64()
     );
 
@@ -246,7 +246,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             args.epochs,
             stats.loss_sum / stats.pairs.max(1) as f64,
             stats.words as f64 / dt.as_secs_f64() / 1e3,
-            stats.pairs,
+            thousands(stats.pairs),
             dt.as_secs_f64(),
             clusters.map_or(String::new(), |(f, _)| format!(
                 " | same-cluster neighbours {:.1}%",
@@ -300,12 +300,25 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     println!(
         "done in {:.1}s: {} words trained in {:.1}s ({:.0}k words/s); vectors written to {} (gensim: KeyedVectors.load_word2vec_format)",
         started.elapsed().as_secs_f64(),
-        words,
+        thousands(words),
         train_time.as_secs_f64(),
         words as f64 / train_time.as_secs_f64().max(1e-9) / 1e3,
         output.display()
     );
     Ok(())
+}
+
+/// `1234567` → `"1,234,567"`.
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Query words when none are given: the most frequent word of the first
