@@ -7,14 +7,14 @@
 //! ```
 //!
 //! By default it generates 20,000 users and 50,000 items with Zipf
-//! popularity and hidden topics ([`data`]), trains a model whose only
-//! parameters are two embedding tables ([`model`]: the user vector is the
+//! popularity and hidden topics (`data.rs`), trains a model whose only
+//! parameters are two embedding tables (`model.rs`: the user vector is the
 //! mean of the user's recent items plus a user-id embedding, the item
 //! vector a row of the same item table, a sampled softmax over negatives
 //! shared by the batch, or BPR), and after each epoch reports recall@10 and
 //! NDCG@10 on the users' held-out interactions beside a most-popular
-//! baseline ([`metrics`]). The dense maths of a step is a few matrix
-//! products ([`dense`]); `--save`/`--resume` use [`checkpoint`].
+//! baseline (`metrics.rs`). The dense maths of a step is a few matrix
+//! products (`dense.rs`); `--save`/`--resume` use `checkpoint.rs`.
 //!
 //! Run with `--help` for the options.
 

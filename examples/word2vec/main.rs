@@ -7,7 +7,7 @@
 //! ```
 //!
 //! By default it trains on a generated corpus with planted word clusters
-//! ([`corpus`]) and reports how many of each word's nearest neighbours come
+//! (`corpus.rs`) and reports how many of each word's nearest neighbours come
 //! from its own cluster. The vectors are written in word2vec text format,
 //! which gensim reads with `KeyedVectors.load_word2vec_format(path)`.
 //!
