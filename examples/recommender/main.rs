@@ -874,6 +874,27 @@ mod tests {
         assert!(restore(ckpt, &other, run.model, make).is_err());
     }
 
+    /// Training gives the same tables bit for bit on any thread count.
+    #[test]
+    fn training_does_not_depend_on_threads() {
+        let (data, mut run) = tiny_run();
+        run.batch = 4096; // large enough for embtable's parallel paths
+        run.model.dim = 32;
+        let owner = data.owners();
+        let train = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let mut m = Model::new(&data, run.model, || adagrad(0.1), run.seed).unwrap();
+                    train_epoch(&mut m, &data, &owner, &run, 0, |_| {}).unwrap();
+                    (m.items.table().clone(), m.users.table().clone())
+                })
+        };
+        assert!(train(1) == train(3));
+    }
+
     #[test]
     fn checkpoint_rejects_garbage() {
         let path =
