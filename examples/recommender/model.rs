@@ -485,8 +485,10 @@ impl<O: SparseOptimizer + Send> Model<O> {
             &mut s.scores,
         );
 
-        // Per example: the positive's score, the loss, and the coefficients
-        // g₀ (kept in `loss`'s twin `g0`) and p_k (overwriting the scores).
+        // Per example, in parallel: the positive's score, the loss, and the
+        // coefficients g₀ (into `g0`) and p_k (over the scores, so `coef`
+        // below is the batch × K matrix P). The softmax scores the logits
+        // minus log q, the log-probability that the proposal draws the item.
         let neg_ids = &s.cand_ids[n..];
         let pos_ids = &s.cand_ids[..n];
         let log_q = &self.negatives.log_q;
