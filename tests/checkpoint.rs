@@ -1246,3 +1246,42 @@ proptest! {
         prop_assert_eq!(state_bits(&back.0), state_bits(&state));
     }
 }
+
+#[test]
+fn user_metadata_round_trips_beside_a_table_named_user() {
+    let table = EmbeddingTable::from_rows(2, 1, &[1.0, 2.0]).unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "embtable-user-meta-{}.safetensors",
+        std::process::id()
+    ));
+    Checkpoint::new()
+        .with("user", &table, &Sgd::default())
+        .with_metadata("optim.kind", "not the optimizer")
+        .with_metadata("epoch", "1")
+        .with_metadata("epoch", "2")
+        .save(&path)
+        .unwrap();
+    let mut loaded = Checkpoint::load(&path).unwrap();
+    assert_eq!(loaded.metadata("epoch"), Some("2"));
+    assert_eq!(loaded.metadata("optim.kind"), Some("not the optimizer"));
+    assert_eq!(loaded.optimizer_state("user").unwrap().kind, "sgd");
+    let mut sgd = Sgd::default();
+    assert_eq!(loaded.restore("user", &mut sgd).unwrap(), table);
+
+    let err = Checkpoint::new()
+        .with_table("t", &table)
+        .with_metadata("bad key", "x")
+        .save(&path)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "metadata",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(&path).ok();
+}

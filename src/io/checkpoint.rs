@@ -29,6 +29,7 @@
 //! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
+//! | `user:{key}` | a value given to [`Checkpoint::with_metadata`] (the `:` keeps these apart from table keys) |
 //!
 //! Weights and state values are stored bit for bit (NaN payloads
 //! included); config values round-trip exactly, except that a NaN is
@@ -156,7 +157,12 @@ const CHUNK: usize = 1 << 14;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Checkpoint<'a> {
     entries: Vec<Entry<'a>>,
+    /// The caller's own metadata, in the order given (sorted once loaded).
+    user: Vec<(String, String)>,
 }
+
+/// Prefix of the caller's metadata keys in the file.
+const USER_PREFIX: &str = "user:";
 
 /// One named table of a [`Checkpoint`].
 #[derive(Clone, Debug, PartialEq)]
@@ -226,6 +232,44 @@ impl<'a> Checkpoint<'a> {
             state: None,
         });
         self
+    }
+
+    /// Adds a metadata entry of the caller's own (the epoch, a data
+    /// fingerprint, hyper-parameters), saved as `user:{key}`. A key given
+    /// twice keeps the later value. Keys are checked by [`save`](Self::save)
+    /// like table names.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::EmbeddingTable;
+    /// let table = EmbeddingTable::zeros(4, 2)?;
+    /// let path = std::env::temp_dir().join("embtable-doc-metadata.safetensors");
+    /// Checkpoint::new()
+    ///     .with_table("items", &table)
+    ///     .with_metadata("epoch", "3")
+    ///     .save(&path)?;
+    /// let loaded = Checkpoint::load(&path)?;
+    /// assert_eq!(loaded.metadata("epoch"), Some("3"));
+    /// assert_eq!(loaded.metadata("seed"), None);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let (key, value) = (key.into(), value.into());
+        match self.user.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.user.push((key, value)),
+        }
+        self
+    }
+
+    /// The value of the caller's metadata entry `key`, if any.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.user
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Number of tables.
@@ -486,6 +530,10 @@ impl<'a> Checkpoint<'a> {
         }
         let names: Vec<&str> = self.names().collect();
         metadata.push((KEY_TABLES.to_owned(), names.join(",")));
+        for (key, value) in &self.user {
+            check_name("metadata", "metadata key", key)?;
+            metadata.push((format!("{USER_PREFIX}{key}"), value.clone()));
+        }
         Plan::new(Some(metadata), tensors)
     }
 }
@@ -1122,7 +1170,15 @@ impl<'b> Parsed<'b> {
                 "unexpected tensors {unknown:?}: not part of a table listed in {KEY_TABLES}"
             )));
         }
-        Ok(Checkpoint { entries })
+        let mut user: Vec<(String, String)> = self
+            .meta
+            .metadata()
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.strip_prefix(USER_PREFIX)?.to_owned(), v.clone())))
+            .collect();
+        user.sort();
+        Ok(Checkpoint { entries, user })
     }
 
     /// The optimizer state saved with table `name`, which is `table`.
