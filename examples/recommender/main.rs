@@ -747,8 +747,7 @@ impl Context<'_> {
     }
 }
 
-/// Writes a checkpoint (see [`checkpoint`]): the one place to switch to
-/// `embtable::io::save_checkpoint` once it exists.
+/// Writes a checkpoint (see [`checkpoint`]).
 fn save<O: SparseOptimizer>(
     path: &Path,
     model: &Model<O>,
@@ -756,18 +755,14 @@ fn save<O: SparseOptimizer>(
     epoch: u64,
     data_fingerprint: u64,
 ) -> Result<(), Box<dyn Error>> {
-    let ckpt = Checkpoint {
+    let at = checkpoint::Position {
         epoch,
         data_fingerprint,
         seed: settings.run.seed,
-        settings: settings.to_pairs(),
-        tables: [model.items.table().clone(), model.users.table().clone()],
-        states: [
-            model.items.optimizer().state(),
-            model.users.optimizer().state(),
-        ],
+        settings: &settings.to_pairs(),
     };
-    checkpoint::save(path, &ckpt).map_err(|e| format!("cannot save {}: {e}", path.display()))?;
+    checkpoint::save(path, &model.items, &model.users, &at)
+        .map_err(|e| format!("cannot save {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -899,11 +894,11 @@ mod tests {
     fn checkpoint_rejects_garbage() {
         let path =
             std::env::temp_dir().join(format!("embtable-rec-bad-{}.ckpt", std::process::id()));
-        std::fs::write(&path, b"EMBTREC1\x01\x00").unwrap();
+        std::fs::write(&path, b"\x02\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
         assert!(checkpoint::load(&path).is_err());
         std::fs::write(&path, b"not a checkpoint").unwrap();
         let e = checkpoint::load(&path).unwrap_err();
-        assert!(e.to_string().contains("magic"), "{e}");
+        assert!(e.to_string().contains("safetensors"), "{e}");
         std::fs::remove_file(&path).ok();
     }
 
