@@ -15,18 +15,10 @@ const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 /// small enough that two threads finish together.
 const TASK_FLOATS: usize = 1 << 16;
 
-/// Outputs at least this large are written with streaming stores: they
-/// would not stay in the last-level cache anyway, and streaming saves the
-/// read of every output line before it is overwritten.
-const STREAM_MIN_BYTES: usize = 16 << 20;
-
-/// Rows are staged in a buffer of this many floats (8 KiB, well inside L1)
-/// and the staged span is streamed out, so only the two ends of each span
-/// are partial lines, whatever the output's alignment and the row length.
-const STAGE_FLOATS: usize = 2048;
-
 /// Rows prefetched ahead of the one being copied. Random rows come from
-/// DRAM at ~100 ns; eight in flight hide most of that latency.
+/// DRAM at ~100 ns; eight in flight hide most of that latency. They are
+/// prefetched into L2, not L1: L1's few miss buffers would fill and stall
+/// (measured on W1: 16.3 ms into L2 vs 18.7 ms into L1, one thread).
 pub(crate) const PREFETCH_AHEAD: usize = 8;
 
 /// An embedding table: `rows` vectors of `dim` floats.
@@ -319,7 +311,6 @@ impl EmbeddingTable {
     /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
     pub(crate) unsafe fn gather_unchecked<I: Index>(&self, tier: Tier, ids: &[I], out: &mut [f32]) {
         debug_assert_eq!(out.len(), ids.len() * self.dim);
-        let stream = size_of_val(out) >= STREAM_MIN_BYTES && self.dim <= STAGE_FLOATS;
         let gather = |ids: &[I], out: &mut [f32]| {
             kernels::dispatch(
                 tier,
@@ -327,7 +318,6 @@ impl EmbeddingTable {
                     table: self,
                     ids,
                     out,
-                    stream,
                 },
             )
         };
@@ -371,16 +361,11 @@ impl Kernel for Scale<'_> {
 /// prefetching the row `PREFETCH_AHEAD` ids ahead so several DRAM fetches
 /// are in flight at once.
 ///
-/// With `stream`, rows are copied to an L1-resident stage a few at a time and
-/// each staged span is written out with streaming stores (`dim` must be at
-/// most `STAGE_FLOATS`).
-///
 /// Invariant: every id was validated against `table.rows`.
 struct Gather<'a, I> {
     table: &'a EmbeddingTable,
     ids: &'a [I],
     out: &'a mut [f32],
-    stream: bool,
 }
 
 impl<I: Index> Kernel for Gather<'_, I> {
@@ -388,51 +373,19 @@ impl<I: Index> Kernel for Gather<'_, I> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let Gather {
-            table,
-            ids,
-            out,
-            stream,
-        } = self;
-        let dim = table.dim;
-        if !stream {
-            copy_rows(s, table, ids, 0, out);
-            return;
+        let Gather { table, ids, out } = self;
+        let (dim, stride) = (table.dim, table.stride);
+        let base = table.data.as_ptr();
+        let upcoming = ids.get(PREFETCH_AHEAD..).unwrap_or_default();
+        for (k, (&id, dst)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
+            if let Some(&ahead) = upcoming.get(k) {
+                // SAFETY: validated id (struct invariant).
+                let r = unsafe { row_unchecked(ahead) };
+                kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
+            }
+            // SAFETY: validated id (struct invariant), so the row is in the table.
+            let src = unsafe { table.row_unchecked(row_unchecked(id)) };
+            kernels::copy_row(s, src, dst);
         }
-        let mut stage = [0.0f32; STAGE_FLOATS];
-        let per_stage = STAGE_FLOATS / dim;
-        for (g, dst) in out.chunks_mut(per_stage * dim).enumerate() {
-            let staged = &mut stage[..dst.len()];
-            copy_rows(s, table, ids, g * per_stage, staged);
-            kernels::copy_row_streaming(s, staged, dst);
-        }
-        s.fence();
-    }
-}
-
-/// Copies rows `ids[first..]` into `out` until it is full, prefetching ahead.
-///
-/// Every id must be validated against `table.rows` (the `Gather` invariant).
-#[inline(always)]
-fn copy_rows<S: Simd, I: Index>(
-    s: S,
-    table: &EmbeddingTable,
-    ids: &[I],
-    first: usize,
-    out: &mut [f32],
-) {
-    let (dim, stride) = (table.dim, table.stride);
-    let base = table.data.as_ptr();
-    let upcoming = ids.get(first + PREFETCH_AHEAD..).unwrap_or_default();
-    let rows = ids[first..].iter().zip(out.chunks_exact_mut(dim));
-    for (k, (&id, dst)) in rows.enumerate() {
-        if let Some(&ahead) = upcoming.get(k) {
-            // SAFETY: validated id (caller's invariant).
-            let r = unsafe { row_unchecked(ahead) };
-            kernels::prefetch_row(base.wrapping_add(r * stride), dim);
-        }
-        // SAFETY: validated id (caller's invariant), so the row is in the table.
-        let src = unsafe { table.row_unchecked(row_unchecked(id)) };
-        kernels::copy_row(s, src, dst);
     }
 }

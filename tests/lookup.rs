@@ -97,39 +97,6 @@ fn large_batch_takes_the_parallel_path() {
     check_lookup::<u64>(rows, dim, &ids);
 }
 
-fn check_streamed(rows: usize, dim: usize, n: u32, misalign: usize) {
-    let table = table_of(rows, dim);
-    let ids: Vec<u32> = (0..n).map(|i| (i * 7919) % rows as u32).collect();
-    let mut want = vec![0.0; ids.len() * dim];
-    for (j, &id) in ids.iter().enumerate() {
-        want[j * dim..][..dim].copy_from_slice(table.row(id as usize));
-    }
-    for (tier, threads, got) in each_config(|| {
-        let mut out = embtable::AlignedBuf::zeroed(ids.len() * dim + misalign, "out").unwrap();
-        table
-            .lookup(&ids, &mut out.as_mut_slice()[misalign..])
-            .unwrap();
-        out.as_slice()[misalign..].to_vec()
-    }) {
-        assert_bits_eq(
-            &got,
-            &want,
-            &format!("streamed {tier} x{threads} dim {dim}"),
-        );
-    }
-}
-
-#[test]
-fn large_outputs_take_the_streaming_path() {
-    // At least 16 MiB of output: staged and streamed, at any alignment, for
-    // row lengths that divide the stage, do not, and exceed a cache line.
-    check_streamed(1000, 64, 65_536, 0);
-    check_streamed(1000, 64, 65_536, 3);
-    check_streamed(700, 33, 127_200, 5);
-    check_streamed(50, 2048, 2100, 1);
-    check_streamed(50, 2049, 2100, 0); // beyond the stage: regular stores
-}
-
 #[test]
 fn wrong_output_length_is_a_shape_error() {
     let table = table_of(4, 3);

@@ -37,31 +37,6 @@ pub fn copy_row<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
     });
 }
 
-/// `dst = src` (equal lengths), with non-temporal stores for the vectors of
-/// `dst` that are whole and aligned, regular stores for the rest.
-///
-/// For outputs larger than the caches: streaming skips the read of each
-/// destination line before it is overwritten. The caller must
-/// [`Simd::fence`] before handing `dst` to another thread.
-#[inline(always)]
-pub fn copy_row_streaming<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
-    debug_assert_eq!(src.len(), dst.len());
-    let len = dst.len().min(src.len());
-    let misalign = dst.as_ptr() as usize % (S::N * 4) / 4;
-    let head = ((S::N - misalign) % S::N).min(len);
-    if head > 0 {
-        s.store_partial(s.load_partial(&src[..head]), &mut dst[..head]);
-    }
-    let mut i = head;
-    while i + S::N <= len {
-        s.stream(s.load(&src[i..]), &mut dst[i..]);
-        i += S::N;
-    }
-    if i < len {
-        s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
-    }
-}
-
 /// `acc += a * x` (equal lengths; the product is rounded before the sum).
 #[inline(always)]
 pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
