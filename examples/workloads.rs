@@ -6,7 +6,7 @@
 //! cargo run --release --example workloads -- W1 --threads 2
 //! ```
 //!
-//! Workloads: W1, W1-d32, W1-d512, W2, W3. Options: `--threads N` (default
+//! Workloads: W1, W1-d32, W1-d512, W2, W3, W4-sum, W4-mean, W4-wsum. Options: `--threads N` (default
 //! 1), `--runs R` timed runs after warm-up (default 15, at least 15),
 //! `--tier T` to force a kernel tier. The last line is
 //! `<W> threads=<N> median_ms=<x>`.
@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embtable::kernels::{self, Tier};
-use embtable::workloads::{self, BATCH, BIG_ROWS, SMALL_ROWS};
-use embtable::{EmbeddingTable, Init};
+use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
+use embtable::{Bags, EmbeddingTable, Init, Pooling};
 
 struct Args {
     workload: String,
@@ -69,6 +69,21 @@ fn gather(rows: usize, dim: usize, ids: Vec<i64>) -> Prepared {
     Box::new(move || table.lookup(&ids, &mut out).expect("lookup"))
 }
 
+/// W4: 16,384 bags of 32 ids over the 1M × 128 table, pooled.
+fn pooled(pooling: Pooling, weighted: bool) -> Prepared {
+    let table = EmbeddingTable::new(BIG_ROWS, 128, Init::default(), 7).expect("table");
+    let ids = workloads::uniform(4, BAGS * BAG_LEN, BIG_ROWS);
+    let weights = weighted.then(|| workloads::weights(40, ids.len()));
+    let offsets: Vec<usize> = (0..=BAGS).map(|b| b * BAG_LEN).collect();
+    let mut out = vec![0.0f32; BAGS * 128];
+    Box::new(move || {
+        let bags = Bags::new(&ids, &offsets, weights.as_deref()).expect("bags");
+        table
+            .pooled_lookup(&bags, pooling, &mut out)
+            .expect("pooled lookup")
+    })
+}
+
 fn prepare(name: &str) -> Option<Prepared> {
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
     Some(match name {
@@ -77,6 +92,9 @@ fn prepare(name: &str) -> Option<Prepared> {
         "W1-d512" => gather(BIG_ROWS, 512, w1()),
         "W2" => gather(SMALL_ROWS, 64, workloads::uniform(2, BATCH, SMALL_ROWS)),
         "W3" => gather(BIG_ROWS, 128, workloads::zipf(3, BATCH, BIG_ROWS, 1.05)),
+        "W4-sum" => pooled(Pooling::Sum, false),
+        "W4-mean" => pooled(Pooling::Mean, false),
+        "W4-wsum" => pooled(Pooling::Sum, true),
         _ => return None,
     })
 }
