@@ -266,13 +266,22 @@ impl<O: SparseOptimizer> Embedding<O> {
         pooling: Pooling,
         out: &mut [f32],
     ) -> Result<()> {
+        let expected = bags.len().saturating_mul(self.table.dim());
+        Error::check_len("pooled output length (bags * dim)", expected, out.len())?;
+        // Everything is checked before the catch-up writes to the table.
         let resolved = self.resolve(bags.ids())?;
-        self.catch_up(&resolved)?;
-        match resolved {
-            Resolved::Direct(_) => self.table.pooled_lookup(bags, pooling, out),
+        match &resolved {
+            Resolved::Direct(_) => {
+                self.table.check_pooled(bags, pooling)?;
+                self.catch_up(&resolved)?;
+                self.table.pooled_lookup(bags, pooling, out)
+            }
             Resolved::Mapped(rows) => {
-                let kept = KeptBags::new(bags, &rows);
-                self.table.pooled_lookup(&kept.bags()?, pooling, out)
+                let kept = KeptBags::new(bags, rows);
+                let kept = kept.bags()?;
+                self.table.check_pooled(&kept, pooling)?;
+                self.catch_up(&resolved)?;
+                self.table.pooled_lookup(&kept, pooling, out)
             }
         }
     }

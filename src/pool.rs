@@ -540,7 +540,11 @@ impl EmbeddingTable {
     }
 
     /// Everything a pooled lookup checks besides the output length.
-    fn check_pooled<I: Index>(&self, bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
+    pub(crate) fn check_pooled<I: Index>(
+        &self,
+        bags: &Bags<'_, I>,
+        pooling: Pooling,
+    ) -> Result<()> {
         check_max_weights(bags, pooling)?;
         validate_ids(bags.ids, self.rows())?;
         check_coefficients(bags, pooling)

@@ -508,3 +508,37 @@ fn a_boxed_optimizer_chosen_at_run_time_trains() {
         assert_eq!(layer.table().row(1), before.row(1), "{name}");
     }
 }
+
+#[test]
+fn rejected_pooled_forward_does_not_catch_rows_up() {
+    let config = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        semantics: Semantics::DenseExact,
+        ..SgdConfig::keras()
+    };
+    let table = EmbeddingTable::new(6, 3, Init::default(), 2).unwrap();
+    let mut layer = Embedding::new(table, Sgd::new(config));
+    layer.backward(&[1u32, 2], &[1.0; 6]).unwrap();
+    layer.step().unwrap();
+    layer.backward(&[3u32], &[1.0; 3]).unwrap();
+    layer.step().unwrap(); // rows 1 and 2 now lag one step
+    let before = layer.table().clone();
+    let ids = [1u32, 2];
+    let weights = [0.5f32, 0.5];
+    let bags = Bags::new(&ids, &[0, 2], Some(&weights)).unwrap();
+    let mut out = vec![0.0; 3];
+    assert!(layer.forward_pooled(&bags, Pooling::Max, &mut out).is_err());
+    assert!(
+        layer
+            .forward_pooled(&bags, Pooling::Sum, &mut out[..2])
+            .is_err()
+    );
+    assert_eq!(layer.table(), &before, "a rejected call wrote the table");
+    layer.forward_pooled(&bags, Pooling::Sum, &mut out).unwrap();
+    assert_ne!(
+        layer.table(),
+        &before,
+        "a valid call catches rows 1 and 2 up"
+    );
+}
