@@ -28,13 +28,17 @@ fn for_chunks<S: Simd>(len: usize, mut body: impl FnMut(usize, bool)) {
 pub fn copy_row<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     let len = dst.len().min(src.len());
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            s.store(s.load(&src[i..]), &mut dst[i..]);
-        } else {
-            s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                s.store(s.load(&src[i..]), &mut dst[i..]);
+            } else {
+                s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
+            }
+        },
+    );
 }
 
 /// `dst = src` (equal lengths), with non-temporal stores for the vectors of
@@ -68,18 +72,22 @@ pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
     debug_assert_eq!(acc.len(), x.len());
     let len = acc.len().min(x.len());
     let av = s.splat(a);
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.add(s.load(&acc[i..]), s.mul(av, s.load(&x[i..])));
-            s.store(v, &mut acc[i..]);
-        } else {
-            let v = s.add(
-                s.load_partial(&acc[i..len]),
-                s.mul(av, s.load_partial(&x[i..len])),
-            );
-            s.store_partial(v, &mut acc[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.add(s.load(&acc[i..]), s.mul(av, s.load(&x[i..])));
+                s.store(v, &mut acc[i..]);
+            } else {
+                let v = s.add(
+                    s.load_partial(&acc[i..len]),
+                    s.mul(av, s.load_partial(&x[i..len])),
+                );
+                s.store_partial(v, &mut acc[i..len]);
+            }
+        },
+    );
 }
 
 /// `x *= a`.
@@ -87,15 +95,19 @@ pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
 pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
     let len = x.len();
     let av = s.splat(a);
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.mul(s.load(&x[i..]), av);
-            s.store(v, &mut x[i..]);
-        } else {
-            let v = s.mul(s.load_partial(&x[i..len]), av);
-            s.store_partial(v, &mut x[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.mul(s.load(&x[i..]), av);
+                s.store(v, &mut x[i..]);
+            } else {
+                let v = s.mul(s.load_partial(&x[i..len]), av);
+                s.store_partial(v, &mut x[i..len]);
+            }
+        },
+    );
 }
 
 /// `acc = max(x, acc)` lane-wise, with [`Simd::max`]'s rule: `x` wins only
@@ -104,13 +116,17 @@ pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
 pub fn max_into<S: Simd>(s: S, acc: &mut [f32], x: &[f32]) {
     debug_assert_eq!(acc.len(), x.len());
     let len = acc.len().min(x.len());
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
-            s.store(v, &mut acc[i..]);
-        } else {
-            let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
-            s.store_partial(v, &mut acc[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
+                s.store(v, &mut acc[i..]);
+            } else {
+                let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
+                s.store_partial(v, &mut acc[i..len]);
+            }
+        },
+    );
 }
