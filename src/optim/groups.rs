@@ -43,6 +43,10 @@ pub(crate) const NONE: u32 = u32::MAX;
 /// Ids this many positions ahead have their group entry prefetched.
 const PREFETCH_AHEAD: usize = 16;
 
+/// Positions ahead whose later occurrence is prefetched by [`Groups::copy_later`]
+/// (about one in eight positions is a later occurrence).
+const COPY_AHEAD: usize = 64;
+
 /// Positions per task of [`Groups::copy_later`].
 const CHUNK: usize = 256;
 
@@ -252,11 +256,15 @@ impl Kernel for CopyLater<'_> {
         let (dim, stride) = (self.dim, self.stride);
         let end = self.positions.end;
         for j in self.positions {
-            // A later position's group offset lies anywhere in `later`.
-            if j + PREFETCH_AHEAD < end {
-                let k = self.group_at[j + PREFETCH_AHEAD];
+            // A later position's group offset lies anywhere in `later`, and
+            // its row is one of a few scattered ones of `grad_out` (unless
+            // a scan just read them).
+            if j + COPY_AHEAD < end {
+                let k = self.group_at[j + COPY_AHEAD];
                 if k != NONE {
                     kernels::prefetch(self.later.as_ptr().wrapping_add(k as usize).cast());
+                    let row = self.grad_out.as_ptr().wrapping_add((j + COPY_AHEAD) * dim);
+                    kernels::prefetch_row_l2(row, dim);
                 }
             }
             let k = self.group_at[j];
