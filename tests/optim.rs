@@ -727,6 +727,33 @@ fn step_lookup_of_every_kind_equals_accumulate_then_step() {
     }
 }
 
+/// A batch whose gradient (20 MB) is too large for the caches, as in
+/// WORKLOADS.md's W5: the later occurrences' rows are streamed to scratch.
+#[test]
+fn step_lookup_on_a_large_batch_equals_accumulate_then_step() {
+    let (rows, dim, n) = (60_000, 128, 40_000);
+    let ids = embtable::workloads::uniform(9, n, rows);
+    let run = Run {
+        rows,
+        dim,
+        seed: 3,
+        steps: vec![
+            (ids.iter().map(|&r| r as usize).collect(), 4),
+            (ids.iter().rev().map(|&r| r as usize).collect(), 5),
+        ],
+    };
+    for cfg in every_kind() {
+        let want = run.train(cfg, |_| false);
+        for (tier, threads, got) in each_config(|| run.train(cfg, |_| true)) {
+            for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
+                let what = format!("{cfg:?}, {tier}/{threads}, after step {t}");
+                assert_bits_eq(w, want_w, &what);
+                assert_state_bits(state, want_state, &what);
+            }
+        }
+    }
+}
+
 /// An optimizer that only forwards the required methods, so it gets the
 /// provided `step_lookup`.
 struct Forward(Adagrad);
