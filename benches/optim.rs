@@ -4,8 +4,10 @@
 //!
 //! Ids are `w5/<op>/<tier>-t<threads>`:
 //! - `coalesce`: `SparseGrad::clear` + `accumulate_lookup` (duplicates summed);
-//! - `sgd`, `adagrad`, `rowwise_adagrad`, `rmsprop`: coalesce + step, the
-//!   figure to set beside the peers in WORKLOADS.md;
+//! - `sgd`, `adagrad`, `rowwise_adagrad`, `rmsprop`: coalesce + step;
+//! - `fused_<optimizer>`: the same step through `SparseOptimizer::step_lookup`,
+//!   which sums each row's gradient right before updating it (bitwise the
+//!   same result): the figure to set beside the peers in WORKLOADS.md;
 //! - `step_<optimizer>`: the step alone, on an already coalesced gradient.
 //!
 //! Maths as WORKLOADS.md: lr 0.01, ε 1e-10, state from 0; Adagrad and
@@ -31,14 +33,45 @@ const DIM: usize = 128;
 /// Distinct rows of W5's batch (WORKLOADS.md's checksum).
 const UNIQUE: usize = 230_623;
 
+/// One of the four optimizers with WORKLOADS.md's settings (concrete, for
+/// the generic `step_lookup`).
+enum Opt {
+    Sgd(Sgd),
+    Adagrad(Adagrad),
+    RowWise(RowWiseAdagrad),
+    RmsProp(RmsProp),
+}
+
+impl Opt {
+    fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) {
+        match self {
+            Opt::Sgd(o) => o.step(table, grad),
+            Opt::Adagrad(o) => o.step(table, grad),
+            Opt::RowWise(o) => o.step(table, grad),
+            Opt::RmsProp(o) => o.step(table, grad),
+        }
+        .expect("step")
+    }
+
+    fn step_lookup(&mut self, table: &mut EmbeddingTable, ids: &[i64], grad_out: &[f32]) {
+        match self {
+            Opt::Sgd(o) => o.step_lookup(table, ids, grad_out),
+            Opt::Adagrad(o) => o.step_lookup(table, ids, grad_out),
+            Opt::RowWise(o) => o.step_lookup(table, ids, grad_out),
+            Opt::RmsProp(o) => o.step_lookup(table, ids, grad_out),
+        }
+        .expect("step_lookup")
+    }
+}
+
 /// The four optimizers with WORKLOADS.md's settings, and their state arrays
 /// as WORKLOADS.md counts them.
-fn optimizers() -> Vec<(&'static str, usize, Box<dyn SparseOptimizer + Send>)> {
+fn optimizers() -> Vec<(&'static str, usize, Opt)> {
     vec![
         (
             "sgd",
             0,
-            Box::new(Sgd::new(SgdConfig {
+            Opt::Sgd(Sgd::new(SgdConfig {
                 lr: 0.01,
                 ..SgdConfig::torch()
             })),
@@ -46,12 +79,12 @@ fn optimizers() -> Vec<(&'static str, usize, Box<dyn SparseOptimizer + Send>)> {
         (
             "adagrad",
             1,
-            Box::new(Adagrad::new(AdagradConfig::torch())), // lr 0.01, ε 1e-10 outside, a₀ 0
+            Opt::Adagrad(Adagrad::new(AdagradConfig::torch())), // lr 0.01, ε 1e-10 outside, a₀ 0
         ),
         (
             "rowwise_adagrad",
             0,
-            Box::new(RowWiseAdagrad::new(RowWiseAdagradConfig {
+            Opt::RowWise(RowWiseAdagrad::new(RowWiseAdagradConfig {
                 lr: 0.01,
                 initial_accumulator_value: 0.0,
                 epsilon: 1e-10,
@@ -60,7 +93,7 @@ fn optimizers() -> Vec<(&'static str, usize, Box<dyn SparseOptimizer + Send>)> {
         (
             "rmsprop",
             2,
-            Box::new(RmsProp::new(RmsPropConfig {
+            Opt::RmsProp(RmsProp::new(RmsPropConfig {
                 lr: 0.01,
                 rho: 0.9,
                 momentum: 0.0,
@@ -108,7 +141,7 @@ fn w5(c: &mut Criterion) {
 
         for (name, state_arrays, mut opt) in optimizers() {
             // The first step allocates the state: keep it out of the timing.
-            pool.install(|| opt.step(&mut table, &grad)).expect("step");
+            pool.install(|| opt.step(&mut table, &grad));
             let extra = if name == "rowwise_adagrad" {
                 UNIQUE * 4 * 2 // one accumulator per row, read and written
             } else {
@@ -121,12 +154,18 @@ fn w5(c: &mut Criterion) {
                 b.iter(|| {
                     pool.install(|| {
                         coalesce(&mut grad);
-                        opt.step(&mut table, &grad).expect("step");
+                        opt.step(&mut table, &grad);
                     })
                 })
             });
+            // The first fused step sizes the grouping scratch: untimed too.
+            pool.install(|| opt.step_lookup(&mut table, &ids, &grad_out));
+            group.bench_function(BenchmarkId::new(format!("fused_{name}"), &config), |b| {
+                b.iter(|| pool.install(|| opt.step_lookup(&mut table, &ids, &grad_out)))
+            });
+            pool.install(|| coalesce(&mut grad));
             group.bench_function(BenchmarkId::new(format!("step_{name}"), &config), |b| {
-                b.iter(|| pool.install(|| opt.step(&mut table, &grad).expect("step")))
+                b.iter(|| pool.install(|| opt.step(&mut table, &grad)))
             });
         }
     }

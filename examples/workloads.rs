@@ -6,7 +6,11 @@
 //! cargo run --release --example workloads -- W1 --threads 2
 //! ```
 //!
-//! Workloads: W1, W1-d32, W1-d512, W2, W3, W4-sum, W4-mean, W4-wsum. Options: `--threads N` (default
+//! Workloads: W1, W1-d32, W1-d512, W2, W3, W4-sum, W4-mean, W4-wsum, and
+//! W5-sgd, W5-adagrad, W5-rowwise-adagrad, W5-rmsprop (one sparse optimizer
+//! step with WORKLOADS.md's settings, through the fused
+//! `SparseOptimizer::step_lookup`; the table and the optimizer state persist
+//! across runs, as in a training loop). Options: `--threads N` (default
 //! 1), `--runs R` timed runs after warm-up (default 15, at least 15),
 //! `--tier T` to force a kernel tier. The last line is
 //! `<W> threads=<N> median_ms=<x>`.
@@ -16,7 +20,11 @@ use std::time::Instant;
 
 use embtable::kernels::{self, Tier};
 use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
-use embtable::{Bags, EmbeddingTable, Init, Pooling};
+use embtable::{
+    Adagrad, AdagradConfig, Bags, EmbeddingTable, EpsPlacement, Init, Pooling, RmsProp,
+    RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
+    SparseOptimizer,
+};
 
 struct Args {
     workload: String,
@@ -84,6 +92,15 @@ fn pooled(pooling: Pooling, weighted: bool) -> Prepared {
     })
 }
 
+/// W5: one step of `opt` on the 1,000,000 × 128 table with the gradient
+/// of a lookup of 262,144 `uniform(5)` ids; ids and gradient are made once.
+fn update(mut opt: impl SparseOptimizer + 'static) -> Prepared {
+    let ids = workloads::uniform(5, BATCH, BIG_ROWS);
+    let grad_out = workloads::values(50, BATCH * 128, -0.01, 0.01);
+    let mut table = EmbeddingTable::new(BIG_ROWS, 128, Init::default(), 51).expect("table");
+    Box::new(move || opt.step_lookup(&mut table, &ids, &grad_out).expect("step"))
+}
+
 fn prepare(name: &str) -> Option<Prepared> {
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
     Some(match name {
@@ -95,6 +112,26 @@ fn prepare(name: &str) -> Option<Prepared> {
         "W4-sum" => pooled(Pooling::Sum, false),
         "W4-mean" => pooled(Pooling::Mean, false),
         "W4-wsum" => pooled(Pooling::Sum, true),
+        // WORKLOADS.md's W5: lr 0.01, ε 1e-10, state from 0.
+        "W5-sgd" => update(Sgd::new(SgdConfig {
+            lr: 0.01,
+            ..SgdConfig::torch()
+        })),
+        "W5-adagrad" => update(Adagrad::new(AdagradConfig::torch())),
+        "W5-rowwise-adagrad" => update(RowWiseAdagrad::new(RowWiseAdagradConfig {
+            lr: 0.01,
+            initial_accumulator_value: 0.0,
+            epsilon: 1e-10,
+        })),
+        "W5-rmsprop" => update(RmsProp::new(RmsPropConfig {
+            lr: 0.01,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-10,
+            centered: false,
+            eps_placement: EpsPlacement::InsideSqrt,
+            semantics: Semantics::Lazy,
+        })),
         _ => return None,
     })
 }

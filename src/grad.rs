@@ -12,13 +12,24 @@
 use hashbrown::HashMap;
 use rayon::prelude::*;
 
-use crate::aligned::stride_for;
+use crate::aligned::{LANES_PER_LINE, SendPtr, stride_for};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Result};
 
 /// Below this many contributed floats, accumulation runs on the calling thread.
 const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+
+/// Floats of gradient slots per parallel task.
+const TASK_FLOATS: usize = 1 << 15;
+
+/// Slots this far ahead have their contributions prefetched.
+const PREFETCH_AHEAD: usize = 4;
+
+/// A gradient at least this large is written with streaming stores: it
+/// would not stay in the last-level cache anyway, and streaming saves the
+/// read of every line before it is overwritten.
+const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// The sparse gradient of an embedding table.
 ///
@@ -42,14 +53,24 @@ pub struct SparseGrad {
     slot_of: HashMap<usize, usize>,
     /// Slot -> row, in the order rows were first seen.
     rows: Vec<usize>,
-    /// Slot `k`'s gradient is `grads[k * stride..][..dim]`; pad lanes are zero.
-    grads: Vec<f32>,
+    /// Slot `k`'s gradient is `floats(grads)[k * stride..][..dim]`; pad
+    /// lanes are zero. Whole cache lines, so every slot starts on one.
+    grads: Vec<Line>,
     /// An upper bound on `Σ|contribution|` over the contributions to any
     /// one slot since the last `clear`; infinity when not tracked.
     magnitude: f64,
     /// Contributions accumulated since the last `clear` (all slots).
     terms: u64,
     scratch: Scratch,
+}
+
+/// One cache line of floats: slots are whole lines, aligned like them.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; LANES_PER_LINE]);
+
+impl Line {
+    const ZERO: Line = Line([0.0; LANES_PER_LINE]);
 }
 
 /// Per-call working memory, kept between calls to avoid reallocating.
@@ -69,6 +90,12 @@ struct Scratch {
 pub(crate) trait Contribution: Sync {
     /// Adds position `j`'s contribution to `row`.
     fn add<S: Simd>(&self, s: S, j: usize, row: &mut [f32]);
+
+    /// Starts loading what [`add`](Self::add) for position `j` will read.
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let _ = j;
+    }
 }
 
 impl SparseGrad {
@@ -136,13 +163,16 @@ impl SparseGrad {
             "slot {k} out of range for {} rows",
             self.len()
         );
-        &self.grads[k * self.stride..][..self.dim]
+        &self.as_padded()[k * self.stride..][..self.dim]
     }
 
     /// All slots' gradients, `len() * stride()` floats, pad lanes zero.
     #[inline]
     pub fn as_padded(&self) -> &[f32] {
-        &self.grads
+        let lines = &self.grads[..];
+        // SAFETY: a `Line` is 16 `f32`s with no padding (`repr(C)`), so
+        // the lines are `16 * len` initialised floats, borrowed as `self`.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * LANES_PER_LINE) }
     }
 
     /// Forgets every row, keeping the allocations for the next batch.
@@ -162,9 +192,7 @@ impl SparseGrad {
     /// checks that bound against `f32::MAX` using the tracked `Σ|xᵢ|`
     /// bound, so an optimizer can skip a pass over the gradient.
     pub(crate) fn is_proven_finite(&self) -> bool {
-        const U: f64 = 1.0 / (1u64 << 24) as f64;
-        let nu = self.terms as f64 * U;
-        nu <= 0.5 && self.magnitude * (1.0 + 2.0 * nu) < f32::MAX as f64
+        sums_proven_finite(self.magnitude, self.terms)
     }
 
     /// The gradient as a dense row-major `rows × dim` matrix.
@@ -215,6 +243,11 @@ impl SparseGrad {
             fn add<S: Simd>(&self, s: S, j: usize, row: &mut [f32]) {
                 kernels::add_scaled(s, row, &self.grad_out[j * self.dim..][..self.dim], 1.0);
             }
+            #[inline(always)]
+            fn prefetch(&self, j: usize) {
+                let row = self.grad_out.as_ptr().wrapping_add(j * self.dim);
+                kernels::prefetch_row_l2(row, self.dim);
+            }
         }
         let (magnitude, terms) = (self.magnitude, self.terms);
         // SAFETY: ids were validated just above.
@@ -244,12 +277,14 @@ impl SparseGrad {
         // Callers that track magnitudes (see `is_proven_finite`) restore this.
         self.magnitude = f64::INFINITY;
         // Slots first, serially: a slot's number depends on first-seen order.
+        let old_slots = self.rows.len();
         let Scratch {
             slot_of_position,
             start,
             order,
         } = &mut self.scratch;
         slot_of_position.clear();
+        self.slot_of.reserve(ids.len());
         for &id in ids {
             // SAFETY: the caller validated every id.
             let row = unsafe { row_unchecked(id) };
@@ -260,16 +295,26 @@ impl SparseGrad {
             });
             slot_of_position.push(slot);
         }
-        self.grads.resize(self.rows.len() * self.stride, 0.0);
+        let slots = self.rows.len();
 
         let (dim, stride) = (self.dim, self.stride);
         if ids.len() * dim < PARALLEL_MIN_FLOATS {
             // Serial: visiting positions in order sums each slot in batch order.
+            self.grads
+                .resize(slots * stride / LANES_PER_LINE, Line::ZERO);
+            let lines = &mut self.grads[..];
+            // SAFETY: as in `as_padded`, borrowed mutably as `self.grads`.
+            let grads = unsafe {
+                std::slice::from_raw_parts_mut(
+                    lines.as_mut_ptr().cast(),
+                    lines.len() * LANES_PER_LINE,
+                )
+            };
             kernels::dispatch(
                 tier,
                 AddSerial {
                     slots: slot_of_position,
-                    grads: &mut self.grads,
+                    grads,
                     dim,
                     stride,
                     contribution,
@@ -280,7 +325,6 @@ impl SparseGrad {
         // Parallel over slots: group positions by slot (a stable counting
         // sort, so each group stays in batch order), then each slot sums its
         // own group. No two tasks write the same slot.
-        let slots = self.rows.len();
         start.clear();
         start.resize(slots + 1, 0);
         for &s in slot_of_position.iter() {
@@ -296,24 +340,107 @@ impl SparseGrad {
             order[fill[s]] = j;
             fill[s] += 1;
         }
+        // New slots are written whole by the tasks below, never zero-filled
+        // first: each task sums a slot in a local buffer (starting from the
+        // slot's value, or +0.0 for a new slot, as a zero-filled slot
+        // would) and stores the buffer once, streaming it past the caches
+        // when the gradient is too large to stay there.
+        let lines = slots * stride / LANES_PER_LINE;
+        self.grads.reserve(lines - self.grads.len());
+        let grads = SendPtr(self.grads.as_mut_ptr().cast());
+        let stream = slots * stride * size_of::<f32>() >= STREAM_MIN_BYTES;
         let (start, order) = (&*start, &*order);
-        self.grads
-            .par_chunks_mut(stride)
-            .with_min_len(64)
-            .enumerate()
-            .for_each(|(slot, row)| {
-                let positions = &order[start[slot]..start[slot + 1]];
-                if !positions.is_empty() {
-                    kernels::dispatch(
-                        tier,
-                        AddPositions {
-                            positions,
-                            row: &mut row[..dim],
-                            contribution,
-                        },
-                    );
+        let per_task = (TASK_FLOATS / stride.max(1)).max(1);
+        (0..slots.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let first = t * per_task;
+            let slots = first..(first + per_task).min(slots);
+            kernels::dispatch(
+                tier,
+                SumSlots {
+                    slots,
+                    old_slots,
+                    start,
+                    order,
+                    grads,
+                    dim,
+                    stride,
+                    stream,
+                    contribution,
+                },
+            );
+        });
+        // SAFETY: every slot below `slots` is initialised: the old ones
+        // were, and each new one was written whole (all `stride` floats)
+        // by exactly one task above, within the capacity reserved.
+        unsafe { self.grads.set_len(lines) };
+    }
+}
+
+/// Sums the contributions of a run of slots (see `accumulate_unchecked`).
+struct SumSlots<'a, C> {
+    slots: std::ops::Range<usize>,
+    /// Slots below this held a value before this call.
+    old_slots: usize,
+    /// CSR: the positions of slot `k` are `order[start[k]..start[k + 1]]`.
+    start: &'a [usize],
+    order: &'a [usize],
+    /// The gradient buffer, with capacity for every slot.
+    grads: SendPtr,
+    dim: usize,
+    stride: usize,
+    stream: bool,
+    contribution: &'a C,
+}
+
+impl<C: Contribution> Kernel for SumSlots<'_, C> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let Self {
+            slots,
+            old_slots,
+            start,
+            order,
+            grads,
+            dim,
+            stride,
+            stream,
+            contribution,
+        } = self;
+        let mut buf = vec![0.0f32; stride];
+        let end = slots.end;
+        for k in slots {
+            // Positions after the first of each slot lie anywhere in the
+            // batch: start loading them a few slots ahead.
+            if k + PREFETCH_AHEAD < end {
+                for &j in &order[start[k + PREFETCH_AHEAD]..start[k + PREFETCH_AHEAD + 1]] {
+                    contribution.prefetch(j);
                 }
-            });
+            }
+            // SAFETY: slot `k` lies within the capacity reserved for every
+            // slot, and `k` belongs to this task only (tasks get disjoint
+            // runs of slots), so nothing else reads or writes it now.
+            let slot =
+                unsafe { std::slice::from_raw_parts_mut(grads.get().add(k * stride), stride) };
+            if k < old_slots {
+                buf.copy_from_slice(slot);
+            } else {
+                buf.fill(0.0);
+            }
+            for &j in &order[start[k]..start[k + 1]] {
+                contribution.add(s, j, &mut buf[..dim]);
+            }
+            if stream {
+                kernels::copy_row_streaming(s, &buf, slot);
+            } else {
+                kernels::copy_row(s, &buf, slot);
+            }
+        }
+        if stream {
+            // Make the streamed slots visible before the task ends.
+            s.fence();
+        }
     }
 }
 
@@ -337,45 +464,104 @@ impl<C: Contribution> Kernel for AddSerial<'_, C> {
     }
 }
 
-/// Adds the contributions of `positions` (in order) to one slot's row.
-struct AddPositions<'a, C> {
-    positions: &'a [usize],
-    row: &'a mut [f32],
-    contribution: &'a C,
+/// Whether sums of at most `terms` finite floats, each sum's `Σ|xᵢ|` at
+/// most `magnitude`, are all finite, whatever the order of addition (see
+/// [`SparseGrad::is_proven_finite`]).
+pub(crate) fn sums_proven_finite(magnitude: f64, terms: u64) -> bool {
+    const U: f64 = 1.0 / (1u64 << 24) as f64;
+    let nu = terms as f64 * U;
+    nu <= 0.5 && magnitude * (1.0 + 2.0 * nu) < f32::MAX as f64
 }
 
-impl<C: Contribution> Kernel for AddPositions<'_, C> {
-    type Output = ();
-    #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
-        for &j in self.positions {
-            self.contribution.add(s, j, self.row);
+/// What one pass over a gradient found: every value is finite, and:
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scanned {
+    /// The largest magnitude.
+    pub(crate) max_abs: f32,
+    /// Whether some value is `-0.0`.
+    pub(crate) negative_zero: bool,
+}
+
+/// Scans `values` once: `Err(NonFinite)` naming the first NaN or infinite
+/// value, else what [`Scanned`] holds.
+pub(crate) fn scan(what: &'static str, values: &[f32]) -> Result<Scanned> {
+    // Large inputs are scanned in parallel (a max is the same in any order).
+    let tier = kernels::current();
+    let found = if values.len() < PARALLEL_MIN_FLOATS {
+        scan_part(tier, values)
+    } else {
+        values
+            .par_chunks(PARALLEL_MIN_FLOATS)
+            .map(|c| scan_part(tier, c))
+            .reduce(ScanPart::default, ScanPart::merge)
+    };
+    found.finish(what, values)
+}
+
+/// What [`scan`] found in part of the values.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ScanPart {
+    /// The bits of the largest magnitude (`>= inf` for NaN or inf).
+    bits: u32,
+    negative_zero: bool,
+}
+
+impl ScanPart {
+    /// What two parts found together.
+    pub(crate) fn merge(self, other: Self) -> Self {
+        Self {
+            bits: self.bits.max(other.bits),
+            negative_zero: self.negative_zero | other.negative_zero,
         }
     }
+
+    /// [`scan`]'s result, once every part of `values` was merged in.
+    pub(crate) fn finish(self, what: &'static str, values: &[f32]) -> Result<Scanned> {
+        if self.bits < f32::INFINITY.to_bits() {
+            return Ok(Scanned {
+                max_abs: f32::from_bits(self.bits),
+                negative_zero: self.negative_zero,
+            });
+        }
+        check_finite(what, values)?;
+        unreachable!("a value is not finite")
+    }
+}
+
+/// Scans part of the values (see [`scan`]) with the instructions of `tier`.
+pub(crate) fn scan_part(tier: Tier, values: &[f32]) -> ScanPart {
+    kernels::dispatch(tier, Scan(values))
 }
 
 /// The largest magnitude in `values`, or `Err(NonFinite)` naming the first
 /// NaN or infinite value.
 pub(crate) fn max_abs_finite(what: &'static str, values: &[f32]) -> Result<f32> {
-    // One branch-free pass over the bit patterns: with the sign bit cleared
-    // they order like the magnitudes, and ±inf and NaN lie above every
-    // finite value. Large inputs are scanned in parallel (a max is the same
-    // in any order).
-    let max_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
-    let bits = if values.len() < PARALLEL_MIN_FLOATS {
-        max_bits(values)
-    } else {
-        values
-            .par_chunks(PARALLEL_MIN_FLOATS)
-            .map(max_bits)
-            .max()
-            .unwrap_or(0)
-    };
-    if bits < f32::INFINITY.to_bits() {
-        return Ok(f32::from_bits(bits));
+    scan(what, values).map(|s| s.max_abs)
+}
+
+/// The body of [`scan_part`]: one branch-free pass over the bit patterns.
+/// With the sign bit cleared they order like the magnitudes, and ±inf and
+/// NaN lie above every finite value. Plain integer code, written as one
+/// fold so that the compiler vectorises it (with the tier's instructions,
+/// inside [`kernels::dispatch`]): the AVX-512 build scans W5's 128 MB
+/// gradient in 5.5 ms where the baseline SSE2 build took 6.1.
+struct Scan<'a>(&'a [f32]);
+
+impl Kernel for Scan<'_> {
+    type Output = ScanPart;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, _s: S) -> ScanPart {
+        const NEGATIVE_ZERO: u32 = 0x8000_0000;
+        let (bits, negative_zeros) = self.0.iter().fold((0u32, 0u32), |(max, nz), x| {
+            let b = x.to_bits();
+            (max.max(b & 0x7fff_ffff), nz | (b == NEGATIVE_ZERO) as u32)
+        });
+        ScanPart {
+            bits,
+            negative_zero: negative_zeros != 0,
+        }
     }
-    check_finite(what, values)?;
-    unreachable!("a value is not finite")
 }
 
 /// `Err(NonFinite)` naming the first NaN or infinite value.

@@ -252,3 +252,40 @@ fn clear_forgets_everything_and_keeps_working() {
     grad.accumulate_lookup::<u32>(&[], &[]).unwrap();
     assert_eq!(grad.len(), 4);
 }
+
+/// A gradient too large for the caches (20 MB of slots) is written with
+/// streaming stores: still each row's sum in batch order, first-seen rows.
+#[test]
+fn large_gradients_are_summed_in_batch_order() {
+    let (rows, dim, n) = (50_000, 128, 40_000);
+    let ids: Vec<usize> = embtable::workloads::uniform(7, n, rows)
+        .into_iter()
+        .map(|r| r as usize)
+        .collect();
+    let g = values(8, n * dim, -1.0, 1.0);
+    // Plain sums in batch order, rows in first-seen order.
+    let mut slot = vec![usize::MAX; rows];
+    let mut first_seen = Vec::new();
+    let mut sums: Vec<Vec<f32>> = Vec::new();
+    for (j, &r) in ids.iter().enumerate() {
+        if slot[r] == usize::MAX {
+            slot[r] = first_seen.len();
+            first_seen.push(r);
+            sums.push(vec![0.0; dim]);
+        }
+        for (s, x) in sums[slot[r]].iter_mut().zip(&g[j * dim..][..dim]) {
+            *s += x;
+        }
+    }
+    for (tier, threads, grad) in each_config(|| {
+        let mut grad = SparseGrad::new(dim);
+        grad.accumulate_lookup(&ids, &g).unwrap();
+        grad
+    }) {
+        let what = format!("{tier}, {threads} threads");
+        assert_eq!(grad.rows(), &first_seen[..], "{what}");
+        for (k, want) in sums.iter().enumerate() {
+            assert_bits_eq(grad.row_grad(k), want, &what);
+        }
+    }
+}

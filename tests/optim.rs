@@ -571,6 +571,366 @@ proptest! {
     }
 }
 
+// ---------------------------------------------------------------- fused step_lookup
+
+/// A concrete optimizer of the kind `Cfg` names, for the generic
+/// `step_lookup` (which a `dyn SparseOptimizer` does not have).
+enum Concrete {
+    Sgd(Sgd),
+    RmsProp(RmsProp),
+    Adagrad(Adagrad),
+    RowWise(RowWiseAdagrad),
+}
+
+impl Concrete {
+    fn new(cfg: Cfg) -> Self {
+        match cfg {
+            Cfg::Sgd(c) => Concrete::Sgd(Sgd::new(c)),
+            Cfg::RmsProp(c) => Concrete::RmsProp(RmsProp::new(c)),
+            Cfg::Adagrad(c) => Concrete::Adagrad(Adagrad::new(c)),
+            Cfg::RowWise(c) => Concrete::RowWise(RowWiseAdagrad::new(c)),
+        }
+    }
+
+    fn get(&mut self) -> &mut dyn SparseOptimizer {
+        match self {
+            Concrete::Sgd(o) => o,
+            Concrete::RmsProp(o) => o,
+            Concrete::Adagrad(o) => o,
+            Concrete::RowWise(o) => o,
+        }
+    }
+
+    fn step_lookup<I: embtable::Index>(
+        &mut self,
+        table: &mut EmbeddingTable,
+        ids: &[I],
+        grad_out: &[f32],
+    ) -> embtable::Result<()> {
+        match self {
+            Concrete::Sgd(o) => o.step_lookup(table, ids, grad_out),
+            Concrete::RmsProp(o) => o.step_lookup(table, ids, grad_out),
+            Concrete::Adagrad(o) => o.step_lookup(table, ids, grad_out),
+            Concrete::RowWise(o) => o.step_lookup(table, ids, grad_out),
+        }
+    }
+}
+
+impl Run {
+    /// Step `t` through `step_lookup`, with u32 ids at even steps and i64
+    /// at odd ones (as `sparse_grad`).
+    fn step_lookup(&self, opt: &mut Concrete, table: &mut EmbeddingTable, t: usize) {
+        let ids = &self.steps[t].0;
+        let g = self.grad_out(t);
+        if t.is_multiple_of(2) {
+            let ids: Vec<u32> = ids.iter().map(|&r| r as u32).collect();
+            opt.step_lookup(table, &ids, &g).unwrap();
+        } else {
+            let ids: Vec<i64> = ids.iter().map(|&r| r as i64).collect();
+            opt.step_lookup(table, &ids, &g).unwrap();
+        }
+    }
+
+    /// Trains with `step_lookup` at the steps where `fused(t)`, else with
+    /// `accumulate_lookup` + `step`; the weights and state after every
+    /// step, then after a flush.
+    fn train(&self, cfg: Cfg, fused: impl Fn(usize) -> bool) -> Vec<(Vec<f32>, OptimizerState)> {
+        let mut table = self.table();
+        let mut opt = Concrete::new(cfg);
+        let mut after = Vec::new();
+        for t in 0..self.steps.len() {
+            if fused(t) {
+                self.step_lookup(&mut opt, &mut table, t);
+            } else {
+                opt.get().step(&mut table, &self.sparse_grad(t)).unwrap();
+            }
+            after.push((table.as_padded().to_vec(), opt.get().state()));
+        }
+        opt.get().flush(&mut table).unwrap();
+        after.push((table.as_padded().to_vec(), opt.get().state()));
+        after
+    }
+}
+
+/// Bitwise equality of states (config values, arrays and all; NaN too).
+#[track_caller]
+fn assert_state_bits(got: &OptimizerState, want: &OptimizerState, what: &str) {
+    assert_eq!(got.arrays.len(), want.arrays.len(), "{what}: arrays");
+    for (a, b) in got.arrays.iter().zip(&want.arrays) {
+        assert_eq!((&a.name, &a.shape), (&b.name, &b.shape), "{what}");
+        assert_bits_eq(&a.values, &b.values, &format!("{} {what}", a.name));
+    }
+    let strip = |s: &OptimizerState| OptimizerState {
+        arrays: vec![],
+        ..s.clone()
+    };
+    assert_state_eq(&strip(got), &strip(want), what);
+}
+
+/// `step_lookup` (fused at the steps `pattern` picks, mixed with plain
+/// steps elsewhere) equals `accumulate_lookup` + `step` after every step,
+/// for every tier and thread count.
+///
+/// Also checked with `dim` rounded up to whole cache lines, where rows
+/// looked up once are used in place.
+fn check_step_lookup(cfg: Cfg, run: &Run, pattern: u8) {
+    let whole_lines = Run {
+        dim: run.dim.div_ceil(16) * 16,
+        ..run.clone()
+    };
+    for run in [run, &whole_lines] {
+        let want = run.train(cfg, |_| false);
+        let fused = |t: usize| pattern == 0 || (pattern >> (t % 8)) & 1 == 1;
+        for (tier, threads, got) in each_config(|| run.train(cfg, fused)) {
+            for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
+                let what = format!("{cfg:?}, dim {}, {tier}/{threads}, after step {t}", run.dim);
+                assert_bits_eq(w, want_w, &what);
+                assert_state_bits(state, want_state, &what);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn step_lookup_equals_accumulate_then_step(
+        cfg in prop_oneof![sgd(), rmsprop(), adagrad(), rowwise()],
+        run in run(1..=300, 1..=70, 1..=10, 40),
+        pattern in any::<u8>(),
+    ) {
+        check_step_lookup(cfg, &run, pattern);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Batches large enough for the parallel paths.
+    #[test]
+    fn step_lookup_equals_accumulate_then_step_on_large_batches(
+        cfg in prop_oneof![sgd(), rmsprop(), adagrad(), rowwise()],
+        run in run(400..=3000, 33..=70, 1..=4, 1500),
+        pattern in any::<u8>(),
+    ) {
+        check_step_lookup(cfg, &run, pattern);
+    }
+}
+
+#[test]
+fn step_lookup_of_every_kind_equals_accumulate_then_step() {
+    let run = example_run();
+    for cfg in every_kind() {
+        check_step_lookup(cfg, &run, 0);
+        check_step_lookup(cfg, &run, 0b1010_0110);
+    }
+}
+
+/// A batch whose gradient (20 MB) is too large for the caches, as in
+/// WORKLOADS.md's W5: the later occurrences' rows are streamed to scratch.
+#[test]
+fn step_lookup_on_a_large_batch_equals_accumulate_then_step() {
+    let (rows, dim, n) = (60_000, 128, 40_000);
+    let ids = embtable::workloads::uniform(9, n, rows);
+    let run = Run {
+        rows,
+        dim,
+        seed: 3,
+        steps: vec![
+            (ids.iter().map(|&r| r as usize).collect(), 4),
+            (ids.iter().rev().map(|&r| r as usize).collect(), 5),
+        ],
+    };
+    for cfg in every_kind() {
+        let want = run.train(cfg, |_| false);
+        for (tier, threads, got) in each_config(|| run.train(cfg, |_| true)) {
+            for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
+                let what = format!("{cfg:?}, {tier}/{threads}, after step {t}");
+                assert_bits_eq(w, want_w, &what);
+                assert_state_bits(state, want_state, &what);
+            }
+        }
+    }
+}
+
+/// An optimizer that only forwards the required methods, so it gets the
+/// provided `step_lookup`.
+struct Forward(Adagrad);
+
+impl SparseOptimizer for Forward {
+    fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) -> embtable::Result<()> {
+        self.0.step(table, grad)
+    }
+    fn flush(&mut self, table: &mut EmbeddingTable) -> embtable::Result<()> {
+        self.0.flush(table)
+    }
+    fn state(&self) -> OptimizerState {
+        self.0.state()
+    }
+    fn load_state(&mut self, state: OptimizerState) -> embtable::Result<()> {
+        self.0.load_state(state)
+    }
+}
+
+#[test]
+fn provided_step_lookup_equals_the_fused_one() {
+    let run = example_run();
+    let cfg = AdagradConfig::default();
+    let (mut a, mut b) = (run.table(), run.table());
+    let mut fused = Adagrad::new(cfg);
+    let mut provided = Forward(Adagrad::new(cfg));
+    for t in 0..run.steps.len() {
+        let ids: Vec<i64> = run.steps[t].0.iter().map(|&r| r as i64).collect();
+        fused.step_lookup(&mut a, &ids, &run.grad_out(t)).unwrap();
+        provided
+            .step_lookup(&mut b, &ids, &run.grad_out(t))
+            .unwrap();
+    }
+    assert_bits_eq(&b.to_vec(), &a.to_vec(), "weights");
+    assert_state_bits(&provided.state(), &fused.state(), "state");
+}
+
+/// Gradients too large for the sums to be proven finite take the stored
+/// path inside `step_lookup`: same results, and an overflowing sum is refused.
+#[test]
+fn step_lookup_of_huge_gradients_equals_accumulate_then_step() {
+    let (rows, dim) = (6, 5);
+    let ids = [1u32, 4, 1, 0];
+    let mut g = values(9, ids.len() * dim, -1.0, 1.0);
+    g[3] = 1.5e38; // max |g| · 4 ids > f32::MAX, but every sum is finite
+    for cfg in every_kind() {
+        let mut want =
+            EmbeddingTable::from_rows(rows, dim, &values(8, rows * dim, -1.0, 1.0)).unwrap();
+        let mut got = want.clone();
+        let mut reference = cfg.optimizer();
+        let mut grad = SparseGrad::new(dim);
+        grad.accumulate_lookup(&ids, &g).unwrap();
+        reference.step(&mut want, &grad).unwrap();
+        let mut opt = Concrete::new(cfg);
+        opt.step_lookup(&mut got, &ids, &g).unwrap();
+        assert_bits_eq(&got.to_vec(), &want.to_vec(), &format!("{cfg:?}"));
+        assert_state_bits(&opt.get().state(), &reference.state(), &format!("{cfg:?}"));
+    }
+}
+
+/// A gradient of `-0.0` sums to `+0.0` in a `SparseGrad` (its slots start
+/// at `+0.0`); the fused sum must too, which shows on `-0.0` weights.
+#[test]
+fn step_lookup_sums_negative_zeros_as_the_stored_gradient() {
+    let rows = 3;
+    let ids = [2u32, 0, 2];
+    // dim 32: rows are whole padded rows, which may be used in place.
+    for (cfg, dim) in every_kind().into_iter().flat_map(|c| [(c, 17), (c, 32)]) {
+        let mut g = vec![-0.0f32; ids.len() * dim];
+        g[dim + 1] = 0.25; // not all -0.0
+        let mut want = EmbeddingTable::from_rows(rows, dim, &vec![-0.0; rows * dim]).unwrap();
+        let mut got = want.clone();
+        let mut reference = cfg.optimizer();
+        let mut grad = SparseGrad::new(dim);
+        grad.accumulate_lookup(&ids, &g).unwrap();
+        reference.step(&mut want, &grad).unwrap();
+        let mut opt = Concrete::new(cfg);
+        opt.step_lookup(&mut got, &ids, &g).unwrap();
+        assert_bits_eq(&got.to_vec(), &want.to_vec(), &format!("{cfg:?}"));
+        assert_state_bits(&opt.get().state(), &reference.state(), &format!("{cfg:?}"));
+    }
+}
+
+#[test]
+fn step_lookup_refuses_bad_input_and_changes_nothing() {
+    let run = example_run();
+    for cfg in every_kind() {
+        let mut table = run.table();
+        let mut opt = Concrete::new(cfg);
+        for t in 0..3 {
+            run.step_lookup(&mut opt, &mut table, t);
+        }
+        let before = snapshot(&table, opt.get());
+        let what = format!("{cfg:?}");
+        let dim = run.dim;
+
+        // Ids beyond the table or negative: the position in ids.
+        let g = vec![0.5; 3 * dim];
+        match opt.step_lookup(&mut table, &[2u32, 5, 30], &g) {
+            Err(Error::IndexOutOfRange {
+                position,
+                index,
+                rows,
+            }) => assert_eq!((position, index, rows), (2, 30, 30), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        match opt.step_lookup(&mut table, &[2i64, -1, 3], &g) {
+            Err(Error::IndexOutOfRange {
+                position, index, ..
+            }) => assert_eq!((position, index), (1, -1), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_same(&table, opt.get(), &before, &what);
+
+        // A NaN or infinite gradient value: its position in grad_out.
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut g = vec![0.5; 3 * dim];
+            g[dim + 4] = bad;
+            match opt.step_lookup(&mut table, &[2u32, 5, 2], &g) {
+                Err(Error::NonFinite { position, .. }) => assert_eq!(position, dim + 4),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        assert_same(&table, opt.get(), &before, &what);
+
+        // A sum that overflows (as `step` reports it: slot 1, column 2).
+        let mut g = vec![0.5; 3 * dim];
+        g[dim + 2] = 3e38;
+        g[2 * dim + 2] = 3e38;
+        match opt.step_lookup(&mut table, &[1u32, 4, 4], &g) {
+            Err(Error::NonFinite { position, .. }) => assert_eq!(position, dim + 2),
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_same(&table, opt.get(), &before, &what);
+
+        // A gradient of the wrong length.
+        assert!(matches!(
+            opt.step_lookup(&mut table, &[1u32, 4], &vec![0.5; 2 * dim + 1]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert_same(&table, opt.get(), &before, &what);
+
+        // A table of another shape than the state's.
+        for (rows, other_dim) in [(run.rows + 1, dim), (run.rows, dim + 3)] {
+            let mut other = EmbeddingTable::zeros(rows, other_dim).unwrap();
+            assert!(
+                matches!(
+                    opt.step_lookup(&mut other, &[0u32], &vec![0.5; other_dim]),
+                    Err(Error::ShapeMismatch { .. })
+                ),
+                "{what}"
+            );
+            assert_eq!(other.to_vec(), vec![0.0; rows * other_dim]);
+        }
+        assert_same(&table, opt.get(), &before, &what);
+    }
+}
+
+#[test]
+fn step_lookup_refuses_a_bad_config_before_any_write() {
+    let run = example_run();
+    let cfg = Cfg::RmsProp(RmsPropConfig {
+        rho: 1.5,
+        ..Default::default()
+    });
+    let mut table = run.table();
+    let mut opt = Concrete::new(cfg);
+    let before = snapshot(&table, opt.get());
+    let ids: Vec<u32> = run.steps[0].0.iter().map(|&r| r as u32).collect();
+    match opt.step_lookup(&mut table, &ids, &run.grad_out(0)) {
+        Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "rho"),
+        other => panic!("{other:?}"),
+    }
+    assert_same(&table, opt.get(), &before, "bad config");
+    assert_eq!(opt.get().state().shape, None);
+}
+
 // ---------------------------------------------------------------- state, catch-up
 
 fn example_run() -> Run {

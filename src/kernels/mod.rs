@@ -32,7 +32,7 @@ mod x86_64;
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-pub use ops::{add_scaled, copy_row, max_into, scale};
+pub use ops::{add_scaled, copy_row, copy_row_streaming, max_into, scale};
 pub use portable::Portable;
 pub use scalar::Scalar;
 #[cfg(target_arch = "x86_64")]
@@ -189,6 +189,19 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn load_partial(self, src: &[f32]) -> Self::V;
     /// Stores the first `dst.len() < N` lanes.
     fn store_partial(self, v: Self::V, dst: &mut [f32]);
+    /// Stores `N` floats into `dst[..N]`, bypassing the caches where the
+    /// tier has non-temporal stores (the default is [`store`](Self::store)).
+    /// Call [`fence`](Self::fence) before the data is handed to another thread.
+    ///
+    /// # Panics
+    /// If `dst.len() < N` or `dst` is not aligned to `N * 4` bytes.
+    #[inline(always)]
+    fn stream(self, v: Self::V, dst: &mut [f32]) {
+        self.store(v, dst);
+    }
+    /// Orders earlier [`stream`](Self::stream) stores before later stores.
+    #[inline(always)]
+    fn fence(self) {}
     /// Lane-wise `a + b`.
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise `a - b`.

@@ -28,13 +28,42 @@ fn for_chunks<S: Simd>(len: usize, mut body: impl FnMut(usize, bool)) {
 pub fn copy_row<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     let len = dst.len().min(src.len());
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            s.store(s.load(&src[i..]), &mut dst[i..]);
-        } else {
-            s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                s.store(s.load(&src[i..]), &mut dst[i..]);
+            } else {
+                s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
+            }
+        },
+    );
+}
+
+/// `dst = src` (equal lengths), with non-temporal stores for the vectors of
+/// `dst` that are whole and aligned, regular stores for the rest.
+///
+/// For outputs larger than the caches: streaming skips the read of each
+/// destination line before it is overwritten. The caller must
+/// [`Simd::fence`] before handing `dst` to another thread.
+#[inline(always)]
+pub fn copy_row_streaming<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    let len = dst.len().min(src.len());
+    let misalign = dst.as_ptr() as usize % (S::N * 4) / 4;
+    let head = ((S::N - misalign) % S::N).min(len);
+    if head > 0 {
+        s.store_partial(s.load_partial(&src[..head]), &mut dst[..head]);
+    }
+    let mut i = head;
+    while i + S::N <= len {
+        s.stream(s.load(&src[i..]), &mut dst[i..]);
+        i += S::N;
+    }
+    if i < len {
+        s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
+    }
 }
 
 /// `acc += a * x` (equal lengths; the product is rounded before the sum).
@@ -43,18 +72,22 @@ pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
     debug_assert_eq!(acc.len(), x.len());
     let len = acc.len().min(x.len());
     let av = s.splat(a);
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.add(s.load(&acc[i..]), s.mul(av, s.load(&x[i..])));
-            s.store(v, &mut acc[i..]);
-        } else {
-            let v = s.add(
-                s.load_partial(&acc[i..len]),
-                s.mul(av, s.load_partial(&x[i..len])),
-            );
-            s.store_partial(v, &mut acc[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.add(s.load(&acc[i..]), s.mul(av, s.load(&x[i..])));
+                s.store(v, &mut acc[i..]);
+            } else {
+                let v = s.add(
+                    s.load_partial(&acc[i..len]),
+                    s.mul(av, s.load_partial(&x[i..len])),
+                );
+                s.store_partial(v, &mut acc[i..len]);
+            }
+        },
+    );
 }
 
 /// `x *= a`.
@@ -62,15 +95,19 @@ pub fn add_scaled<S: Simd>(s: S, acc: &mut [f32], x: &[f32], a: f32) {
 pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
     let len = x.len();
     let av = s.splat(a);
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.mul(s.load(&x[i..]), av);
-            s.store(v, &mut x[i..]);
-        } else {
-            let v = s.mul(s.load_partial(&x[i..len]), av);
-            s.store_partial(v, &mut x[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.mul(s.load(&x[i..]), av);
+                s.store(v, &mut x[i..]);
+            } else {
+                let v = s.mul(s.load_partial(&x[i..len]), av);
+                s.store_partial(v, &mut x[i..len]);
+            }
+        },
+    );
 }
 
 /// `acc = max(x, acc)` lane-wise, with [`Simd::max`]'s rule: `x` wins only
@@ -79,13 +116,17 @@ pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
 pub fn max_into<S: Simd>(s: S, acc: &mut [f32], x: &[f32]) {
     debug_assert_eq!(acc.len(), x.len());
     let len = acc.len().min(x.len());
-    for_chunks::<S>(len, |i, whole| {
-        if whole {
-            let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
-            s.store(v, &mut acc[i..]);
-        } else {
-            let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
-            s.store_partial(v, &mut acc[i..len]);
-        }
-    });
+    for_chunks::<S>(
+        len,
+        #[inline(always)]
+        |i, whole| {
+            if whole {
+                let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
+                s.store(v, &mut acc[i..]);
+            } else {
+                let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
+                s.store_partial(v, &mut acc[i..len]);
+            }
+        },
+    );
 }

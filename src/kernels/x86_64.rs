@@ -78,6 +78,18 @@ impl Simd for Avx2 {
         unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) }
     }
     #[inline(always)]
+    fn stream(self, v: __m256, dst: &mut [f32]) {
+        assert!(dst.len() >= 8 && (dst.as_ptr() as usize).is_multiple_of(32));
+        // SAFETY: 8 floats are writable and the address is aligned
+        // (asserted); the token proves the feature is available.
+        unsafe { _mm256_stream_ps(dst.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn fence(self) {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
     fn load_partial(self, src: &[f32]) -> __m256 {
         let mut lanes = [0.0f32; 8];
         lanes[..src.len()].copy_from_slice(src);
@@ -144,6 +156,18 @@ impl Simd for Avx512 {
         assert!(dst.len() >= 16);
         // SAFETY: 16 floats are writable (asserted); AVX-512F is available.
         unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn stream(self, v: __m512, dst: &mut [f32]) {
+        assert!(dst.len() >= 16 && (dst.as_ptr() as usize).is_multiple_of(64));
+        // SAFETY: 16 floats are writable and the address is aligned
+        // (asserted); the token proves the feature is available.
+        unsafe { _mm512_stream_ps(dst.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn fence(self) {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { _mm_sfence() }
     }
     #[inline(always)]
     fn load_partial(self, src: &[f32]) -> __m512 {

@@ -198,17 +198,21 @@ impl AdagradRule {
     fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32]) {
         let [w, a, ..] = lanes;
         let (lr, eps) = (s.splat(self.lr), s.splat(self.epsilon));
-        each_vector::<S>(g.len(), |i| {
-            let gv = s.load(&g[i..]);
-            let av = s.add(s.load(&a[i..]), s.mul(gv, gv));
-            s.store(av, &mut a[i..]);
-            let den = if OUTSIDE {
-                s.add(s.sqrt(av), eps)
-            } else {
-                s.sqrt(s.add(av, eps))
-            };
-            let wv = s.sub(s.load(&w[i..]), s.div(s.mul(lr, gv), den));
-            s.store(wv, &mut w[i..]);
-        });
+        each_vector::<S>(
+            g.len(),
+            #[inline(always)]
+            |i| {
+                let gv = s.load(&g[i..]);
+                let av = s.add(s.load(&a[i..]), s.mul(gv, gv));
+                s.store(av, &mut a[i..]);
+                let den = if OUTSIDE {
+                    s.add(s.sqrt(av), eps)
+                } else {
+                    s.sqrt(s.add(av, eps))
+                };
+                let wv = s.sub(s.load(&w[i..]), s.div(s.mul(lr, gv), den));
+                s.store(wv, &mut w[i..]);
+            },
+        );
     }
 }

@@ -23,9 +23,11 @@ use std::marker::PhantomData;
 use hashbrown::HashMap;
 use rayon::prelude::*;
 
+use super::groups::Groups;
 use super::linear::{Coefs, MAX_TUPLE, Map};
 use super::{OptimizerState, StateArray};
 use crate::aligned::{AlignedBuf, SendPtr, stride_for};
+use crate::index::Index;
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
@@ -37,7 +39,11 @@ const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 const TASK_FLOATS: usize = 1 << 15;
 
 /// Rows prefetched ahead of the one being updated: rows are scattered over
-/// the table, and each costs a DRAM round trip without a prefetch.
+/// the table, and each costs a DRAM round trip without a prefetch. They
+/// are prefetched into L2, not L1: on the 2-core Zen 4 of WORKLOADS.md
+/// that made the fused W5 SGD step 1.3x faster (L1 prefetches of 8 rows
+/// of 8 lines fill the L1's few miss buffers and stall); distances of 4
+/// to 64 rows all measured the same.
 const PREFETCH_AHEAD: usize = 8;
 
 /// "No catch-up needed" in a per-row coefficient index.
@@ -195,6 +201,8 @@ struct Scratch {
     by_k: HashMap<u64, u32>,
     /// Rows to visit (flush and catch-up).
     targets: Vec<usize>,
+    /// A lookup's positions grouped by row (`step_lookup`).
+    groups: Groups,
 }
 
 impl Scratch {
@@ -207,11 +215,21 @@ impl Scratch {
 
     /// The coefficients bringing a row from `last` to `now`, memoised per `k`.
     fn coef_index(&mut self, map: &Map, k: u64) -> u32 {
+        Self::coef_index_in(&mut self.coefs, &mut self.by_k, map, k)
+    }
+
+    /// [`coef_index`](Self::coef_index) on the two fields it uses, so the
+    /// other fields may stay borrowed.
+    fn coef_index_in(
+        coefs: &mut Vec<Coefs>,
+        by_k: &mut HashMap<u64, u32>,
+        map: &Map,
+        k: u64,
+    ) -> u32 {
         if k == 0 {
             return CURRENT;
         }
-        let coefs = &mut self.coefs;
-        *self.by_k.entry(k).or_insert_with(|| {
+        *by_k.entry(k).or_insert_with(|| {
             coefs.push(map.power(k));
             (coefs.len() - 1) as u32
         })
@@ -296,7 +314,124 @@ impl Core {
             table,
             tables,
             grad.rows(),
-            Some(grad.as_padded()),
+            Some(&Slots {
+                grads: grad.as_padded(),
+                stride: grad.stride(),
+            }),
+            coef_of,
+            &scratch.coefs,
+        );
+        *steps += 1;
+        Ok(())
+    }
+
+    /// One step with the gradient of `table.lookup(ids)` given `grad_out`,
+    /// fused: each distinct row's gradient is summed right before its
+    /// update, so weights and state are read and written once and no
+    /// coalesced gradient is stored. Bitwise the same as accumulating a
+    /// [`SparseGrad`] and calling [`step`](Self::step).
+    ///
+    /// ```text
+    /// validate config, shapes, ids < table.rows()
+    /// group the positions by row (groups.rs): rows in first-seen order
+    /// check grad_out finite, copying the later positions' rows to scratch
+    /// if the sums might overflow: accumulate a SparseGrad and step (it checks the sums)
+    ///                                                   (nothing written until here)
+    /// DenseExact: catch-up coefficients per row, as step
+    /// for each row r, in parallel (each row by exactly one task):
+    ///     g = 0 + grad_out[first position of r] + scratch rows of its later positions, in order
+    ///     catch up; apply the rule's update with g
+    /// ```
+    pub(crate) fn step_lookup<C: Config, I: Index>(
+        &mut self,
+        config: &C,
+        table: &mut EmbeddingTable,
+        ids: &[I],
+        grad_out: &[f32],
+    ) -> Result<()> {
+        // Validate everything before writing anything.
+        config.check()?;
+        let dim = table.dim();
+        let expected = ids.len().saturating_mul(dim);
+        if grad_out.len() != expected {
+            return Err(Error::ShapeMismatch {
+                what: "gradient length (ids * dim)",
+                expected,
+                got: grad_out.len(),
+            });
+        }
+        if let Some(tables) = &self.tables {
+            tables.check_table(table)?;
+        }
+        crate::index::validate_ids(ids, table.rows())?;
+        // Group the ids, then check the gradient while copying the rows of
+        // the ids' later occurrences next to each other. Nothing outside
+        // this optimizer's scratch is written until the check has passed.
+        let tier = kernels::current();
+        let groups = &mut self.scratch.groups;
+        let fused = Groups::fits(ids.len());
+        let scanned = if fused {
+            // SAFETY: ids were validated against `table.rows()` and fit.
+            unsafe { groups.build(ids, table.rows()) };
+            groups
+                .copy_later(tier, grad_out, dim, table.stride())
+                .finish("gradient", grad_out)?
+        } else {
+            crate::grad::scan("gradient", grad_out)?
+        };
+        let (bound, terms) = (scanned.max_abs as f64 * ids.len() as f64, ids.len() as u64);
+        if !fused || !crate::grad::sums_proven_finite(bound, terms) {
+            // Sums of huge values may overflow: let the stored gradient
+            // check them before anything is written. (Rare: the sums
+            // are proven finite unless `max|g| · ids.len()` nears f32::MAX.)
+            let mut grad = SparseGrad::for_table(table);
+            grad.accumulate_lookup(ids, grad_out)?;
+            return self.step(config, table, &grad);
+        }
+        let rule = config.rule();
+        if self.tables.is_none() {
+            self.tables = Some(StateTables::new(&rule, table.rows(), table.dim())?);
+        }
+        let Self {
+            steps,
+            tables,
+            scratch,
+        } = self;
+        let tables = tables.as_mut().expect("allocated above");
+        scratch.reset();
+        let rows = scratch.groups.rows();
+
+        // DenseExact: as in `step` (the grouped rows are distinct).
+        let mut coef_of = None;
+        if let Some(last) = &mut tables.last {
+            let map = rule.zero_grad_map();
+            let identity = map.is_identity();
+            for &r in rows {
+                let k = if identity { 0 } else { *steps - last[r] };
+                last[r] = *steps + 1;
+                let c = Scratch::coef_index_in(&mut scratch.coefs, &mut scratch.by_k, &map, k);
+                scratch.coef_of.push(c);
+            }
+            if !scratch.coefs.is_empty() {
+                coef_of = Some(&scratch.coef_of[..]);
+            }
+        }
+        let grads = Grouped {
+            grad_out,
+            dim,
+            stride: table.stride(),
+            heads: scratch.groups.heads(),
+            later: scratch.groups.later(),
+            scratch: scratch.groups.scratch(),
+            direct: dim == table.stride() && !scanned.negative_zero,
+        };
+        visit(
+            tier,
+            &rule,
+            table,
+            tables,
+            rows,
+            Some(&grads),
             coef_of,
             &scratch.coefs,
         );
@@ -360,7 +495,7 @@ impl Core {
             table,
             tables,
             &scratch.targets,
-            None,
+            None::<&Slots<'_>>,
             Some(&scratch.coef_of),
             &scratch.coefs,
         );
@@ -576,17 +711,109 @@ impl<'a> DisjointRows<'a> {
     }
 }
 
+/// Where the gradient of each visited row comes from.
+pub(crate) trait RowGrads: Sync {
+    /// Starts loading what [`grad`](Self::grad) of visited row `i` will read.
+    fn prefetch(&self, i: usize);
+
+    /// The gradient of visited row `i`: `stride` floats, pad lanes zero.
+    /// `buf` is a task-local scratch of `stride` floats whose pad lanes
+    /// are zero (an implementation may write its real lanes and return it).
+    fn grad<'b, S: Simd>(&'b self, s: S, i: usize, buf: &'b mut [f32]) -> &'b [f32];
+}
+
+/// The summed gradients of a [`SparseGrad`]: visited row `i` is slot `i`.
+pub(crate) struct Slots<'a> {
+    grads: &'a [f32],
+    stride: usize,
+}
+
+impl RowGrads for Slots<'_> {
+    #[inline(always)]
+    fn prefetch(&self, _i: usize) {
+        // Slots are read in order: the hardware prefetcher follows them.
+    }
+
+    #[inline(always)]
+    fn grad<'b, S: Simd>(&'b self, _s: S, i: usize, _buf: &'b mut [f32]) -> &'b [f32] {
+        &self.grads[i * self.stride..][..self.stride]
+    }
+}
+
+/// The gradient of a lookup, grouped but not summed: visited row `i` is
+/// group `i` of [`Groups`], and its gradient is the sum of its positions'
+/// rows of `grad_out`, taken in batch order, as [`SparseGrad`] sums them:
+/// the first position's row from `grad_out`, the later ones' from the
+/// groups' scratch.
+pub(crate) struct Grouped<'a> {
+    grad_out: &'a [f32],
+    dim: usize,
+    stride: usize,
+    heads: &'a [u32],
+    later: &'a [u32],
+    scratch: &'a [f32],
+    /// Whether a row looked up once may be handed over as it lies in
+    /// `grad_out`: its rows are whole padded rows (`dim == stride`) and hold
+    /// no `-0.0` (which the stored gradient's `+0.0 + x` turns into `+0.0`).
+    direct: bool,
+}
+
+impl RowGrads for Grouped<'_> {
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        // Rows looked up once come in batch order, but the hardware
+        // prefetcher stops at each 4 KiB page of `grad_out`: without this
+        // the update waits for them. (The scratch is read in order too;
+        // prefetching it made no difference.)
+        let head = self
+            .grad_out
+            .as_ptr()
+            .wrapping_add(self.heads[i] as usize * self.dim);
+        kernels::prefetch_row_l2(head, self.dim);
+    }
+
+    /// `0 + g[p₀] + g[p₁] + …` over the row's positions in order: bitwise
+    /// what `SparseGrad` stores, whose slot starts at `+0.0` (so a `-0.0`
+    /// sum comes out `+0.0` in both) and adds `1 · g[p]` (`1 · x == x`).
+    #[inline(always)]
+    fn grad<'b, S: Simd>(&'b self, s: S, i: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        let dim = self.dim;
+        let first = &self.grad_out[self.heads[i] as usize * dim..][..dim];
+        let later = self.later[i] as usize..self.later[i + 1] as usize;
+        if later.is_empty() && self.direct {
+            // `0 + x == x` bitwise unless `x` is `-0.0`, which `direct` excludes.
+            return first;
+        }
+        let acc = &mut buf[..dim];
+        let zero = s.splat(0.0);
+        let whole = dim - dim % S::N;
+        each_vector::<S>(
+            whole,
+            #[inline(always)]
+            |l| s.store(s.add(zero, s.load(&first[l..])), &mut acc[l..]),
+        );
+        if whole < dim {
+            let v = s.add(zero, s.load_partial(&first[whole..]));
+            s.store_partial(v, &mut acc[whole..]);
+        }
+        for q in later {
+            kernels::add_scaled(s, acc, &self.scratch[q * self.stride..][..dim], 1.0);
+        }
+        buf
+    }
+}
+
 /// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` with
-/// `coefs[coef_of[i]]` if any, then applies `rule` with gradient slot `i`
-/// of `grads` if any. Parallel over rows above a size threshold.
+/// `coefs[coef_of[i]]` if any, then applies `rule` with gradient `i` of
+/// `grads` if any. Parallel over rows above a size threshold.
 #[allow(clippy::too_many_arguments)]
-fn visit<R: Rule>(
+fn visit<R: Rule, G: RowGrads>(
     tier: Tier,
     rule: &R,
     table: &mut EmbeddingTable,
     tables: &mut StateTables,
     rows: &[usize],
-    grads: Option<&[f32]>,
+    grads: Option<&G>,
     coef_of: Option<&[u32]>,
     coefs: &[Coefs],
 ) {
@@ -600,14 +827,14 @@ fn visit<R: Rule>(
     }
     let bufs = &bufs[..];
     let run = |start: usize, rows: &[usize]| {
-        let end = start + rows.len();
         kernels::dispatch(
             tier,
             Visit {
                 rule,
                 rows,
-                grads: grads.map(|g| &g[start * stride..end * stride]),
-                coef_of: coef_of.map(|c| &c[start..end]),
+                start,
+                grads,
+                coef_of: coef_of.map(|c| &c[start..start + rows.len()]),
                 coefs,
                 bufs,
                 stride,
@@ -618,10 +845,11 @@ fn visit<R: Rule>(
     if rows.len() * floats_per_row < PARALLEL_MIN_FLOATS {
         run(0, rows);
     } else {
-        // Each task gets a run of distinct rows (SparseGrad's rows are
-        // distinct; flush and catch-up dedupe theirs), so no row of the
-        // weights or of any state array is written by two tasks, and each
-        // row's result is the same whichever task computes it.
+        // Each task gets a run of distinct rows (SparseGrad's rows and a
+        // lookup's grouped rows are distinct; flush and catch-up dedupe
+        // theirs), so no row of the weights or of any state array is
+        // written by two tasks, and each row's result is the same whichever
+        // task computes it.
         let per_task = (TASK_FLOATS / floats_per_row).max(1);
         rows.par_chunks(per_task)
             .enumerate()
@@ -630,11 +858,12 @@ fn visit<R: Rule>(
 }
 
 /// The body of [`visit`] for one run of rows, compiled per tier.
-struct Visit<'a, R> {
+struct Visit<'a, R, G> {
     rule: &'a R,
     rows: &'a [usize],
-    /// Gradient slots of these rows, `stride` floats each.
-    grads: Option<&'a [f32]>,
+    /// Index of `rows[0]` among all visited rows (for `grads`).
+    start: usize,
+    grads: Option<&'a G>,
     coef_of: Option<&'a [u32]>,
     coefs: &'a [Coefs],
     /// The weights, then each state array.
@@ -643,15 +872,20 @@ struct Visit<'a, R> {
     dim: usize,
 }
 
-impl<R: Rule> Kernel for Visit<'_, R> {
+impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
     type Output = ();
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
+        // Task-local gradient scratch; its pad lanes stay zero.
+        let mut buf = vec![0.0f32; if self.grads.is_some() { self.stride } else { 0 }];
         for (i, &r) in self.rows.iter().enumerate() {
             if let Some(&ahead) = self.rows.get(i + PREFETCH_AHEAD) {
                 for b in self.bufs {
-                    kernels::prefetch_row(b.start(ahead), b.width);
+                    kernels::prefetch_row_l2(b.start(ahead), b.width);
+                }
+                if let Some(g) = self.grads {
+                    g.prefetch(self.start + i + PREFETCH_AHEAD);
                 }
             }
             let mut lanes: Lanes<'_> = [&mut [], &mut [], &mut [], &mut []];
@@ -667,7 +901,7 @@ impl<R: Rule> Kernel for Visit<'_, R> {
                 self.coefs[c as usize].apply(s, &mut lanes);
             }
             if let Some(g) = self.grads {
-                let g = &g[i * self.stride..][..self.stride];
+                let g = g.grad(s, self.start + i, &mut buf);
                 self.rule.update(s, &mut lanes, g, self.dim);
             }
         }

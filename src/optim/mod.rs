@@ -89,6 +89,15 @@ macro_rules! sparse_optimizer_impl {
                 self.core.step(&self.config, table, grad)
             }
 
+            fn step_lookup<I: $crate::Index>(
+                &mut self,
+                table: &mut $crate::EmbeddingTable,
+                ids: &[I],
+                grad_out: &[f32],
+            ) -> $crate::Result<()> {
+                self.core.step_lookup(&self.config, table, ids, grad_out)
+            }
+
             fn flush(&mut self, table: &mut $crate::EmbeddingTable) -> $crate::Result<()> {
                 self.core.catch_up(&self.config, table, None)
             }
@@ -123,6 +132,7 @@ use sparse_optimizer_impl;
 mod adagrad;
 mod config;
 mod engine;
+mod groups;
 mod linear;
 mod rmsprop;
 mod rowwise_adagrad;
@@ -133,7 +143,7 @@ pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use rowwise_adagrad::{RowWiseAdagrad, RowWiseAdagradConfig};
 pub use sgd::{Sgd, SgdConfig, SgdStyle};
 
-use crate::{EmbeddingTable, Result, SparseGrad};
+use crate::{EmbeddingTable, Index, Result, SparseGrad};
 
 /// An optimizer that updates the rows of a table named by a sparse gradient.
 ///
@@ -158,6 +168,66 @@ pub trait SparseOptimizer {
     /// `slot * dim + column`); [`Error::Alloc`](crate::Error::Alloc) if the
     /// state does not fit in memory. On error nothing is written.
     fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) -> Result<()>;
+
+    /// One step with the gradient of `table.lookup(ids)`, given `grad_out`,
+    /// the gradient of the lookup's output (`ids.len() * dim` floats,
+    /// row-major): the same as
+    ///
+    /// ```text
+    /// let mut grad = SparseGrad::for_table(table);
+    /// grad.accumulate_lookup(ids, grad_out)?;
+    /// self.step(table, &grad)
+    /// ```
+    ///
+    /// bit for bit, which is what the provided method does. [`Sgd`],
+    /// [`RmsProp`], [`Adagrad`] and [`RowWiseAdagrad`] fuse the two
+    /// instead: each distinct row's gradient is summed (in batch order, as
+    /// `SparseGrad` sums it) right before the row is updated, so the
+    /// weights and the state are read and written once and no coalesced
+    /// gradient is stored. This is the fastest way to train a table whose
+    /// gradient comes from one lookup per step. The optimizer keeps 4
+    /// bytes per table row for grouping the ids.
+    ///
+    /// Only for sized types (it is generic over the id type); through a
+    /// `dyn SparseOptimizer`, accumulate a [`SparseGrad`] and call
+    /// [`step`](Self::step).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for a bad
+    /// config; [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) if
+    /// `grad_out.len() != ids.len() * table.dim()` or the state belongs to
+    /// a table of another shape;
+    /// [`Error::IndexOutOfRange`](crate::Error::IndexOutOfRange) for a
+    /// negative id or one `>= table.rows()` (`position` in `ids`);
+    /// [`Error::NonFinite`](crate::Error::NonFinite) for a NaN or infinite
+    /// value of `grad_out` (`position` in `grad_out`), or a sum of them
+    /// that overflowed (as [`step`](Self::step) reports it);
+    /// [`Error::Alloc`](crate::Error::Alloc). Checked in that order; on
+    /// error nothing is written.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{EmbeddingTable, SparseGrad, SparseOptimizer, Sgd, SgdConfig};
+    /// let mut table = EmbeddingTable::from_rows(3, 2, &[1., 1., 2., 2., 3., 3.])?;
+    /// let mut sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// // Row 2 is looked up twice: its gradients are summed, (1, 2) + (3, 4).
+    /// sgd.step_lookup(&mut table, &[2u32, 0, 2], &[1., 2., 0., 0., 3., 4.])?;
+    /// assert_eq!(table.to_vec(), [1., 1., 2., 2., 1., 0.]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    fn step_lookup<I: Index>(
+        &mut self,
+        table: &mut EmbeddingTable,
+        ids: &[I],
+        grad_out: &[f32],
+    ) -> Result<()>
+    where
+        Self: Sized,
+    {
+        let mut grad = SparseGrad::for_table(table);
+        grad.accumulate_lookup(ids, grad_out)?;
+        self.step(table, &grad)
+    }
 
     /// Brings every row current: under [`Semantics::DenseExact`], applies
     /// the steps each row missed since it was last touched, so the whole

@@ -280,32 +280,36 @@ impl RmsPropRule {
             s.splat(self.one_minus_rho),
         );
         let (mu, eps) = (s.splat(self.momentum), s.splat(self.epsilon));
-        each_vector::<S>(g.len(), |i| {
-            let gv = s.load(&g[i..]);
-            let sv = s.add(s.mul(rho, s.load(&sq[i..])), s.mul(omr, s.mul(gv, gv)));
-            s.store(sv, &mut sq[i..]);
-            let d = if CENTERED {
-                let mv = s.add(s.mul(rho, s.load(&m[i..])), s.mul(omr, gv));
-                s.store(mv, &mut m[i..]);
-                s.sub(sv, s.mul(mv, mv))
-            } else {
-                sv
-            };
-            let den = if OUTSIDE {
-                s.add(s.sqrt(d), eps)
-            } else {
-                s.sqrt(s.add(d, eps))
-            };
-            let delta = s.div(s.mul(lr, gv), den);
-            let wv = s.load(&w[i..]);
-            let wv = if MOMENTUM {
-                let bv = s.add(s.mul(mu, s.load(&b[i..])), delta);
-                s.store(bv, &mut b[i..]);
-                s.sub(wv, bv)
-            } else {
-                s.sub(wv, delta)
-            };
-            s.store(wv, &mut w[i..]);
-        });
+        each_vector::<S>(
+            g.len(),
+            #[inline(always)]
+            |i| {
+                let gv = s.load(&g[i..]);
+                let sv = s.add(s.mul(rho, s.load(&sq[i..])), s.mul(omr, s.mul(gv, gv)));
+                s.store(sv, &mut sq[i..]);
+                let d = if CENTERED {
+                    let mv = s.add(s.mul(rho, s.load(&m[i..])), s.mul(omr, gv));
+                    s.store(mv, &mut m[i..]);
+                    s.sub(sv, s.mul(mv, mv))
+                } else {
+                    sv
+                };
+                let den = if OUTSIDE {
+                    s.add(s.sqrt(d), eps)
+                } else {
+                    s.sqrt(s.add(d, eps))
+                };
+                let delta = s.div(s.mul(lr, gv), den);
+                let wv = s.load(&w[i..]);
+                let wv = if MOMENTUM {
+                    let bv = s.add(s.mul(mu, s.load(&b[i..])), delta);
+                    s.store(bv, &mut b[i..]);
+                    s.sub(wv, bv)
+                } else {
+                    s.sub(wv, delta)
+                };
+                s.store(wv, &mut w[i..]);
+            },
+        );
     }
 }

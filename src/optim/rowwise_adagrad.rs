@@ -165,10 +165,14 @@ impl Rule for RowWiseAdagradRule {
         let acc = h[0] + sum / dim as f32;
         h[0] = acc;
         let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
-        each_vector::<S>(g.len(), |i| {
-            let wv = s.sub(s.load(&w[i..]), s.mul(factor, s.load(&g[i..])));
-            s.store(wv, &mut w[i..]);
-        });
+        each_vector::<S>(
+            g.len(),
+            #[inline(always)]
+            |i| {
+                let wv = s.sub(s.load(&w[i..]), s.mul(factor, s.load(&g[i..])));
+                s.store(wv, &mut w[i..]);
+            },
+        );
     }
 }
 

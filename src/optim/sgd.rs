@@ -311,26 +311,30 @@ impl SgdRule {
             s.splat(self.decay),
         );
         let has_decay = self.decay != 0.0;
-        each_vector::<S>(g.len(), |i| {
-            let gv = s.load(&g[i..]);
-            let mut wv = s.load(&w[i..]);
-            if has_decay {
-                wv = s.sub(wv, s.mul(wv, decay));
-            }
-            let step = s.mul(gv, lr);
-            if MOMENTUM {
-                let vv = s.sub(s.mul(s.load(&v[i..]), mu), step);
-                s.store(vv, &mut v[i..]);
-                wv = if NESTEROV {
-                    s.add(wv, s.sub(s.mul(vv, mu), step))
+        each_vector::<S>(
+            g.len(),
+            #[inline(always)]
+            |i| {
+                let gv = s.load(&g[i..]);
+                let mut wv = s.load(&w[i..]);
+                if has_decay {
+                    wv = s.sub(wv, s.mul(wv, decay));
+                }
+                let step = s.mul(gv, lr);
+                if MOMENTUM {
+                    let vv = s.sub(s.mul(s.load(&v[i..]), mu), step);
+                    s.store(vv, &mut v[i..]);
+                    wv = if NESTEROV {
+                        s.add(wv, s.sub(s.mul(vv, mu), step))
+                    } else {
+                        s.add(wv, vv)
+                    };
                 } else {
-                    s.add(wv, vv)
-                };
-            } else {
-                wv = s.sub(wv, step);
-            }
-            s.store(wv, &mut w[i..]);
-        });
+                    wv = s.sub(wv, step);
+                }
+                s.store(wv, &mut w[i..]);
+            },
+        );
     }
 
     /// Torch: `d = g + λ·w` (if λ ≠ 0); `b = b·μ + d` and `d = b`
@@ -349,23 +353,27 @@ impl SgdRule {
             s.splat(self.weight_decay),
         );
         let has_decay = self.weight_decay != 0.0;
-        each_vector::<S>(g.len(), |i| {
-            let wv = s.load(&w[i..]);
-            let mut d = s.load(&g[i..]);
-            if has_decay {
-                d = s.add(d, s.mul(wd, wv));
-            }
-            if MOMENTUM {
-                let bv = s.add(s.mul(s.load(&b[i..]), mu), d);
-                s.store(bv, &mut b[i..]);
-                d = if NESTEROV {
-                    s.add(d, s.mul(mu, bv))
-                } else {
-                    bv
-                };
-            }
-            s.store(s.sub(wv, s.mul(lr, d)), &mut w[i..]);
-        });
+        each_vector::<S>(
+            g.len(),
+            #[inline(always)]
+            |i| {
+                let wv = s.load(&w[i..]);
+                let mut d = s.load(&g[i..]);
+                if has_decay {
+                    d = s.add(d, s.mul(wd, wv));
+                }
+                if MOMENTUM {
+                    let bv = s.add(s.mul(s.load(&b[i..]), mu), d);
+                    s.store(bv, &mut b[i..]);
+                    d = if NESTEROV {
+                        s.add(d, s.mul(mu, bv))
+                    } else {
+                        bv
+                    };
+                }
+                s.store(s.sub(wv, s.mul(lr, d)), &mut w[i..]);
+            },
+        );
     }
 }
 
