@@ -319,3 +319,29 @@ pub fn prefetch_l2(p: *const f32) {
 pub fn prefetch_row_l2(p: *const f32, len: usize) {
     for_each_line(p, len, prefetch_l2);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines `for_each_line` visits, as byte offsets from `base`.
+    fn lines(base: *const f32, start: usize, len: usize) -> Vec<usize> {
+        let mut seen = Vec::new();
+        for_each_line(base.wrapping_add(start), len, |p| {
+            seen.push(p as usize - base as usize)
+        });
+        seen
+    }
+
+    #[test]
+    fn every_line_a_row_touches_is_visited() {
+        let buf = crate::AlignedBuf::zeroed(64, "test").unwrap();
+        let base = buf.as_ptr();
+        assert_eq!(lines(base, 0, 32), [0, 64]);
+        // 32 floats from float 4 (byte 16) touch three lines.
+        assert_eq!(lines(base, 4, 32), [0, 64, 128]);
+        assert_eq!(lines(base, 15, 2), [0, 64]);
+        assert_eq!(lines(base, 16, 1), [64]);
+        assert!(lines(base, 3, 0).is_empty());
+    }
+}
