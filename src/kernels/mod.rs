@@ -266,12 +266,29 @@ pub fn prefetch(p: *const f32) {
 }
 
 /// Prefetches every cache line of the `len` floats from `p`.
+///
+/// `p` need not start a cache line: a row of a caller's buffer often does
+/// not, and then spans one line more than its length suggests.
 #[inline(always)]
 pub fn prefetch_row(p: *const f32, len: usize) {
+    for_each_line(p, len, prefetch);
+}
+
+/// Calls `f` with a pointer into every 64-byte cache line that the `len`
+/// floats from `p` touch, first to last.
+#[inline(always)]
+fn for_each_line(p: *const f32, len: usize, mut f: impl FnMut(*const f32)) {
+    if len == 0 {
+        return;
+    }
+    const LINE: usize = crate::aligned::LANES_PER_LINE * size_of::<f32>();
+    // Start at the line holding `p`; stop past the one holding the last float.
+    let head = p as usize % LINE;
+    let end = head + len * size_of::<f32>();
     let mut off = 0;
-    while off < len {
-        prefetch(p.wrapping_add(off));
-        off += crate::aligned::LANES_PER_LINE;
+    while off < end {
+        f(p.cast::<u8>().wrapping_sub(head).wrapping_add(off).cast());
+        off += LINE;
     }
 }
 
@@ -297,12 +314,34 @@ pub fn prefetch_l2(p: *const f32) {
 }
 
 /// Prefetches every cache line of the `len` floats from `p` into L2 (see
-/// [`prefetch_l2`]).
+/// [`prefetch_l2`] and [`prefetch_row`]).
 #[inline(always)]
 pub fn prefetch_row_l2(p: *const f32, len: usize) {
-    let mut off = 0;
-    while off < len {
-        prefetch_l2(p.wrapping_add(off));
-        off += crate::aligned::LANES_PER_LINE;
+    for_each_line(p, len, prefetch_l2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines `for_each_line` visits, as byte offsets from `base`.
+    fn lines(base: *const f32, start: usize, len: usize) -> Vec<usize> {
+        let mut seen = Vec::new();
+        for_each_line(base.wrapping_add(start), len, |p| {
+            seen.push(p as usize - base as usize)
+        });
+        seen
+    }
+
+    #[test]
+    fn every_line_a_row_touches_is_visited() {
+        let buf = crate::AlignedBuf::zeroed(64, "test").unwrap();
+        let base = buf.as_ptr();
+        assert_eq!(lines(base, 0, 32), [0, 64]);
+        // 32 floats from float 4 (byte 16) touch three lines.
+        assert_eq!(lines(base, 4, 32), [0, 64, 128]);
+        assert_eq!(lines(base, 15, 2), [0, 64]);
+        assert_eq!(lines(base, 16, 1), [64]);
+        assert!(lines(base, 3, 0).is_empty());
     }
 }

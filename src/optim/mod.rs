@@ -185,8 +185,10 @@ pub trait SparseOptimizer {
     /// `SparseGrad` sums it) right before the row is updated, so the
     /// weights and the state are read and written once and no coalesced
     /// gradient is stored. This is the fastest way to train a table whose
-    /// gradient comes from one lookup per step. The optimizer keeps 4
-    /// bytes per table row for grouping the ids.
+    /// gradient comes from one lookup per step. For grouping the ids, the
+    /// optimizer keeps 4 bytes per table row and scratch proportional to
+    /// the batch (up to 24 bytes an id, and the gradient rows of ids that
+    /// repeat in the batch).
     ///
     /// Only for sized types (it is generic over the id type); through a
     /// `dyn SparseOptimizer`, accumulate a [`SparseGrad`] and call
@@ -207,7 +209,7 @@ pub trait SparseOptimizer {
     ///
     /// # Examples
     /// ```
-    /// use embtable::{EmbeddingTable, SparseGrad, SparseOptimizer, Sgd, SgdConfig};
+    /// use embtable::{EmbeddingTable, SparseOptimizer, Sgd, SgdConfig};
     /// let mut table = EmbeddingTable::from_rows(3, 2, &[1., 1., 2., 2., 3., 3.])?;
     /// let mut sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
     /// // Row 2 is looked up twice: its gradients are summed, (1, 2) + (3, 4).
