@@ -4,9 +4,13 @@
 //! documented layout and Python-written files load; bad input is an error,
 //! never a panic; a failed save keeps the previous file.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use common::{Scratch, fixture};
 
 use embtable::io::{self, Checkpoint};
 use embtable::workloads::{uniform, values};
@@ -20,44 +24,6 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 // ---------------------------------------------------------------- helpers
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("embtable-test-ckpt-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn bits(table: &EmbeddingTable) -> Vec<u32> {
     table.to_vec().iter().map(|x| x.to_bits()).collect()
@@ -214,7 +180,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn resuming_gives_the_same_bits_as_not_stopping() {
-    let dir = Scratch::new("resume");
+    let dir = Scratch::new("ckpt-resume");
     let path = dir.path("ckpt.safetensors");
     let cases = cases();
     assert_eq!(cases.len(), 24 + 12 + 2 + 1);
@@ -260,7 +226,7 @@ fn resuming_gives_the_same_bits_as_not_stopping() {
 
 #[test]
 fn two_tables_and_a_frozen_one_resume_together() {
-    let dir = Scratch::new("two");
+    let dir = Scratch::new("ckpt-two");
     let path = dir.path("model.safetensors");
     let mut users = EmbeddingTable::new(30, 8, Init::default(), 1).unwrap();
     let mut items = EmbeddingTable::new(70, 8, Init::default(), 2).unwrap();
@@ -346,7 +312,7 @@ fn two_tables_and_a_frozen_one_resume_together() {
 
 #[test]
 fn an_optimizer_that_never_stepped_resumes() {
-    let dir = Scratch::new("fresh");
+    let dir = Scratch::new("ckpt-fresh");
     let path = dir.path("ckpt.safetensors");
     let table = EmbeddingTable::new(4, 3, Init::default(), 9).unwrap();
     let opt = Sgd::new(SgdConfig {
@@ -380,7 +346,7 @@ fn f32s(view: &TensorView<'_>) -> Vec<u32> {
 
 #[test]
 fn the_file_has_the_documented_tensors_and_metadata() {
-    let dir = Scratch::new("layout");
+    let dir = Scratch::new("ckpt-layout");
     let path = dir.path("ckpt.safetensors");
     let mut table = EmbeddingTable::new(12, 5, Init::default(), 4).unwrap();
     let mut opt = Sgd::new(SgdConfig {
@@ -578,7 +544,7 @@ fn loads_tables_of_every_float_dtype_as_numpy_converts_them() {
 
 #[test]
 fn table_files_round_trip_and_read_checkpoint_tables() {
-    let dir = Scratch::new("table");
+    let dir = Scratch::new("ckpt-table");
     let path = dir.path("t.safetensors");
     let table = EmbeddingTable::from_rows(2, 3, &[1.0, f32::NAN, -0.0, 1e-45, 7.5, -1.0]).unwrap();
     io::save_table_safetensors(&path, "embedding.weight", &table).unwrap();
@@ -609,7 +575,7 @@ fn table_files_round_trip_and_read_checkpoint_tables() {
 /// verify`. Into `$EMBTABLE_CHECKPOINT_OUT` when set.
 #[test]
 fn written_for_python() {
-    let scratch = Scratch::new("python");
+    let scratch = Scratch::new("ckpt-python");
     let dir = match std::env::var_os("EMBTABLE_CHECKPOINT_OUT") {
         Some(dir) => {
             fs::create_dir_all(&dir).unwrap();
@@ -743,7 +709,7 @@ fn valid_checkpoint(path: &Path) {
 
 #[test]
 fn corrupt_checkpoints_are_format_errors_naming_the_problem() {
-    let dir = Scratch::new("corrupt");
+    let dir = Scratch::new("ckpt-corrupt");
     let good = dir.path("good.safetensors");
     valid_checkpoint(&good);
     let bad = dir.path("bad.safetensors");
@@ -873,7 +839,7 @@ fn corrupt_checkpoints_are_format_errors_naming_the_problem() {
 /// `load_state`'s error and changes nothing.
 #[test]
 fn states_the_optimizer_refuses_are_errors_at_restore() {
-    let dir = Scratch::new("refused");
+    let dir = Scratch::new("ckpt-refused");
     let good = dir.path("good.safetensors");
     valid_checkpoint(&good);
     let bad = dir.path("bad.safetensors");
@@ -952,7 +918,7 @@ fn fake_state(rows: usize, dim: usize) -> OptimizerState {
 
 #[test]
 fn invalid_saves_are_errors_and_leave_the_old_file() {
-    let dir = Scratch::new("invalid-save");
+    let dir = Scratch::new("ckpt-invalid-save");
     let path = dir.path("ckpt.safetensors");
     valid_checkpoint(&path);
     let old = fs::read(&path).unwrap();
@@ -1096,7 +1062,7 @@ fn a_save_that_runs_out_of_room_keeps_the_old_checkpoint() {
         println!("child saw: {err}");
         return;
     }
-    let dir = Scratch::new("fsize");
+    let dir = Scratch::new("ckpt-fsize");
     let path = dir.path("ckpt.safetensors");
     let mut small_trained = EmbeddingTable::new(10, 4, Init::default(), 3).unwrap();
     let mut small_opt = Adagrad::default();
@@ -1154,7 +1120,7 @@ fn load_all_ways(path: &Path, bytes: &[u8]) -> bool {
 }
 
 fn valid_bytes() -> Vec<u8> {
-    let dir = Scratch::new("valid-bytes");
+    let dir = Scratch::new("ckpt-valid-bytes");
     let path = dir.path("v.safetensors");
     valid_checkpoint(&path);
     fs::read(&path).unwrap()
@@ -1162,7 +1128,7 @@ fn valid_bytes() -> Vec<u8> {
 
 #[test]
 fn every_prefix_of_a_valid_checkpoint_is_an_error() {
-    let dir = Scratch::new("prefixes");
+    let dir = Scratch::new("ckpt-prefixes");
     let path = dir.path("cut.safetensors");
     let bytes = valid_bytes();
     for cut in 0..bytes.len() {
@@ -1183,7 +1149,7 @@ proptest! {
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let dir = Scratch::new("fuzz-random");
+        let dir = Scratch::new("ckpt-fuzz-random");
         let path = dir.path("f.safetensors");
         prop_assert!(!load_all_ways(&path, &bytes));
         // Behind a plausible header length and the start of a header.
@@ -1197,7 +1163,7 @@ proptest! {
     fn mutated_checkpoints_never_panic(
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
     ) {
-        let dir = Scratch::new("fuzz-mutate");
+        let dir = Scratch::new("ckpt-fuzz-mutate");
         let path = dir.path("f.safetensors");
         let mut bytes = valid_bytes();
         for (at, b) in edits {
@@ -1218,7 +1184,7 @@ proptest! {
         per_row in any::<bool>(),
         dense_exact in any::<bool>(),
     ) {
-        let dir = Scratch::new("fuzz-state");
+        let dir = Scratch::new("ckpt-fuzz-state");
         let path = dir.path("s.safetensors");
         let raw = |n: usize, salt: u64| -> Vec<f32> {
             (0..n as u64)

@@ -2,9 +2,13 @@
 //! (scripts/make_fixtures.py: gensim, NumPy, and the C/C++ tools' print
 //! formats), round trips, malformed files and fuzzing.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use common::{Scratch, fixture};
 
 use embtable::io::{
     self, Coverage, Pretrained, ReadOptions, TableOptions, UnicodeErrors, Word2VecFormat,
@@ -13,41 +17,6 @@ use embtable::{EmbeddingTable, Error, Init, Vocab};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------- helpers
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("embtable-test-io-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-        let path = self.path(name);
-        fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What gensim / NumPy read from a fixture.
 struct Expected {
@@ -203,7 +172,7 @@ fn reads_numpy_npy_files() {
 
 #[test]
 fn writers_match_the_tools_byte_for_byte() {
-    let dir = Scratch::new("bytes");
+    let dir = Scratch::new("io-bytes");
     let p = read_w2v_bin(&fixture("w2v.bin")).unwrap();
     let out = dir.path("w2v.bin");
     io::write_word2vec(&out, &p.vocab, &p.table, Word2VecFormat::Binary).unwrap();
@@ -225,7 +194,7 @@ fn writers_match_the_tools_byte_for_byte() {
 fn written_text_matches_gensim_values() {
     // Our text differs from gensim's in spelling ("1e-8" for "1e-08", "2"
     // for "2.0") but must read back to the same bits.
-    let dir = Scratch::new("text-values");
+    let dir = Scratch::new("io-text-values");
     let p = read_w2v_text(&fixture("w2v.txt")).unwrap();
     let out = dir.path("w2v.txt");
     io::write_word2vec(&out, &p.vocab, &p.table, Word2VecFormat::Text).unwrap();
@@ -276,7 +245,7 @@ proptest! {
         dim in 1usize..=49,
         raw in prop::collection::vec(any::<u32>(), 1..200),
     ) {
-        let dir = Scratch::new("roundtrip");
+        let dir = Scratch::new("io-roundtrip");
         let vocab = vocab_of(rows);
         // Text is exact for every finite value (NaN has no payload in text).
         let finite = table_of(rows, dim, &raw, true);
@@ -308,7 +277,7 @@ proptest! {
 #[test]
 fn npy_rows_beyond_one_read_chunk() {
     // 70k rows × 3: several read chunks, rows split across none of them.
-    let dir = Scratch::new("npy-big");
+    let dir = Scratch::new("io-npy-big");
     let table = EmbeddingTable::new(
         70_001,
         3,
@@ -386,7 +355,7 @@ fn limit_reads_only_the_first_vectors() {
 
 #[test]
 fn limit_stops_before_a_broken_tail() {
-    let dir = Scratch::new("limit-tail");
+    let dir = Scratch::new("io-limit-tail");
     let path = dir.write("v.txt", "3 2\na 1 2\nb 3 4\nc oops 2\n");
     let options = ReadOptions {
         limit: Some(2),
@@ -400,7 +369,7 @@ fn limit_stops_before_a_broken_tail() {
 #[test]
 fn words_with_spaces_are_read_on_request() {
     // As in glove.840B.300d.txt: ". . ." and "at name@domain.com" are words.
-    let dir = Scratch::new("spaced");
+    let dir = Scratch::new("io-spaced");
     let glove = dir.write("g.txt", "the 1 2\n. . . 3 4\nat name@domain.com 5 6\n");
     let w2v = dir.write("w.txt", "3 2\nthe 1 2\n. . . 3 4\nat name@domain.com 5 6\n");
     assert_format(
@@ -433,7 +402,7 @@ fn words_with_spaces_are_read_on_request() {
 
 #[test]
 fn malformed_text_files_name_the_line() {
-    let dir = Scratch::new("bad-text");
+    let dir = Scratch::new("io-bad-text");
     let w2v: &[(&[u8], usize, &str)] = &[
         (b"", 1, "empty"),
         (b"3\nA 1\n", 1, "header"),
@@ -500,7 +469,7 @@ fn binary_file(records: &[(&[u8], &[f32])], dim: usize, declared: usize) -> Vec<
 
 #[test]
 fn malformed_binary_files_name_the_record() {
-    let dir = Scratch::new("bad-bin");
+    let dir = Scratch::new("io-bad-bin");
     let good = binary_file(&[(b"a", &[1., 2.]), (b"b", &[3., 4.])], 2, 2);
     let cases: Vec<(Vec<u8>, usize, &str)> = vec![
         (b"2 2 2\n".to_vec(), 1, "header"),
@@ -544,7 +513,7 @@ fn malformed_binary_files_name_the_record() {
 
 #[test]
 fn malformed_npy_files_name_the_problem() {
-    let dir = Scratch::new("bad-npy");
+    let dir = Scratch::new("io-bad-npy");
     let good = fs::read(fixture("table.npy")).unwrap(); // 7 × 6, 128-byte header
     let with_header = |dict: &str| {
         let mut h = dict.to_string();
@@ -623,7 +592,7 @@ fn missing_files_are_io_errors_naming_the_path() {
 
 #[test]
 fn writers_validate_before_touching_the_target() {
-    let dir = Scratch::new("write-validate");
+    let dir = Scratch::new("io-write-validate");
     let path = dir.write("keep.txt", "previous contents");
     let table = EmbeddingTable::zeros(2, 3).unwrap();
     let spaced = Vocab::from_words(["ok", "two words"]).unwrap();
@@ -655,7 +624,7 @@ fn writers_validate_before_touching_the_target() {
 
 #[test]
 fn writers_replace_existing_files_and_report_io_errors() {
-    let dir = Scratch::new("write-replace");
+    let dir = Scratch::new("io-write-replace");
     let path = dir.write("t.npy", "old");
     let table = EmbeddingTable::from_rows(1, 2, &[1.0, 2.0]).unwrap();
     io::save_npy(&path, &table).unwrap();
@@ -851,7 +820,7 @@ fn valid_files() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn every_prefix_of_a_valid_file_is_handled() {
-    let dir = Scratch::new("prefixes");
+    let dir = Scratch::new("io-prefixes");
     for (name, bytes) in valid_files() {
         for cut in 0..bytes.len() {
             let ok = read_all_ways(&dir, &bytes[..cut]);
@@ -874,7 +843,7 @@ proptest! {
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let dir = Scratch::new("fuzz-random");
+        let dir = Scratch::new("io-fuzz-random");
         read_all_ways(&dir, &bytes);
         // Also behind plausible headers.
         for head in [&b"3 4\n"[..], b"\x93NUMPY\x01\x00\x76\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"] {
@@ -889,7 +858,7 @@ proptest! {
         file in 0usize..7,
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
     ) {
-        let dir = Scratch::new("fuzz-mutate");
+        let dir = Scratch::new("io-fuzz-mutate");
         let (_, mut bytes) = valid_files().swap_remove(file);
         for (at, b) in edits {
             let i = at.index(bytes.len());
