@@ -245,6 +245,24 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// The step counter, the state tables (allocated for `table` on the
+    /// first step) and the scratch, borrowed apart.
+    fn parts<R: Rule>(
+        &mut self,
+        rule: &R,
+        table: &EmbeddingTable,
+    ) -> Result<(&mut u64, &mut StateTables, &mut Scratch)> {
+        if self.tables.is_none() {
+            self.tables = Some(StateTables::new(rule, table.rows(), table.dim())?);
+        }
+        let Self {
+            steps,
+            tables,
+            scratch,
+        } = self;
+        Ok((steps, tables.as_mut().expect("allocated above"), scratch))
+    }
+
     /// Whether rows may lag behind the step counter (`DenseExact` after
     /// the first step), so that `catch_up` has work to do.
     pub(crate) fn has_lagging_rows(&self) -> bool {
@@ -281,15 +299,7 @@ impl Core {
             check_finite(grad)?;
         }
         let rule = config.rule();
-        if self.tables.is_none() {
-            self.tables = Some(StateTables::new(&rule, table.rows(), table.dim())?);
-        }
-        let Self {
-            steps,
-            tables,
-            scratch,
-        } = self;
-        let tables = tables.as_mut().expect("allocated above");
+        let (steps, tables, scratch) = self.parts(&rule, table)?;
 
         // DenseExact: how far behind each touched row is. Rows of a
         // SparseGrad are distinct, so each is seen once here.
@@ -389,15 +399,7 @@ impl Core {
             return self.step(config, table, &grad);
         }
         let rule = config.rule();
-        if self.tables.is_none() {
-            self.tables = Some(StateTables::new(&rule, table.rows(), table.dim())?);
-        }
-        let Self {
-            steps,
-            tables,
-            scratch,
-        } = self;
-        let tables = tables.as_mut().expect("allocated above");
+        let (steps, tables, scratch) = self.parts(&rule, table)?;
         scratch.reset();
         let rows = scratch.groups.rows();
 
