@@ -606,18 +606,22 @@ impl EmbeddingTable {
 
 /// Pools consecutive bags into consecutive `dim`-float rows of `out`.
 ///
-/// Each bag is accumulated in `scratch` (one stride: whole vectors, no
-/// tail; the pad lanes of table rows are zero) and then copied out:
+/// A bag's rows are reduced a block of columns at a time, the block's
+/// accumulators held in registers ([`reduce_block`]); the padded row is
+/// then copied out of `scratch` (one stride: whole vectors, no tail; the pad
+/// lanes of table rows are zero):
 ///
 /// ```text
 /// for each bag b:                     (ids ids[offsets[b]..offsets[b+1]])
 ///     d = normaliser(bag)             (Max: none)
 ///     if the bag is empty or d == 0: out_b = 0; next
-///     acc = 0                         (Max: acc = e_first)
-///     for j in the bag:
-///         prefetch the row of ids[j + PREFETCH_AHEAD] into L2
-///         acc += c_j * e_j            (Max: acc = max(e_j, acc))
-///     out_b = acc[..dim]
+///     for each block of columns:
+///         acc = 0                     (Max: acc = e_first)
+///         for j in the bag:
+///             (first block) prefetch the row of ids[j + PREFETCH_AHEAD] into L2
+///             acc += c_j * e_j        (Max: acc = max(e_j, acc))
+///         scratch[block] = acc
+///     out_b = scratch[..dim]
 /// ```
 ///
 /// Invariants: every id was validated against `table.rows`; `offsets` is
@@ -652,12 +656,12 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
         let padded = table.as_padded();
         let base = padded.as_ptr();
         let end = offsets[offsets.len() - 1];
-        // The whole padded row of `ids[j]`, after prefetching the row
-        // PREFETCH_AHEAD positions ahead (within this task's ids) into L2:
-        // prefetching into L1 holds the L1's few miss buffers and was about
-        // 25% slower on W4.
-        let row = |j: usize| -> &[f32] {
-            if j + PREFETCH_AHEAD < end {
+        // The whole padded row of `ids[j]`, after prefetching (when asked)
+        // the row PREFETCH_AHEAD positions ahead, within this task's ids,
+        // into L2: prefetching into L1 holds the L1's few miss buffers and
+        // was about 25% slower on W4.
+        let row = |j: usize, prefetch: bool| -> &[f32] {
+            if prefetch && j + PREFETCH_AHEAD < end {
                 // SAFETY: ids[..end] were validated (struct invariant), and
                 // j + PREFETCH_AHEAD < end <= ids.len().
                 let ahead = unsafe { row_unchecked(*ids.get_unchecked(j + PREFETCH_AHEAD)) };
@@ -679,33 +683,120 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
             kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
         }
         for (b, dst) in out.chunks_exact_mut(dim).enumerate() {
-            let (lo, hi) = (offsets[b], offsets[b + 1]);
-            if lo == hi {
+            let bag = offsets[b]..offsets[b + 1];
+            if bag.is_empty() {
                 dst.fill(0.0);
                 continue;
             }
             if pooling == Pooling::Max {
-                kernels::copy_row(s, row(lo), scratch);
-                for j in lo + 1..hi {
-                    kernels::max_into(s, scratch, row(j));
-                }
+                reduce_row(s, bag, &row, |_| 0.0, Reduce::Max, scratch);
             } else {
-                let w = weights.map(|w| &w[lo..hi]);
-                let d = normaliser(pooling, hi - lo, w);
+                let w = weights.map(|w| &w[bag.clone()]);
+                let d = normaliser(pooling, bag.len(), w);
                 if d == 0.0 {
                     dst.fill(0.0);
                     continue;
                 }
                 let unit = coefficient(1.0, d);
-                scratch.fill(0.0);
-                for j in lo..hi {
-                    let c = w.map_or(unit, |w| coefficient(w[j - lo], d));
-                    kernels::add_scaled(s, scratch, row(j), c);
-                }
+                let lo = bag.start;
+                let coef = |j: usize| w.map_or(unit, |w| coefficient(w[j - lo], d));
+                reduce_row(s, bag, &row, coef, Reduce::WeightedSum, scratch);
             }
             kernels::copy_row(s, &scratch[..dim], dst);
         }
     }
+}
+
+/// How [`reduce_block`] folds a bag's rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reduce {
+    /// `acc = 0; acc += c_j * e_j`, each product rounded before its sum.
+    WeightedSum,
+    /// `acc = e_first; acc = max(e_j, acc)`, as [`Simd::max`] breaks ties.
+    Max,
+}
+
+/// Vectors of accumulators a block holds in registers: 8 is a 128-float row
+/// with AVX-512, and leaves registers free for the loads on every tier.
+const BLOCK_VECTORS: usize = 8;
+
+/// Reduces the bag's padded rows into `scratch` (one stride), a block of up
+/// to [`BLOCK_VECTORS`] vectors of columns at a time.
+///
+/// `row(j, prefetch)` returns the padded row of position `j`; only the first
+/// block asks it to prefetch, since later blocks read rows already fetched.
+#[inline(always)]
+fn reduce_row<'t, S: Simd>(
+    s: S,
+    bag: Range<usize>,
+    row: &impl Fn(usize, bool) -> &'t [f32],
+    coef: impl Fn(usize) -> f32 + Copy,
+    op: Reduce,
+    scratch: &mut [f32],
+) {
+    let vectors = scratch.len() / S::N;
+    let mut done = 0;
+    while done < vectors {
+        let (first, col) = (done == 0, done * S::N);
+        let block = &mut scratch[col..];
+        done += match vectors - done {
+            n if n >= BLOCK_VECTORS => {
+                reduce_block::<S, BLOCK_VECTORS>(s, bag.clone(), row, coef, op, first, col, block)
+            }
+            n if n >= 4 => reduce_block::<S, 4>(s, bag.clone(), row, coef, op, first, col, block),
+            n if n >= 2 => reduce_block::<S, 2>(s, bag.clone(), row, coef, op, first, col, block),
+            _ => reduce_block::<S, 1>(s, bag.clone(), row, coef, op, first, col, block),
+        };
+    }
+}
+
+/// Reduces columns `col..col + V * S::N` of the bag's rows into `dst[..V * S::N]`
+/// with the accumulators in registers, and returns `V`.
+///
+/// Lane by lane this is the order of the module's contract: sums start at
+/// zero and add `c_j * e_j` in bag order; Max starts from the first row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn reduce_block<'t, S: Simd, const V: usize>(
+    s: S,
+    bag: Range<usize>,
+    row: &impl Fn(usize, bool) -> &'t [f32],
+    coef: impl Fn(usize) -> f32,
+    op: Reduce,
+    prefetch: bool,
+    col: usize,
+    dst: &mut [f32],
+) -> usize {
+    let width = V * S::N;
+    let block = |j: usize| -> &[f32] { &row(j, prefetch)[col..col + width] };
+    let load = |r: &[f32], v: usize| s.load(&r[v * S::N..]);
+    let (mut acc, rest) = match op {
+        Reduce::WeightedSum => ([s.splat(0.0); V], bag),
+        Reduce::Max => {
+            let first = block(bag.start);
+            (
+                std::array::from_fn(|v| load(first, v)),
+                bag.start + 1..bag.end,
+            )
+        }
+    };
+    for j in rest {
+        let r = block(j);
+        if op == Reduce::Max {
+            for (v, acc) in acc.iter_mut().enumerate() {
+                *acc = s.max(load(r, v), *acc);
+            }
+        } else {
+            let c = s.splat(coef(j));
+            for (v, acc) in acc.iter_mut().enumerate() {
+                *acc = s.add(*acc, s.mul(c, load(r, v)));
+            }
+        }
+    }
+    for (v, acc) in acc.into_iter().enumerate() {
+        s.store(acc, &mut dst[..width][v * S::N..]);
+    }
+    V
 }
 
 impl SparseGrad {
