@@ -21,7 +21,7 @@ use std::time::Instant;
 use embtable::kernels::{self, Tier};
 use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
 use embtable::{
-    Adagrad, AdagradConfig, Bags, EmbeddingTable, EpsPlacement, Init, Pooling, RmsProp,
+    Adagrad, AdagradConfig, AlignedBuf, Bags, EmbeddingTable, EpsPlacement, Init, Pooling, RmsProp,
     RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
     SparseOptimizer,
 };
@@ -73,8 +73,10 @@ type Prepared = Box<dyn FnMut()>;
 
 fn gather(rows: usize, dim: usize, ids: Vec<i64>) -> Prepared {
     let table = EmbeddingTable::new(rows, dim, Init::default(), 7).expect("table");
-    let mut out = vec![0.0f32; ids.len() * dim];
-    Box::new(move || table.lookup(&ids, &mut out).expect("lookup"))
+    // 64-byte aligned, as PyTorch allocates tensors: a lookup streams a
+    // large output only when every row starts a cache line.
+    let mut out = AlignedBuf::zeroed(ids.len() * dim, "output").expect("output");
+    Box::new(move || table.lookup(&ids, out.as_mut_slice()).expect("lookup"))
 }
 
 /// W4: 16,384 bags of 32 ids over the 1M × 128 table, pooled.

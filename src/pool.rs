@@ -63,7 +63,7 @@ use rayon::prelude::*;
 use crate::grad::{Contribution, check_finite};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, Kernel, Simd, Tier};
-use crate::table::PREFETCH_AHEAD;
+use crate::table::prefetch_distance;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Below this many floats of work (rows read plus rows written), a pooled
@@ -618,7 +618,7 @@ impl EmbeddingTable {
 ///     for each block of columns:
 ///         acc = 0                     (Max: acc = e_first)
 ///         for j in the bag:
-///             (first block) prefetch the row of ids[j + PREFETCH_AHEAD] into L2
+///             (first block) prefetch the row of ids[j + ahead] into L2
 ///             acc += c_j * e_j        (Max: acc = max(e_j, acc))
 ///         scratch[block] = acc
 ///     out_b = scratch[..dim]
@@ -655,29 +655,29 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
         let (dim, stride) = (table.dim(), table.stride());
         let padded = table.as_padded();
         let base = padded.as_ptr();
-        let end = offsets[offsets.len() - 1];
+        let ahead = prefetch_distance(stride);
         // The whole padded row of `ids[j]`, after prefetching (when asked)
-        // the row PREFETCH_AHEAD positions ahead, within this task's ids,
-        // into L2: prefetching into L1 holds the L1's few miss buffers and
-        // was about 25% slower on W4.
+        // the row `ahead` positions on, past this task's ids too, into L2:
+        // prefetching into L1 holds the L1's few miss buffers and was about
+        // 25% slower on W4.
         let row = |j: usize, prefetch: bool| -> &[f32] {
-            if prefetch && j + PREFETCH_AHEAD < end {
-                // SAFETY: ids[..end] were validated (struct invariant), and
-                // j + PREFETCH_AHEAD < end <= ids.len().
-                let ahead = unsafe { row_unchecked(*ids.get_unchecked(j + PREFETCH_AHEAD)) };
-                kernels::prefetch_row_l2(base.wrapping_add(ahead * stride), dim);
+            if prefetch && let Some(&next) = ids.get(j + ahead) {
+                // SAFETY: every id was validated (struct invariant).
+                let r = unsafe { row_unchecked(next) };
+                kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
             }
-            // SAFETY: j < end <= ids.len(), and the id was validated, so
-            // r < rows and the stride r*stride.. lies in the rows*stride buffer.
+            // SAFETY: j < ids.len() (the bags index `ids`), and the id was
+            // validated, so r < rows and the stride r*stride.. lies in the
+            // rows*stride buffer.
             unsafe {
                 let r = row_unchecked(*ids.get_unchecked(j));
                 padded.get_unchecked(r * stride..r * stride + stride)
             }
         };
         // Start the task's first rows together rather than one miss at a
-        // time; `row` then keeps PREFETCH_AHEAD rows in flight.
-        let start = offsets[0];
-        for &id in &ids[start..end.min(start + PREFETCH_AHEAD)] {
+        // time; `row` then keeps `ahead` rows in flight.
+        let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+        for &id in &ids[start..end.min(start + ahead)] {
             // SAFETY: a validated id (struct invariant).
             let r = unsafe { row_unchecked(id) };
             kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);

@@ -15,11 +15,20 @@ const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 /// small enough that two threads finish together.
 const TASK_FLOATS: usize = 1 << 16;
 
-/// Rows prefetched ahead of the one being copied. Random rows come from
-/// DRAM at ~100 ns; eight in flight hide most of that latency. They are
-/// prefetched into L2, not L1: L1's few miss buffers would fill and stall
-/// (measured on W1: 16.3 ms into L2 vs 18.7 ms into L1, one thread).
-pub(crate) const PREFETCH_AHEAD: usize = 8;
+/// Bytes of rows that gathers keep prefetching ahead of the row in use.
+///
+/// Random rows come from DRAM at ~100 ns, so many must be in flight at once;
+/// a distance in bytes rather than rows keeps small rows from running dry
+/// and large ones from flooding the miss queues. Measured on the 2-core
+/// Zen 4 (medians, one / two threads): 8 KiB against 2 KiB gave W1-d32
+/// 2.4 vs 3.3 ms, W1 13.4 vs 14.8 and 6.5 vs 7.5 ms; 4 to 16 KiB were
+/// within noise, and W1-d512 did not move between 4 and 8 rows.
+const PREFETCH_BYTES: usize = 8 << 10;
+
+/// Rows to prefetch ahead in a gather over rows of `stride` floats.
+pub(crate) fn prefetch_distance(stride: usize) -> usize {
+    (PREFETCH_BYTES / (stride * size_of::<f32>()).max(1)).clamp(4, 64)
+}
 
 /// An embedding table: `rows` vectors of `dim` floats.
 ///
@@ -217,6 +226,13 @@ impl EmbeddingTable {
     /// threshold; the result is the same for every thread count and tier (a
     /// lookup is a copy).
     ///
+    /// An output of 16 MiB or more whose rows all start on a cache line (a
+    /// 64-byte aligned `out`, such as an [`AlignedBuf`], and `dim` a multiple
+    /// of 16) is written with non-temporal stores, which skip reading each
+    /// output line before overwriting it and leave the caches to the table:
+    /// on W1 of `WORKLOADS.md` that made two threads 1.4x faster. A
+    /// `Vec<f32>` is only 16-byte aligned, so it takes regular stores.
+    ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `out.len() != ids.len() * dim`;
     /// [`Error::IndexOutOfRange`] naming the first id that is negative or
@@ -311,25 +327,45 @@ impl EmbeddingTable {
     /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
     pub(crate) unsafe fn gather_unchecked<I: Index>(&self, tier: Tier, ids: &[I], out: &mut [f32]) {
         debug_assert_eq!(out.len(), ids.len() * self.dim);
-        let gather = |ids: &[I], out: &mut [f32]| {
+        let stream = streams_output(out, self.dim);
+        let gather = |first: usize, out: &mut [f32]| {
             kernels::dispatch(
                 tier,
                 Gather {
                     table: self,
                     ids,
+                    first,
                     out,
+                    stream,
                 },
             )
         };
         if out.len() < PARALLEL_MIN_FLOATS {
-            gather(ids, out);
+            gather(0, out);
         } else {
             let ids_per_task = (TASK_FLOATS / self.dim).max(1);
-            ids.par_chunks(ids_per_task)
-                .zip(out.par_chunks_mut(ids_per_task * self.dim))
-                .for_each(|(ids, out)| gather(ids, out));
+            out.par_chunks_mut(ids_per_task * self.dim)
+                .enumerate()
+                .for_each(|(task, out)| gather(task * ids_per_task, out));
         }
     }
+}
+
+/// Outputs of at least this many bytes are written with non-temporal
+/// stores: far larger than a core's share of the L3, they would only evict
+/// the table's rows, and streaming skips reading each line before it is
+/// overwritten. Measured on W1 (128 MB out): 12.1 vs 12.4 ms on one
+/// thread, 7.6 vs 10.4 ms on two.
+const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Whether a lookup streams `out`: large enough, and every row starts on a
+/// cache line, so each line is written whole by one non-temporal store.
+/// (Partial lines mixed with streamed ones were 2-3x slower on W2.)
+fn streams_output(out: &[f32], dim: usize) -> bool {
+    const LINE: usize = crate::aligned::LANES_PER_LINE * size_of::<f32>();
+    size_of_val(out) >= STREAM_MIN_BYTES
+        && (out.as_ptr() as usize).is_multiple_of(LINE)
+        && (dim * size_of::<f32>()).is_multiple_of(LINE)
 }
 
 /// The L2 norm in `f64`, from four partial sums of lanes `k mod 4`.
@@ -357,15 +393,22 @@ impl Kernel for Scale<'_> {
     }
 }
 
-/// Copies rows `ids` of `table` into consecutive `dim`-float slots of `out`,
-/// prefetching the row `PREFETCH_AHEAD` ids ahead so several DRAM fetches
-/// are in flight at once.
+/// Copies the rows of `ids[first..first + out.len() / dim]` into consecutive
+/// `dim`-float slots of `out`, prefetching rows [`prefetch_distance`] ids
+/// ahead (past this task's ids too, into the next task's) so several DRAM
+/// fetches are in flight at once.
 ///
-/// Invariant: every id was validated against `table.rows`.
+/// With `stream`, rows are written with non-temporal stores
+/// ([`streams_output`]) and fenced before the task ends.
+///
+/// Invariant: every id was validated against `table.rows`; `out` holds whole
+/// rows for ids from `first` on.
 struct Gather<'a, I> {
     table: &'a EmbeddingTable,
     ids: &'a [I],
+    first: usize,
     out: &'a mut [f32],
+    stream: bool,
 }
 
 impl<I: Index> Kernel for Gather<'_, I> {
@@ -373,19 +416,39 @@ impl<I: Index> Kernel for Gather<'_, I> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let Gather { table, ids, out } = self;
+        let Gather {
+            table,
+            ids,
+            first,
+            out,
+            stream,
+        } = self;
         let (dim, stride) = (table.dim, table.stride);
         let base = table.data.as_ptr();
-        let upcoming = ids.get(PREFETCH_AHEAD..).unwrap_or_default();
-        for (k, (&id, dst)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
+        let prefetch = |id: I| {
+            // SAFETY: validated id (struct invariant).
+            let r = unsafe { row_unchecked(id) };
+            kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
+        };
+        // Start the task's first rows together rather than one miss at a time.
+        let mine = &ids[first..first + out.len() / dim];
+        let ahead = prefetch_distance(stride);
+        mine.iter().take(ahead).copied().for_each(prefetch);
+        let upcoming = ids.get(first + ahead..).unwrap_or_default();
+        for (k, (&id, dst)) in mine.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
             if let Some(&ahead) = upcoming.get(k) {
-                // SAFETY: validated id (struct invariant).
-                let r = unsafe { row_unchecked(ahead) };
-                kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
+                prefetch(ahead);
             }
             // SAFETY: validated id (struct invariant), so the row is in the table.
             let src = unsafe { table.row_unchecked(row_unchecked(id)) };
-            kernels::copy_row(s, src, dst);
+            if stream {
+                kernels::copy_row_streaming(s, src, dst);
+            } else {
+                kernels::copy_row(s, src, dst);
+            }
+        }
+        if stream {
+            s.fence();
         }
     }
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_bits_eq, each_config, matmul, onehot};
-use embtable::{EmbeddingTable, Error, Index, Init};
+use embtable::{AlignedBuf, EmbeddingTable, Error, Index, Init};
 use proptest::prelude::*;
 
 /// A table with distinct, exactly representable values, so any misplaced
@@ -95,6 +95,33 @@ fn large_batch_takes_the_parallel_path() {
     let (rows, dim) = (1000, 33);
     let ids: Vec<usize> = (0..4001).map(|i| (i * 7919) % rows).collect();
     check_lookup::<u64>(rows, dim, &ids);
+}
+
+#[test]
+fn large_aligned_outputs_are_streamed_exactly() {
+    // Past 16 MiB into a 64-byte aligned buffer with rows of whole cache
+    // lines, rows are written with non-temporal stores; the same lookup
+    // into a misaligned slice of the buffer is not. Both must be the rows.
+    let (rows, dim) = (1000, 32);
+    let table = table_of(rows, dim);
+    let ids: Vec<i64> = (0..140_001).map(|i| (i * 7919 % rows) as i64).collect();
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| table.row(id as usize).to_vec())
+        .collect();
+    assert!(want.len() * 4 >= 16 << 20, "large enough to stream");
+    for offset in [0, 4] {
+        for (tier, threads, got) in each_config(|| {
+            let mut out = AlignedBuf::zeroed(want.len() + offset, "out").unwrap();
+            out.as_mut_slice().fill(f32::NAN);
+            table
+                .lookup(&ids, &mut out.as_mut_slice()[offset..])
+                .unwrap();
+            out.as_slice()[offset..].to_vec()
+        }) {
+            assert_bits_eq(&got, &want, &format!("offset {offset}, {tier} x{threads}"));
+        }
+    }
 }
 
 #[test]

@@ -28,17 +28,11 @@ fn for_chunks<S: Simd>(len: usize, mut body: impl FnMut(usize, bool)) {
 pub fn copy_row<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     let len = dst.len().min(src.len());
-    for_chunks::<S>(
-        len,
-        #[inline(always)]
-        |i, whole| {
-            if whole {
-                s.store(s.load(&src[i..]), &mut dst[i..]);
-            } else {
-                s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
-            }
-        },
-    );
+    let whole = len - len % S::N;
+    copy_vectors(s, &src[..whole], &mut dst[..whole], false);
+    if whole < len {
+        s.store_partial(s.load_partial(&src[whole..len]), &mut dst[whole..len]);
+    }
 }
 
 /// `dst = src` (equal lengths), with non-temporal stores for the vectors of
@@ -56,14 +50,52 @@ pub fn copy_row_streaming<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
     if head > 0 {
         s.store_partial(s.load_partial(&src[..head]), &mut dst[..head]);
     }
-    let mut i = head;
-    while i + S::N <= len {
-        s.stream(s.load(&src[i..]), &mut dst[i..]);
-        i += S::N;
+    let whole = head + (len - head) / S::N * S::N;
+    copy_vectors(s, &src[head..whole], &mut dst[head..whole], true);
+    if whole < len {
+        s.store_partial(s.load_partial(&src[whole..len]), &mut dst[whole..len]);
     }
-    if i < len {
-        s.store_partial(s.load_partial(&src[i..len]), &mut dst[i..len]);
+}
+
+/// Vectors a block copies with its loads issued before its stores.
+const BLOCK_VECTORS: usize = 8;
+
+/// `dst = src` for lengths that are whole vectors, in fully unrolled blocks
+/// of up to [`BLOCK_VECTORS`] vectors; `stream` stores them non-temporally
+/// (`dst` aligned to the vector width).
+///
+/// A loop of one load and one store per vector was measured 25-40% slower
+/// on W1 than the same copy unrolled: the row's loads then wait on each
+/// other's loop control instead of all issuing at once.
+#[inline(always)]
+fn copy_vectors<S: Simd>(s: S, src: &[f32], dst: &mut [f32], stream: bool) {
+    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(S::N));
+    let vectors = dst.len().min(src.len()) / S::N;
+    let mut done = 0;
+    while done < vectors {
+        let (src, dst) = (&src[done * S::N..], &mut dst[done * S::N..]);
+        done += match vectors - done {
+            n if n >= BLOCK_VECTORS => copy_block::<S, BLOCK_VECTORS>(s, src, dst, stream),
+            n if n >= 4 => copy_block::<S, 4>(s, src, dst, stream),
+            n if n >= 2 => copy_block::<S, 2>(s, src, dst, stream),
+            _ => copy_block::<S, 1>(s, src, dst, stream),
+        };
     }
+}
+
+/// Copies the first `V` vectors of `src` to `dst` and returns `V`.
+#[inline(always)]
+fn copy_block<S: Simd, const V: usize>(s: S, src: &[f32], dst: &mut [f32], stream: bool) -> usize {
+    let (src, dst) = (&src[..V * S::N], &mut dst[..V * S::N]);
+    let block: [S::V; V] = std::array::from_fn(|v| s.load(&src[v * S::N..]));
+    for (v, x) in block.into_iter().enumerate() {
+        if stream {
+            s.stream(x, &mut dst[v * S::N..]);
+        } else {
+            s.store(x, &mut dst[v * S::N..]);
+        }
+    }
+    V
 }
 
 /// `acc += a * x` (equal lengths; the product is rounded before the sum).
