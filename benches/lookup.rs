@@ -11,7 +11,7 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use embtable::kernels::{Tier, with_tier};
 use embtable::workloads::{self, BATCH, BIG_ROWS, SMALL_ROWS};
-use embtable::{EmbeddingTable, Init};
+use embtable::{AlignedBuf, EmbeddingTable, Init};
 
 struct Workload {
     name: &'static str,
@@ -95,6 +95,9 @@ fn onehot_matmul(
 
 fn bench_workload(group: &mut BenchmarkGroup<WallTime>, w: &Workload) {
     let table = EmbeddingTable::new(w.rows, w.dim, Init::default(), 7).expect("table");
+    // 64-byte aligned like a PyTorch tensor, so large outputs are streamed;
+    // `vec-out` measures the same lookup into a 16-byte aligned `Vec`.
+    let mut aligned = AlignedBuf::zeroed(w.ids.len() * w.dim, "output").expect("output");
     let mut out = vec![0.0f32; w.ids.len() * w.dim];
     group.throughput(Throughput::Bytes(workloads::gather_bytes(
         w.ids.len(),
@@ -105,11 +108,21 @@ fn bench_workload(group: &mut BenchmarkGroup<WallTime>, w: &Workload) {
         for tier in Tier::available() {
             group.bench_function(format!("{}/{tier}/t{threads}", w.name), |b| {
                 b.iter(|| {
-                    pool.install(|| with_tier(tier, || table.lookup(black_box(&w.ids), &mut out)))
-                        .expect("lookup")
+                    pool.install(|| {
+                        with_tier(tier, || {
+                            table.lookup(black_box(&w.ids), aligned.as_mut_slice())
+                        })
+                    })
+                    .expect("lookup")
                 })
             });
         }
+        group.bench_function(format!("{}/vec-out/t{threads}", w.name), |b| {
+            b.iter(|| {
+                pool.install(|| table.lookup(black_box(&w.ids), &mut out))
+                    .expect("lookup")
+            })
+        });
     }
     let dense = table.to_vec();
     group.bench_function(format!("{}/naive/t1", w.name), |b| {
