@@ -62,7 +62,7 @@ use rayon::prelude::*;
 
 use crate::grad::{Contribution, check_finite};
 use crate::index::{Index, row_unchecked, validate_ids};
-use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
 use crate::table::prefetch_distance;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
@@ -715,10 +715,6 @@ enum Reduce {
     /// `acc = e_first; acc = max(e_j, acc)`, as [`Simd::max`] breaks ties.
     Max,
 }
-
-/// Vectors of accumulators a block holds in registers: 8 is a 128-float row
-/// with AVX-512, and leaves registers free for the loads on every tier.
-const BLOCK_VECTORS: usize = 8;
 
 /// Reduces the bag's padded rows into `scratch` (one stride), a block of up
 /// to [`BLOCK_VECTORS`] vectors of columns at a time.

@@ -5,7 +5,7 @@
 //! Lane `i` of the result depends only on lane `i` of the inputs, so every
 //! tier produces the same bits.
 
-use super::Simd;
+use super::{BLOCK_VECTORS, Simd};
 
 /// Runs `body(range)` over `0..len` in steps of `S::N`, then once on the tail.
 ///
@@ -56,9 +56,6 @@ pub fn copy_row_streaming<S: Simd>(s: S, src: &[f32], dst: &mut [f32]) {
         s.store_partial(s.load_partial(&src[whole..len]), &mut dst[whole..len]);
     }
 }
-
-/// Vectors a block copies with its loads issued before its stores.
-const BLOCK_VECTORS: usize = 8;
 
 /// `dst = src` for lengths that are whole vectors, in fully unrolled blocks
 /// of up to [`BLOCK_VECTORS`] vectors; `stream` stores them non-temporally
@@ -137,27 +134,6 @@ pub fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
             } else {
                 let v = s.mul(s.load_partial(&x[i..len]), av);
                 s.store_partial(v, &mut x[i..len]);
-            }
-        },
-    );
-}
-
-/// `acc = max(x, acc)` lane-wise, with [`Simd::max`]'s rule: `x` wins only
-/// where `x > acc` (so the first of equal values is kept).
-#[inline(always)]
-pub fn max_into<S: Simd>(s: S, acc: &mut [f32], x: &[f32]) {
-    debug_assert_eq!(acc.len(), x.len());
-    let len = acc.len().min(x.len());
-    for_chunks::<S>(
-        len,
-        #[inline(always)]
-        |i, whole| {
-            if whole {
-                let v = s.max(s.load(&x[i..]), s.load(&acc[i..]));
-                s.store(v, &mut acc[i..]);
-            } else {
-                let v = s.max(s.load_partial(&x[i..len]), s.load_partial(&acc[i..len]));
-                s.store_partial(v, &mut acc[i..len]);
             }
         },
     );
