@@ -2,7 +2,7 @@
 
 use super::EpsPlacement;
 use super::config::{self, Fields, eps_code, named};
-use super::engine::{Config, Core, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
 use crate::Result;
 use crate::kernels::Simd;
 
@@ -183,7 +183,7 @@ impl Rule for AdagradRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], _dim: usize) {
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
         if self.outside {
             self.body::<S, true>(s, lanes, g);
         } else {
@@ -195,14 +195,14 @@ impl Rule for AdagradRule {
 impl AdagradRule {
     /// `a += g²; w −= η·g / den`, one vector at a time.
     #[inline(always)]
-    fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32]) {
+    fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>) {
         let [w, a, ..] = lanes;
         let (lr, eps) = (s.splat(self.lr), s.splat(self.epsilon));
         each_vector::<S>(
-            g.len(),
+            w.len(),
             #[inline(always)]
             |i| {
-                let gv = s.load(&g[i..]);
+                let gv = g.at(s, i);
                 let av = s.add(s.load(&a[i..]), s.mul(gv, gv));
                 s.store(av, &mut a[i..]);
                 let den = if OUTSIDE {

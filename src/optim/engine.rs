@@ -75,13 +75,64 @@ pub(crate) trait Rule: Sync {
 
     /// Updates one row (`lanes[0]` the weights, then the state arrays; all
     /// padded rows of `stride` floats, or one float for per-row state) with
-    /// its summed gradient `g` (`stride` floats, pad lanes zero); the row
-    /// has `dim` real lanes.
+    /// its summed gradient `g` (read a vector at a time, pad lanes zero);
+    /// the row has `dim` real lanes.
     ///
     /// Implementations must map zero pads (weight, state, gradient) to zero
     /// weight pads, and compute lane `j` from lane `j` only (a reduction
     /// over the row, as row-wise Adagrad takes, must use a fixed order).
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], dim: usize);
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, dim: usize);
+}
+
+/// The summed gradient of the row being updated, read a vector at a time.
+///
+/// The sum is formed as each vector is read, in registers: a row with
+/// repeated ids is never summed into memory first (summing into a scratch
+/// row and reading it back made the W5 update 1.4x slower).
+pub(crate) trait GradRow<S: Simd> {
+    /// Lanes `i..i + S::N` (`i` a multiple of `S::N` below the row's
+    /// stride); pad lanes are zero. Reading a vector twice gives the same
+    /// bits.
+    fn at(&self, s: S, i: usize) -> S::V;
+}
+
+/// A summed gradient that lies in memory as a padded row (pads zero).
+pub(crate) struct Padded<'a>(pub(crate) &'a [f32]);
+
+impl<S: Simd> GradRow<S> for Padded<'_> {
+    #[inline(always)]
+    fn at(&self, s: S, i: usize) -> S::V {
+        s.load(&self.0[i..])
+    }
+}
+
+/// `0 + first + later[0] + later[1] + …`, lane by lane: `first` holds the
+/// row's `dim` real lanes, `later` whole padded rows of `stride` floats.
+/// This is bitwise what [`SparseGrad`] stores, whose slot starts at `+0.0`
+/// (so a `-0.0` sum comes out `+0.0` in both) and adds `1 · g` (`1 · x == x`).
+struct Summed<'a> {
+    first: &'a [f32],
+    later: &'a [f32],
+    stride: usize,
+}
+
+impl<S: Simd> GradRow<S> for Summed<'_> {
+    #[inline(always)]
+    fn at(&self, s: S, i: usize) -> S::V {
+        let dim = self.first.len();
+        let first = if i + S::N <= dim {
+            s.load(&self.first[i..])
+        } else if i < dim {
+            s.load_partial(&self.first[i..])
+        } else {
+            s.splat(0.0)
+        };
+        let mut sum = s.add(s.splat(0.0), first);
+        for row in self.later.chunks_exact(self.stride) {
+            sum = s.add(sum, s.load(&row[i..]));
+        }
+        sum
+    }
 }
 
 /// An optimizer config, as the shared code needs it.
@@ -715,13 +766,11 @@ impl<'a> DisjointRows<'a> {
 
 /// Where the gradient of each visited row comes from.
 pub(crate) trait RowGrads: Sync {
-    /// Starts loading what [`grad`](Self::grad) of visited row `i` will read.
+    /// Starts loading what [`update`](Self::update) of visited row `i` will read.
     fn prefetch(&self, i: usize);
 
-    /// The gradient of visited row `i`: `stride` floats, pad lanes zero.
-    /// `buf` is a task-local scratch of `stride` floats whose pad lanes
-    /// are zero (an implementation may write its real lanes and return it).
-    fn grad<'b, S: Simd>(&'b self, s: S, i: usize, buf: &'b mut [f32]) -> &'b [f32];
+    /// Applies `rule` to `lanes` with the gradient of visited row `i`.
+    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, lanes: &mut Lanes<'_>, dim: usize);
 }
 
 /// The summed gradients of a [`SparseGrad`]: visited row `i` is slot `i`.
@@ -737,8 +786,16 @@ impl RowGrads for Slots<'_> {
     }
 
     #[inline(always)]
-    fn grad<'b, S: Simd>(&'b self, _s: S, i: usize, _buf: &'b mut [f32]) -> &'b [f32] {
-        &self.grads[i * self.stride..][..self.stride]
+    fn update<S: Simd, R: Rule>(
+        &self,
+        s: S,
+        rule: &R,
+        i: usize,
+        lanes: &mut Lanes<'_>,
+        dim: usize,
+    ) {
+        let g = Padded(&self.grads[i * self.stride..][..self.stride]);
+        rule.update(s, lanes, &g, dim);
     }
 }
 
@@ -771,37 +828,31 @@ impl RowGrads for Grouped<'_> {
             .grad_out
             .as_ptr()
             .wrapping_add(self.heads[i] as usize * self.dim);
-        kernels::prefetch_row_l2(head, self.dim);
+        kernels::prefetch_lines_l2(head, self.dim);
     }
 
-    /// `0 + g[p₀] + g[p₁] + …` over the row's positions in order: bitwise
-    /// what `SparseGrad` stores, whose slot starts at `+0.0` (so a `-0.0`
-    /// sum comes out `+0.0` in both) and adds `1 · g[p]` (`1 · x == x`).
     #[inline(always)]
-    fn grad<'b, S: Simd>(&'b self, s: S, i: usize, buf: &'b mut [f32]) -> &'b [f32] {
-        let dim = self.dim;
-        let first = &self.grad_out[self.heads[i] as usize * dim..][..dim];
+    fn update<S: Simd, R: Rule>(
+        &self,
+        s: S,
+        rule: &R,
+        i: usize,
+        lanes: &mut Lanes<'_>,
+        dim: usize,
+    ) {
+        let first = &self.grad_out[self.heads[i] as usize * self.dim..][..self.dim];
         let later = self.later[i] as usize..self.later[i + 1] as usize;
         if later.is_empty() && self.direct {
             // `0 + x == x` bitwise unless `x` is `-0.0`, which `direct` excludes.
-            return first;
+            rule.update(s, lanes, &Padded(first), dim);
+        } else {
+            let g = Summed {
+                first,
+                later: &self.scratch[later.start * self.stride..later.end * self.stride],
+                stride: self.stride,
+            };
+            rule.update(s, lanes, &g, dim);
         }
-        let acc = &mut buf[..dim];
-        let zero = s.splat(0.0);
-        let whole = dim - dim % S::N;
-        each_vector::<S>(
-            whole,
-            #[inline(always)]
-            |l| s.store(s.add(zero, s.load(&first[l..])), &mut acc[l..]),
-        );
-        if whole < dim {
-            let v = s.add(zero, s.load_partial(&first[whole..]));
-            s.store_partial(v, &mut acc[whole..]);
-        }
-        for q in later {
-            kernels::add_scaled(s, acc, &self.scratch[q * self.stride..][..dim], 1.0);
-        }
-        buf
     }
 }
 
@@ -839,7 +890,6 @@ fn visit<R: Rule, G: RowGrads>(
                 coef_of: coef_of.map(|c| &c[start..start + rows.len()]),
                 coefs,
                 bufs,
-                stride,
                 dim: table_dim,
             },
         )
@@ -870,7 +920,6 @@ struct Visit<'a, R, G> {
     coefs: &'a [Coefs],
     /// The weights, then each state array.
     bufs: &'a [DisjointRows<'a>],
-    stride: usize,
     dim: usize,
 }
 
@@ -879,12 +928,10 @@ impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        // Task-local gradient scratch; its pad lanes stay zero.
-        let mut buf = vec![0.0f32; if self.grads.is_some() { self.stride } else { 0 }];
         for (i, &r) in self.rows.iter().enumerate() {
             if let Some(&ahead) = self.rows.get(i + PREFETCH_AHEAD) {
                 for b in self.bufs {
-                    kernels::prefetch_row_l2(b.start(ahead), b.width);
+                    kernels::prefetch_lines_l2(b.start(ahead), b.width);
                 }
                 if let Some(g) = self.grads {
                     g.prefetch(self.start + i + PREFETCH_AHEAD);
@@ -903,8 +950,7 @@ impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
                 self.coefs[c as usize].apply(s, &mut lanes);
             }
             if let Some(g) = self.grads {
-                let g = g.grad(s, self.start + i, &mut buf);
-                self.rule.update(s, &mut lanes, g, self.dim);
+                g.update(s, self.rule, self.start + i, &mut lanes, self.dim);
             }
         }
     }

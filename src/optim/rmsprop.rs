@@ -1,7 +1,7 @@
 //! RMSprop, plain or centred, with optional momentum.
 
 use super::config::{self, Fields, bool_code, eps_code, named, semantics_code};
-use super::engine::{Config, Core, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
 use super::linear::Map;
 use super::{EpsPlacement, Semantics};
 use crate::Result;
@@ -248,7 +248,7 @@ impl Rule for RmsPropRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], _dim: usize) {
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
         match (self.centered, self.momentum > 0.0, self.outside) {
             (false, false, false) => self.body::<S, false, false, false>(s, lanes, g),
             (false, false, true) => self.body::<S, false, false, true>(s, lanes, g),
@@ -269,7 +269,7 @@ impl RmsPropRule {
         &self,
         s: S,
         lanes: &mut Lanes<'_>,
-        g: &[f32],
+        g: &impl GradRow<S>,
     ) {
         let [w, sq, a2, a3] = lanes;
         // The arrays after `square_avg` are [grad_avg][momentum], each if enabled.
@@ -281,10 +281,10 @@ impl RmsPropRule {
         );
         let (mu, eps) = (s.splat(self.momentum), s.splat(self.epsilon));
         each_vector::<S>(
-            g.len(),
+            w.len(),
             #[inline(always)]
             |i| {
-                let gv = s.load(&g[i..]);
+                let gv = g.at(s, i);
                 let sv = s.add(s.mul(rho, s.load(&sq[i..])), s.mul(omr, s.mul(gv, gv)));
                 s.store(sv, &mut sq[i..]);
                 let d = if CENTERED {

@@ -1,7 +1,7 @@
 //! Row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): one accumulator per row.
 
 use super::config::{self, Fields, named};
-use super::engine::{Config, Core, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
 use crate::Result;
 use crate::aligned::LANES_PER_LINE;
 use crate::kernels::Simd;
@@ -159,36 +159,36 @@ impl Rule for RowWiseAdagradRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], dim: usize) {
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, dim: usize) {
         let [w, h, ..] = lanes;
-        let sum = sum_of_squares(s, g);
+        let sum = sum_of_squares(s, g, w.len());
         let acc = h[0] + sum / dim as f32;
         h[0] = acc;
         let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
         each_vector::<S>(
-            g.len(),
+            w.len(),
             #[inline(always)]
             |i| {
-                let wv = s.sub(s.load(&w[i..]), s.mul(factor, s.load(&g[i..])));
+                let wv = s.sub(s.load(&w[i..]), s.mul(factor, g.at(s, i)));
                 s.store(wv, &mut w[i..]);
             },
         );
     }
 }
 
-/// `Σ g²` over a padded row, in an order that does not depend on `S::N`:
-/// column `j` is added to partial sum `j mod 16` (columns in increasing
-/// order), then the 16 partials are summed pairwise.
+/// `Σ g²` over a padded row of `len` floats, in an order that does not
+/// depend on `S::N`: column `j` is added to partial sum `j mod 16` (columns
+/// in increasing order), then the 16 partials are summed pairwise.
 #[inline(always)]
-fn sum_of_squares<S: Simd>(s: S, g: &[f32]) -> f32 {
+fn sum_of_squares<S: Simd>(s: S, g: &impl GradRow<S>, len: usize) -> f32 {
     const P: usize = LANES_PER_LINE;
-    debug_assert_eq!(g.len() % P, 0);
+    debug_assert_eq!(len % P, 0);
     // Vector q of `acc` holds partials q·N .. (q+1)·N; 16 / N of them are used.
     let mut acc = [s.splat(0.0); P];
     let mut line = 0;
-    while line < g.len() {
+    while line < len {
         for (q, a) in acc.iter_mut().enumerate().take(P / S::N) {
-            let gv = s.load(&g[line + q * S::N..]);
+            let gv = g.at(s, line + q * S::N);
             *a = s.add(*a, s.mul(gv, gv));
         }
         line += P;
@@ -211,13 +211,14 @@ fn sum_of_squares<S: Simd>(s: S, g: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::kernels::{Kernel, Tier, dispatch};
+    use crate::optim::engine::Padded;
 
     struct Sum<'a>(&'a [f32]);
     impl Kernel for Sum<'_> {
         type Output = f32;
         #[inline(always)]
         fn run<S: Simd>(self, s: S) -> f32 {
-            sum_of_squares(s, self.0)
+            sum_of_squares(s, &Padded(self.0), self.0.len())
         }
     }
 

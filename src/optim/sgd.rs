@@ -3,7 +3,7 @@
 
 use super::Semantics;
 use super::config::{self, Fields, bool_code, named, semantics_code};
-use super::engine::{Config, Core, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
 use super::linear::Map;
 use crate::kernels::Simd;
 use crate::{Error, Result};
@@ -281,15 +281,28 @@ impl Rule for SgdRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &[f32], _dim: usize) {
+    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
+        use SgdStyle::{Keras, Torch};
         let momentum = !self.arrays.is_empty();
-        match (self.style, momentum, self.nesterov) {
-            (SgdStyle::Keras, false, _) => self.keras::<S, false, false>(s, lanes, g),
-            (SgdStyle::Keras, true, false) => self.keras::<S, true, false>(s, lanes, g),
-            (SgdStyle::Keras, true, true) => self.keras::<S, true, true>(s, lanes, g),
-            (SgdStyle::Torch, false, _) => self.torch::<S, false, false>(s, lanes, g),
-            (SgdStyle::Torch, true, false) => self.torch::<S, true, false>(s, lanes, g),
-            (SgdStyle::Torch, true, true) => self.torch::<S, true, true>(s, lanes, g),
+        let decay = match self.style {
+            Keras => self.decay != 0.0,
+            Torch => self.weight_decay != 0.0,
+        };
+        // One loop per combination of settings: a branch on a setting inside
+        // the loop kept fewer row misses in flight (W5 SGD step 3 ms slower).
+        match (self.style, momentum, self.nesterov, decay) {
+            (Keras, false, _, false) => self.keras::<S, false, false, false>(s, lanes, g),
+            (Keras, false, _, true) => self.keras::<S, false, false, true>(s, lanes, g),
+            (Keras, true, false, false) => self.keras::<S, true, false, false>(s, lanes, g),
+            (Keras, true, false, true) => self.keras::<S, true, false, true>(s, lanes, g),
+            (Keras, true, true, false) => self.keras::<S, true, true, false>(s, lanes, g),
+            (Keras, true, true, true) => self.keras::<S, true, true, true>(s, lanes, g),
+            (Torch, false, _, false) => self.torch::<S, false, false, false>(s, lanes, g),
+            (Torch, false, _, true) => self.torch::<S, false, false, true>(s, lanes, g),
+            (Torch, true, false, false) => self.torch::<S, true, false, false>(s, lanes, g),
+            (Torch, true, false, true) => self.torch::<S, true, false, true>(s, lanes, g),
+            (Torch, true, true, false) => self.torch::<S, true, true, false>(s, lanes, g),
+            (Torch, true, true, true) => self.torch::<S, true, true, true>(s, lanes, g),
         }
     }
 }
@@ -298,11 +311,11 @@ impl SgdRule {
     /// Keras: `w −= δ·w` (if δ ≠ 0); then `w −= g·η`, or
     /// `v = v·μ − g·η; w += v` (Nesterov: `w += v·μ − g·η`).
     #[inline(always)]
-    fn keras<S: Simd, const MOMENTUM: bool, const NESTEROV: bool>(
+    fn keras<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
         lanes: &mut Lanes<'_>,
-        g: &[f32],
+        g: &impl GradRow<S>,
     ) {
         let [w, v, ..] = lanes;
         let (lr, mu, decay) = (
@@ -310,14 +323,13 @@ impl SgdRule {
             s.splat(self.momentum),
             s.splat(self.decay),
         );
-        let has_decay = self.decay != 0.0;
         each_vector::<S>(
-            g.len(),
+            w.len(),
             #[inline(always)]
             |i| {
-                let gv = s.load(&g[i..]);
+                let gv = g.at(s, i);
                 let mut wv = s.load(&w[i..]);
-                if has_decay {
+                if DECAY {
                     wv = s.sub(wv, s.mul(wv, decay));
                 }
                 let step = s.mul(gv, lr);
@@ -340,11 +352,11 @@ impl SgdRule {
     /// Torch: `d = g + λ·w` (if λ ≠ 0); `b = b·μ + d` and `d = b`
     /// (Nesterov: `d = d + μ·b`); `w −= η·d`.
     #[inline(always)]
-    fn torch<S: Simd, const MOMENTUM: bool, const NESTEROV: bool>(
+    fn torch<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
         lanes: &mut Lanes<'_>,
-        g: &[f32],
+        g: &impl GradRow<S>,
     ) {
         let [w, b, ..] = lanes;
         let (lr, mu, wd) = (
@@ -352,14 +364,13 @@ impl SgdRule {
             s.splat(self.momentum),
             s.splat(self.weight_decay),
         );
-        let has_decay = self.weight_decay != 0.0;
         each_vector::<S>(
-            g.len(),
+            w.len(),
             #[inline(always)]
             |i| {
                 let wv = s.load(&w[i..]);
-                let mut d = s.load(&g[i..]);
-                if has_decay {
+                let mut d = g.at(s, i);
+                if DECAY {
                     d = s.add(d, s.mul(wd, wv));
                 }
                 if MOMENTUM {
