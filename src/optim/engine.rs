@@ -88,7 +88,7 @@ pub(crate) trait Rule: Sync {
 ///
 /// The sum is formed as each vector is read, in registers: a row with
 /// repeated ids is never summed into memory first (summing into a scratch
-/// row and reading it back made the W5 update 1.4x slower).
+/// row and reading it back made the W5 update 1.2x slower).
 pub(crate) trait GradRow<S: Simd> {
     /// Lanes `i..i + S::N` (`i` a multiple of `S::N` below the row's
     /// stride); pad lanes are zero. Reading a vector twice gives the same
