@@ -2,7 +2,7 @@
 
 use super::EpsPlacement;
 use super::config::{self, Fields, eps_code, named};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
 use crate::Result;
 use crate::kernels::Simd;
 
@@ -193,25 +193,24 @@ impl Rule for AdagradRule {
 }
 
 impl AdagradRule {
-    /// `a += g²; w −= η·g / den`, one vector at a time.
+    /// `a += g²; w −= η·g / den`.
     #[inline(always)]
     fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>) {
         let [w, a, ..] = lanes;
         let (lr, eps) = (s.splat(self.lr), s.splat(self.epsilon));
-        each_vector::<S>(
-            w.len(),
+        map_vectors(
+            s,
+            [&mut **w, &mut **a],
+            g,
             #[inline(always)]
-            |i| {
-                let gv = g.at(s, i);
-                let av = s.add(s.load(&a[i..]), s.mul(gv, gv));
-                s.store(av, &mut a[i..]);
+            |[wv, av], gv| {
+                let av = s.add(av, s.mul(gv, gv));
                 let den = if OUTSIDE {
                     s.add(s.sqrt(av), eps)
                 } else {
                     s.sqrt(s.add(av, eps))
                 };
-                let wv = s.sub(s.load(&w[i..]), s.div(s.mul(lr, gv), den));
-                s.store(wv, &mut w[i..]);
+                [s.sub(wv, s.div(s.mul(lr, gv), den)), av]
             },
         );
     }

@@ -1,7 +1,7 @@
 //! RMSprop, plain or centred, with optional momentum.
 
 use super::config::{self, Fields, bool_code, eps_code, named, semantics_code};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
 use super::linear::Map;
 use super::{EpsPlacement, Semantics};
 use crate::Result;
@@ -263,7 +263,7 @@ impl Rule for RmsPropRule {
 }
 
 impl RmsPropRule {
-    /// The update of [`RmsProp`]'s docs, one vector at a time.
+    /// The update of [`RmsProp`]'s docs.
     #[inline(always)]
     fn body<S: Simd, const CENTERED: bool, const MOMENTUM: bool, const OUTSIDE: bool>(
         &self,
@@ -271,45 +271,101 @@ impl RmsPropRule {
         lanes: &mut Lanes<'_>,
         g: &impl GradRow<S>,
     ) {
-        let [w, sq, a2, a3] = lanes;
         // The arrays after `square_avg` are [grad_avg][momentum], each if enabled.
-        let (m, b) = if CENTERED { (a2, a3) } else { (a3, a2) };
-        let (lr, rho, omr) = (
-            s.splat(self.lr),
-            s.splat(self.rho),
-            s.splat(self.one_minus_rho),
-        );
-        let (mu, eps) = (s.splat(self.momentum), s.splat(self.epsilon));
-        each_vector::<S>(
-            w.len(),
-            #[inline(always)]
-            |i| {
-                let gv = g.at(s, i);
-                let sv = s.add(s.mul(rho, s.load(&sq[i..])), s.mul(omr, s.mul(gv, gv)));
-                s.store(sv, &mut sq[i..]);
-                let d = if CENTERED {
-                    let mv = s.add(s.mul(rho, s.load(&m[i..])), s.mul(omr, gv));
-                    s.store(mv, &mut m[i..]);
-                    s.sub(sv, s.mul(mv, mv))
-                } else {
-                    sv
-                };
-                let den = if OUTSIDE {
-                    s.add(s.sqrt(d), eps)
-                } else {
-                    s.sqrt(s.add(d, eps))
-                };
-                let delta = s.div(s.mul(lr, gv), den);
-                let wv = s.load(&w[i..]);
-                let wv = if MOMENTUM {
-                    let bv = s.add(s.mul(mu, s.load(&b[i..])), delta);
-                    s.store(bv, &mut b[i..]);
-                    s.sub(wv, bv)
-                } else {
-                    s.sub(wv, delta)
-                };
-                s.store(wv, &mut w[i..]);
-            },
-        );
+        let [w, sq, a2, a3] = lanes;
+        let (w, sq, z) = (&mut **w, &mut **sq, s.splat(0.0));
+        let lane = Lane::<S, CENTERED, MOMENTUM, OUTSIDE>::new(self, s);
+        match (CENTERED, MOMENTUM) {
+            (false, false) => map_vectors(
+                s,
+                [w, sq],
+                g,
+                #[inline(always)]
+                |[w, q], gv| {
+                    let [w, q, _, _] = lane.apply([w, q, z, z], gv);
+                    [w, q]
+                },
+            ),
+            (true, false) => map_vectors(
+                s,
+                [w, sq, a2],
+                g,
+                #[inline(always)]
+                |[w, q, m], gv| {
+                    let [w, q, m, _] = lane.apply([w, q, m, z], gv);
+                    [w, q, m]
+                },
+            ),
+            (false, true) => map_vectors(
+                s,
+                [w, sq, a2],
+                g,
+                #[inline(always)]
+                |[w, q, b], gv| {
+                    let [w, q, _, b] = lane.apply([w, q, z, b], gv);
+                    [w, q, b]
+                },
+            ),
+            (true, true) => map_vectors(
+                s,
+                [w, sq, a2, a3],
+                g,
+                #[inline(always)]
+                |x, gv| lane.apply(x, gv),
+            ),
+        }
+    }
+}
+
+/// [`RmsPropRule`]'s update of one vector, its scalars splatted.
+struct Lane<S: Simd, const CENTERED: bool, const MOMENTUM: bool, const OUTSIDE: bool> {
+    s: S,
+    lr: S::V,
+    rho: S::V,
+    one_minus_rho: S::V,
+    momentum: S::V,
+    epsilon: S::V,
+}
+
+impl<S: Simd, const CENTERED: bool, const MOMENTUM: bool, const OUTSIDE: bool>
+    Lane<S, CENTERED, MOMENTUM, OUTSIDE>
+{
+    #[inline(always)]
+    fn new(rule: &RmsPropRule, s: S) -> Self {
+        Self {
+            s,
+            lr: s.splat(rule.lr),
+            rho: s.splat(rule.rho),
+            one_minus_rho: s.splat(rule.one_minus_rho),
+            momentum: s.splat(rule.momentum),
+            epsilon: s.splat(rule.epsilon),
+        }
+    }
+
+    /// `(w, square_avg, grad_avg, momentum)` after a step with gradient
+    /// `g`; the last two are passed through unless enabled.
+    #[inline(always)]
+    fn apply(&self, [w, sq, m, b]: [S::V; 4], g: S::V) -> [S::V; 4] {
+        let s = self.s;
+        let (rho, omr) = (self.rho, self.one_minus_rho);
+        let sq = s.add(s.mul(rho, sq), s.mul(omr, s.mul(g, g)));
+        let (m, d) = if CENTERED {
+            let m = s.add(s.mul(rho, m), s.mul(omr, g));
+            (m, s.sub(sq, s.mul(m, m)))
+        } else {
+            (m, sq)
+        };
+        let den = if OUTSIDE {
+            s.add(s.sqrt(d), self.epsilon)
+        } else {
+            s.sqrt(s.add(d, self.epsilon))
+        };
+        let delta = s.div(s.mul(self.lr, g), den);
+        if MOMENTUM {
+            let b = s.add(s.mul(self.momentum, b), delta);
+            [s.sub(w, b), sq, m, b]
+        } else {
+            [s.sub(w, delta), sq, m, b]
+        }
     }
 }

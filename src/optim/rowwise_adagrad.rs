@@ -1,7 +1,7 @@
 //! Row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): one accumulator per row.
 
 use super::config::{self, Fields, named};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
 use crate::Result;
 use crate::aligned::LANES_PER_LINE;
 use crate::kernels::Simd;
@@ -165,13 +165,12 @@ impl Rule for RowWiseAdagradRule {
         let acc = h[0] + sum / dim as f32;
         h[0] = acc;
         let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
-        each_vector::<S>(
-            w.len(),
+        map_vectors(
+            s,
+            [&mut **w],
+            g,
             #[inline(always)]
-            |i| {
-                let wv = s.sub(s.load(&w[i..]), s.mul(factor, g.at(s, i)));
-                s.store(wv, &mut w[i..]);
-            },
+            |[wv], gv| [s.sub(wv, s.mul(factor, gv))],
         );
     }
 }

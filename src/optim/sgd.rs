@@ -3,7 +3,7 @@
 
 use super::Semantics;
 use super::config::{self, Fields, bool_code, named, semantics_code};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, each_vector};
+use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
 use super::linear::Map;
 use crate::kernels::Simd;
 use crate::{Error, Result};
@@ -317,34 +317,30 @@ impl SgdRule {
         lanes: &mut Lanes<'_>,
         g: &impl GradRow<S>,
     ) {
-        let [w, v, ..] = lanes;
         let (lr, mu, decay) = (
             s.splat(self.lr),
             s.splat(self.momentum),
             s.splat(self.decay),
         );
-        each_vector::<S>(
-            w.len(),
+        with_momentum::<S, MOMENTUM>(
+            s,
+            lanes,
+            g,
             #[inline(always)]
-            |i| {
-                let gv = g.at(s, i);
-                let mut wv = s.load(&w[i..]);
+            |mut wv, vv, gv| {
                 if DECAY {
                     wv = s.sub(wv, s.mul(wv, decay));
                 }
                 let step = s.mul(gv, lr);
-                if MOMENTUM {
-                    let vv = s.sub(s.mul(s.load(&v[i..]), mu), step);
-                    s.store(vv, &mut v[i..]);
-                    wv = if NESTEROV {
-                        s.add(wv, s.sub(s.mul(vv, mu), step))
-                    } else {
-                        s.add(wv, vv)
-                    };
-                } else {
-                    wv = s.sub(wv, step);
+                if !MOMENTUM {
+                    return [s.sub(wv, step), vv];
                 }
-                s.store(wv, &mut w[i..]);
+                let vv = s.sub(s.mul(vv, mu), step);
+                if NESTEROV {
+                    [s.add(wv, s.sub(s.mul(vv, mu), step)), vv]
+                } else {
+                    [s.add(wv, vv), vv]
+                }
             },
         );
     }
@@ -358,32 +354,61 @@ impl SgdRule {
         lanes: &mut Lanes<'_>,
         g: &impl GradRow<S>,
     ) {
-        let [w, b, ..] = lanes;
         let (lr, mu, wd) = (
             s.splat(self.lr),
             s.splat(self.momentum),
             s.splat(self.weight_decay),
         );
-        each_vector::<S>(
-            w.len(),
+        with_momentum::<S, MOMENTUM>(
+            s,
+            lanes,
+            g,
             #[inline(always)]
-            |i| {
-                let wv = s.load(&w[i..]);
-                let mut d = g.at(s, i);
+            |wv, mut bv, mut d| {
                 if DECAY {
                     d = s.add(d, s.mul(wd, wv));
                 }
                 if MOMENTUM {
-                    let bv = s.add(s.mul(s.load(&b[i..]), mu), d);
-                    s.store(bv, &mut b[i..]);
+                    bv = s.add(s.mul(bv, mu), d);
                     d = if NESTEROV {
                         s.add(d, s.mul(mu, bv))
                     } else {
                         bv
                     };
                 }
-                s.store(s.sub(wv, s.mul(lr, d)), &mut w[i..]);
+                [s.sub(wv, s.mul(lr, d)), bv]
             },
+        );
+    }
+}
+
+/// Maps every vector of the row through `lane(w, v, g) -> [w, v]`, where
+/// `v` is the momentum row's vector with `MOMENTUM` (stored back), else
+/// zero (and the returned one dropped).
+#[inline(always)]
+fn with_momentum<S: Simd, const MOMENTUM: bool>(
+    s: S,
+    lanes: &mut Lanes<'_>,
+    g: &impl GradRow<S>,
+    lane: impl Fn(S::V, S::V, S::V) -> [S::V; 2],
+) {
+    let [w, v, ..] = lanes;
+    if MOMENTUM {
+        map_vectors(
+            s,
+            [&mut **w, &mut **v],
+            g,
+            #[inline(always)]
+            |[wv, vv], gv| lane(wv, vv, gv),
+        );
+    } else {
+        let zero = s.splat(0.0);
+        map_vectors(
+            s,
+            [&mut **w],
+            g,
+            #[inline(always)]
+            |[wv], gv| [lane(wv, zero, gv)[0]],
         );
     }
 }
