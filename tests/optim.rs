@@ -485,22 +485,22 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn sgd_equals_dense(cfg in sgd(), run in run(1..=300, 1..=70, 1..=20, 40)) {
+    fn sgd_equals_dense(cfg in sgd(), run in run(1..=300, 1..=136, 1..=20, 40)) {
         run.check_against_dense(cfg);
     }
 
     #[test]
-    fn rmsprop_equals_dense(cfg in rmsprop(), run in run(1..=300, 1..=70, 1..=20, 40)) {
+    fn rmsprop_equals_dense(cfg in rmsprop(), run in run(1..=300, 1..=136, 1..=20, 40)) {
         run.check_against_dense(cfg);
     }
 
     #[test]
-    fn adagrad_equals_dense(cfg in adagrad(), run in run(1..=300, 1..=70, 1..=20, 40)) {
+    fn adagrad_equals_dense(cfg in adagrad(), run in run(1..=300, 1..=136, 1..=20, 40)) {
         run.check_against_dense(cfg);
     }
 
     #[test]
-    fn rowwise_adagrad_equals_dense(cfg in rowwise(), run in run(1..=300, 1..=70, 1..=20, 40)) {
+    fn rowwise_adagrad_equals_dense(cfg in rowwise(), run in run(1..=300, 1..=136, 1..=20, 40)) {
         run.check_against_dense(cfg);
     }
 
@@ -697,7 +697,7 @@ proptest! {
     #[test]
     fn step_lookup_equals_accumulate_then_step(
         cfg in prop_oneof![sgd(), rmsprop(), adagrad(), rowwise()],
-        run in run(1..=300, 1..=70, 1..=10, 40),
+        run in run(1..=300, 1..=136, 1..=10, 40),
         pattern in any::<u8>(),
     ) {
         check_step_lookup(cfg, &run, pattern);
@@ -711,7 +711,7 @@ proptest! {
     #[test]
     fn step_lookup_equals_accumulate_then_step_on_large_batches(
         cfg in prop_oneof![sgd(), rmsprop(), adagrad(), rowwise()],
-        run in run(400..=3000, 33..=70, 1..=4, 1500),
+        run in run(400..=3000, 33..=136, 1..=4, 1500),
         pattern in any::<u8>(),
     ) {
         check_step_lookup(cfg, &run, pattern);

@@ -95,13 +95,6 @@ pub(crate) trait GradRow<S: Simd> {
     /// the block inside the row's stride); pad lanes are zero. Reading a
     /// lane twice gives the same bits.
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V];
-
-    /// Lanes `i..i + S::N`.
-    #[inline(always)]
-    fn at(&self, s: S, i: usize) -> S::V {
-        let [v] = self.block::<1>(s, i);
-        v
-    }
 }
 
 /// A summed gradient that lies in memory as a padded row (pads zero).
