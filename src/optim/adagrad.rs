@@ -2,7 +2,7 @@
 
 use super::EpsPlacement;
 use super::config::{self, Fields, eps_code, named};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
+use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
 use crate::Result;
 use crate::kernels::Simd;
 
@@ -183,11 +183,11 @@ impl Rule for AdagradRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
+    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
         if self.outside {
-            self.body::<S, true>(s, lanes, g);
+            self.body::<S, true>(s, rows, g);
         } else {
-            self.body::<S, false>(s, lanes, g);
+            self.body::<S, false>(s, rows, g);
         }
     }
 }
@@ -195,12 +195,11 @@ impl Rule for AdagradRule {
 impl AdagradRule {
     /// `a += g²; w −= η·g / den`.
     #[inline(always)]
-    fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>) {
-        let [w, a, ..] = lanes;
+    fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>) {
         let (lr, eps) = (s.splat(self.lr), s.splat(self.epsilon));
         map_vectors(
             s,
-            [&mut **w, &mut **a],
+            rows.take::<2>(),
             g,
             #[inline(always)]
             |[wv, av], gv| {

@@ -51,7 +51,7 @@ const CURRENT: u32 = u32::MAX;
 
 /// One row of the weights and of each state array (in that order); the
 /// entries past the rule's tuple are empty.
-pub(crate) type Lanes<'r> = [&'r mut [f32]; MAX_TUPLE];
+type Lanes<'r> = [&'r mut [f32]; MAX_TUPLE];
 
 /// The update of one optimizer, as its core needs it.
 pub(crate) trait Rule: Sync {
@@ -73,15 +73,40 @@ pub(crate) trait Rule: Sync {
         Map::identity(1 + self.arrays().len())
     }
 
-    /// Updates one row (`lanes[0]` the weights, then the state arrays; all
-    /// padded rows of `stride` floats, or one float for per-row state) with
-    /// its summed gradient `g` (read a vector at a time, pad lanes zero);
-    /// the row has `dim` real lanes.
+    /// Updates one row (its weights, then its state arrays, from `rows`;
+    /// all padded rows of `stride` floats, or one float for per-row state)
+    /// with its summed gradient `g` (read a block at a time, pad lanes
+    /// zero); the row has `dim` real lanes.
     ///
     /// Implementations must map zero pads (weight, state, gradient) to zero
     /// weight pads, and compute lane `j` from lane `j` only (a reduction
     /// over the row, as row-wise Adagrad takes, must use a fixed order).
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, dim: usize);
+    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, dim: usize);
+}
+
+/// The rows that one visited row owns in the weights and in each state
+/// array, for its rule to [`take`](Self::take).
+pub(crate) struct RowSet<'a> {
+    bufs: &'a [DisjointRows<'a>],
+    row: usize,
+}
+
+impl<'a> RowSet<'a> {
+    /// The row in the weights and the first `K - 1` state arrays (`K` is
+    /// the rule's count: every array it keeps).
+    ///
+    /// The rule knows `K` at compile time where the visit does not: taking
+    /// the rows there, not in a loop over the arrays in the visit, made the
+    /// W5 steps 3-6% faster on one thread.
+    #[inline(always)]
+    pub(crate) fn take<const K: usize>(self) -> [&'a mut [f32]; K] {
+        debug_assert_eq!(K, self.bufs.len());
+        let bufs = &self.bufs[..K];
+        // SAFETY: `row < rows` of every buffer and no other reference to
+        // it is alive: [`Visit`] makes one `RowSet` per row it owns, and
+        // `take` consumes it.
+        std::array::from_fn(|k| unsafe { bufs[k].row(self.row) })
+    }
 }
 
 /// The summed gradient of the row being updated, read a block of vectors
@@ -849,8 +874,8 @@ pub(crate) trait RowGrads: Sync {
     /// Starts loading what [`update`](Self::update) of visited row `i` will read.
     fn prefetch(&self, i: usize);
 
-    /// Applies `rule` to `lanes` with the gradient of visited row `i`.
-    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, lanes: &mut Lanes<'_>, dim: usize);
+    /// Applies `rule` to `rows` with the gradient of visited row `i`.
+    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize);
 }
 
 /// The summed gradients of a [`SparseGrad`]: visited row `i` is slot `i`.
@@ -866,16 +891,9 @@ impl RowGrads for Slots<'_> {
     }
 
     #[inline(always)]
-    fn update<S: Simd, R: Rule>(
-        &self,
-        s: S,
-        rule: &R,
-        i: usize,
-        lanes: &mut Lanes<'_>,
-        dim: usize,
-    ) {
+    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize) {
         let g = Padded(&self.grads[i * self.stride..][..self.stride]);
-        rule.update(s, lanes, &g, dim);
+        rule.update(s, rows, &g, dim);
     }
 }
 
@@ -912,26 +930,19 @@ impl RowGrads for Grouped<'_> {
     }
 
     #[inline(always)]
-    fn update<S: Simd, R: Rule>(
-        &self,
-        s: S,
-        rule: &R,
-        i: usize,
-        lanes: &mut Lanes<'_>,
-        dim: usize,
-    ) {
+    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize) {
         let first = &self.grad_out[self.heads[i] as usize * self.dim..][..self.dim];
         let later = self.later[i] as usize..self.later[i + 1] as usize;
         if later.is_empty() && self.direct {
             // `0 + x == x` bitwise unless `x` is `-0.0`, which `direct` excludes.
-            rule.update(s, lanes, &Padded(first), dim);
+            rule.update(s, rows, &Padded(first), dim);
         } else {
             let g = Summed {
                 first,
                 later: &self.scratch[later.start * self.stride..later.end * self.stride],
                 stride: self.stride,
             };
-            rule.update(s, lanes, &g, dim);
+            rule.update(s, rows, &g, dim);
         }
     }
 }
@@ -1017,20 +1028,25 @@ impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
                     g.prefetch(self.start + i + PREFETCH_AHEAD);
                 }
             }
-            let mut lanes: Lanes<'_> = [&mut [], &mut [], &mut [], &mut []];
-            for (lane, b) in lanes.iter_mut().zip(self.bufs) {
-                // SAFETY: `r < rows` of every buffer (validated by the
-                // caller of `visit`), and rows are distinct across all
-                // tasks, so this task holds the only reference to row `r`.
-                *lane = unsafe { b.row(r) };
-            }
             if let Some(c) = self.coef_of.map(|c| c[i])
                 && c != CURRENT
             {
+                let mut lanes: Lanes<'_> = [&mut [], &mut [], &mut [], &mut []];
+                for (lane, b) in lanes.iter_mut().zip(self.bufs) {
+                    // SAFETY: `r < rows` of every buffer (validated by the
+                    // caller of `visit`), and rows are distinct across all
+                    // tasks, so this task holds the only reference to row
+                    // `r` (these end before the update's).
+                    *lane = unsafe { b.row(r) };
+                }
                 self.coefs[c as usize].apply(s, &mut lanes);
             }
             if let Some(g) = self.grads {
-                g.update(s, self.rule, self.start + i, &mut lanes, self.dim);
+                let rows = RowSet {
+                    bufs: self.bufs,
+                    row: r,
+                };
+                g.update(s, self.rule, self.start + i, rows, self.dim);
             }
         }
     }

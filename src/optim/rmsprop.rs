@@ -1,7 +1,7 @@
 //! RMSprop, plain or centred, with optional momentum.
 
 use super::config::{self, Fields, bool_code, eps_code, named, semantics_code};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
+use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
 use super::linear::Map;
 use super::{EpsPlacement, Semantics};
 use crate::Result;
@@ -248,16 +248,16 @@ impl Rule for RmsPropRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
+    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
         match (self.centered, self.momentum > 0.0, self.outside) {
-            (false, false, false) => self.body::<S, false, false, false>(s, lanes, g),
-            (false, false, true) => self.body::<S, false, false, true>(s, lanes, g),
-            (false, true, false) => self.body::<S, false, true, false>(s, lanes, g),
-            (false, true, true) => self.body::<S, false, true, true>(s, lanes, g),
-            (true, false, false) => self.body::<S, true, false, false>(s, lanes, g),
-            (true, false, true) => self.body::<S, true, false, true>(s, lanes, g),
-            (true, true, false) => self.body::<S, true, true, false>(s, lanes, g),
-            (true, true, true) => self.body::<S, true, true, true>(s, lanes, g),
+            (false, false, false) => self.body::<S, false, false, false>(s, rows, g),
+            (false, false, true) => self.body::<S, false, false, true>(s, rows, g),
+            (false, true, false) => self.body::<S, false, true, false>(s, rows, g),
+            (false, true, true) => self.body::<S, false, true, true>(s, rows, g),
+            (true, false, false) => self.body::<S, true, false, false>(s, rows, g),
+            (true, false, true) => self.body::<S, true, false, true>(s, rows, g),
+            (true, true, false) => self.body::<S, true, true, false>(s, rows, g),
+            (true, true, true) => self.body::<S, true, true, true>(s, rows, g),
         }
     }
 }
@@ -268,17 +268,16 @@ impl RmsPropRule {
     fn body<S: Simd, const CENTERED: bool, const MOMENTUM: bool, const OUTSIDE: bool>(
         &self,
         s: S,
-        lanes: &mut Lanes<'_>,
+        rows: RowSet<'_>,
         g: &impl GradRow<S>,
     ) {
         // The arrays after `square_avg` are [grad_avg][momentum], each if enabled.
-        let [w, sq, a2, a3] = lanes;
-        let (w, sq, z) = (&mut **w, &mut **sq, s.splat(0.0));
+        let z = s.splat(0.0);
         let lane = Lane::<S, CENTERED, MOMENTUM, OUTSIDE>::new(self, s);
         match (CENTERED, MOMENTUM) {
             (false, false) => map_vectors(
                 s,
-                [w, sq],
+                rows.take::<2>(),
                 g,
                 #[inline(always)]
                 |[w, q], gv| {
@@ -288,7 +287,7 @@ impl RmsPropRule {
             ),
             (true, false) => map_vectors(
                 s,
-                [w, sq, a2],
+                rows.take::<3>(),
                 g,
                 #[inline(always)]
                 |[w, q, m], gv| {
@@ -298,7 +297,7 @@ impl RmsPropRule {
             ),
             (false, true) => map_vectors(
                 s,
-                [w, sq, a2],
+                rows.take::<3>(),
                 g,
                 #[inline(always)]
                 |[w, q, b], gv| {
@@ -308,7 +307,7 @@ impl RmsPropRule {
             ),
             (true, true) => map_vectors(
                 s,
-                [w, sq, a2, a3],
+                rows.take::<4>(),
                 g,
                 #[inline(always)]
                 |x, gv| lane.apply(x, gv),

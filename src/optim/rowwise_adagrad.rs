@@ -1,7 +1,7 @@
 //! Row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): one accumulator per row.
 
 use super::config::{self, Fields, named};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
+use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
 use crate::Result;
 use crate::aligned::LANES_PER_LINE;
 use crate::kernels::{BLOCK_VECTORS, Simd};
@@ -159,15 +159,15 @@ impl Rule for RowWiseAdagradRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, dim: usize) {
-        let [w, h, ..] = lanes;
+    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, dim: usize) {
+        let [w, h] = rows.take::<2>();
         let sum = sum_of_squares(s, g, w.len());
         let acc = h[0] + sum / dim as f32;
         h[0] = acc;
         let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
         map_vectors(
             s,
-            [&mut **w],
+            [w],
             g,
             #[inline(always)]
             |[wv], gv| [s.sub(wv, s.mul(factor, gv))],

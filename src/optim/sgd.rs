@@ -3,7 +3,7 @@
 
 use super::Semantics;
 use super::config::{self, Fields, bool_code, named, semantics_code};
-use super::engine::{Config, Core, GradRow, Lanes, Rule, map_vectors};
+use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
 use super::linear::Map;
 use crate::kernels::Simd;
 use crate::{Error, Result};
@@ -281,7 +281,7 @@ impl Rule for SgdRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, lanes: &mut Lanes<'_>, g: &impl GradRow<S>, _dim: usize) {
+    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
         use SgdStyle::{Keras, Torch};
         let momentum = !self.arrays.is_empty();
         let decay = match self.style {
@@ -291,18 +291,18 @@ impl Rule for SgdRule {
         // One loop per combination of settings: a branch on a setting inside
         // the loop kept fewer row misses in flight (W5 SGD step 3 ms slower).
         match (self.style, momentum, self.nesterov, decay) {
-            (Keras, false, _, false) => self.keras::<S, false, false, false>(s, lanes, g),
-            (Keras, false, _, true) => self.keras::<S, false, false, true>(s, lanes, g),
-            (Keras, true, false, false) => self.keras::<S, true, false, false>(s, lanes, g),
-            (Keras, true, false, true) => self.keras::<S, true, false, true>(s, lanes, g),
-            (Keras, true, true, false) => self.keras::<S, true, true, false>(s, lanes, g),
-            (Keras, true, true, true) => self.keras::<S, true, true, true>(s, lanes, g),
-            (Torch, false, _, false) => self.torch::<S, false, false, false>(s, lanes, g),
-            (Torch, false, _, true) => self.torch::<S, false, false, true>(s, lanes, g),
-            (Torch, true, false, false) => self.torch::<S, true, false, false>(s, lanes, g),
-            (Torch, true, false, true) => self.torch::<S, true, false, true>(s, lanes, g),
-            (Torch, true, true, false) => self.torch::<S, true, true, false>(s, lanes, g),
-            (Torch, true, true, true) => self.torch::<S, true, true, true>(s, lanes, g),
+            (Keras, false, _, false) => self.keras::<S, false, false, false>(s, rows, g),
+            (Keras, false, _, true) => self.keras::<S, false, false, true>(s, rows, g),
+            (Keras, true, false, false) => self.keras::<S, true, false, false>(s, rows, g),
+            (Keras, true, false, true) => self.keras::<S, true, false, true>(s, rows, g),
+            (Keras, true, true, false) => self.keras::<S, true, true, false>(s, rows, g),
+            (Keras, true, true, true) => self.keras::<S, true, true, true>(s, rows, g),
+            (Torch, false, _, false) => self.torch::<S, false, false, false>(s, rows, g),
+            (Torch, false, _, true) => self.torch::<S, false, false, true>(s, rows, g),
+            (Torch, true, false, false) => self.torch::<S, true, false, false>(s, rows, g),
+            (Torch, true, false, true) => self.torch::<S, true, false, true>(s, rows, g),
+            (Torch, true, true, false) => self.torch::<S, true, true, false>(s, rows, g),
+            (Torch, true, true, true) => self.torch::<S, true, true, true>(s, rows, g),
         }
     }
 }
@@ -314,7 +314,7 @@ impl SgdRule {
     fn keras<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
-        lanes: &mut Lanes<'_>,
+        rows: RowSet<'_>,
         g: &impl GradRow<S>,
     ) {
         let (lr, mu, decay) = (
@@ -324,7 +324,7 @@ impl SgdRule {
         );
         with_momentum::<S, MOMENTUM>(
             s,
-            lanes,
+            rows,
             g,
             #[inline(always)]
             |mut wv, vv, gv| {
@@ -351,7 +351,7 @@ impl SgdRule {
     fn torch<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
-        lanes: &mut Lanes<'_>,
+        rows: RowSet<'_>,
         g: &impl GradRow<S>,
     ) {
         let (lr, mu, wd) = (
@@ -361,7 +361,7 @@ impl SgdRule {
         );
         with_momentum::<S, MOMENTUM>(
             s,
-            lanes,
+            rows,
             g,
             #[inline(always)]
             |wv, mut bv, mut d| {
@@ -388,15 +388,14 @@ impl SgdRule {
 #[inline(always)]
 fn with_momentum<S: Simd, const MOMENTUM: bool>(
     s: S,
-    lanes: &mut Lanes<'_>,
+    rows: RowSet<'_>,
     g: &impl GradRow<S>,
     lane: impl Fn(S::V, S::V, S::V) -> [S::V; 2],
 ) {
-    let [w, v, ..] = lanes;
     if MOMENTUM {
         map_vectors(
             s,
-            [&mut **w, &mut **v],
+            rows.take::<2>(),
             g,
             #[inline(always)]
             |[wv, vv], gv| lane(wv, vv, gv),
@@ -405,7 +404,7 @@ fn with_momentum<S: Simd, const MOMENTUM: bool>(
         let zero = s.splat(0.0);
         map_vectors(
             s,
-            [&mut **w],
+            rows.take::<1>(),
             g,
             #[inline(always)]
             |[wv], gv| [lane(wv, zero, gv)[0]],
