@@ -736,14 +736,14 @@ impl Core {
             vec![rows, dim]
         };
         for (saved, buf) in state.arrays.iter().zip(&mut tables.arrays) {
-            check_len("state array rank", want_shape.len(), saved.shape.len())?;
+            Error::check_len("state array rank", want_shape.len(), saved.shape.len())?;
             for (what, (&want, &got)) in ["state array rows", "state array columns"]
                 .into_iter()
                 .zip(want_shape.iter().zip(&saved.shape))
             {
-                check_len(what, want, got)?;
+                Error::check_len(what, want, got)?;
             }
-            check_len(
+            Error::check_len(
                 "state array values",
                 want_shape.iter().product(),
                 saved.values.len(),
@@ -763,7 +763,7 @@ impl Core {
         }
         match &mut tables.last {
             Some(last) => {
-                check_len("last_step length", rows, state.last_step.len())?;
+                Error::check_len("last_step length", rows, state.last_step.len())?;
                 if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
                     return Err(Error::InvalidConfig {
                         field: "last_step",
@@ -772,7 +772,7 @@ impl Core {
                 }
                 last.copy_from_slice(&state.last_step);
             }
-            None => check_len(
+            None => Error::check_len(
                 "last_step length (empty unless DenseExact)",
                 0,
                 state.last_step.len(),
@@ -784,18 +784,6 @@ impl Core {
             scratch: Scratch::default(),
         };
         Ok((config, core))
-    }
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            what,
-            expected,
-            got,
-        })
     }
 }
 
