@@ -18,10 +18,10 @@ use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Result};
 
 /// Below this many contributed floats, accumulation runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Floats of gradient slots per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Slots this far ahead have their contributions prefetched.
 const PREFETCH_AHEAD: usize = 4;

@@ -68,11 +68,11 @@ use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Below this many floats of work (rows read plus rows written), a pooled
 /// lookup runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Floats of rows read per parallel task: large enough to amortise
 /// scheduling, small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// How the rows of a bag are reduced to one row.
 ///

@@ -9,11 +9,11 @@ use crate::{Error, Init, Result};
 
 /// Below this many output floats a lookup runs on the calling thread: the
 /// work is smaller than the cost of waking rayon's workers.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Output floats per parallel task: large enough to amortise scheduling,
 /// small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// Bytes of rows that gathers keep prefetching ahead of the row in use.
 ///
