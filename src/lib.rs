@@ -103,7 +103,7 @@ pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
-pub use layer::{Embedding, EmbeddingOptions, OutOfRange};
+pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
 pub use optim::{
     Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
