@@ -13,6 +13,7 @@ use crate::grad::check_finite;
 use crate::index::Index;
 use crate::io::{Coverage, Pretrained, TableOptions};
 use crate::optim::{OptimizerState, SparseOptimizer};
+use crate::tensor::Tensor;
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
 /// What a lookup does with an id outside `0..rows`.
@@ -350,6 +351,52 @@ impl<O: SparseOptimizer> Embedding<O> {
         (self.table, self.optimizer, self.grad)
     }
 
+    /// The rows of an n-d batch of ids: a tensor of shape
+    /// `ids.shape() + [dim]`, as `keras.layers.Embedding` and
+    /// `nn.Embedding` return for a `(batch, seq_len)` input.
+    ///
+    /// # Errors
+    /// As [`forward_into`](Self::forward_into), with positions counted in
+    /// the ids' row-major order.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Embedding, EmbeddingTable, Init, Sgd, Tensor};
+    /// let table = EmbeddingTable::new(1000, 64, Init::default(), 7)?;
+    /// let mut layer = Embedding::new(table, Sgd::default());
+    /// let ids = Tensor::new((0..32 * 10).collect::<Vec<i64>>(), [32, 10])?;
+    /// let out = layer.forward_nd(&ids)?;
+    /// assert_eq!(out.shape(), &[32, 10, 64]);
+    /// assert_eq!(out.at(&[3, 4]), layer.table().row(34));
+    /// let mask = layer.mask_nd(&ids); // Keras' mask_zero
+    /// assert_eq!((mask.shape(), mask.at(&[0, 0])), (&[32, 10][..], &[false][..]));
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn forward_nd<I: Index>(&mut self, ids: &Tensor<I>) -> Result<Tensor<f32>> {
+        let out = self.forward(ids.as_slice())?;
+        Tensor::new(out, [ids.shape(), &[self.table.dim()]].concat())
+    }
+
+    /// Accumulates the gradient of [`forward_nd`](Self::forward_nd) given
+    /// `grad_out`, the gradient of its output, of the same shape.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if `grad_out`'s shape is not
+    /// `ids.shape() + [dim]` (naming the first axis that differs, or the
+    /// rank); as [`backward`](Self::backward) otherwise. Nothing is
+    /// accumulated on error.
+    pub fn backward_nd<I: Index>(&mut self, ids: &Tensor<I>, grad_out: &Tensor<f32>) -> Result<()> {
+        let want = [ids.shape(), &[self.table.dim()]].concat();
+        check_shape(&want, grad_out.shape())?;
+        self.backward(ids.as_slice(), grad_out.as_slice())
+    }
+
+    /// Keras' `mask_zero` over an n-d batch: `true` where the id is not 0,
+    /// in a tensor of the ids' shape.
+    pub fn mask_nd<I: Index>(&self, ids: &Tensor<I>) -> Tensor<bool> {
+        Tensor::new(self.mask(ids.as_slice()), ids.shape()).expect("one mask value per id")
+    }
+
     /// Keras' `mask_zero`: `true` where the id is not 0.
     ///
     /// A mask for downstream layers (RNNs, attention, pooling); it does not
@@ -606,6 +653,89 @@ impl<O: SparseOptimizer> Embedding<O> {
             self.table.renorm_rows(&rows, max_norm)?;
         }
         Ok(())
+    }
+}
+
+/// `Err` unless an n-d buffer's shape is `want`, naming the rank or the
+/// first axis that differs.
+fn check_shape(want: &[usize], got: &[usize]) -> Result<()> {
+    Error::check_len("gradient rank (ids rank + 1)", want.len(), got.len())?;
+    for (&w, &g) in want.iter().zip(got) {
+        Error::check_len(
+            "gradient shape (ids.shape + [dim]), first axis that differs",
+            w,
+            g,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "ndarray")]
+impl<O: SparseOptimizer> Embedding<O> {
+    /// [`forward_nd`](Self::forward_nd) for an `ndarray` array or view of
+    /// ids of any dimension `D`: an array of dimension `D + 1`, the last
+    /// axis of length `dim` (feature `ndarray`). Ids are read in logical
+    /// order whatever the view's layout.
+    ///
+    /// # Errors
+    /// As [`forward_into`](Self::forward_into).
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Embedding, EmbeddingTable, Init, Sgd};
+    /// let table = EmbeddingTable::new(100, 8, Init::default(), 7)?;
+    /// let mut layer = Embedding::new(table, Sgd::default());
+    /// let ids = ndarray::Array2::from_shape_fn((4, 5), |(b, t)| (b * 5 + t) as i64);
+    /// let out = layer.forward_array(&ids)?;
+    /// assert_eq!(out.shape(), &[4, 5, 8]);
+    /// assert_eq!(out[[1, 2, 3]], layer.table().row(7)[3]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn forward_array<I, S, D>(
+        &mut self,
+        ids: &ndarray::ArrayBase<S, D>,
+    ) -> Result<ndarray::Array<f32, D::Larger>>
+    where
+        I: Index,
+        S: ndarray::Data<Elem = I>,
+        D: ndarray::Dimension,
+    {
+        let out = self.forward_nd(&Tensor::from_array(ids.view()))?;
+        out.into_array()
+    }
+
+    /// [`backward_nd`](Self::backward_nd) for `ndarray` ids and an output
+    /// gradient of the shape [`forward_array`](Self::forward_array) gave
+    /// (feature `ndarray`).
+    ///
+    /// # Errors
+    /// As [`backward_nd`](Self::backward_nd).
+    pub fn backward_array<I, S, T, D>(
+        &mut self,
+        ids: &ndarray::ArrayBase<S, D>,
+        grad_out: &ndarray::ArrayBase<T, D::Larger>,
+    ) -> Result<()>
+    where
+        I: Index,
+        S: ndarray::Data<Elem = I>,
+        T: ndarray::Data<Elem = f32>,
+        D: ndarray::Dimension,
+    {
+        self.backward_nd(
+            &Tensor::from_array(ids.view()),
+            &Tensor::from_array(grad_out.view()),
+        )
+    }
+
+    /// Keras' `mask_zero` over `ndarray` ids: `true` where the id is not 0,
+    /// in an array of the ids' shape (feature `ndarray`).
+    pub fn mask_array<I, S, D>(&self, ids: &ndarray::ArrayBase<S, D>) -> ndarray::Array<bool, D>
+    where
+        I: Index,
+        S: ndarray::Data<Elem = I>,
+        D: ndarray::Dimension,
+    {
+        ids.map(|id| id.widen() != 0)
     }
 }
 

@@ -94,7 +94,9 @@ pub mod kernels;
 mod layer;
 pub mod optim;
 pub mod pool;
+mod similar;
 mod table;
+mod tensor;
 pub mod workloads;
 
 pub use aligned::AlignedBuf;
@@ -110,6 +112,7 @@ pub use optim::{
 };
 pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;
+pub use tensor::Tensor;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

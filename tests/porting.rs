@@ -10,7 +10,7 @@ use common::{Scratch, assert_bits_eq, fixture};
 use embtable::io::{self, Pretrained, TableOptions};
 use embtable::{
     Adagrad, AdagradConfig, Bags, Embedding, EmbeddingOptions, EmbeddingTable, Error, Frozen, Init,
-    MaxNormAt, Pooling, Semantics, Sgd, SgdConfig, SparseOptimizer, Vocab,
+    MaxNormAt, Pooling, Semantics, Sgd, SgdConfig, SparseOptimizer, Tensor, Vocab,
 };
 
 fn table(rows: usize, dim: usize) -> EmbeddingTable {
@@ -508,4 +508,110 @@ fn keras_max_norm_constraint_applies_after_the_step_only() {
     layer.step().unwrap();
     assert!(norm(layer.table().row(3)) <= 1.0 + 1e-5);
     assert_eq!(layer.table().row(4), start.row(4));
+}
+
+// ------------------------------------------------------------ n-d batches
+
+#[test]
+fn a_batch_by_seq_len_batch_keeps_its_shape() {
+    // keras: Embedding(1000, 64, mask_zero=True)(x) with x of shape (32, 10):
+    // output (32, 10, 64), mask (32, 10).
+    let mut layer = Embedding::new(table(1000, 64), Sgd::default());
+    let sequences: Vec<Vec<i64>> = (0..32)
+        .map(|b| {
+            (0..10)
+                .map(|t| {
+                    if t < 3 + b % 7 {
+                        (b * 10 + t + 1) as i64
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let ids = Tensor::from_rows(&sequences).unwrap();
+    let out = layer.forward_nd(&ids).unwrap();
+    assert_eq!(out.shape(), &[32, 10, 64]);
+    for b in [0, 5, 31] {
+        for t in [0, 2, 9] {
+            let id = sequences[b][t] as usize;
+            assert_eq!(out.at(&[b, t]), layer.table().row(id), "({b}, {t})");
+        }
+    }
+    let mask = layer.mask_nd(&ids);
+    assert_eq!(mask.shape(), &[32, 10]);
+    assert_eq!(
+        mask.at(&[4]),
+        &[
+            true, true, true, true, true, true, true, false, false, false
+        ]
+    );
+
+    // The gradient comes back in the output's shape; another shape is refused.
+    let grad = Tensor::new(vec![0.1; out.len()], out.shape()).unwrap();
+    layer.backward_nd(&ids, &grad).unwrap();
+    assert_eq!(
+        layer.grad().len(),
+        32 * 10 - sequences.iter().flatten().filter(|&&i| i == 0).count() + 1
+    );
+    layer.clear_grad();
+    let wrong = Tensor::new(vec![0.1; out.len()], [32, 640]).unwrap();
+    let err = layer.backward_nd(&ids, &wrong).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                expected: 3,
+                got: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let wrong = Tensor::new(vec![0.1; 32 * 10 * 63], [32, 10, 63]).unwrap();
+    let err = layer.backward_nd(&ids, &wrong).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                expected: 64,
+                got: 63,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(layer.grad().is_empty());
+
+    // Ragged sequences must be padded first.
+    let err = Tensor::from_rows(&[vec![1i64, 2], vec![3]]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("row 1 holds 1 values and row 0 holds 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_three_d_batch_and_an_error_at_a_flat_position() {
+    let mut layer = Embedding::new(table(50, 3), Sgd::default());
+    let ids = Tensor::new((0..2 * 3 * 4).map(|i| i as u32).collect(), [2, 3, 4]).unwrap();
+    let out = layer.forward_nd(&ids).unwrap();
+    assert_eq!(out.shape(), &[2, 3, 4, 3]);
+    assert_eq!(out.at(&[1, 2, 3]), layer.table().row(23));
+    let mut bad = ids.clone();
+    bad.as_mut_slice()[13] = 50;
+    let err = layer.forward_nd(&bad).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::IndexOutOfRange {
+                position: 13,
+                index: 50,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
