@@ -100,6 +100,15 @@ pub(crate) fn count(n: usize, noun: &str) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// `a * b`, the length of a buffer about to be allocated, or
+    /// `Err(Alloc)` naming `what` if the product overflows.
+    pub(crate) fn checked_product(a: usize, b: usize, what: &'static str) -> Result<usize> {
+        a.checked_mul(b).ok_or(Error::Alloc {
+            what,
+            bytes: usize::MAX,
+        })
+    }
+
     /// `Err(ShapeMismatch)` unless a length is the expected one.
     pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
         if got == expected {

@@ -325,12 +325,6 @@ impl<O: SparseOptimizer> Embedding<O> {
         &self.grad
     }
 
-    /// Drops the gradient accumulated since the last step, e.g. after a
-    /// step failed and the batch is to be skipped.
-    pub fn clear_grad(&mut self) {
-        self.grad.clear();
-    }
-
     /// The table, the optimizer and the gradient not stepped yet (empty
     /// after a [`step`](Self::step)), for checkpoints or reuse. The
     /// gradient is handed back rather than dropped: apply it with
@@ -408,9 +402,11 @@ impl<O: SparseOptimizer> Embedding<O> {
     /// The rows of `ids`: `ids.len() * dim` floats, row-major.
     ///
     /// # Errors
-    /// As [`forward_into`](Self::forward_into).
+    /// As [`forward_into`](Self::forward_into); [`Error::Alloc`] if
+    /// `ids.len() * dim` floats overflow.
     pub fn forward<I: Index>(&mut self, ids: &[I]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; ids.len() * self.table.dim()];
+        let len = Error::checked_product(ids.len(), self.table.dim(), "forward output")?;
+        let mut out = vec![0.0; len];
         self.forward_into(ids, &mut out)?;
         Ok(out)
     }
@@ -551,7 +547,13 @@ impl<O: SparseOptimizer> Embedding<O> {
     /// clears the gradient.
     ///
     /// # Errors
-    /// As the optimizer's `step`; the gradient is kept on error.
+    /// As the optimizer's `step`, among them [`Error::NonFinite`] when
+    /// finite gradients summed to infinity (two of `3e38` for one row). The
+    /// table and optimizer are then unchanged and the gradient is kept, to
+    /// be looked at through [`grad`](Self::grad); call
+    /// [`clear_grad`](Self::clear_grad) to drop it and go on with the next
+    /// batch (as PyTorch's `GradScaler` skips a step whose gradients
+    /// overflowed), or every later step fails the same way.
     pub fn step(&mut self) -> Result<()> {
         if self.options.trainable {
             self.optimizer.step(&mut self.table, &self.grad)?;
@@ -565,6 +567,13 @@ impl<O: SparseOptimizer> Embedding<O> {
         }
         self.grad.clear();
         Ok(())
+    }
+
+    /// Drops the gradient accumulated since the last step, without applying
+    /// it: the way out after a [`step`](Self::step) that failed (PyTorch's
+    /// `zero_grad`).
+    pub fn clear_grad(&mut self) {
+        self.grad.clear();
     }
 
     /// Brings every row current (`Semantics::DenseExact`), e.g. before

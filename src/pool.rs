@@ -580,7 +580,8 @@ impl EmbeddingTable {
         pooling: Pooling,
     ) -> Result<Vec<f32>> {
         self.check_pooled(bags, pooling)?;
-        let mut out = vec![0.0; bags.len() * self.dim()];
+        let len = Error::checked_product(bags.len(), self.dim(), "pooled lookup output")?;
+        let mut out = vec![0.0; len];
         // SAFETY: ids validated against `rows` just above; out has bags * dim floats.
         unsafe { self.pool_unchecked(kernels::current(), bags, pooling, &mut out) };
         Ok(out)
