@@ -29,6 +29,7 @@
 //! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
+//! | `{name}.layer` | for a layer saved with [`Checkpoint::with_layer`] or [`Embedding::save`](crate::Embedding::save): its options, `padding_idx=none,out_of_range=error,trainable=1,max_norm=none,max_norm_at=step` (`padding_idx` a row or `none`; `out_of_range` one of `error`, `zero`, `modulo`, `default_row:R`; `max_norm` a number or `none`; `max_norm_at` `step` or `lookup`) |
 //! | `user:{key}` | a value given to [`Checkpoint::with_metadata`] (the `:` keeps these apart from table keys) |
 //!
 //! Weights and state values are stored bit for bit (NaN payloads
