@@ -12,7 +12,7 @@
 use hashbrown::HashMap;
 use rayon::prelude::*;
 
-use crate::aligned::{LANES_PER_LINE, SendPtr, stride_for};
+use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Result};
@@ -104,10 +104,18 @@ impl SparseGrad {
     /// Ids are checked to be non-negative here and against the table's row
     /// count when an optimizer applies the gradient; use
     /// [`for_table`](Self::for_table) to check them on accumulation.
+    ///
+    /// Never panics. A `dim` no table can have (rows longer than memory)
+    /// gives a gradient that can hold no row: no gradient slice of a
+    /// non-empty batch is that long, so every such accumulation is an
+    /// [`Error::ShapeMismatch`].
     pub fn new(dim: usize) -> Self {
         Self {
             dim,
-            stride: stride_for(dim),
+            // Only a dim among the 15 largest `usize` values has no
+            // stride; such a gradient never makes a slot (above), so any
+            // multiple of 16 may stand in.
+            stride: checked_stride(dim).unwrap_or(usize::MAX - (LANES_PER_LINE - 1)),
             ..Self::default()
         }
     }
@@ -209,9 +217,13 @@ impl SparseGrad {
     /// The gradient as a dense row-major `rows × dim` matrix.
     ///
     /// # Panics
-    /// If a row with a gradient is `>= rows`.
+    /// If a row with a gradient is `>= rows`, or `rows * dim` floats do not
+    /// fit in memory.
     pub fn to_dense(&self, rows: usize) -> Vec<f32> {
-        let mut dense = vec![0.0; rows * self.dim];
+        let len = rows
+            .checked_mul(self.dim)
+            .expect("rows * dim of a dense gradient overflows usize");
+        let mut dense = vec![0.0; len];
         for (k, &r) in self.rows.iter().enumerate() {
             assert!(
                 r < rows,
