@@ -122,8 +122,9 @@ pub use init::Init;
 pub use io::Vocab;
 pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
 pub use optim::{
-    Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
-    RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
+    Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
+    FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
+    Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
 };
 pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;

@@ -1108,6 +1108,14 @@ fn plan_state<'s>(
         None => "none".to_owned(),
     };
     let arrays: Vec<&str> = state.arrays.iter().map(|a| a.name.as_str()).collect();
+    if !state.lr_history.is_empty() {
+        let history: Vec<String> = state
+            .lr_history
+            .iter()
+            .map(|(until, lr)| format!("{until}:{lr:?}"))
+            .collect();
+        metadata.push((format!("{name}.optim.lr_history"), history.join(",")));
+    }
     for (key, value) in [
         ("kind", state.kind.clone()),
         ("steps", state.steps.to_string()),
@@ -1394,6 +1402,22 @@ impl<'b> Parsed<'b> {
                 }
             }
         };
+        let history_key = key("lr_history");
+        let mut lr_history = Vec::new();
+        for pair in self
+            .meta(&history_key)
+            .unwrap_or("")
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
+            let parsed = pair.split_once(':').and_then(|(until, lr)| {
+                Some((until.parse::<u64>().ok()?, lr.parse::<f32>().ok()?))
+            });
+            let Some(parsed) = parsed else {
+                return Err(bad(format!("{history_key}: {pair:?} is not step:rate")));
+            };
+            lr_history.push(parsed);
+        }
         Ok(OptimizerState {
             kind: kind.to_owned(),
             config,
@@ -1401,6 +1425,7 @@ impl<'b> Parsed<'b> {
             shape,
             arrays,
             last_step,
+            lr_history,
         })
     }
 }
