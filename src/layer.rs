@@ -651,17 +651,22 @@ impl<O: SparseOptimizer> Embedding<O> {
     /// Sets row `p` and its optimizer state to zero, every row current
     /// first, so that no later catch-up moves it (a zero-gradient step maps
     /// an all-zero row and state to zero).
+    ///
+    /// Only an optimizer whose rows can lag (`Semantics::DenseExact`) moves
+    /// a row it is not given a gradient for, so only its state is zeroed;
+    /// other optimizers' state (an Adagrad accumulator, which must stay at
+    /// least its initial value) is left as it is.
     fn zero_row_and_state(&mut self, p: usize) -> Result<()> {
-        if self.options.trainable && self.optimizer.has_lagging_rows() {
+        if self.optimizer.has_lagging_rows() {
             self.optimizer.flush(&mut self.table)?;
-        }
-        let mut state = self.optimizer.state();
-        if let Some((_, dim)) = state.shape {
-            for array in &mut state.arrays {
-                let width = if array.shape.len() == 2 { dim } else { 1 };
-                array.values[p * width..][..width].fill(0.0);
+            let mut state = self.optimizer.state();
+            if let Some((_, dim)) = state.shape {
+                for array in &mut state.arrays {
+                    let width = if array.shape.len() == 2 { dim } else { 1 };
+                    array.values[p * width..][..width].fill(0.0);
+                }
+                self.optimizer.load_state(state)?;
             }
-            self.optimizer.load_state(state)?;
         }
         self.table.row_mut(p).fill(0.0);
         Ok(())
@@ -869,6 +874,30 @@ impl SparseOptimizer for Frozen {
 
     fn flush(&mut self, _table: &mut EmbeddingTable) -> Result<()> {
         Ok(())
+    }
+
+    /// 0: a frozen layer applies no rate.
+    fn lr(&self) -> f32 {
+        0.0
+    }
+
+    /// Always an [`Error::InvalidConfig`] (field `lr`): there is no rate to
+    /// set until the layer is unfrozen with an optimizer.
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        Err(Error::InvalidConfig {
+            field: "lr",
+            reason: format!(
+                "cannot set {lr} on Frozen, which never steps; give the layer an optimizer \
+                 with Embedding::unfreeze"
+            ),
+        })
+    }
+
+    /// Ignored: a frozen layer never steps.
+    fn set_schedule(&mut self, _schedule: Option<std::sync::Arc<dyn crate::optim::LrSchedule>>) {}
+
+    fn steps(&self) -> u64 {
+        0
     }
 
     fn state(&self) -> OptimizerState {
