@@ -10,7 +10,10 @@
 #[non_exhaustive]
 pub enum Error {
     /// An id at `position` of a batch is negative or not below the row count.
-    #[error("id {index} at position {position} is out of range for a table of {rows} rows")]
+    #[error(
+        "id {index} at position {position} is out of range for a table of {}",
+        count(*.rows, "row")
+    )]
     IndexOutOfRange {
         /// Position of the id in the batch.
         position: usize,
@@ -82,6 +85,15 @@ pub enum Error {
         /// What is wrong, naming the offending token.
         reason: String,
     },
+}
+
+/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// `Result` with embtable's [`Error`].

@@ -183,6 +183,17 @@ impl SparseGrad {
         unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * LANES_PER_LINE) }
     }
 
+    /// [`as_padded`](Self::as_padded), to scale values in place (clipping):
+    /// callers keep pad lanes zero and only shrink magnitudes, so the bound
+    /// of [`is_proven_finite`](Self::is_proven_finite) stays valid.
+    pub(crate) fn as_padded_mut(&mut self) -> &mut [f32] {
+        let lines = &mut self.grads[..];
+        // SAFETY: as in `as_padded`, borrowed mutably as `self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * LANES_PER_LINE)
+        }
+    }
+
     /// Forgets every row, keeping the allocations for the next batch.
     pub fn clear(&mut self) {
         self.slot_of.clear();
@@ -490,8 +501,6 @@ pub(crate) fn sums_proven_finite(magnitude: f64, terms: u64) -> bool {
 pub(crate) struct Scanned {
     /// The largest magnitude.
     pub(crate) max_abs: f32,
-    /// Whether some value is `-0.0`.
-    pub(crate) negative_zero: bool,
 }
 
 /// Scans `values` once: `Err(NonFinite)` naming the first NaN or infinite
@@ -515,7 +524,6 @@ pub(crate) fn scan(what: &'static str, values: &[f32]) -> Result<Scanned> {
 pub(crate) struct ScanPart {
     /// The bits of the largest magnitude (`>= inf` for NaN or inf).
     bits: u32,
-    negative_zero: bool,
 }
 
 impl ScanPart {
@@ -523,7 +531,6 @@ impl ScanPart {
     pub(crate) fn merge(self, other: Self) -> Self {
         Self {
             bits: self.bits.max(other.bits),
-            negative_zero: self.negative_zero | other.negative_zero,
         }
     }
 
@@ -532,7 +539,6 @@ impl ScanPart {
         if self.bits < f32::INFINITY.to_bits() {
             return Ok(Scanned {
                 max_abs: f32::from_bits(self.bits),
-                negative_zero: self.negative_zero,
             });
         }
         check_finite(what, values)?;
@@ -564,15 +570,11 @@ impl Kernel for Scan<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, _s: S) -> ScanPart {
-        const NEGATIVE_ZERO: u32 = 0x8000_0000;
-        let (bits, negative_zeros) = self.0.iter().fold((0u32, 0u32), |(max, nz), x| {
-            let b = x.to_bits();
-            (max.max(b & 0x7fff_ffff), nz | (b == NEGATIVE_ZERO) as u32)
-        });
-        ScanPart {
-            bits,
-            negative_zero: negative_zeros != 0,
-        }
+        let bits = self
+            .0
+            .iter()
+            .fold(0u32, |max, x| max.max(x.to_bits() & 0x7fff_ffff));
+        ScanPart { bits }
     }
 }
 

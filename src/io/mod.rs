@@ -257,7 +257,7 @@ pub(crate) fn check_words(vocab: &Vocab, rows: usize, format: &str) -> Result<()
             got: vocab.len(),
         });
     }
-    for (row, word) in vocab.iter() {
+    for (word, row) in vocab.iter() {
         if word.is_empty() || word.bytes().any(|b| b.is_ascii_whitespace()) {
             return Err(Error::InvalidConfig {
                 field: "vocab",

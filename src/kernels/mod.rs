@@ -21,7 +21,7 @@
 //!
 //! **Every tier gives bitwise identical results.** Kernels only use IEEE
 //! operations that round the same in every width (add, sub, mul, div, sqrt,
-//! max) and never fuse a multiply and an add (no FMA contraction), and lane
+//! max, min) and never fuse a multiply and an add (no FMA contraction), and lane
 //! `i` of a row is always computed from lane `i` of the inputs, so the
 //! vector width cannot change the order of any sum.
 
@@ -283,6 +283,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Lane-wise `if a > b { a } else { b }` (so a NaN in `a` yields `b`,
     /// a NaN in `b` yields `b`, and `max(-0, +0) == +0`), as `maxps` does.
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `if a < b { a } else { b }` (a NaN in either yields `b`),
+    /// as `minps` does.
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
 }
 
 /// An operation with one generic body for every tier.

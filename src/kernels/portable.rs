@@ -64,4 +64,8 @@ impl Simd for Portable {
         // An explicit select, so NaN and signed-zero cases match the other tiers.
         a.simd_gt(b).select(a, b)
     }
+    #[inline(always)]
+    fn min(self, a: f32x8, b: f32x8) -> f32x8 {
+        a.simd_lt(b).select(a, b)
+    }
 }

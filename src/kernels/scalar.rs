@@ -59,4 +59,8 @@ impl Simd for Scalar {
     fn max(self, a: f32, b: f32) -> f32 {
         if a > b { a } else { b }
     }
+    #[inline(always)]
+    fn min(self, a: f32, b: f32) -> f32 {
+        if a < b { a } else { b }
+    }
 }

@@ -134,6 +134,12 @@ impl Simd for Avx2 {
         // second operand unless `a > b`, the rule every tier follows.
         unsafe { _mm256_max_ps(a, b) }
     }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available. `minps` returns its
+        // second operand unless `a < b`, the rule every tier follows.
+        unsafe { _mm256_min_ps(a, b) }
+    }
 }
 
 impl Simd for Avx512 {
@@ -214,6 +220,12 @@ impl Simd for Avx512 {
         // SAFETY: the Avx512 token proves AVX-512F is available. `vmaxps`
         // returns its second operand unless `a > b`, as every tier does.
         unsafe { _mm512_max_ps(a, b) }
+    }
+    #[inline(always)]
+    fn min(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available. `vminps`
+        // returns its second operand unless `a < b`, as every tier does.
+        unsafe { _mm512_min_ps(a, b) }
     }
 }
 
