@@ -41,10 +41,10 @@ use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Below this many floats of rows to update, a pass runs on the calling
 /// thread: waking rayon's workers would cost more than the work.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Floats (weights and state) per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Rows prefetched ahead of the one being updated: rows are scattered over
 /// the table, and each costs a DRAM round trip without a prefetch. They

@@ -248,7 +248,7 @@ impl Groups {
 
 /// Below this many gradient floats, [`Groups::copy_later`] runs on the
 /// calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Scratch rows are streamed past the caches for gradients of this size on.
 const STREAM_MIN_BYTES: usize = 16 << 20;
