@@ -574,36 +574,6 @@ fn update_on(tier: kernels::Tier, g: f32, o: &[f32], v: &[f32], gi: &mut [f32], 
     kernels::dispatch(tier, Update(g, o, v, gi, go))
 }
 
-/// The rows of `table` scaled to unit length (zero rows stay zero), row-major.
-pub fn normalized(table: &EmbeddingTable) -> Vec<f32> {
-    let mut out = Vec::with_capacity(table.rows() * table.dim());
-    for r in 0..table.rows() {
-        let row = table.row(r);
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-        out.extend(row.iter().map(|x| x * inv));
-    }
-    out
-}
-
-/// Cosine similarity of rows `a` and `b` of [`normalized`] vectors.
-fn cosine(unit: &[f32], dim: usize, a: usize, b: usize) -> f32 {
-    let (x, y) = (&unit[a * dim..][..dim], &unit[b * dim..][..dim]);
-    x.iter().zip(y).map(|(p, q)| p * q).sum()
-}
-
-/// The `n` nearest words of `word` by cosine similarity, best first,
-/// `word` itself left out; `unit` is [`normalized`] of the table.
-pub fn nearest(unit: &[f32], dim: usize, word: usize, n: usize) -> Vec<(usize, f32)> {
-    let mut sims: Vec<(usize, f32)> = (0..unit.len() / dim.max(1))
-        .filter(|&r| r != word)
-        .map(|r| (r, cosine(unit, dim, word, r)))
-        .collect();
-    sims.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    sims.truncate(n);
-    sims
-}
-
 /// How well the vectors recover planted clusters: over every word that has
 /// a cluster, the share of its `n` nearest neighbours from the same
 /// cluster, and the share expected by chance (a random neighbour).
@@ -612,7 +582,6 @@ pub fn cluster_fraction(
     clusters: &[Option<usize>],
     n: usize,
 ) -> (f64, f64) {
-    let unit = normalized(table);
     let words: Vec<usize> = (0..clusters.len())
         .filter(|&w| clusters[w].is_some())
         .collect();
@@ -620,7 +589,11 @@ pub fn cluster_fraction(
     let (same, total, chance) = words
         .par_iter()
         .map(|&w| {
-            let near = nearest(&unit, table.dim(), w, n);
+            // A word whose vector is all zeros has no direction, so no
+            // neighbours: it counts as no hit.
+            let near = table
+                .most_similar_rows(table.row(w), n, &[w])
+                .unwrap_or_default();
             let same = near
                 .iter()
                 .filter(|(o, _)| clusters[*o] == clusters[w])
@@ -650,8 +623,6 @@ pub fn pair_auc(
     pairs: usize,
     seed: u64,
 ) -> f64 {
-    let unit = normalized(table);
-    let dim = table.dim();
     let words: Vec<usize> = (0..clusters.len())
         .filter(|&w| clusters[w].is_some())
         .collect();
@@ -663,7 +634,7 @@ pub fn pair_auc(
         if a == b {
             continue;
         }
-        let sim = cosine(&unit, dim, a, b);
+        let sim = table.cosine(a, b);
         if clusters[a] == clusters[b] {
             if same.len() < pairs {
                 same.push(sim);
