@@ -168,8 +168,8 @@ impl SparseGrad {
     pub fn row_grad(&self, k: usize) -> &[f32] {
         assert!(
             k < self.len(),
-            "slot {k} out of range for {} rows",
-            self.len()
+            "slot {k} out of range for {}",
+            crate::error::count(self.len(), "row")
         );
         &self.as_padded()[k * self.stride..][..self.dim]
     }
@@ -227,7 +227,8 @@ impl SparseGrad {
         for (k, &r) in self.rows.iter().enumerate() {
             assert!(
                 r < rows,
-                "row {r} has a gradient but the table has {rows} rows"
+                "row {r} has a gradient but the table has {}",
+                crate::error::count(rows, "row")
             );
             dense[r * self.dim..][..self.dim].copy_from_slice(self.row_grad(k));
         }

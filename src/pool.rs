@@ -331,8 +331,8 @@ impl<'a, I: Index> Bags<'a, I> {
     pub fn range(&self, b: usize) -> Range<usize> {
         assert!(
             b < self.len(),
-            "bag {b} out of range for {} bags",
-            self.len()
+            "bag {b} out of range for {}",
+            crate::error::count(self.len(), "bag")
         );
         self.offsets[b]..self.offsets[b + 1]
     }
@@ -445,7 +445,10 @@ fn fixed_offsets(ids: usize, bag_len: usize) -> Result<Vec<usize>> {
     if !ids.is_multiple_of(bag_len) {
         return Err(Error::InvalidConfig {
             field: "bag_len",
-            reason: format!("{ids} ids do not split into bags of {bag_len}"),
+            reason: format!(
+                "{} cannot be split into bags of {bag_len}",
+                crate::error::count(ids, "id")
+            ),
         });
     }
     Ok((0..=ids / bag_len).map(|b| b * bag_len).collect())

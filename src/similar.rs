@@ -122,8 +122,8 @@ impl EmbeddingTable {
     fn padded_row(&self, i: usize) -> &[f32] {
         assert!(
             i < self.rows(),
-            "row {i} out of range for {} rows",
-            self.rows()
+            "row {i} out of range for {}",
+            crate::error::count(self.rows(), "row")
         );
         &self.as_padded()[i * self.stride()..][..self.stride()]
     }

@@ -162,7 +162,11 @@ impl EmbeddingTable {
     #[inline]
     #[track_caller]
     pub fn row(&self, i: usize) -> &[f32] {
-        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        assert!(
+            i < self.rows,
+            "row {i} out of range for {}",
+            crate::error::count(self.rows, "row")
+        );
         &self.data.as_slice()[i * self.stride..][..self.dim]
     }
 
@@ -173,7 +177,11 @@ impl EmbeddingTable {
     #[inline]
     #[track_caller]
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
-        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        assert!(
+            i < self.rows,
+            "row {i} out of range for {}",
+            crate::error::count(self.rows, "row")
+        );
         let (stride, dim) = (self.stride, self.dim);
         &mut self.data.as_mut_slice()[i * stride..][..dim]
     }

@@ -418,7 +418,9 @@ impl<'o> Reader<'o> {
     /// Groups the records by user, orders each user's in time and splits them.
     fn finish(mut self, seed: u64) -> Result<(Dataset, FileInfo), CsvError> {
         if self.records.is_empty() {
-            let reason = if self.info.below_min_rating > 0 {
+            let reason = if self.info.below_min_rating == 1 {
+                "no interactions left: the only one is rated below --min-rating".into()
+            } else if self.info.below_min_rating > 1 {
                 format!(
                     "no interactions left: all {} are rated below --min-rating",
                     self.info.below_min_rating

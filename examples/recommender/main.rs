@@ -600,12 +600,15 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     };
     let eval_users = eval_sample(&data, args.eval_users, seed);
     println!(
-        "data: {source}: {} users, {} items, {} training interactions, {} validation and {} test items (last two of each user{}) [{:.1}s]",
-        thousands(data.users),
-        thousands(data.items),
-        thousands(data.train_len()),
-        thousands(data.eval_users(Split::Validation).len()),
-        thousands(data.eval_users(Split::Test).len()),
+        "data: {source}: {}, {}, {}, {} and {} (last two of each user{}) [{:.1}s]",
+        plural(thousands(data.users), "user"),
+        plural(thousands(data.items), "item"),
+        plural(thousands(data.train_len()), "training interaction"),
+        plural(
+            thousands(data.eval_users(Split::Validation).len()),
+            "validation item"
+        ),
+        plural(thousands(data.eval_users(Split::Test).len()), "test item"),
         if args.data.is_some() && !info.has_time {
             ", drawn at random: no time column"
         } else {
@@ -618,9 +621,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     if info.below_min_rating > 0 || info.repeats > 0 {
         println!(
-            "  dropped {} interactions rated below --min-rating and {} repeated (user, item) pairs",
-            thousands(info.below_min_rating),
-            thousands(info.repeats)
+            "  dropped {} rated below --min-rating and {}",
+            plural(thousands(info.below_min_rating), "interaction"),
+            plural(thousands(info.repeats), "repeated (user, item) pair")
         );
     }
     if eval_users.is_empty() {
@@ -788,7 +791,7 @@ impl Context<'_> {
 
         let popular = evaluate_popular(data, eval_users, Split::Validation);
         println!(
-            "model: dim {}, history {}, {} loss with {} shared negatives, optimizer {} (lr {lr}{}), batch {}, {} threads",
+            "model: dim {}, history {}, {} loss with {} shared negatives, optimizer {} (lr {lr}{}), batch {}, {}",
             run.model.dim,
             run.model.history,
             match run.model.loss {
@@ -801,17 +804,17 @@ impl Context<'_> {
                 .max_norm
                 .map_or(String::new(), |m| format!(", max_norm {m}")),
             run.batch,
-            rayon::current_num_threads()
+            plural(rayon::current_num_threads(), "thread")
         );
         println!(
-            "most-popular on the validation items of {} users: recall@{K} {:.4}  NDCG@{K} {:.4}",
-            thousands(popular.users),
+            "most-popular on the validation items of {}: recall@{K} {:.4}  NDCG@{K} {:.4}",
+            plural(thousands(popular.users), "user"),
             popular.recall,
             popular.ndcg
         );
         println!(
-            "training up to {} epochs{}",
-            run.epochs,
+            "training up to {}{}",
+            plural(run.epochs, "epoch"),
             if fit.stop.keeps_best() {
                 format!(
                     ", stopping once validation NDCG@{K} has not improved for {} (*: best so far)",
@@ -905,15 +908,15 @@ impl Context<'_> {
         let m = evaluate_model(&model, data, &test_users, Split::Test);
         let popular = evaluate_popular(data, &test_users, Split::Test);
         println!(
-            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s)",
+            "done in {:.1}s: {} trained in {:.1}s ({} ex/s)",
             started.elapsed().as_secs_f64(),
-            thousands(trained),
+            plural(thousands(trained), "example"),
             train_time.as_secs_f64(),
             rate(trained as f64 / train_time.as_secs_f64().max(1e-9)),
         );
         println!(
-            "test items of all {} users: recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
-            thousands(m.users),
+            "test items of {}: recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
+            plural(thousands(m.users), "user"),
             m.recall,
             popular.recall,
             times(m.recall, popular.recall),
@@ -938,9 +941,11 @@ impl Context<'_> {
     }
 }
 
-/// `1 epoch`, `3 epochs`.
-fn plural(n: u64, what: &str) -> String {
-    if n == 1 {
+/// `1 epoch`, `3 epochs`, `1,024 users`: `n` (a number, or one formatted
+/// by [`thousands`]) and `what`, plural unless `n` is 1.
+fn plural(n: impl std::fmt::Display, what: &str) -> String {
+    let n = n.to_string();
+    if n == "1" {
         format!("1 {what}")
     } else {
         format!("{n} {what}s")
@@ -1246,6 +1251,8 @@ mod tests {
         assert_eq!(times(0.3, 0.0), "n/a");
         assert_eq!(plural(1, "epoch"), "1 epoch");
         assert_eq!(plural(5, "epoch"), "5 epochs");
+        assert_eq!(plural(thousands(1_024), "user"), "1,024 users");
+        assert_eq!(plural(thousands(1), "test item"), "1 test item");
     }
 
     /// `--help` gives every option with what it does, the file formats and

@@ -324,13 +324,22 @@ fn train<O: SparseOptimizer + Send>(
     let mut model = Sgns::new(corpus, cfg, make, args.seed)?;
     say!(
         out,
-        "skip-gram: dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step, {} shards, {threads} threads",
+        "skip-gram: dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step, {}, {}",
         cfg.dim,
         cfg.window,
         cfg.negatives,
         cfg.subsample,
         args.batch,
-        cfg.shards,
+        if cfg.shards == 1 {
+            "1 shard".to_owned()
+        } else {
+            format!("{} shards", cfg.shards)
+        },
+        if threads == 1 {
+            "1 thread".to_owned()
+        } else {
+            format!("{threads} threads")
+        },
     );
 
     let style = ProgressStyle::with_template(

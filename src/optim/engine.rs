@@ -927,9 +927,9 @@ impl Core {
                 return Err(Error::InvalidConfig {
                     field: "shape",
                     reason: format!(
-                        "a state without a table shape must be empty, got {} steps, {} arrays",
-                        state.steps,
-                        state.arrays.len()
+                        "a state without a table shape must be empty, got {} and {}",
+                        crate::error::count(state.steps, "step"),
+                        crate::error::count(state.arrays.len(), "array")
                     ),
                 });
             }
@@ -1032,7 +1032,10 @@ fn check_saved_counters(state: &OptimizerState, rows: usize, track: bool) -> Res
         if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
             return Err(Error::InvalidConfig {
                 field: "last_step",
-                reason: format!("a row has seen {bad} steps of {}", state.steps),
+                reason: format!(
+                    "a row's last step is {bad}, but the state has taken only {}",
+                    crate::error::count(state.steps, "step")
+                ),
             });
         }
     } else {
