@@ -15,10 +15,8 @@ use rayon::prelude::*;
 use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result};
-
-/// Below this many contributed floats, accumulation runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Floats of gradient slots per parallel task.
 const TASK_FLOATS: usize = 1 << 15;

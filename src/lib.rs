@@ -108,6 +108,7 @@ pub mod io;
 pub mod kernels;
 mod layer;
 pub mod optim;
+mod parallel;
 pub mod pool;
 mod similar;
 mod table;

@@ -63,12 +63,9 @@ use rayon::prelude::*;
 use crate::grad::{Contribution, check_finite};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::table::prefetch_distance;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
-
-/// Below this many floats of work (rows read plus rows written), a pooled
-/// lookup runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Floats of rows read per parallel task: large enough to amortise
 /// scheduling, small enough that two threads finish together.

@@ -5,11 +5,8 @@ use rayon::prelude::*;
 use crate::aligned::{AlignedBuf, SendPtr, padded_len};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Init, Result};
-
-/// Below this many output floats a lookup runs on the calling thread: the
-/// work is smaller than the cost of waking rayon's workers.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Output floats per parallel task: large enough to amortise scheduling,
 /// small enough that two threads finish together.

@@ -37,11 +37,8 @@ use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
 use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
-
-/// Below this many floats of rows to update, a pass runs on the calling
-/// thread: waking rayon's workers would cost more than the work.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Floats (weights and state) per parallel task.
 const TASK_FLOATS: usize = 1 << 15;
