@@ -99,7 +99,7 @@
 //! bandwidth; [`workloads`] generates them bit-exactly.
 #![deny(missing_docs)]
 
-pub mod aligned;
+mod aligned;
 mod error;
 mod grad;
 mod index;
