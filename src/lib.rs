@@ -96,7 +96,8 @@
 //! so several DRAM fetches are in flight; the hot loop has no bounds checks.
 //! Results never depend on the thread count. The benchmarks in `benches/`
 //! measure the workloads of `WORKLOADS.md` against the machine's memory
-//! bandwidth; [`workloads`] generates them bit-exactly.
+//! bandwidth; the repository's `workloads` crate (bench support, not part
+//! of this library) generates them bit-exactly.
 #![deny(missing_docs)]
 
 mod aligned;
@@ -113,7 +114,6 @@ pub mod pool;
 mod similar;
 mod table;
 mod tensor;
-pub mod workloads;
 
 pub use aligned::AlignedBuf;
 pub use error::{Error, Result};

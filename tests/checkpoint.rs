@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use common::{Scratch, fixture};
 
 use embtable::io::{self, Checkpoint};
-use embtable::workloads::{uniform, values};
 use embtable::{
     Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, Error, Init, OptimizerState, RmsProp,
     RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle,
@@ -22,6 +21,7 @@ use embtable::{
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
+use workloads::{uniform, values};
 
 // ---------------------------------------------------------------- helpers
 

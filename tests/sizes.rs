@@ -1,7 +1,7 @@
 //! Sizes that cannot exist: a constructor given a shape no allocation can
 //! hold returns `Err`, and nothing computed from a size wraps.
 
-use embtable::{EmbeddingTable, Error, Init, SparseGrad, workloads};
+use embtable::{EmbeddingTable, Error, Init, SparseGrad};
 
 /// The dims whose stride would not fit a `usize` (it once wrapped to 0, and
 /// `EmbeddingTable::zeros(1, usize::MAX)` returned an empty buffer that
