@@ -152,6 +152,21 @@ impl<O: SparseOptimizer> Embedding<O> {
         &self.table
     }
 
+    /// The table, to edit rows in place (PyTorch's
+    /// `with torch.no_grad(): emb.weight[i] = …`, or loading saved weights).
+    ///
+    /// The padding row stays a padding row whatever is written to it:
+    /// lookups of `padding_idx` still give zeros and it never trains.
+    pub fn table_mut(&mut self) -> &mut EmbeddingTable {
+        &mut self.table
+    }
+
+    /// Drops the gradient accumulated since the last step, e.g. after a
+    /// step failed and the batch is to be skipped.
+    pub fn clear_grad(&mut self) {
+        self.grad.clear();
+    }
+
     /// The optimizer.
     pub fn optimizer(&self) -> &O {
         &self.optimizer

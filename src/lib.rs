@@ -95,6 +95,7 @@ mod layer;
 pub mod optim;
 pub mod pool;
 mod table;
+mod weight_grad;
 pub mod workloads;
 
 pub use aligned::AlignedBuf;

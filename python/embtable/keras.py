@@ -1,0 +1,336 @@
+"""A Keras 3 ``Embedding`` layer backed by embtable, trained by a sparse
+embtable optimizer inside the backward pass.
+
+:class:`Embedding` takes ``keras.layers.Embedding``'s arguments
+(``input_dim``, ``output_dim``, ``embeddings_initializer`` including a
+pretrained matrix, ``mask_zero``, ``weights``, ``trainable``, ``name``, ...)
+plus ``optimizer=``: an embtable optimizer (``embtable.Adagrad.keras(...)``)
+or a Keras optimizer (``keras.optimizers.Adagrad(learning_rate=0.05)``),
+translated to the embtable optimizer that gives Keras' numbers. The rest of
+the model is trained by the optimizer given to ``model.compile``; the table
+is updated when ``loss.backward()`` reaches the layer, rows of the batch
+only.
+
+It runs on Keras' torch backend (``KERAS_BACKEND=torch``); building it on
+another backend raises an error saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Optional
+
+import keras
+import numpy as np
+
+from . import _embtable
+from ._embtable import Optimizer
+
+__all__ = ["Embedding", "optimizer_from_keras"]
+
+_BACKENDS = ("torch",)
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend not in _BACKENDS:
+        raise RuntimeError(
+            f"embtable.keras.Embedding runs on Keras' torch backend (set KERAS_BACKEND=torch "
+            f"before importing keras); the current backend is {backend!r}"
+        )
+
+
+def optimizer_from_keras(optimizer: Any) -> Optimizer:
+    """The embtable optimizer that gives what ``optimizer`` (a Keras
+    ``SGD``, ``Adagrad`` or ``RMSprop``) computes on a dense gradient:
+    Keras' formulas and options, dense-exact semantics where they differ
+    from lazy ones. Options embtable cannot honour for a sparse table
+    (gradient clipping, EMA, weight decay on these, learning-rate schedules,
+    gradient accumulation) raise ``ValueError``."""
+    config = optimizer.get_config()
+    name = type(optimizer).__name__
+    lr = config.get("learning_rate")
+    if not isinstance(lr, (int, float)):
+        raise ValueError(f"{name}: a learning-rate schedule is not supported, give a number")
+    for option in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay",
+                   "gradient_accumulation_steps"):
+        if config.get(option) not in (None, 0, 0.0):
+            raise ValueError(f"{name}: {option}={config[option]!r} is not supported")
+    if config.get("use_ema"):
+        raise ValueError(f"{name}: use_ema=True is not supported")
+    if name == "SGD":
+        return _embtable.Sgd.keras(
+            lr=lr, momentum=config["momentum"], nesterov=config["nesterov"],
+            semantics="dense_exact",
+        )
+    if name == "Adagrad":
+        return _embtable.Adagrad.keras(
+            lr=lr, initial_accumulator_value=config["initial_accumulator_value"],
+            epsilon=config["epsilon"],
+        )
+    if name == "RMSprop":
+        return _embtable.RmsProp.keras(
+            lr=lr, rho=config["rho"], momentum=config["momentum"], epsilon=config["epsilon"],
+            centered=config["centered"], semantics="dense_exact",
+        )
+    raise ValueError(
+        f"Keras' {name} has no embtable counterpart yet; use SGD, Adagrad or RMSprop, "
+        "or an embtable optimizer"
+    )
+
+
+def _initial_table(initializer: Any, input_dim: int, output_dim: int) -> Any:
+    """What ``embtable.Embedding`` takes for ``embeddings_initializer``: a
+    Table drawn natively for Keras' usual initializers, else the matrix."""
+    if isinstance(initializer, _embtable.Table):
+        return initializer
+    if isinstance(initializer, str):
+        initializer = keras.initializers.get(initializer)
+    if not callable(initializer):
+        return _matrix(initializer, input_dim, output_dim)
+    config = initializer.get_config() if hasattr(initializer, "get_config") else {}
+    seed = config.get("seed")
+    seed = seed if isinstance(seed, int) else random.getrandbits(63)
+    kind = type(initializer).__name__
+    n, d = input_dim, output_dim
+    if kind == "RandomUniform":
+        return _embtable.Table.uniform(n, d, config["minval"], config["maxval"], seed=seed)
+    if kind == "RandomNormal":
+        return _embtable.Table.normal(n, d, config["mean"], config["stddev"], seed=seed)
+    if kind == "TruncatedNormal":
+        return _embtable.Table.truncated_normal(n, d, config["mean"], config["stddev"], seed=seed)
+    if kind == "Zeros":
+        return _embtable.Table.zeros(n, d)
+    if kind == "Ones":
+        return _embtable.Table.full(n, d, 1.0)
+    if kind == "Constant":
+        value = np.asarray(keras.ops.convert_to_numpy(initializer.value), dtype=np.float32)
+        if value.ndim == 0:
+            return _embtable.Table.full(n, d, float(value))
+        return _matrix(value, n, d)
+    # Any other initializer: let Keras draw the matrix.
+    return _matrix(keras.ops.convert_to_numpy(initializer((n, d), dtype="float32")), n, d)
+
+
+def _serializable(initializer: Any) -> Any:
+    """The initializer as ``get_config`` saves it, or ``None`` for a
+    pretrained matrix (saved with the weights instead, as Keras does)."""
+    if isinstance(initializer, str):
+        initializer = keras.initializers.get(initializer)
+    if not isinstance(initializer, keras.initializers.Initializer):
+        return None
+    if type(initializer).__name__ == "Constant" and np.ndim(initializer.value) > 0:
+        return None
+    return keras.initializers.serialize(initializer)
+
+
+def _matrix(value: Any, input_dim: int, output_dim: int) -> np.ndarray:
+    matrix = np.asarray(keras.ops.convert_to_numpy(value) if not isinstance(value, np.ndarray)
+                        else value)
+    if matrix.shape != (input_dim, output_dim):
+        raise ValueError(
+            f"the embeddings matrix has shape {matrix.shape}, expected ({input_dim}, {output_dim})"
+        )
+    return matrix
+
+
+@keras.saving.register_keras_serializable(package="embtable")
+class Embedding(keras.layers.Layer):
+    """``keras.layers.Embedding`` with its table in embtable.
+
+    Args:
+        input_dim: Number of rows (vocabulary size).
+        output_dim: Floats per row.
+        embeddings_initializer: A Keras initializer (name or object), a
+            ``(input_dim, output_dim)`` matrix of pretrained vectors (array
+            or tensor, or ``keras.initializers.Constant(matrix)``), or an
+            ``embtable.Table``. Default ``"uniform"``: U(-0.05, 0.05), drawn
+            by embtable from the initializer's seed (values differ from
+            Keras' own stream; the distribution is the same).
+        mask_zero: Whether id 0 is padding: ``compute_mask`` gives
+            ``ids != 0`` for the layers downstream (the lookup itself is
+            unchanged, as in Keras).
+        weights: Pretrained vectors, as Keras' ``weights`` argument.
+        optimizer: An embtable optimizer, or a Keras ``SGD``, ``Adagrad`` or
+            ``RMSprop`` (see :func:`optimizer_from_keras`). Required unless
+            ``trainable=False``.
+        **kwargs: ``trainable``, ``name``, ``dtype``, ... as any Keras layer.
+
+    Regularizers, constraints and LoRA need the dense table at every step
+    and are refused.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: Any = "uniform",
+        embeddings_regularizer: Any = None,
+        embeddings_constraint: Any = None,
+        mask_zero: bool = False,
+        weights: Any = None,
+        lora_rank: Optional[int] = None,
+        *,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_backend()
+        for name, value in (("embeddings_regularizer", embeddings_regularizer),
+                            ("embeddings_constraint", embeddings_constraint),
+                            ("lora_rank", lora_rank)):
+            if value is not None:
+                raise ValueError(f"embtable.keras.Embedding does not support {name}")
+        super().__init__(**kwargs)
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.mask_zero = mask_zero
+        self.supports_masking = mask_zero
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            optimizer = optimizer_from_keras(optimizer)
+        if optimizer is None and self.trainable:
+            raise TypeError(
+                "a trainable embtable.keras.Embedding needs optimizer=, e.g. "
+                "keras.optimizers.Adagrad(learning_rate=0.05) or embtable.Adagrad.keras(lr=0.05)"
+            )
+        if weights is not None:
+            if isinstance(weights, (list, tuple)) and len(weights) == 1:
+                weights = weights[0]
+            embeddings_initializer = weights
+        self._initializer_config = _serializable(embeddings_initializer)
+        table = _initial_table(embeddings_initializer, self.input_dim, self.output_dim)
+        self._has_optimizer = optimizer is not None
+        placeholder = optimizer if optimizer is not None else _embtable.Sgd.keras()
+        self._layer = _embtable.Embedding(table, placeholder)
+        # A zero-size trainable weight: the input through which autograd
+        # reaches this layer, and what makes Keras call `loss.backward()`
+        # for a model whose only trainable part is this table.
+        self._anchor = self.add_weight(
+            shape=(0,), initializer="zeros", trainable=True, name="sparse_update"
+        )
+        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        self.built = True
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The table as a writable ``(input_dim, output_dim)`` NumPy view."""
+        return self._layer.weight
+
+    @property
+    def optimizer(self) -> Optional[Optimizer]:
+        """The embtable optimizer the table trains with, or ``None``."""
+        return self._layer.optimizer if self._has_optimizer else None
+
+    def call(self, inputs: Any) -> Any:
+        import torch
+
+        from .torch import _ids
+
+        if isinstance(inputs, torch.Tensor) and (inputs.is_floating_point() or inputs.dtype == torch.bool):
+            inputs = inputs.to(torch.int64)  # as Keras' Embedding casts ids
+        ids = _ids(inputs, "inputs")
+        anchor = self._anchor.value
+        return _KerasLookup.apply(self, ids, anchor)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        if not self.mask_zero:
+            return None
+        return keras.ops.not_equal(inputs, 0)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (*input_shape, self.output_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        optimizer = None
+        if self._has_optimizer:
+            opt = self._layer.optimizer
+            optimizer = {"kind": opt.kind, "config": opt.config}
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            mask_zero=self.mask_zero,
+            embeddings_initializer=self._initializer_config or "zeros",
+            optimizer=optimizer,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Embedding":
+        config = dict(config)
+        spec = config.pop("optimizer", None)
+        if spec is not None:
+            config["optimizer"] = _embtable.optimizer_from_state_dict(
+                {"kind": spec["kind"], "config": spec["config"], "steps": 0, "shape": None,
+                 "arrays": {}, "last_step": np.zeros(0, np.int64)}
+            )
+        return cls(**config)
+
+    # Keras 3 saving (`model.save("m.keras")`): the table and the whole
+    # optimizer state, current.
+    # The zero-size anchor holds nothing, so Keras' own variable handling
+    # is not called.
+    def save_own_variables(self, store: Any) -> None:
+        state = self._layer.state_dict()
+        store["embtable.weight"] = state["weight"]
+        opt = state["optimizer"] if self._has_optimizer else None
+        if opt is not None:
+            for name, array in opt.pop("arrays").items():
+                store["embtable.optimizer." + name] = array
+            store["embtable.optimizer.last_step"] = opt.pop("last_step")
+        meta = json.dumps({"optimizer": opt}).encode()
+        store["embtable.meta"] = np.frombuffer(meta, dtype=np.uint8)
+
+    def load_own_variables(self, store: Any) -> None:
+        meta = json.loads(bytes(np.asarray(store["embtable.meta"], dtype=np.uint8)).decode())
+        state: dict = {"weight": np.asarray(store["embtable.weight"]), "optimizer": None}
+        opt = meta.get("optimizer")
+        if opt is not None:
+            prefix = "embtable.optimizer."
+            arrays = {k[len(prefix):]: np.asarray(store[k]) for k in store.keys()
+                      if k.startswith(prefix) and k != prefix + "last_step"}
+            state["optimizer"] = dict(
+                opt, shape=tuple(opt["shape"]) if opt["shape"] else None, arrays=arrays,
+                last_step=np.asarray(store[prefix + "last_step"]),
+            )
+        self._layer.load_state_dict(state)
+
+
+def _lookup_function():
+    """The autograd function, defined on first use so that importing this
+    module does not import torch on other backends."""
+    import torch
+
+    class Lookup(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, layer, ids, anchor):  # type: ignore[override]
+            ctx.layer, ctx.ids = layer, ids
+            return torch.from_numpy(layer._layer.forward(ids))
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            layer = ctx.layer
+            if ctx.needs_input_grad[2] and layer.trainable:
+                if not layer._has_optimizer:
+                    raise RuntimeError("the layer has no optimizer; build it with optimizer=")
+                g = grad.detach().to(torch.float32).contiguous().numpy()
+                layer._layer.backward_step(ctx.ids, g)
+            # A zero gradient for the zero-size anchor keeps Keras' optimizer quiet.
+            return None, None, torch.zeros(0, dtype=grad.dtype)
+
+    return Lookup
+
+
+class _LazyFunction:
+    def __init__(self) -> None:
+        self._fn = None
+
+    def apply(self, *args: Any) -> Any:
+        if self._fn is None:
+            self._fn = _lookup_function()
+        return self._fn.apply(*args)
+
+
+_KerasLookup = _LazyFunction()
