@@ -169,10 +169,11 @@ pub fn check_rows_of(
         Ok(())
     } else {
         Err(value_error(format!(
-            "{what} has shape {shape:?}; expected {:?} (the ids' shape {ids_shape:?} plus the \
-             table's dim {dim}) or {:?}",
-            [ids_shape, &[dim]].concat(),
-            [n, dim]
+            "{what} has shape {}; expected {} (the ids' shape {} plus the table's dim {dim}) or {}",
+            tuple(shape),
+            tuple(&[ids_shape, &[dim]].concat()),
+            tuple(ids_shape),
+            tuple(&[n, dim])
         )))
     }
 }
@@ -196,7 +197,8 @@ pub fn out_array<'py>(
     match fits {
         Some(a) => Ok(a.clone()),
         None => Err(value_error(format!(
-            "out must be a C-contiguous float32 array of shape {shape:?}, got {}",
+            "out must be a C-contiguous float32 array of shape {}, got {}",
+            tuple(shape),
             out.repr().map_or_else(|_| "?".into(), |r| r.to_string())
         ))),
     }
@@ -210,8 +212,8 @@ pub fn offsets(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     let ids = ids(obj, "offsets")?;
     if ids.shape().len() != 1 {
         return Err(value_error(format!(
-            "offsets must be 1-D, got shape {:?}",
-            ids.shape()
+            "offsets must be 1-D, got shape {}",
+            tuple(ids.shape())
         )));
     }
     let mut out = Vec::with_capacity(ids.len() + 1);
@@ -226,4 +228,15 @@ pub fn offsets(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
         }
     }
     Ok(out)
+}
+
+/// A shape as Python writes it: `(3, 5)`, `(3,)`, `()`.
+pub fn tuple(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => {
+            let parts: Vec<String> = shape.iter().map(usize::to_string).collect();
+            format!("({})", parts.join(", "))
+        }
+    }
 }

@@ -100,7 +100,8 @@ impl<'py> BagArgs<'py> {
             }
             (shape, _) => {
                 return Err(value_error(format!(
-                    "input must be 1-D (with offsets) or 2-D (one bag per row), got shape {shape:?}"
+                    "input must be 1-D (with offsets) or 2-D (one bag per row), got shape {}",
+                    arrays::tuple(shape)
                 )));
             }
         };
@@ -111,9 +112,9 @@ impl<'py> BagArgs<'py> {
                 let w = arrays::floats(w, "per_sample_weights")?;
                 if w.shape() != ids.shape() {
                     return Err(value_error(format!(
-                        "per_sample_weights has shape {:?}, but input has shape {:?}",
-                        w.shape(),
-                        ids.shape()
+                        "per_sample_weights has shape {}, but input has shape {}",
+                        arrays::tuple(w.shape()),
+                        arrays::tuple(ids.shape())
                     )));
                 }
                 Some(w)

@@ -68,9 +68,9 @@ pub fn check_bag_grad(
         Ok(())
     } else {
         Err(value_error(format!(
-            "grad_out has shape {:?}; expected {:?} (bags, dim)",
-            grad_out.shape(),
-            [bags, dim]
+            "grad_out has shape {}; expected {} (bags, dim)",
+            crate::arrays::tuple(grad_out.shape()),
+            crate::arrays::tuple(&[bags, dim])
         )))
     }
 }

@@ -526,9 +526,9 @@ impl Layer {
         let (rows, dim) = (self.inner.table().rows(), self.inner.table().dim());
         if weight.shape() != [rows, dim] {
             return Err(value_error(format!(
-                "weight has shape {:?}, the layer's table is {:?}",
-                weight.shape(),
-                [rows, dim]
+                "weight has shape {}, the layer's table is {}",
+                arrays::tuple(weight.shape()),
+                arrays::tuple(&[rows, dim])
             )));
         }
         let optimizer = match state.get_item("optimizer")? {
