@@ -4,7 +4,8 @@
 //!
 //! Ids are `w5/<op>/<tier>-t<threads>`:
 //! - `coalesce`: `SparseGrad::clear` + `accumulate_lookup` (duplicates summed);
-//! - `sgd`, `adagrad`, `rowwise_adagrad`, `rmsprop`: coalesce + step;
+//! - `sgd`, `adagrad`, `rowwise_adagrad`, `rmsprop`, `adam` (lazy, as
+//!   PyTorch's `SparseAdam`), `ftrl` (lazy, Keras' defaults): coalesce + step;
 //! - `fused_<optimizer>`: the same step through `SparseOptimizer::step_lookup`,
 //!   which sums each row's gradient right before updating it (bitwise the
 //!   same result): the figure to set beside the peers in WORKLOADS.md;
@@ -12,7 +13,8 @@
 //!
 //! Maths as WORKLOADS.md: lr 0.01, ε 1e-10, state from 0; Adagrad and
 //! row-wise Adagrad put ε outside the root, RMSprop (ρ 0.9, no momentum)
-//! inside. Throughput is WORKLOADS.md's "useful bytes" (`update_bytes`;
+//! inside; Adam is `SparseAdam(lr=0.01)`, FTRL Keras' at lr 0.01.
+//! Throughput is WORKLOADS.md's "useful bytes" (`update_bytes`;
 //! RMSprop counts TensorFlow's two state arrays although this RMSprop
 //! without momentum keeps one). Inputs and optimizer state are prepared
 //! outside the timed region.
@@ -25,53 +27,23 @@ use criterion::{
 use embtable::kernels;
 use embtable::workloads::{BATCH, BIG_ROWS, uniform, update_bytes, values};
 use embtable::{
-    Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, Init, RmsProp, RmsPropConfig,
-    RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
+    Adagrad, AdagradConfig, Adam, AdamConfig, EmbeddingTable, EpsPlacement, Ftrl, FtrlConfig, Init,
+    RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
+    SparseGrad, SparseOptimizer,
 };
 
 const DIM: usize = 128;
 /// Distinct rows of W5's batch (WORKLOADS.md's checksum).
 const UNIQUE: usize = 230_623;
 
-/// One of the four optimizers with WORKLOADS.md's settings (concrete, for
-/// the generic `step_lookup`).
-enum Opt {
-    Sgd(Sgd),
-    Adagrad(Adagrad),
-    RowWise(RowWiseAdagrad),
-    RmsProp(RmsProp),
-}
-
-impl Opt {
-    fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) {
-        match self {
-            Opt::Sgd(o) => o.step(table, grad),
-            Opt::Adagrad(o) => o.step(table, grad),
-            Opt::RowWise(o) => o.step(table, grad),
-            Opt::RmsProp(o) => o.step(table, grad),
-        }
-        .expect("step")
-    }
-
-    fn step_lookup(&mut self, table: &mut EmbeddingTable, ids: &[i64], grad_out: &[f32]) {
-        match self {
-            Opt::Sgd(o) => o.step_lookup(table, ids, grad_out),
-            Opt::Adagrad(o) => o.step_lookup(table, ids, grad_out),
-            Opt::RowWise(o) => o.step_lookup(table, ids, grad_out),
-            Opt::RmsProp(o) => o.step_lookup(table, ids, grad_out),
-        }
-        .expect("step_lookup")
-    }
-}
-
-/// The four optimizers with WORKLOADS.md's settings, and their state arrays
-/// as WORKLOADS.md counts them.
-fn optimizers() -> Vec<(&'static str, usize, Opt)> {
+/// The optimizers with WORKLOADS.md's settings, and their state arrays as
+/// WORKLOADS.md counts them (boxed: `step_lookup` works through a box).
+fn optimizers() -> Vec<(&'static str, usize, Box<dyn SparseOptimizer + Send>)> {
     vec![
         (
             "sgd",
             0,
-            Opt::Sgd(Sgd::new(SgdConfig {
+            Box::new(Sgd::new(SgdConfig {
                 lr: 0.01,
                 ..SgdConfig::torch()
             })),
@@ -79,12 +51,12 @@ fn optimizers() -> Vec<(&'static str, usize, Opt)> {
         (
             "adagrad",
             1,
-            Opt::Adagrad(Adagrad::new(AdagradConfig::torch())), // lr 0.01, ε 1e-10 outside, a₀ 0
+            Box::new(Adagrad::new(AdagradConfig::torch())), // lr 0.01, ε 1e-10 outside, a₀ 0
         ),
         (
             "rowwise_adagrad",
             0,
-            Opt::RowWise(RowWiseAdagrad::new(RowWiseAdagradConfig {
+            Box::new(RowWiseAdagrad::new(RowWiseAdagradConfig {
                 lr: 0.01,
                 initial_accumulator_value: 0.0,
                 epsilon: 1e-10,
@@ -93,14 +65,31 @@ fn optimizers() -> Vec<(&'static str, usize, Opt)> {
         (
             "rmsprop",
             2,
-            Opt::RmsProp(RmsProp::new(RmsPropConfig {
+            Box::new(RmsProp::new(RmsPropConfig {
                 lr: 0.01,
                 rho: 0.9,
                 momentum: 0.0,
                 epsilon: 1e-10,
                 centered: false,
                 eps_placement: EpsPlacement::InsideSqrt,
+                weight_decay: 0.0,
                 semantics: Semantics::Lazy,
+            })),
+        ),
+        (
+            "adam",
+            2,
+            Box::new(Adam::new(AdamConfig {
+                lr: 0.01,
+                ..AdamConfig::torch_sparse()
+            })),
+        ),
+        (
+            "ftrl",
+            2,
+            Box::new(Ftrl::new(FtrlConfig {
+                lr: 0.01,
+                ..FtrlConfig::keras_lazy()
             })),
         ),
     ]
@@ -141,7 +130,7 @@ fn w5(c: &mut Criterion) {
 
         for (name, state_arrays, mut opt) in optimizers() {
             // The first step allocates the state: keep it out of the timing.
-            pool.install(|| opt.step(&mut table, &grad));
+            pool.install(|| opt.step(&mut table, &grad).expect("step"));
             let extra = if name == "rowwise_adagrad" {
                 UNIQUE * 4 * 2 // one accumulator per row, read and written
             } else {
@@ -154,18 +143,22 @@ fn w5(c: &mut Criterion) {
                 b.iter(|| {
                     pool.install(|| {
                         coalesce(&mut grad);
-                        opt.step(&mut table, &grad);
+                        opt.step(&mut table, &grad).expect("step");
                     })
                 })
             });
             // The first fused step sizes the grouping scratch: untimed too.
-            pool.install(|| opt.step_lookup(&mut table, &ids, &grad_out));
+            let mut fused = |opt: &mut Box<dyn SparseOptimizer + Send>| {
+                opt.step_lookup(&mut table, &ids, &grad_out)
+                    .expect("step_lookup")
+            };
+            pool.install(|| fused(&mut opt));
             group.bench_function(BenchmarkId::new(format!("fused_{name}"), &config), |b| {
-                b.iter(|| pool.install(|| opt.step_lookup(&mut table, &ids, &grad_out)))
+                b.iter(|| pool.install(|| fused(&mut opt)))
             });
             pool.install(|| coalesce(&mut grad));
             group.bench_function(BenchmarkId::new(format!("step_{name}"), &config), |b| {
-                b.iter(|| pool.install(|| opt.step(&mut table, &grad)))
+                b.iter(|| pool.install(|| opt.step(&mut table, &grad).expect("step")))
             });
         }
     }

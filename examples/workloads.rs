@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Workloads: W1, W1-d32, W1-d512, W2, W3, W4-sum, W4-mean, W4-wsum, and
-//! W5-sgd, W5-adagrad, W5-rowwise-adagrad, W5-rmsprop (one sparse optimizer
-//! step with WORKLOADS.md's settings, through the fused
+//! W5-sgd, W5-adagrad, W5-rowwise-adagrad, W5-rmsprop, W5-adam (lazy, as
+//! PyTorch's `SparseAdam`), W5-ftrl (lazy, as TensorFlow's sparse FTRL) (one
+//! sparse optimizer step with WORKLOADS.md's settings, through the fused
 //! `SparseOptimizer::step_lookup`; the table and the optimizer state persist
 //! across runs, as in a training loop). Options: `--threads N` (default
 //! 1), `--runs R` timed runs after warm-up (default 15, at least 15),
@@ -21,9 +22,9 @@ use std::time::Instant;
 use embtable::kernels::{self, Tier};
 use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
 use embtable::{
-    Adagrad, AdagradConfig, AlignedBuf, Bags, EmbeddingTable, EpsPlacement, Init, Pooling, RmsProp,
-    RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
-    SparseOptimizer,
+    Adagrad, AdagradConfig, Adam, AdamConfig, AlignedBuf, Bags, EmbeddingTable, EpsPlacement, Ftrl,
+    FtrlConfig, Init, Pooling, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
+    Semantics, Sgd, SgdConfig, SparseOptimizer,
 };
 
 struct Args {
@@ -132,7 +133,18 @@ fn prepare(name: &str) -> Option<Prepared> {
             epsilon: 1e-10,
             centered: false,
             eps_placement: EpsPlacement::InsideSqrt,
+            weight_decay: 0.0,
             semantics: Semantics::Lazy,
+        })),
+        // torch.optim.SparseAdam(lr=0.01): lazy, ε 1e-8.
+        "W5-adam" => update(Adam::new(AdamConfig {
+            lr: 0.01,
+            ..AdamConfig::torch_sparse()
+        })),
+        // Keras' FTRL defaults at lr 0.01, lazy (TensorFlow's sparse FTRL).
+        "W5-ftrl" => update(Ftrl::new(FtrlConfig {
+            lr: 0.01,
+            ..FtrlConfig::keras_lazy()
         })),
         _ => return None,
     })

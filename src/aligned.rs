@@ -28,9 +28,44 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// The padded row stride for rows of `dim` floats.
+///
+/// # Panics
+/// If `dim` is among the 15 largest `usize` values, whose stride does not
+/// fit a `usize` (no row that long can exist). Sizes that come from users
+/// go through [`checked_stride`] instead.
 #[inline]
+#[track_caller]
 pub const fn stride_for(dim: usize) -> usize {
-    dim.div_ceil(LANES_PER_LINE) * LANES_PER_LINE
+    match checked_stride(dim) {
+        Some(stride) => stride,
+        None => panic!("the stride of rows of this many floats does not fit a usize"),
+    }
+}
+
+/// The padded row stride for rows of `dim` floats, or `None` if it does
+/// not fit a `usize`. Never wraps: a wrapped stride of 0 would let a table
+/// of huge rows pass as an empty buffer.
+#[inline]
+pub const fn checked_stride(dim: usize) -> Option<usize> {
+    dim.checked_next_multiple_of(LANES_PER_LINE)
+}
+
+/// The stride and the buffer length (`rows * stride` floats) of a padded
+/// `rows × dim` buffer, checked so that its size in bytes fits too.
+///
+/// # Errors
+/// [`Error::Alloc`] naming `what` (bytes `usize::MAX`) if the stride, the
+/// length or the byte count overflows.
+pub(crate) fn padded_len(rows: usize, dim: usize, what: &'static str) -> Result<(usize, usize)> {
+    let too_large = || Error::Alloc {
+        what,
+        bytes: usize::MAX,
+    };
+    let stride = checked_stride(dim).ok_or_else(too_large)?;
+    match rows.checked_mul(stride) {
+        Some(len) if len.checked_mul(size_of::<f32>()).is_some() => Ok((stride, len)),
+        _ => Err(too_large()),
+    }
 }
 
 /// The flat offset of `row` in a buffer of the given stride, or `None` on

@@ -10,7 +10,10 @@
 #[non_exhaustive]
 pub enum Error {
     /// An id at `position` of a batch is negative or not below the row count.
-    #[error("id {index} at position {position} is out of range for a table of {rows} rows")]
+    #[error(
+        "id {index} at position {position} is out of range for a table of {}",
+        count(*.rows, "row")
+    )]
     IndexOutOfRange {
         /// Position of the id in the batch.
         position: usize,
@@ -84,10 +87,28 @@ pub enum Error {
     },
 }
 
+/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// `Result` with embtable's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// `a * b`, the length of a buffer about to be allocated, or
+    /// `Err(Alloc)` naming `what` if the product overflows.
+    pub(crate) fn checked_product(a: usize, b: usize, what: &'static str) -> Result<usize> {
+        a.checked_mul(b).ok_or(Error::Alloc {
+            what,
+            bytes: usize::MAX,
+        })
+    }
+
     /// `Err(ShapeMismatch)` unless a length is the expected one.
     pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
         if got == expected {

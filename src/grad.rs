@@ -12,7 +12,7 @@
 use hashbrown::HashMap;
 use rayon::prelude::*;
 
-use crate::aligned::{LANES_PER_LINE, SendPtr, stride_for};
+use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Result};
@@ -104,10 +104,18 @@ impl SparseGrad {
     /// Ids are checked to be non-negative here and against the table's row
     /// count when an optimizer applies the gradient; use
     /// [`for_table`](Self::for_table) to check them on accumulation.
+    ///
+    /// Never panics. A `dim` no table can have (rows longer than memory)
+    /// gives a gradient that can hold no row: no gradient slice of a
+    /// non-empty batch is that long, so every such accumulation is an
+    /// [`Error::ShapeMismatch`].
     pub fn new(dim: usize) -> Self {
         Self {
             dim,
-            stride: stride_for(dim),
+            // Only a dim among the 15 largest `usize` values has no
+            // stride; such a gradient never makes a slot (above), so any
+            // multiple of 16 may stand in.
+            stride: checked_stride(dim).unwrap_or(usize::MAX - (LANES_PER_LINE - 1)),
             ..Self::default()
         }
     }
@@ -175,6 +183,17 @@ impl SparseGrad {
         unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * LANES_PER_LINE) }
     }
 
+    /// [`as_padded`](Self::as_padded), to scale values in place (clipping):
+    /// callers keep pad lanes zero and only shrink magnitudes, so the bound
+    /// of [`is_proven_finite`](Self::is_proven_finite) stays valid.
+    pub(crate) fn as_padded_mut(&mut self) -> &mut [f32] {
+        let lines = &mut self.grads[..];
+        // SAFETY: as in `as_padded`, borrowed mutably as `self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * LANES_PER_LINE)
+        }
+    }
+
     /// Forgets every row, keeping the allocations for the next batch.
     pub fn clear(&mut self) {
         self.slot_of.clear();
@@ -198,9 +217,13 @@ impl SparseGrad {
     /// The gradient as a dense row-major `rows × dim` matrix.
     ///
     /// # Panics
-    /// If a row with a gradient is `>= rows`.
+    /// If a row with a gradient is `>= rows`, or `rows * dim` floats do not
+    /// fit in memory.
     pub fn to_dense(&self, rows: usize) -> Vec<f32> {
-        let mut dense = vec![0.0; rows * self.dim];
+        let len = rows
+            .checked_mul(self.dim)
+            .expect("rows * dim of a dense gradient overflows usize");
+        let mut dense = vec![0.0; len];
         for (k, &r) in self.rows.iter().enumerate() {
             assert!(
                 r < rows,
@@ -478,8 +501,6 @@ pub(crate) fn sums_proven_finite(magnitude: f64, terms: u64) -> bool {
 pub(crate) struct Scanned {
     /// The largest magnitude.
     pub(crate) max_abs: f32,
-    /// Whether some value is `-0.0`.
-    pub(crate) negative_zero: bool,
 }
 
 /// Scans `values` once: `Err(NonFinite)` naming the first NaN or infinite
@@ -503,7 +524,6 @@ pub(crate) fn scan(what: &'static str, values: &[f32]) -> Result<Scanned> {
 pub(crate) struct ScanPart {
     /// The bits of the largest magnitude (`>= inf` for NaN or inf).
     bits: u32,
-    negative_zero: bool,
 }
 
 impl ScanPart {
@@ -511,7 +531,6 @@ impl ScanPart {
     pub(crate) fn merge(self, other: Self) -> Self {
         Self {
             bits: self.bits.max(other.bits),
-            negative_zero: self.negative_zero | other.negative_zero,
         }
     }
 
@@ -520,7 +539,6 @@ impl ScanPart {
         if self.bits < f32::INFINITY.to_bits() {
             return Ok(Scanned {
                 max_abs: f32::from_bits(self.bits),
-                negative_zero: self.negative_zero,
             });
         }
         check_finite(what, values)?;
@@ -552,15 +570,11 @@ impl Kernel for Scan<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, _s: S) -> ScanPart {
-        const NEGATIVE_ZERO: u32 = 0x8000_0000;
-        let (bits, negative_zeros) = self.0.iter().fold((0u32, 0u32), |(max, nz), x| {
-            let b = x.to_bits();
-            (max.max(b & 0x7fff_ffff), nz | (b == NEGATIVE_ZERO) as u32)
-        });
-        ScanPart {
-            bits,
-            negative_zero: negative_zeros != 0,
-        }
+        let bits = self
+            .0
+            .iter()
+            .fold(0u32, |max, x| max.max(x.to_bits() & 0x7fff_ffff));
+        ScanPart { bits }
     }
 }
 

@@ -54,8 +54,10 @@ impl Init {
     /// Checks the parameters.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for non-finite parameters, `low >= high` or a
-    /// negative standard deviation.
+    /// [`Error::InvalidConfig`] for non-finite parameters, `low >= high`, a
+    /// negative standard deviation, or a mean and standard deviation that
+    /// could draw a value beyond `f32::MAX` (|z| reaches 8.6 for `Normal`,
+    /// 2 for `TruncatedNormal`).
     pub fn validate(&self) -> Result<()> {
         let bad = |field, reason: String| Err(Error::InvalidConfig { field, reason });
         let finite = |field, x: f32| {
@@ -79,6 +81,18 @@ impl Init {
                 finite("std", std)?;
                 if std < 0.0 {
                     return bad("std", format!("{std} is negative"));
+                }
+                // Every draw must be a finite f32: |z| is at most 2
+                // (truncated) or MAX_NORMAL_DRAW.
+                let z = match *self {
+                    Init::TruncatedNormal { .. } => 2.0,
+                    _ => MAX_NORMAL_DRAW,
+                };
+                if mean.abs() as f64 + z * std as f64 >= f32::MAX as f64 {
+                    return bad(
+                        "std",
+                        format!("mean {mean} and std {std} can draw values beyond f32::MAX"),
+                    );
                 }
                 Ok(())
             }
@@ -123,6 +137,10 @@ impl Init {
         }
     }
 }
+
+/// The largest `|z|` [`SplitMix64::standard_normal`] can return:
+/// `sqrt(-2 ln 2⁻⁵³) ≈ 8.57`, from the smallest `u1` it draws, rounded up.
+const MAX_NORMAL_DRAW: f64 = 8.6;
 
 /// SplitMix64 (Steele, Lea and Flood 2014): tiny, fast, and good enough to
 /// draw initial weights.

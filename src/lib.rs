@@ -3,9 +3,15 @@
 //! Fast, sparse and provably right embedding tables for NLP and recommender
 //! training on the CPU: the layer that dominates their memory and time.
 //!
+//! * [`Embedding`]: the layer users of Keras' `Embedding` and PyTorch's
+//!   `nn.Embedding` expect: a table, its optimizer and its sparse gradient,
+//!   with padding rows, out-of-range policies ([`OutOfRange`]), frozen
+//!   tables, `max_norm` as Keras or PyTorch apply it ([`EmbeddingOptions`]),
+//!   n-d batches ([`Tensor`]), pooled bags, pretrained vectors
+//!   ([`Embedding::from_pretrained`], [`Embedding::from_vectors`]) and
+//!   options that change after it is built.
 //! * [`EmbeddingTable`]: one flat, 64-byte aligned `f32` allocation with
-//!   parallel, SIMD lookups ([`EmbeddingTable::lookup`], Keras `Embedding`,
-//!   PyTorch `nn.Embedding`) and pooled lookups
+//!   parallel, SIMD lookups ([`EmbeddingTable::lookup`]) and pooled lookups
 //!   ([`EmbeddingTable::pooled_lookup`] over [`Bags`] with a [`Pooling`]:
 //!   PyTorch `EmbeddingBag`, TensorFlow `embedding_lookup_sparse`).
 //! * [`SparseGrad`]: the gradient of a lookup, kept sparse and coalesced
@@ -14,38 +20,47 @@
 //!   behind the [`SparseOptimizer`] trait, updating only the rows in the
 //!   batch, with Keras 3's formulas and defaults (and PyTorch presets),
 //!   [`Semantics::Lazy`] or [`Semantics::DenseExact`].
-//! * [`Embedding`]: a table, its optimizer and its gradient as one layer,
-//!   with padding rows, out-of-range policies ([`OutOfRange`]), frozen
-//!   tables and `max_norm` ([`EmbeddingOptions`]).
-//! * [`io`]: word2vec, GloVe and fastText vectors, `.npy`, and
-//!   checkpoints that include the optimizer state.
+//! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
+//!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
+//!   safetensors, and checkpoints that include the optimizer state.
 //!
 //! Everything is proven equal to the dense formulation, a one-hot matrix
 //! times the table, by property tests over random shapes, for every kernel
-//! tier and thread count.
+//! tier and thread count. `docs/COMING_FROM.md` in the repository maps the
+//! calls of Keras, PyTorch and gensim to embtable's.
 //!
 //! ## Example
 //!
+//! A layer, a forward pass over a `(batch, seq_len)` batch, the backward
+//! pass and an Adagrad step that touches only the rows in the batch:
+//!
 //! ```
-//! use embtable::{EmbeddingTable, Init, SparseGrad};
+//! use embtable::{Adagrad, Embedding, EmbeddingTable, Init, Tensor};
 //!
-//! // 10,000 rows of 64 floats, Keras' default initialiser, seed 42.
+//! // keras.layers.Embedding(10_000, 64): Keras' initialiser, seed 42.
 //! let table = EmbeddingTable::new(10_000, 64, Init::default(), 42)?;
+//! let untouched = table.row(18).to_vec();
+//! let mut layer = Embedding::new(table, Adagrad::default());
 //!
-//! // Forward: a batch of ids (any of u32, u64, usize, i32, i64).
-//! let ids: Vec<i64> = vec![17, 4, 17, 9_999];
-//! let out = table.lookup_vec(&ids)?; // 4 × 64 floats, row-major
-//! assert_eq!(&out[..64], table.row(17));
+//! // Two sequences of three ids (any of u32, u64, usize, i32, i64).
+//! let ids = Tensor::from_rows(&[[17i64, 4, 17], [9_999, 0, 0]])?;
+//! let out = layer.forward_nd(&ids)?;
+//! assert_eq!(out.shape(), &[2, 3, 64]);
+//! assert_eq!(out.at(&[1, 0]), layer.table().row(9_999));
 //!
-//! // Backward: the gradient of the output becomes a sparse gradient with
-//! // one row per distinct id (row 17 gets the sum of its two rows).
-//! let grad_out = vec![0.01f32; out.len()];
-//! let mut grad = SparseGrad::for_table(&table);
-//! grad.accumulate_lookup(&ids, &grad_out)?;
-//! assert_eq!(grad.rows(), &[17, 4, 9_999]);
-//! assert_eq!(grad.row_grad(0)[0], 0.02);
+//! // Backward: the gradient of the output, from your model, becomes a
+//! // sparse gradient with one row per distinct id (17's two rows summed).
+//! let grad_out = Tensor::new(vec![0.01; out.len()], out.shape())?;
+//! layer.backward_nd(&ids, &grad_out)?;
+//! assert_eq!(layer.grad().rows(), &[17, 4, 9_999, 0]);
+//! layer.step()?;
+//! assert_ne!(layer.table().row(17), out.at(&[0, 0]));
+//! assert_eq!(layer.table().row(18), untouched); // rows outside the batch stay
 //! # Ok::<(), embtable::Error>(())
 //! ```
+//!
+//! The same without the layer: [`EmbeddingTable::lookup`],
+//! [`SparseGrad::accumulate_lookup`], then [`SparseOptimizer::step`].
 //!
 //! ## Data layout
 //!
@@ -94,7 +109,9 @@ pub mod kernels;
 mod layer;
 pub mod optim;
 pub mod pool;
+mod similar;
 mod table;
+mod tensor;
 mod weight_grad;
 pub mod workloads;
 
@@ -104,13 +121,15 @@ pub use grad::SparseGrad;
 pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
-pub use layer::{Embedding, EmbeddingOptions, OutOfRange};
+pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
 pub use optim::{
-    Adagrad, AdagradConfig, EpsPlacement, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
-    RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
+    Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
+    FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
+    Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
 };
 pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;
+pub use tensor::Tensor;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

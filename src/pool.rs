@@ -97,7 +97,8 @@ pub enum Pooling {
 ///
 /// Bag `b` is `ids[offsets[b]..offsets[b + 1]]`; `offsets` has one entry
 /// more than there are bags, starts at 0, never decreases and ends at
-/// `ids.len()` (PyTorch's `offsets` with `include_last_offset=True`). Bags
+/// `ids.len()` (PyTorch's `offsets` with `include_last_offset=True`; its
+/// default, one start per bag, goes through [`Bags::from_starts`]). Bags
 /// may be empty and may repeat ids. A `Bags` is checked once when it is
 /// built and borrows its ids and weights.
 #[derive(Clone)]
@@ -165,6 +166,50 @@ impl<'a, I: Index> Bags<'a, I> {
         Ok(Self {
             ids,
             offsets: Cow::Borrowed(offsets),
+            weights,
+        })
+    }
+
+    /// Bags from PyTorch's `offsets` as `EmbeddingBag` takes them by
+    /// default (`include_last_offset=False`): one entry per bag, the
+    /// position of its first id, without the trailing total that
+    /// [`new`](Self::new) takes. Bag `b` is `ids[starts[b]..starts[b + 1]]`,
+    /// the last bag running to the end of `ids`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOffsets`] naming the first start that is not 0 at
+    /// position 0, beyond `ids.len()` or smaller than the one before it;
+    /// [`Error::ShapeMismatch`] if `starts` is empty while `ids` is not
+    /// (those ids would belong to no bag); as [`new`](Self::new) for the
+    /// weights.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Bags, EmbeddingTable, Pooling};
+    /// // torch: EmbeddingBag(...)(input=[2, 0, 1, 1, 2], offsets=[0, 2, 2])
+    /// let ids = [2u32, 0, 1, 1, 2];
+    /// let bags = Bags::from_starts(&ids, &[0, 2, 2], None)?;
+    /// assert_eq!(bags.offsets(), &[0, 2, 2, 5]); // {2, 0}, {}, {1, 1, 2}
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn from_starts(ids: &'a [I], starts: &[usize], weights: Option<&'a [f32]>) -> Result<Self> {
+        if starts.is_empty() && !ids.is_empty() {
+            return Err(Error::ShapeMismatch {
+                what: "bag starts (one per bag; none only without ids)",
+                expected: 1,
+                got: 0,
+            });
+        }
+        let mut offsets = Vec::with_capacity(starts.len() + 1);
+        offsets.extend_from_slice(starts);
+        offsets.push(ids.len());
+        // The total appended breaks no rule on its own: a start beyond it
+        // is reported first, at its own position.
+        check_offsets(&offsets, ids.len())?;
+        check_weights(weights, ids.len())?;
+        Ok(Self {
+            ids,
+            offsets: Cow::Owned(offsets),
             weights,
         })
     }
@@ -366,7 +411,9 @@ fn check_offsets(offsets: &[usize], ids: usize) -> Result<()> {
         return Err(Error::InvalidOffsets {
             position: offsets.len() - 1,
             value: last,
-            reason: "the last offset must equal the number of ids",
+            reason: "the last offset must equal the number of ids (offsets hold one \
+                     entry per bag plus that total; for one start per bag, PyTorch's \
+                     include_last_offset=False, use Bags::from_starts)",
         });
     }
     Ok(())
@@ -533,7 +580,8 @@ impl EmbeddingTable {
         pooling: Pooling,
     ) -> Result<Vec<f32>> {
         self.check_pooled(bags, pooling)?;
-        let mut out = vec![0.0; bags.len() * self.dim()];
+        let len = Error::checked_product(bags.len(), self.dim(), "pooled lookup output")?;
+        let mut out = vec![0.0; len];
         // SAFETY: ids validated against `rows` just above; out has bags * dim floats.
         unsafe { self.pool_unchecked(kernels::current(), bags, pooling, &mut out) };
         Ok(out)

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::aligned::{AlignedBuf, SendPtr, stride_for};
+use crate::aligned::{AlignedBuf, SendPtr, padded_len};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::{Error, Init, Result};
@@ -93,11 +93,7 @@ impl EmbeddingTable {
                 reason: "a table needs at least one column".into(),
             });
         }
-        let stride = stride_for(dim);
-        let len = rows.checked_mul(stride).ok_or(Error::Alloc {
-            what: "table",
-            bytes: usize::MAX,
-        })?;
+        let (stride, len) = padded_len(rows, dim, "table")?;
         let data = AlignedBuf::zeroed(len, "table")?;
         Ok(Self {
             data,
@@ -211,6 +207,7 @@ impl EmbeddingTable {
 
     /// A dense row-major copy, `rows * dim` floats.
     pub fn to_vec(&self) -> Vec<f32> {
+        // rows * dim <= rows * stride, whose bytes fit (checked at creation).
         let mut out = vec![0.0; self.rows * self.dim];
         out.par_chunks_mut(self.dim)
             .zip(self.data.as_slice().par_chunks(self.stride))
@@ -260,10 +257,11 @@ impl EmbeddingTable {
     /// [`lookup`](Self::lookup) into a new vector of `ids.len() * dim` floats.
     ///
     /// # Errors
-    /// As [`lookup`](Self::lookup).
+    /// As [`lookup`](Self::lookup); [`Error::Alloc`] if `ids.len() * dim`
+    /// floats overflow.
     pub fn lookup_vec<I: Index>(&self, ids: &[I]) -> Result<Vec<f32>> {
         validate_ids(ids, self.rows)?;
-        let mut out = vec![0.0; ids.len() * self.dim];
+        let mut out = vec![0.0; Error::checked_product(ids.len(), self.dim, "lookup output")?];
         // SAFETY: every id was validated against `rows` just above.
         unsafe { self.gather_unchecked(kernels::current(), ids, &mut out) };
         Ok(out)

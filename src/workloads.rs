@@ -27,7 +27,14 @@ pub fn uniform(seed: u64, n: usize, rows: usize) -> Vec<i64> {
 
 /// `n` indices from a Zipf law of exponent `s` over ranks `0..rows`, with
 /// hot rows scattered by `rank * 999983 mod rows`.
+///
+/// # Panics
+/// If `rows` is 0 or not below 2^32.
 pub fn zipf(seed: u64, n: usize, rows: usize, s: f64) -> Vec<i64> {
+    assert!(
+        (1..1 << 32).contains(&rows),
+        "rows must be in 1..2^32, not {rows}"
+    );
     let mut cdf: Vec<f64> = Vec::with_capacity(rows);
     let mut total = 0.0;
     for k in 1..=rows {
@@ -75,21 +82,41 @@ pub const BAGS: usize = 16_384;
 pub const BAG_LEN: usize = 32;
 
 /// The "useful bytes" of a gather of `n` rows of `dim` floats: ids read,
-/// rows read, output written.
+/// rows read, output written. Saturates at `u64::MAX`, as do the other
+/// byte counts here.
 pub fn gather_bytes(n: usize, dim: usize) -> u64 {
-    (n * 8 + 2 * n * dim * 4) as u64
+    bytes([(n, 8), (n, 2 * 4 * dim as u128)])
 }
 
 /// The "useful bytes" of a pooled lookup: ids, offsets, rows read, output
 /// written, and per-sample weights if any.
 pub fn pooled_bytes(n: usize, bags: usize, dim: usize, weighted: bool) -> u64 {
-    (n * 8 + bags * 8 + n * dim * 4 + bags * dim * 4 + if weighted { n * 4 } else { 0 }) as u64
+    let weight_bytes = if weighted { 4 } else { 0 };
+    bytes([
+        (n, 8 + 4 * dim as u128 + weight_bytes),
+        (bags, 8 + 4 * dim as u128),
+    ])
 }
 
 /// The "useful bytes" of a sparse update: ids and gradient read, then the
 /// unique rows' weights and `state_arrays` state arrays read and written.
 pub fn update_bytes(n: usize, unique: usize, dim: usize, state_arrays: usize) -> u64 {
-    (n * 8 + n * dim * 4 + unique * dim * 4 * 2 * (1 + state_arrays)) as u64
+    let row_bytes = 4 * dim as u128;
+    bytes([
+        (n, 8 + row_bytes),
+        (
+            unique,
+            row_bytes.saturating_mul(2 * (1 + state_arrays as u128)),
+        ),
+    ])
+}
+
+/// `Σ count * bytes_each`, saturating, in `u128`, then saturated to `u64`.
+fn bytes<const N: usize>(terms: [(usize, u128); N]) -> u64 {
+    let total = terms.iter().fold(0u128, |sum, &(count, each)| {
+        sum.saturating_add((count as u128).saturating_mul(each))
+    });
+    u64::try_from(total).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -475,6 +475,7 @@ fn loads_a_checkpoint_written_by_python() {
             values: pattern(5, 3, -0.125, 0.5),
         }],
         last_step: vec![4, 2, 4, 0, 3],
+        lr_history: Vec::new(),
     };
     assert_eq!(sgd.state(), want);
 
@@ -899,6 +900,20 @@ impl SparseOptimizer for Fake {
         self.0 = state;
         Ok(())
     }
+
+    fn lr(&self) -> f32 {
+        0.5
+    }
+
+    fn set_lr(&mut self, _: f32) -> embtable::Result<()> {
+        Ok(())
+    }
+
+    fn set_schedule(&mut self, _: Option<std::sync::Arc<dyn embtable::optim::LrSchedule>>) {}
+
+    fn steps(&self) -> u64 {
+        self.0.steps
+    }
 }
 
 fn fake_state(rows: usize, dim: usize) -> OptimizerState {
@@ -913,6 +928,7 @@ fn fake_state(rows: usize, dim: usize) -> OptimizerState {
             values: vec![1.0; rows * dim],
         }],
         last_step: vec![1; rows],
+        lr_history: Vec::new(),
     }
 }
 
@@ -1203,6 +1219,7 @@ proptest! {
                 values: raw(rows * width, 1),
             }],
             last_step: if dense_exact { (0..rows as u64).map(|r| (seed >> 2) / (r + 1)).collect() } else { Vec::new() },
+            lr_history: Vec::new(),
         };
         let table = EmbeddingTable::from_rows(rows, dim, &raw(rows * dim, 2)).unwrap();
         Checkpoint::new().with("t", &table, &Fake(state.clone())).save(&path).unwrap();

@@ -539,6 +539,7 @@ fn adagrad(lr: f32) -> Adagrad {
         initial_accumulator_value: 0.0,
         epsilon: 1e-8,
         eps_placement: EpsPlacement::OutsideSqrt,
+        ..AdagradConfig::torch()
     })
 }
 

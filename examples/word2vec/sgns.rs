@@ -1,5 +1,5 @@
 //! Skip-gram with negative sampling (Mikolov et al., 2013), on two
-//! embedding tables trained with sparse updates.
+//! embedding tables trained with sparse optimizer steps.
 //!
 //! For every word `c` of a sentence and every context word `o` within a
 //! random window of `1..=window` words around it, the model scores the pair
@@ -12,21 +12,35 @@
 //!
 //! With `g = σ(s) − label` (label 1 for `o`, 0 for the negatives), the
 //! gradients are `dℓ/d in[c] = Σ g · out[t]` over the `1 + K` targets and
-//! `dℓ/d out[t] = g · in[c]`. Frequent words are subsampled as in word2vec:
-//! a word of frequency `f` is kept with probability `(√(f/t) + 1) · t/f`.
+//! `dℓ/d out[t] = g · in[c]`. Frequent words are subsampled as in word2vec.
 //!
-//! A step takes a batch of sentences: the pairs are drawn in parallel (one
-//! random stream per sentence, so the result does not depend on the thread
-//! count), both tables are looked up once for the whole batch
-//! (`forward`), the gradients are computed in parallel over pairs,
-//! accumulated with `backward` (rows repeated across the batch are summed
-//! by the layer) and applied with one `step` per table.
+//! # A step
+//!
+//! A step takes a batch of sentences and cuts it into `shards` runs of
+//! about equal size. Each shard runs on a worker thread: it tokenises its
+//! sentences, subsamples them, draws windows and negatives, and for every
+//! pair reads the rows it needs in place from the two tables (no lookup
+//! copies), computes the `1 + K` dot products and adds the gradients into
+//! the shard's [`Accumulator`]s, one per table: one gradient row per
+//! distinct word, so a shard's memory is bounded by the vocabulary and the
+//! batch's pairs and per-pair gradients are never stored. Then each table
+//! takes one fused optimizer step ([`SparseOptimizer::step_lookup`]) with
+//! the shards' rows as the ids and their gradient rows as the lookup's
+//! gradient: the optimizer sums a word's rows from different shards and
+//! updates it once.
+//!
+//! Every random draw of a sentence comes from a stream derived from
+//! `(seed, epoch, sentence)`, and the shards' rows are handed over in shard
+//! order, so the vectors depend on the number of shards, never on the
+//! number of threads that run them.
 
-use embtable::{Embedding, EmbeddingTable, Init, Result, SparseOptimizer};
+use embtable::kernels::{self, Kernel, Simd};
+use embtable::{EmbeddingTable, Init, Result, SparseOptimizer};
 use rayon::prelude::*;
 
-use crate::corpus::Corpus;
-use crate::rng::{Rng, Weighted};
+use crate::corpus::{Batch, Corpus, MAX_SENTENCE, Reader};
+use crate::rng::Rng;
+use crate::sampling::{Alias, Keep, Logistic};
 
 /// Settings of skip-gram training.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,6 +53,9 @@ pub struct SgnsConfig {
     pub negatives: usize,
     /// Subsampling threshold `t` (0: keep every word).
     pub subsample: f64,
+    /// Parts of each batch trained in parallel, each into its own
+    /// gradient (the result depends on this, not on the thread count).
+    pub shards: usize,
 }
 
 impl Default for SgnsConfig {
@@ -48,75 +65,158 @@ impl Default for SgnsConfig {
             window: 5,
             negatives: 5,
             subsample: 1e-3,
+            shards: 1,
         }
     }
 }
 
-/// The two tables and what sampling needs.
+/// How the learning rate changes over the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LrDecay {
+    /// Constant.
+    None,
+    /// Falls linearly from `lr` to `lr · 10⁻⁴` over all epochs, as in
+    /// word2vec (SGD only: Adagrad shrinks each word's steps itself).
+    Linear,
+}
+
+impl LrDecay {
+    /// The factor on the learning rate after `done` of `total` words.
+    pub fn factor(self, done: u64, total: u64) -> f32 {
+        match self {
+            LrDecay::None => 1.0,
+            LrDecay::Linear => (1.0 - done as f64 / total.max(1) as f64).max(1e-4) as f32,
+        }
+    }
+}
+
+/// The two tables, their optimizers and what sampling needs.
 #[derive(Clone, Debug)]
 pub struct Sgns<O> {
     /// Input (centre) vectors: the word vectors one keeps.
-    pub input: Embedding<O>,
+    pub input: EmbeddingTable,
     /// Output (context) vectors.
-    pub output: Embedding<O>,
+    pub output: EmbeddingTable,
+    /// The optimizers of `input` and `output`.
+    optimizers: [O; 2],
     /// Settings.
     pub cfg: SgnsConfig,
-    noise: Weighted,
-    keep: Vec<f64>,
-    scratch: Scratch,
+    negatives: Alias,
+    keep: Keep,
+    logistic: Logistic,
+    shards: Vec<Shard>,
+    /// Per table, the shards' ids and gradient rows one after the other
+    /// (with more than one shard).
+    merged: [Merged; 2],
 }
 
-/// Buffers reused from step to step.
+/// Several shards' rows, placed one after the other.
 #[derive(Clone, Debug, Default)]
-struct Scratch {
-    centres: Vec<u32>,
-    targets: Vec<u32>,
-    in_rows: Vec<f32>,
-    out_rows: Vec<f32>,
-    grad_in: Vec<f32>,
-    grad_out: Vec<f32>,
+struct Merged {
+    ids: Vec<u32>,
+    grads: Vec<f32>,
 }
 
-/// What one step did.
+/// What training did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepStats {
     /// Sum of the pairs' losses.
     pub loss_sum: f64,
     /// (centre, context) pairs trained.
-    pub pairs: usize,
-    /// Words of the batch before subsampling.
-    pub words: usize,
+    pub pairs: u64,
+    /// Vocabulary words read, before subsampling.
+    pub words: u64,
+    /// Words kept by subsampling (word2vec's "effective words").
+    pub kept: u64,
 }
 
-/// `σ(x)`, stable for large `|x|`.
-fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
+impl std::ops::AddAssign for StepStats {
+    fn add_assign(&mut self, o: StepStats) {
+        self.loss_sum += o.loss_sum;
+        self.pairs += o.pairs;
+        self.words += o.words;
+        self.kept += o.kept;
     }
 }
 
-/// `−log σ(x)`, stable for large `|x|`.
-fn neg_log_sigmoid(x: f32) -> f32 {
-    (-x).max(0.0) + (-x.abs()).exp().ln_1p()
+/// Marks a word without a slot in [`Accumulator::slot_of`].
+const NONE: u32 = u32::MAX;
+
+/// The gradient of one table from one shard: a row per distinct word, in
+/// order of first appearance, laid out as the gradient of a lookup of
+/// `rows` (row-major, `dim` floats each), ready for `step_lookup`.
+#[derive(Clone, Debug, Default)]
+struct Accumulator {
+    /// Slot of each word, or [`NONE`]: 4 bytes a word, reset row by row.
+    slot_of: Vec<u32>,
+    rows: Vec<u32>,
+    grads: Vec<f32>,
 }
 
-/// `Σ a_i b_i` in eight lanes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let n = a.len() / 8 * 8;
-    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+impl Accumulator {
+    /// Empties the accumulator for a table of `words` rows.
+    fn reset(&mut self, words: usize) {
+        if self.slot_of.len() == words {
+            for &r in &self.rows {
+                self.slot_of[r as usize] = NONE;
+            }
+        } else {
+            self.slot_of = vec![NONE; words];
         }
+        self.rows.clear();
+        self.grads.clear();
     }
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+
+    /// The slot of `word`, a zero row added the first time.
+    #[inline(always)]
+    fn slot(&mut self, word: u32, dim: usize) -> usize {
+        let slot = self.slot_of[word as usize];
+        if slot != NONE {
+            return slot as usize;
+        }
+        let slot = self.rows.len();
+        self.slot_of[word as usize] = slot as u32;
+        self.rows.push(word);
+        self.grads.resize(self.grads.len() + dim, 0.0);
+        slot
+    }
 }
 
-impl<O: SparseOptimizer + Send + Sync> Sgns<O> {
+/// A worker's state, kept from step to step.
+#[derive(Clone, Debug, Default)]
+struct Shard {
+    input: Accumulator,
+    output: Accumulator,
+    /// The current sentence, then its subsampled words.
+    words: Vec<u32>,
+    kept: Vec<u32>,
+    /// A centre's targets (per context: the context, then the negatives)
+    /// and their slots in `output`.
+    targets: Vec<u32>,
+    slots: Vec<u32>,
+    /// A pair's gradient factors.
+    g: Vec<f32>,
+    text: String,
+    stats: StepStats,
+}
+
+/// What every shard of a step reads.
+struct Shared<'a> {
+    corpus: &'a Corpus,
+    batch: &'a Batch,
+    input: &'a EmbeddingTable,
+    output: &'a EmbeddingTable,
+    cfg: SgnsConfig,
+    negatives: &'a Alias,
+    keep: &'a Keep,
+    logistic: &'a Logistic,
+    seed: u64,
+    epoch: u64,
+    /// Factor on every gradient (the linear decay of SGD's rate).
+    scale: f32,
+}
+
+impl<O: SparseOptimizer + Send> Sgns<O> {
     /// Fresh tables for `corpus`: input vectors uniform in `±0.5/dim` (as
     /// word2vec), output vectors zero.
     ///
@@ -135,141 +235,343 @@ impl<O: SparseOptimizer + Send + Sync> Sgns<O> {
             seed,
         )?;
         let output = EmbeddingTable::new(words, cfg.dim, Init::Zeros, seed)?;
-        let total: u64 = corpus.counts.iter().sum();
-        let keep = corpus
+        let noise: Vec<f64> = corpus
             .counts
             .iter()
-            .map(|&c| {
-                let f = c as f64 / total as f64;
-                if cfg.subsample > 0.0 {
-                    (((f / cfg.subsample).sqrt() + 1.0) * cfg.subsample / f).min(1.0)
-                } else {
-                    1.0
-                }
-            })
+            .map(|&c| (c as f64).powf(0.75))
             .collect();
         Ok(Sgns {
-            input: Embedding::new(input, make()),
-            output: Embedding::new(output, make()),
+            input,
+            output,
+            optimizers: [make(), make()],
             cfg,
-            noise: Weighted::new(corpus.counts.iter().map(|&c| (c as f64).powf(0.75))),
-            keep,
-            scratch: Scratch::default(),
+            negatives: Alias::new(&noise),
+            keep: Keep::new(&corpus.counts, cfg.subsample),
+            logistic: Logistic::new(),
+            shards: vec![Shard::default(); cfg.shards.max(1)],
+            merged: Default::default(),
         })
     }
 
-    /// The (centre, context) pairs and negatives of one sentence, drawn
-    /// from `rng`: centres, and `1 + K` targets per pair (context first).
-    fn pairs(&self, sentence: &[u32], rng: &mut Rng) -> (Vec<u32>, Vec<u32>) {
-        let kept: Vec<u32> = sentence
-            .iter()
-            .copied()
-            .filter(|&w| rng.f64() < self.keep[w as usize])
-            .collect();
-        let (mut centres, mut targets) = (Vec::new(), Vec::new());
-        for (i, &c) in kept.iter().enumerate() {
-            let radius = 1 + rng.below(self.cfg.window.max(1));
-            let lo = i.saturating_sub(radius);
-            let hi = (i + radius + 1).min(kept.len());
-            for (j, &o) in kept.iter().enumerate().take(hi).skip(lo) {
-                if j == i {
-                    continue;
-                }
-                centres.push(c);
-                targets.push(o);
-                for _ in 0..self.cfg.negatives {
-                    let mut n = self.noise.sample(rng) as u32;
-                    if n == o {
-                        n = self.noise.sample(rng) as u32;
+    /// One pass over `corpus`, `batch` sentences a step. The learning rate
+    /// follows `decay` over `total` words, of which `done` were trained
+    /// before this pass; `progress` sees every step.
+    ///
+    /// # Errors
+    /// Reading the corpus, and from the optimizers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_epoch(
+        &mut self,
+        corpus: &Corpus,
+        epoch: u64,
+        batch: usize,
+        seed: u64,
+        (decay, done, total): (LrDecay, u64, u64),
+        mut progress: impl FnMut(&StepStats),
+    ) -> std::result::Result<StepStats, Box<dyn std::error::Error>> {
+        let mut reader: Reader<'_> = corpus.reader()?;
+        let mut sentences = Batch::default();
+        let mut sum = StepStats::default();
+        while reader.fill(&mut sentences, batch.max(1))? {
+            let scale = decay.factor(done + sum.words, total);
+            let stats = self.train_step(corpus, &sentences, seed, epoch, scale)?;
+            sum += stats;
+            progress(&stats);
+        }
+        Ok(sum)
+    }
+
+    /// One step on `batch`; its sentence `i` draws from the stream
+    /// `(seed, epoch, batch.first + i)`. Gradients are multiplied by `scale`.
+    ///
+    /// # Errors
+    /// From the optimizers (a bug if it happens: every id comes from the corpus).
+    pub fn train_step(
+        &mut self,
+        corpus: &Corpus,
+        batch: &Batch,
+        seed: u64,
+        epoch: u64,
+        scale: f32,
+    ) -> Result<StepStats> {
+        let Sgns {
+            input,
+            output,
+            optimizers: [in_opt, out_opt],
+            cfg,
+            negatives,
+            keep,
+            logistic,
+            shards,
+            merged: [in_merged, out_merged],
+        } = self;
+        let shared = Shared {
+            corpus,
+            batch,
+            input,
+            output,
+            cfg: *cfg,
+            negatives,
+            keep,
+            logistic,
+            seed,
+            epoch,
+            scale,
+        };
+        // Read once here: the workers must not each pick their own.
+        let tier = kernels::current();
+        let count = shards.len();
+        shards.par_iter_mut().enumerate().for_each(|(k, shard)| {
+            shard.input.reset(input.rows());
+            shard.output.reset(output.rows());
+            shard.stats = StepStats::default();
+            kernels::dispatch(
+                tier,
+                Train {
+                    shard,
+                    shared: &shared,
+                    sentences: batch.shard(k, count),
+                },
+            );
+        });
+        let mut stats = StepStats::default();
+        for s in shards.iter() {
+            stats += s.stats;
+        }
+        // The two tables' steps are independent: one fork for both.
+        let in_parts: Vec<&Accumulator> = shards.iter().map(|s| &s.input).collect();
+        let out_parts: Vec<&Accumulator> = shards.iter().map(|s| &s.output).collect();
+        let (a, b) = rayon::join(
+            || apply(input, in_opt, &in_parts, in_merged),
+            || apply(output, out_opt, &out_parts, out_merged),
+        );
+        a.and(b)?;
+        Ok(stats)
+    }
+}
+
+/// One optimizer step on `table` with the shards' gradients `parts`, summed
+/// per row in shard order by the optimizer. One shard's rows are handed
+/// over as they lie; several are first placed one after the other (in
+/// parallel), since `step_lookup` takes one gradient slice.
+fn apply<O: SparseOptimizer>(
+    table: &mut EmbeddingTable,
+    opt: &mut O,
+    parts: &[&Accumulator],
+    merged: &mut Merged,
+) -> Result<()> {
+    if let [one] = parts {
+        return opt.step_lookup(table, &one.rows, &one.grads);
+    }
+    let Merged { ids, grads } = merged;
+    ids.clear();
+    for p in parts {
+        ids.extend_from_slice(&p.rows);
+    }
+    // Only a longer batch than any before fills new floats with zeros.
+    grads.resize(ids.len() * table.dim(), 0.0);
+    let mut jobs = Vec::with_capacity(parts.len());
+    let mut rest = &mut grads[..];
+    for p in parts {
+        let (dst, tail) = rest.split_at_mut(p.grads.len());
+        jobs.push((dst, &p.grads[..]));
+        rest = tail;
+    }
+    jobs.into_par_iter()
+        .for_each(|(dst, src)| dst.copy_from_slice(src));
+    opt.step_lookup(table, ids, grads)
+}
+
+/// A shard's work on `sentences` of the batch, compiled for each kernel tier.
+struct Train<'a> {
+    shard: &'a mut Shard,
+    shared: &'a Shared<'a>,
+    sentences: std::ops::Range<usize>,
+}
+
+impl Kernel for Train<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let Train {
+            shard,
+            shared: sh,
+            sentences,
+        } = self;
+        for i in sentences {
+            let mut rng = Rng::derive(sh.seed, &[20, sh.epoch, sh.batch.first + i as u64]);
+            sh.corpus
+                .sentence(sh.batch, i, &mut shard.text, &mut shard.words);
+            shard.stats.words += shard.words.len() as u64;
+            for part in 0..shard.words.len().div_ceil(MAX_SENTENCE) {
+                let end = ((part + 1) * MAX_SENTENCE).min(shard.words.len());
+                shard.kept.clear();
+                for k in part * MAX_SENTENCE..end {
+                    let w = shard.words[k];
+                    if sh.keep.keep(w, &mut rng) {
+                        shard.kept.push(w);
                     }
-                    targets.push(n);
+                }
+                shard.stats.kept += shard.kept.len() as u64;
+                for centre in 0..shard.kept.len() {
+                    shard.centre(s, sh, centre, &mut rng);
                 }
             }
         }
-        (centres, targets)
     }
+}
 
-    /// One step on `sentences`; sentence `i` of the batch draws from the
-    /// stream `(seed, epoch, first + i)`.
-    ///
-    /// # Errors
-    /// From the layers (a bug if it happens: every id comes from the corpus).
-    pub fn train_batch(
-        &mut self,
-        sentences: &[&[u32]],
-        seed: u64,
-        epoch: u64,
-        first: usize,
-    ) -> Result<StepStats> {
-        let (d, k) = (self.cfg.dim, self.cfg.negatives);
-        let per_sentence: Vec<(Vec<u32>, Vec<u32>)> = sentences
-            .par_iter()
-            .enumerate()
-            .map(|(i, s)| self.pairs(s, &mut Rng::derive(seed, &[20, epoch, (first + i) as u64])))
-            .collect();
-        let s = &mut self.scratch;
-        s.centres.clear();
-        s.targets.clear();
-        for (c, t) in &per_sentence {
-            s.centres.extend_from_slice(c);
-            s.targets.extend_from_slice(t);
+impl Shard {
+    /// Trains the pairs of the subsampled word `kept[i]` with the words of
+    /// a random window around it.
+    #[inline(always)]
+    fn centre<S: Simd>(&mut self, s: S, sh: &Shared<'_>, i: usize, rng: &mut Rng) {
+        let (dim, k) = (sh.cfg.dim, sh.cfg.negatives);
+        let radius = 1 + rng.below(sh.cfg.window);
+        let lo = i.saturating_sub(radius);
+        let hi = (i + radius + 1).min(self.kept.len());
+        if hi - lo < 2 {
+            return;
         }
-        let words = sentences.iter().map(|s| s.len()).sum();
-        if s.centres.is_empty() {
-            return Ok(StepStats {
-                words,
-                ..StepStats::default()
-            });
-        }
-
-        // Forward: one lookup per table for the whole batch.
-        s.in_rows.resize(s.centres.len() * d, 0.0);
-        s.out_rows.resize(s.targets.len() * d, 0.0);
-        self.input.forward_into(&s.centres, &mut s.in_rows)?;
-        self.output.forward_into(&s.targets, &mut s.out_rows)?;
-
-        // Gradients by hand, in parallel over pairs.
-        s.grad_in.clear();
-        s.grad_in.resize(s.in_rows.len(), 0.0);
-        s.grad_out.resize(s.out_rows.len(), 0.0);
-        let loss_sum: f64 = s
-            .grad_in
-            .par_chunks_mut(d)
-            .zip(s.grad_out.par_chunks_mut((1 + k) * d))
-            .zip(
-                s.in_rows
-                    .par_chunks(d)
-                    .zip(s.out_rows.par_chunks((1 + k) * d)),
-            )
-            .with_min_len(256)
-            .map(|((gi, go), (v, outs))| {
-                let mut loss = 0.0f32;
-                for (t, (o, go)) in outs.chunks_exact(d).zip(go.chunks_exact_mut(d)).enumerate() {
-                    let s = dot(v, o);
-                    let (label, signed) = if t == 0 { (1.0, s) } else { (0.0, -s) };
-                    loss += neg_log_sigmoid(signed);
-                    let g = sigmoid(s) - label;
-                    for l in 0..d {
-                        gi[l] += g * o[l];
-                        go[l] = g * v[l];
-                    }
+        // Draw every target of this centre first and start loading their
+        // rows, so that the misses overlap with each other and with the
+        // arithmetic of the first pairs.
+        self.targets.clear();
+        self.slots.clear();
+        for j in (lo..hi).filter(|&j| j != i) {
+            let context = self.kept[j];
+            self.targets.push(context);
+            for _ in 0..k {
+                let mut n = sh.negatives.sample(rng);
+                if n == context {
+                    n = sh.negatives.sample(rng);
                 }
-                f64::from(loss)
-            })
-            .sum();
-
-        // Backward and one step per table.
-        self.input.backward(&s.centres, &s.grad_in)?;
-        self.output.backward(&s.targets, &s.grad_out)?;
-        self.input.step()?;
-        self.output.step()?;
-        let pairs = s.centres.len();
-        Ok(StepStats {
-            loss_sum,
-            pairs,
-            words,
-        })
+                self.targets.push(n);
+            }
+        }
+        for &t in &self.targets {
+            kernels::prefetch_row(sh.output.row(t as usize).as_ptr(), dim);
+            self.slots.push(self.output.slot(t, dim) as u32);
+        }
+        let c = self.kept[i];
+        let slot = self.input.slot(c, dim);
+        let v = sh.input.row(c as usize);
+        let grad_in = &mut self.input.grads[slot * dim..][..dim];
+        let grad_out = &mut self.output.grads[..];
+        self.g.resize(1 + k, 0.0);
+        let mut loss = 0.0f32;
+        for (targets, slots) in self
+            .targets
+            .chunks_exact(1 + k)
+            .zip(self.slots.chunks_exact(1 + k))
+        {
+            // The scores first: independent dot products, overlapped.
+            for (g, &t) in self.g.iter_mut().zip(targets) {
+                *g = dot(s, v, sh.output.row(t as usize));
+            }
+            for (n, g) in self.g.iter_mut().enumerate() {
+                let (sigma, softplus) = sh.logistic.eval(*g);
+                if n == 0 {
+                    // −log σ(s) = softplus(−s) = softplus(s) − s
+                    loss += softplus - *g;
+                    *g = (sigma - 1.0) * sh.scale;
+                } else {
+                    loss += softplus;
+                    *g = sigma * sh.scale;
+                }
+            }
+            for ((&g, &t), &slot) in self.g.iter().zip(targets).zip(slots) {
+                let o = sh.output.row(t as usize);
+                let gout = &mut grad_out[slot as usize * dim..][..dim];
+                update(s, g, o, v, grad_in, gout);
+            }
+        }
+        self.stats.pairs += (self.targets.len() / (1 + k)) as u64;
+        self.stats.loss_sum += f64::from(loss);
     }
+}
+
+/// `Σ aᵢbᵢ` (equal lengths), in vectors of the tier, the lanes summed
+/// pairwise at the end. One accumulator: the `1 + K` dot products of a pair
+/// are independent, so the CPU overlaps their chains.
+///
+/// The loops run over `chunks_exact` of one vector, so the loads need no
+/// bounds checks (indexing `a[i..]` per vector cost a third of the time).
+#[inline(always)]
+fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
+    let whole = a.len() - a.len() % S::N;
+    let ((a, a_tail), (b, b_tail)) = (a.split_at(whole), b.split_at(whole.min(b.len())));
+    let mut acc = s.splat(0.0);
+    for (x, y) in a.chunks_exact(S::N).zip(b.chunks_exact(S::N)) {
+        acc = s.add(acc, s.mul(s.load(x), s.load(y)));
+    }
+    if !a_tail.is_empty() {
+        acc = s.add(acc, s.mul(s.load_partial(a_tail), s.load_partial(b_tail)));
+    }
+    let mut lanes = [0.0f32; 16];
+    s.store(acc, &mut lanes);
+    let mut width = S::N;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0]
+}
+
+/// `grad_in += g·o` and `grad_out += g·v` in one pass (equal lengths): the
+/// two gradient contributions of one target.
+#[inline(always)]
+fn update<S: Simd>(s: S, g: f32, o: &[f32], v: &[f32], grad_in: &mut [f32], grad_out: &mut [f32]) {
+    let n = o.len();
+    let whole = n - n % S::N;
+    let (o, o_tail) = o.split_at(whole);
+    let (v, v_tail) = v.split_at(whole);
+    let (gi, gi_tail) = grad_in.split_at_mut(whole);
+    let (go, go_tail) = grad_out.split_at_mut(whole);
+    let gv = s.splat(g);
+    let rows = o.chunks_exact(S::N).zip(v.chunks_exact(S::N));
+    let grads = gi.chunks_exact_mut(S::N).zip(go.chunks_exact_mut(S::N));
+    for ((o, v), (gi, go)) in rows.zip(grads) {
+        s.store(s.add(s.load(gi), s.mul(gv, s.load(o))), gi);
+        s.store(s.add(s.load(go), s.mul(gv, s.load(v))), go);
+    }
+    if !o_tail.is_empty() {
+        let x = s.add(s.load_partial(gi_tail), s.mul(gv, s.load_partial(o_tail)));
+        s.store_partial(x, gi_tail);
+        let y = s.add(s.load_partial(go_tail), s.mul(gv, s.load_partial(v_tail)));
+        s.store_partial(y, go_tail);
+    }
+}
+
+/// [`dot`] on the given tier (for tests).
+#[cfg(test)]
+fn dot_on(tier: kernels::Tier, a: &[f32], b: &[f32]) -> f32 {
+    struct Dot<'a>(&'a [f32], &'a [f32]);
+    impl Kernel for Dot<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> f32 {
+            dot(s, self.0, self.1)
+        }
+    }
+    kernels::dispatch(tier, Dot(a, b))
+}
+
+/// [`update`] on the given tier (for tests).
+#[cfg(test)]
+fn update_on(tier: kernels::Tier, g: f32, o: &[f32], v: &[f32], gi: &mut [f32], go: &mut [f32]) {
+    struct Update<'a>(f32, &'a [f32], &'a [f32], &'a mut [f32], &'a mut [f32]);
+    impl Kernel for Update<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) {
+            update(s, self.0, self.1, self.2, self.3, self.4)
+        }
+    }
+    kernels::dispatch(tier, Update(g, o, v, gi, go))
 }
 
 /// The rows of `table` scaled to unit length (zero rows stay zero), row-major.
@@ -277,22 +579,25 @@ pub fn normalized(table: &EmbeddingTable) -> Vec<f32> {
     let mut out = Vec::with_capacity(table.rows() * table.dim());
     for r in 0..table.rows() {
         let row = table.row(r);
-        let norm = dot(row, row).sqrt();
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
         let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
         out.extend(row.iter().map(|x| x * inv));
     }
     out
 }
 
+/// Cosine similarity of rows `a` and `b` of [`normalized`] vectors.
+fn cosine(unit: &[f32], dim: usize, a: usize, b: usize) -> f32 {
+    let (x, y) = (&unit[a * dim..][..dim], &unit[b * dim..][..dim]);
+    x.iter().zip(y).map(|(p, q)| p * q).sum()
+}
+
 /// The `n` nearest words of `word` by cosine similarity, best first,
 /// `word` itself left out; `unit` is [`normalized`] of the table.
 pub fn nearest(unit: &[f32], dim: usize, word: usize, n: usize) -> Vec<(usize, f32)> {
-    let q = &unit[word * dim..][..dim];
-    let mut sims: Vec<(usize, f32)> = unit
-        .chunks_exact(dim)
-        .enumerate()
-        .filter(|&(r, _)| r != word)
-        .map(|(r, row)| (r, dot(q, row)))
+    let mut sims: Vec<(usize, f32)> = (0..unit.len() / dim.max(1))
+        .filter(|&r| r != word)
+        .map(|r| (r, cosine(unit, dim, word, r)))
         .collect();
     sims.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     sims.truncate(n);
@@ -332,4 +637,271 @@ pub fn cluster_fraction(
         same as f64 / total.max(1) as f64,
         chance / words.len().max(1) as f64,
     )
+}
+
+/// A word-pair similarity score for planted clusters: the probability that
+/// a random pair of words from one cluster has a higher cosine similarity
+/// than a random pair from two clusters (the area under the ROC curve of
+/// ranking pairs by similarity; 0.5 is chance, 1 a perfect ranking).
+/// `pairs` pairs of each kind are drawn from `seed`.
+pub fn pair_auc(
+    table: &EmbeddingTable,
+    clusters: &[Option<usize>],
+    pairs: usize,
+    seed: u64,
+) -> f64 {
+    let unit = normalized(table);
+    let dim = table.dim();
+    let words: Vec<usize> = (0..clusters.len())
+        .filter(|&w| clusters[w].is_some())
+        .collect();
+    let mut rng = Rng::new(seed);
+    let (mut same, mut different) = (Vec::new(), Vec::new());
+    while (same.len() < pairs || different.len() < pairs) && words.len() > 1 {
+        let a = words[rng.below(words.len())];
+        let b = words[rng.below(words.len())];
+        if a == b {
+            continue;
+        }
+        let sim = cosine(&unit, dim, a, b);
+        if clusters[a] == clusters[b] {
+            if same.len() < pairs {
+                same.push(sim);
+            }
+        } else if different.len() < pairs {
+            different.push(sim);
+        }
+    }
+    // Mann–Whitney: for each same-cluster pair, count the different-cluster
+    // pairs below it (ties count half).
+    different.sort_by(f32::total_cmp);
+    let wins: f64 = same
+        .iter()
+        .map(|&x| {
+            let below = different.partition_point(|&d| d < x);
+            let not_above = different.partition_point(|&d| d <= x);
+            below as f64 + 0.5 * (not_above - below) as f64
+        })
+        .sum();
+    wins / (same.len() * different.len()).max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::{self, CorpusConfig};
+    use embtable::{Adagrad, AdagradConfig, Sgd, SgdConfig};
+
+    fn adagrad() -> Adagrad {
+        Adagrad::new(AdagradConfig {
+            lr: 0.1,
+            initial_accumulator_value: 0.0,
+            ..AdagradConfig::torch()
+        })
+    }
+
+    #[test]
+    fn update_adds_both_contributions_on_every_tier() {
+        for n in [0usize, 1, 7, 16, 17, 33, 100] {
+            let o: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let start: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+            for tier in kernels::Tier::available() {
+                let (mut gi, mut go) = (start.clone(), start.clone());
+                update_on(tier, 0.25, &o, &v, &mut gi, &mut go);
+                for l in 0..n {
+                    assert_eq!(gi[l], start[l] + 0.25 * o[l], "{tier} n {n}");
+                    assert_eq!(go[l], start[l] + 0.25 * v[l], "{tier} n {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_is_the_same_on_every_tier_and_close_to_f64() {
+        for n in [0usize, 1, 7, 15, 16, 17, 31, 33, 64, 100, 129] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            for tier in kernels::Tier::available() {
+                let d = dot_on(tier, &a, &b);
+                assert!(
+                    (f64::from(d) - exact).abs() < 1e-4,
+                    "{tier} n {n}: {d} vs {exact}"
+                );
+            }
+        }
+    }
+
+    /// A step equals the gradient computed pair by pair in plain loops:
+    /// the accumulators and their hand-over to the optimizer lose nothing.
+    #[test]
+    fn a_step_applies_the_pairwise_gradient() {
+        let sentences = vec![vec![0u32, 1, 2, 3, 1, 0, 4], vec![2, 2, 3], vec![4, 1]];
+        let words: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).into();
+        let corpus = corpus::Corpus::from_sentences(&words, &sentences, 1);
+        // Ids renumbered by count.
+        let corpus::Source::Ids(sentences) = &corpus.source else {
+            unreachable!()
+        };
+        let cfg = SgnsConfig {
+            dim: 19,
+            window: 2,
+            negatives: 3,
+            subsample: 0.0,
+            shards: 1,
+        };
+        let sgd = || {
+            Sgd::new(SgdConfig {
+                lr: 0.5,
+                ..SgdConfig::default()
+            })
+        };
+        for shards in [1, 2, 3] {
+            let cfg = SgnsConfig { shards, ..cfg };
+            let mut model = Sgns::new(&corpus, cfg, sgd, 5).unwrap();
+            // Make the output table non-zero so that every term matters.
+            let mut warm = Sgns::new(&corpus, cfg, sgd, 5).unwrap();
+            warm.train_epoch(&corpus, 9, 2, 1, (LrDecay::None, 0, 1), |_| {})
+                .unwrap();
+            model.output = warm.output.clone();
+            let (w_in, w_out) = (model.input.to_vec(), model.output.to_vec());
+
+            // The same pairs, replayed from the same streams.
+            let mut reader = corpus.reader().unwrap();
+            let mut batch = Batch::default();
+            assert!(reader.fill(&mut batch, 10).unwrap());
+            let d = cfg.dim;
+            let (mut g_in, mut g_out) = (vec![0f64; w_in.len()], vec![0f64; w_out.len()]);
+            let logistic = Logistic::new();
+            for (i, s) in sentences.iter().enumerate() {
+                let s: &[u32] = s;
+                let mut rng = Rng::derive(3, &[20, 0, i as u64]);
+                // subsample 0 keeps all, but the coin is still drawn.
+                let kept: Vec<u32> = s
+                    .iter()
+                    .copied()
+                    .filter(|&w| model.keep.keep(w, &mut rng))
+                    .collect();
+                for c in 0..kept.len() {
+                    let radius = 1 + rng.below(cfg.window);
+                    let (lo, hi) = (c.saturating_sub(radius), (c + radius + 1).min(kept.len()));
+                    if hi - lo < 2 {
+                        continue;
+                    }
+                    let mut targets = Vec::new();
+                    for j in (lo..hi).filter(|&j| j != c) {
+                        targets.push(kept[j]);
+                        for _ in 0..cfg.negatives {
+                            let mut n = model.negatives.sample(&mut rng);
+                            if n == kept[j] {
+                                n = model.negatives.sample(&mut rng);
+                            }
+                            targets.push(n);
+                        }
+                    }
+                    let v = &w_in[kept[c] as usize * d..][..d];
+                    for (t, &o) in targets.iter().enumerate() {
+                        let out = &w_out[o as usize * d..][..d];
+                        let score: f32 = v.iter().zip(out).map(|(x, y)| x * y).sum();
+                        let sigma = logistic.eval(score).0;
+                        let g = f64::from(if t % (1 + cfg.negatives) == 0 {
+                            sigma - 1.0
+                        } else {
+                            sigma
+                        });
+                        for l in 0..d {
+                            g_in[kept[c] as usize * d + l] += g * f64::from(out[l]);
+                            g_out[o as usize * d + l] += g * f64::from(v[l]);
+                        }
+                    }
+                }
+            }
+            let stats = model.train_step(&corpus, &batch, 3, 0, 1.0).unwrap();
+            assert!(stats.pairs > 10);
+            assert_eq!(stats.words, 12);
+            let check = |after: Vec<f32>, before: &[f32], grad: &[f64]| {
+                for ((a, b), g) in after.iter().zip(before).zip(grad) {
+                    let expected = f64::from(*b) - 0.5 * g;
+                    assert!(
+                        (f64::from(*a) - expected).abs() < 1e-4,
+                        "{shards} shards: {a} vs {expected}"
+                    );
+                }
+            };
+            check(model.input.to_vec(), &w_in, &g_in);
+            check(model.output.to_vec(), &w_out, &g_out);
+        }
+    }
+
+    /// The same seed and shards give the same vectors whatever the thread count.
+    #[test]
+    fn training_does_not_depend_on_threads() {
+        let corpus = corpus::generate(
+            &CorpusConfig {
+                topics: 3,
+                words_per_topic: 10,
+                sentences: 300,
+                ..CorpusConfig::default()
+            },
+            1,
+        );
+        let cfg = SgnsConfig {
+            dim: 8,
+            shards: 3,
+            ..SgnsConfig::default()
+        };
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let mut m = Sgns::new(&corpus, cfg, adagrad, 1).unwrap();
+                    m.train_epoch(&corpus, 0, 16, 1, (LrDecay::None, 0, 1), |_| {})
+                        .unwrap();
+                    m.input.to_vec()
+                })
+        };
+        assert_eq!(run(1), run(2));
+    }
+
+    #[test]
+    fn linear_decay_falls_to_a_floor() {
+        assert_eq!(LrDecay::None.factor(5, 10), 1.0);
+        assert_eq!(LrDecay::Linear.factor(0, 10), 1.0);
+        assert_eq!(LrDecay::Linear.factor(5, 10), 0.5);
+        assert_eq!(LrDecay::Linear.factor(10, 10), 1e-4);
+        assert_eq!(LrDecay::Linear.factor(12, 10), 1e-4);
+    }
+
+    #[test]
+    fn pair_auc_ranks_clustered_vectors_above_random_ones() {
+        // Two clusters on two axes, and the same words at random.
+        let clusters: Vec<Option<usize>> = (0..40).map(|w| Some(w % 2)).collect();
+        let planted: Vec<f32> = (0..40)
+            .flat_map(|w| {
+                let x = 1.0 + (w as f32 * 0.1).sin() * 0.2;
+                if w % 2 == 0 { [x, 0.1] } else { [0.1, x] }
+            })
+            .collect();
+        let table = EmbeddingTable::from_rows(40, 2, &planted).unwrap();
+        assert_eq!(pair_auc(&table, &clusters, 500, 1), 1.0);
+        let random = EmbeddingTable::new(
+            40,
+            2,
+            Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+            3,
+        )
+        .unwrap();
+        let auc = pair_auc(&random, &clusters, 2000, 1);
+        assert!((0.4..0.6).contains(&auc), "{auc}");
+    }
 }

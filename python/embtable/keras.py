@@ -199,9 +199,7 @@ class Embedding(keras.layers.Layer):
             embeddings_initializer = weights
         self._initializer_config = _serializable(embeddings_initializer)
         table = _initial_table(embeddings_initializer, self.input_dim, self.output_dim)
-        self._has_optimizer = optimizer is not None
-        placeholder = optimizer if optimizer is not None else _embtable.Sgd.keras()
-        self._layer = _embtable.Embedding(table, placeholder)
+        self._layer = _embtable.Embedding(table, optimizer, trainable=optimizer is not None)
         # A zero-size trainable weight: the input through which autograd
         # reaches this layer, and what makes Keras call `loss.backward()`
         # for a model whose only trainable part is this table.
@@ -221,7 +219,7 @@ class Embedding(keras.layers.Layer):
     @property
     def optimizer(self) -> Optional[Optimizer]:
         """The embtable optimizer the table trains with, or ``None``."""
-        return self._layer.optimizer if self._has_optimizer else None
+        return self._layer.optimizer
 
     def call(self, inputs: Any) -> Any:
         import torch
@@ -245,8 +243,8 @@ class Embedding(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         optimizer = None
-        if self._has_optimizer:
-            opt = self._layer.optimizer
+        opt = self._layer.optimizer
+        if opt is not None:
             optimizer = {"kind": opt.kind, "config": opt.config}
         config.update(
             input_dim=self.input_dim,
@@ -264,7 +262,7 @@ class Embedding(keras.layers.Layer):
         if spec is not None:
             config["optimizer"] = _embtable.optimizer_from_state_dict(
                 {"kind": spec["kind"], "config": spec["config"], "steps": 0, "shape": None,
-                 "arrays": {}, "last_step": np.zeros(0, np.int64)}
+                 "arrays": {}, "last_step": np.zeros(0, np.int64), "lr_history": []}
             )
         return cls(**config)
 
@@ -275,7 +273,7 @@ class Embedding(keras.layers.Layer):
     def save_own_variables(self, store: Any) -> None:
         state = self._layer.state_dict()
         store["embtable.weight"] = state["weight"]
-        opt = state["optimizer"] if self._has_optimizer else None
+        opt = state["optimizer"]
         if opt is not None:
             for name, array in opt.pop("arrays").items():
                 store["embtable.optimizer." + name] = array
@@ -294,6 +292,7 @@ class Embedding(keras.layers.Layer):
             state["optimizer"] = dict(
                 opt, shape=tuple(opt["shape"]) if opt["shape"] else None, arrays=arrays,
                 last_step=np.asarray(store[prefix + "last_step"]),
+                lr_history=[tuple(p) for p in opt["lr_history"]],
             )
         self._layer.load_state_dict(state)
 
@@ -313,7 +312,7 @@ def _lookup_function():
         def backward(ctx, grad):  # type: ignore[override]
             layer = ctx.layer
             if ctx.needs_input_grad[2] and layer.trainable:
-                if not layer._has_optimizer:
+                if layer._layer.optimizer is None:
                     raise RuntimeError("the layer has no optimizer; build it with optimizer=")
                 g = grad.detach().to(torch.float32).contiguous().numpy()
                 layer._layer.backward_step(ctx.ids, g)

@@ -200,10 +200,6 @@ class _Module(nn.Module):
         self.scale_grad_by_freq = False
         self.sparse = True
         self.fused = fused
-        self._has_optimizer = optimizer is not None
-        # A frozen module built without an optimizer holds a placeholder
-        # that never steps (backward refuses to train without one).
-        placeholder = optimizer if optimizer is not None else _embtable.Sgd.torch()
         if _weight is None:
             table: Any = (num_embeddings, embedding_dim)
         else:
@@ -213,7 +209,11 @@ class _Module(nn.Module):
                     f"_weight has shape {tuple(table.shape)}, expected "
                     f"({num_embeddings}, {embedding_dim})"
                 )
-        self._layer = _embtable.Embedding(table, placeholder, padding_idx=padding_idx)
+        # PyTorch rescales the rows of a batch to max_norm when it looks them up.
+        self._layer = _embtable.Embedding(
+            table, optimizer, padding_idx=padding_idx, trainable=optimizer is not None,
+            max_norm=max_norm, max_norm_at="lookup",
+        )
         # The table itself, shared with the layer (a strided view of its padded rows).
         self.weight = nn.Parameter(torch.from_numpy(self._layer.weight), requires_grad=not _freeze)
         if _weight is None:
@@ -232,14 +232,14 @@ class _Module(nn.Module):
         """The optimizer the table trains with (changing its options,
         e.g. ``module.optimizer.lr = 0.01``, takes effect at the next
         update), or ``None``."""
-        return self._layer.optimizer if self._has_optimizer else None
+        return self._layer.optimizer
 
     @optimizer.setter
     def optimizer(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be an embtable optimizer, got {type(optimizer).__name__}")
         self._layer.optimizer = optimizer
-        self._has_optimizer = True
+        self._layer.trainable = True
 
     def step(self) -> None:
         """Applies the gradient accumulated since the last step
@@ -257,7 +257,7 @@ class _Module(nn.Module):
 
     def _take_grad(self, accumulate, fused_update, grad) -> None:
         """Hands ``grad`` to the layer: fused update, or accumulate."""
-        if not self._has_optimizer:
+        if self._layer.optimizer is None:
             raise RuntimeError(
                 "the table requires grad but the module has no optimizer; "
                 "set module.optimizer = embtable.Adagrad.torch(...) (or freeze the weight)"
@@ -282,10 +282,6 @@ class _Module(nn.Module):
             )
         return super()._apply(lambda t: t if t is self.weight else fn(t), recurse)
 
-    def _renorm(self, ids: np.ndarray) -> None:
-        if self.max_norm is not None:
-            self._layer.renorm_rows(ids, self.max_norm)
-
     # -- state dict: the weight, the optimizer's arrays as tensors, and the
     # rest of its state (kind, config, step count) as extra state.
 
@@ -293,7 +289,7 @@ class _Module(nn.Module):
         self._layer.flush()
         destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
         extra: dict = {"optimizer": None}
-        if self._has_optimizer:
+        if self._layer.optimizer is not None:
             state = self._layer.optimizer.state_dict()
             for name, array in state.pop("arrays").items():
                 destination[prefix + "optimizer." + name] = torch.from_numpy(array)
@@ -332,7 +328,7 @@ class _Module(nn.Module):
             error_msgs.append(f"While loading {prefix or 'the module'}: {e}")
             return
         if saved is not None:
-            self._has_optimizer = True
+            self._layer.trainable = True
 
     def _extra_repr_common(self) -> str:
         s = f"{self.num_embeddings}, {self.embedding_dim}"
@@ -385,7 +381,6 @@ class Embedding(_Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         ids = _ids(input, "input")
-        self._renorm(ids)
         return _Lookup.apply(self, ids, self.weight)
 
     @classmethod
@@ -476,7 +471,6 @@ class EmbeddingBag(_Module):
             if self.mode == "max":
                 raise ValueError('per_sample_weights cannot be used with mode="max"')
             weights = _floats(per_sample_weights, "per_sample_weights")
-        self._renorm(ids)
         return _Bag.apply(self, ids, offs, weights, self.weight, per_sample_weights)
 
     @classmethod

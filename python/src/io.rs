@@ -80,7 +80,7 @@ impl Vocab {
 
     /// `(word, row)` pairs in row order.
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.inner.iter().map(|(r, w)| (w, r)))
+        PyList::new(py, self.inner.iter())
     }
 
     /// The words, in row order.
@@ -452,13 +452,8 @@ pub fn save_checkpoint(
     let mut ckpt = Checkpoint::new();
     for (name, entry) in &entries {
         ckpt = match entry {
-            Entry::Layer(layer) => {
-                let (table, optimizer) = layer.parts();
-                match optimizer {
-                    Some(o) => ckpt.with(name.clone(), table, &*o.lock()),
-                    None => ckpt.with_table(name.clone(), table),
-                }
-            }
+            // The options too, so that `take_layer` gives the same layer back.
+            Entry::Layer(layer) => ckpt.with_layer(name.clone(), layer.inner()).py()?,
             Entry::Table(table, Some(optimizer)) => {
                 ckpt.with(name.clone(), &table.inner, &*optimizer.lock())
             }
@@ -494,15 +489,26 @@ impl LoadedCheckpoint {
             .ok_or_else(|| PyKeyError::new_err(name.to_owned()))?
             .clone();
         let optimizer = match self.inner.optimizer_state(name) {
-            Some(state) => {
+            Some(state) if state.kind != embtable::Frozen::KIND => {
                 let mut fresh = AnyOptimizer::for_kind(&state.kind)?;
                 let state = state.clone();
                 run(py, || fresh.load_state(state)).py()?;
                 Some(Optimizer::wrap(py, fresh)?)
             }
-            None => None,
+            _ => None,
         };
         Ok((Table { inner: table }, optimizer))
+    }
+
+    /// Removes layer `name` from this checkpoint and returns it as an
+    /// `Embedding`: its table, a fresh optimizer of the saved kind holding
+    /// the saved state, and the saved options (padding row, max_norm, ...).
+    fn take_layer(&mut self, py: Python<'_>, name: &str) -> PyResult<Layer> {
+        if self.inner.table(name).is_none() {
+            return Err(PyKeyError::new_err(name.to_owned()));
+        }
+        let ckpt = &mut self.inner;
+        py.detach(|| Layer::restore(ckpt, name))
     }
 
     fn __contains__(&self, name: &str) -> bool {
@@ -534,10 +540,10 @@ impl LoadedCheckpoint {
         let dict = PyDict::new(py);
         dict.set_item("weight", crate::table::to_numpy(py, table)?)?;
         match self.inner.optimizer_state(name) {
-            Some(state) => {
+            Some(state) if state.kind != embtable::Frozen::KIND => {
                 dict.set_item("optimizer", crate::optim::state_to_py(py, state.clone())?)?
             }
-            None => dict.set_item("optimizer", py.None())?,
+            _ => dict.set_item("optimizer", py.None())?,
         }
         Ok(dict)
     }

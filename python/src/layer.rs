@@ -2,8 +2,11 @@
 //! gradient) as a Python object, with the table also visible as a
 //! zero-copy NumPy view for `torch` and `keras` modules.
 
+use std::path::PathBuf;
+
+use embtable::io::Checkpoint;
 use embtable::optim::OptimizerState;
-use embtable::{EmbeddingOptions, EmbeddingTable, OutOfRange, SparseOptimizer};
+use embtable::{EmbeddingOptions, EmbeddingTable, MaxNormAt, OutOfRange, SparseOptimizer};
 use numpy::ndarray::{ArrayView2, ShapeBuilder};
 use numpy::{PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
@@ -12,7 +15,7 @@ use pyo3::types::PyDict;
 
 use crate::arrays;
 use crate::bags::{BagArgs, with_bags};
-use crate::errors::{IntoPy, value_error};
+use crate::errors::{IntoPy, in_file, value_error};
 use crate::grad::{Grad, check_bag_grad};
 use crate::optim::{AnyOptimizer, Optimizer, Shared, state_from_py, state_to_py};
 use crate::table::{Table, output};
@@ -26,10 +29,8 @@ use crate::threads::run;
 /// as long as the layer lives.
 #[pyclass(name = "Embedding", module = "embtable._embtable")]
 pub struct Layer {
+    /// A frozen layer built without an optimizer holds `AnyOptimizer::Frozen`.
     inner: embtable::Embedding<Shared>,
-    /// The optimizer given, or `None` for a frozen layer built without one
-    /// (the layer then holds a placeholder that never steps).
-    given: bool,
 }
 
 fn out_of_range(value: &Bound<'_, PyAny>) -> PyResult<OutOfRange> {
@@ -53,8 +54,7 @@ impl Layer {
         optimizer: Option<PyRef<'_, Optimizer>>,
         options: EmbeddingOptions,
     ) -> PyResult<Self> {
-        let given = optimizer.is_some();
-        if !given && options.trainable {
+        if optimizer.is_none() && options.trainable {
             return Err(PyTypeError::new_err(
                 "a trainable layer needs an optimizer, e.g. embtable.Adagrad.torch(lr=0.01) \
                  (or pass trainable=False)",
@@ -62,11 +62,16 @@ impl Layer {
         }
         let optimizer = match optimizer {
             Some(o) => o.lock().clone(),
-            None => AnyOptimizer::Sgd(embtable::Sgd::default()),
+            None => AnyOptimizer::Frozen(embtable::Frozen),
         };
         let inner =
             embtable::Embedding::with_options(table, Shared::new(optimizer), options).py()?;
-        Ok(Self { inner, given })
+        Ok(Self { inner })
+    }
+
+    /// Whether the layer has an optimizer (it is not `Frozen`).
+    fn has_optimizer(&self) -> bool {
+        !matches!(*self.inner.optimizer().lock(), AnyOptimizer::Frozen(_))
     }
 
     /// Refuses a fused backward-and-step while a gradient is pending, so
@@ -98,7 +103,7 @@ impl Layer {
 fn plain(o: &EmbeddingOptions) -> bool {
     o.padding_idx.is_none()
         && o.out_of_range == OutOfRange::Error
-        && o.max_norm.is_none()
+        && (o.max_norm.is_none() || o.max_norm_at == MaxNormAt::Lookup)
         && o.trainable
 }
 
@@ -108,7 +113,8 @@ impl Layer {
     /// `(num_rows, dim)` shape for zeros) with a copy of `optimizer`.
     #[new]
     #[pyo3(signature = (table, optimizer = None, *, padding_idx = None, out_of_range = None,
-                        trainable = true, max_norm = None))]
+                        trainable = true, max_norm = None, max_norm_at = "step"))]
+    #[allow(clippy::too_many_arguments)]
     fn py_new(
         py: Python<'_>,
         table: &Bound<'_, PyAny>,
@@ -117,6 +123,7 @@ impl Layer {
         out_of_range: Option<&Bound<'_, PyAny>>,
         trainable: bool,
         max_norm: Option<f32>,
+        max_norm_at: &str,
     ) -> PyResult<Self> {
         let table = if let Ok(t) = table.cast::<Table>() {
             t.borrow().inner.clone()
@@ -129,11 +136,22 @@ impl Layer {
             Some(v) if !v.is_none() => self::out_of_range(v)?,
             _ => OutOfRange::Error,
         };
+        let max_norm_at = match max_norm_at {
+            "step" => MaxNormAt::Step,
+            "lookup" => MaxNormAt::Lookup,
+            other => {
+                return Err(value_error(format!(
+                    "max_norm_at must be \"step\" (Keras' MaxNorm constraint) or \"lookup\" \
+                     (PyTorch's max_norm), got {other:?}"
+                )));
+            }
+        };
         let options = EmbeddingOptions {
             padding_idx,
             out_of_range,
             trainable,
             max_norm,
+            max_norm_at,
         };
         Self::new(table, optimizer, options)
     }
@@ -188,7 +206,7 @@ impl Layer {
         arrays::check_rows_of(&grad_out, ids.shape(), self.inner.table().dim(), "grad_out")?;
         let values = grad_out.as_slice()?;
         let layer = &mut self.inner;
-        if self.given && plain(layer.options()) {
+        if plain(layer.options()) {
             // Coalesce and update in one pass (bitwise the same as below).
             let ids = ids.slice();
             return run(py, move || {
@@ -438,7 +456,7 @@ impl Layer {
     /// with), or `None` for a frozen layer built without one.
     #[getter]
     fn get_optimizer(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        if !self.given {
+        if !self.has_optimizer() {
             return Ok(None);
         }
         Optimizer::handle(py, self.inner.optimizer()).map(Some)
@@ -458,7 +476,6 @@ impl Layer {
             )));
         }
         *self.inner.optimizer().lock() = new;
-        self.given = true;
         Ok(())
     }
 
@@ -491,8 +508,58 @@ impl Layer {
     }
 
     #[getter]
+    fn max_norm_at(&self) -> &'static str {
+        match self.inner.options().max_norm_at {
+            MaxNormAt::Step => "step",
+            MaxNormAt::Lookup => "lookup",
+        }
+    }
+
+    /// Whether `step()` trains the table (Keras' `layer.trainable`).
+    #[getter]
     fn trainable(&self) -> bool {
         self.inner.options().trainable
+    }
+
+    /// Freezes or unfreezes the table; refused while a gradient is pending
+    /// (freezing would lose it) or, to unfreeze, without an optimizer.
+    #[setter]
+    fn set_trainable(&mut self, trainable: bool) -> PyResult<()> {
+        if trainable && !self.has_optimizer() {
+            return Err(PyTypeError::new_err(
+                "the layer has no optimizer; set layer.optimizer = embtable.Adagrad.torch(...) \
+                 first",
+            ));
+        }
+        self.inner.set_trainable(trainable).py()
+    }
+
+    /// Saves the layer to one safetensors file: the table, the optimizer's
+    /// whole state and the options, so that `Embedding.load(path)` gives the
+    /// same layer back (Rust's `Embedding::save` writes the same file). A
+    /// pending gradient is refused (step or clear it first), never lost.
+    fn save(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let layer = &self.inner;
+        let p = &path;
+        run(py, move || layer.save(p)).map_err(in_file(&path))
+    }
+
+    /// The layer saved by `save(path)` (or Rust's `Embedding::save`), with
+    /// a fresh optimizer of the saved kind holding the saved state.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let p = &path;
+        let mut ckpt = run(py, move || Checkpoint::load(p)).map_err(in_file(&path))?;
+        let names: Vec<String> = ckpt.names().map(str::to_owned).collect();
+        match names.as_slice() {
+            [name] => Self::restore(&mut ckpt, name),
+            _ => Err(value_error(format!(
+                "{} holds {} tables {names:?}, not one; use embtable.load_checkpoint(path) and \
+                 take_layer(name) for each",
+                path.display(),
+                names.len()
+            ))),
+        }
     }
 
     /// `{"weight": (num_rows, dim) array, "optimizer": state dict or None}`,
@@ -506,7 +573,7 @@ impl Layer {
         .py()?;
         let dict = PyDict::new(py);
         dict.set_item("weight", crate::table::to_numpy(py, self.inner.table())?)?;
-        if self.given {
+        if self.has_optimizer() {
             dict.set_item("optimizer", state_to_py(py, state)?)?;
         } else {
             dict.set_item("optimizer", py.None())?;
@@ -532,7 +599,8 @@ impl Layer {
             )));
         }
         let optimizer = match state.get_item("optimizer")? {
-            Some(o) if !o.is_none() => {
+            // A frozen layer's state (written by Rust) holds nothing to load.
+            Some(o) if !o.is_none() && !is_frozen_state(&o)? => {
                 let saved = state_from_py(&o.cast_into::<PyDict>()?)?;
                 if let Some(s) = saved.shape.filter(|&s| s != (rows, dim)) {
                     return Err(value_error(format!(
@@ -561,7 +629,6 @@ impl Layer {
         });
         if let Some(fresh) = optimizer {
             *self.inner.optimizer().lock() = fresh;
-            self.given = true;
         }
         Ok(())
     }
@@ -573,11 +640,36 @@ impl Layer {
 }
 
 impl Layer {
-    /// The table, and the optimizer unless the layer was built without one.
-    pub fn parts(&self) -> (&EmbeddingTable, Option<&Shared>) {
-        (
-            self.inner.table(),
-            self.given.then(|| self.inner.optimizer()),
-        )
+    /// The library's layer.
+    pub fn inner(&self) -> &embtable::Embedding<Shared> {
+        &self.inner
     }
+
+    /// A layer from a checkpoint entry, with a fresh optimizer of the
+    /// saved kind taking the saved state; a table saved without optimizer
+    /// state comes back frozen.
+    pub fn restore(ckpt: &mut Checkpoint<'static>, name: &str) -> PyResult<Self> {
+        let optimizer = match ckpt.optimizer_state(name) {
+            Some(state) if state.kind != embtable::Frozen::KIND => {
+                AnyOptimizer::for_kind(&state.kind)?
+            }
+            _ => AnyOptimizer::Frozen(embtable::Frozen),
+        };
+        let frozen = matches!(optimizer, AnyOptimizer::Frozen(_));
+        let mut inner = ckpt.restore_layer(name, Shared::new(optimizer)).py()?;
+        if frozen && inner.options().trainable {
+            inner.set_trainable(false).py()?;
+        }
+        Ok(Self { inner })
+    }
+}
+
+/// Whether `state` (an optimizer state dict) is a frozen layer's.
+fn is_frozen_state(state: &Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(match state.get_item("kind") {
+        Ok(kind) => kind
+            .extract::<String>()
+            .is_ok_and(|k| k == embtable::Frozen::KIND),
+        Err(_) => false,
+    })
 }

@@ -1,6 +1,7 @@
 //! The optimizers as Python classes: `Sgd`, `RmsProp`, `Adagrad`,
-//! `RowWiseAdagrad`, each a subclass of `Optimizer`, with the presets as
-//! static methods taking keyword overrides (`Adagrad.torch(lr=0.05)`).
+//! `RowWiseAdagrad`, `Adam`, `AdamW`, `Ftrl`, each a subclass of
+//! `Optimizer`, with the presets as static methods taking keyword overrides
+//! (`Adagrad.torch(lr=0.05)`, `Adam.torch_sparse(lr=0.01)`).
 //!
 //! The binding knows nothing of each optimizer's fields: a config travels as
 //! the library's `OptimizerState::config` (every field by name, as `f64`),
@@ -11,7 +12,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use embtable::optim::OptimizerState;
+use embtable::optim::{LrSchedule, OptimizerState};
 use embtable::{EmbeddingTable, Index, Result, SparseGrad, SparseOptimizer, StateArray};
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyAttributeError, PyTypeError};
@@ -25,20 +26,24 @@ use crate::grad::Grad;
 use crate::table::Table;
 use crate::threads::run;
 
-/// How a config field is written in Python; every other field is a float.
+/// How a config field is written in Python; every other field is an `f32`.
 enum Field {
     Float,
+    /// Kept in `f64` by the library (Adam's β: `1 − β` needs the digits).
+    Double,
     Bool,
     /// Strings whose index is the saved code (see `OptimizerState`).
     Choice(&'static [&'static str]),
 }
 
-fn field(name: &str) -> Field {
-    match name {
-        "nesterov" | "centered" | "amsgrad" => Field::Bool,
-        "eps_placement" => Field::Choice(&["inside_sqrt", "outside_sqrt"]),
-        "semantics" => Field::Choice(&["lazy", "dense_exact"]),
-        "style" => Field::Choice(&["keras", "torch"]),
+fn field(kind: &str, name: &str) -> Field {
+    match (kind, name) {
+        (_, "beta_1" | "beta_2") => Field::Double,
+        (_, "nesterov" | "centered" | "amsgrad") => Field::Bool,
+        (_, "eps_placement") => Field::Choice(&["inside_sqrt", "outside_sqrt"]),
+        (_, "semantics") => Field::Choice(&["lazy", "dense_exact"]),
+        ("adam" | "adamw", "style") => Field::Choice(&["keras", "torch", "torch_sparse"]),
+        (_, "style") => Field::Choice(&["keras", "torch"]),
         _ => Field::Float,
     }
 }
@@ -51,7 +56,7 @@ fn encode(kind: &str, name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
             value.repr().map_or_else(|_| "?".into(), |r| r.to_string())
         ))
     };
-    match field(name) {
+    match field(kind, name) {
         Field::Bool => value
             .cast::<PyBool>()
             .map(|b| f64::from(u8::from(b.is_true())))
@@ -64,20 +69,23 @@ fn encode(kind: &str, name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
                 .map(|i| i as f64)
                 .ok_or_else(|| wrong(&quoted(options)))
         }
-        Field::Float => {
+        Field::Float | Field::Double => {
             if value.is_instance_of::<PyBool>() {
                 return Err(wrong("a number"));
             }
             let v: f64 = value.extract().map_err(|_| wrong("a number"))?;
-            // Configs hold f32; the library accepts only exact f32 values.
-            Ok(f64::from(v as f32))
+            Ok(match field(kind, name) {
+                // The library accepts only exact f32 values for its f32 fields.
+                Field::Float => f64::from(v as f32),
+                _ => v,
+            })
         }
     }
 }
 
 /// A saved config value as Python shows it.
-fn decode<'py>(py: Python<'py>, name: &str, v: f64) -> PyResult<Bound<'py, PyAny>> {
-    Ok(match field(name) {
+fn decode<'py>(py: Python<'py>, kind: &str, name: &str, v: f64) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match field(kind, name) {
         Field::Bool => PyBool::new(py, v != 0.0).to_owned().into_any(),
         Field::Choice(options) => options
             .get(v as usize)
@@ -93,6 +101,7 @@ fn decode<'py>(py: Python<'py>, name: &str, v: f64) -> PyResult<Bound<'py, PyAny
             .unwrap_or(v)
             .into_pyobject(py)?
             .into_any(),
+        Field::Double => v.into_pyobject(py)?.into_any(),
     })
 }
 
@@ -115,6 +124,8 @@ macro_rules! optimizers {
                 #[doc = concat!("`", $kind, "`")]
                 $variant(embtable::$variant),
             )+
+            /// The optimizer of a frozen layer built without one: it never steps.
+            Frozen(embtable::Frozen),
         }
 
         impl AnyOptimizer {
@@ -131,12 +142,12 @@ macro_rules! optimizers {
 
             /// The kind: `"sgd"`, `"adagrad"`, …
             pub fn kind(&self) -> &'static str {
-                match self { $(Self::$variant(_) => $kind,)+ }
+                match self { $(Self::$variant(_) => $kind,)+ Self::Frozen(_) => embtable::Frozen::KIND }
             }
 
             /// The Python class name.
             fn class_name(&self) -> &'static str {
-                match self { $(Self::$variant(_) => $name,)+ }
+                match self { $(Self::$variant(_) => $name,)+ Self::Frozen(_) => "Frozen" }
             }
 
             /// The kind's presets, for an error message.
@@ -151,6 +162,7 @@ macro_rules! optimizers {
             fn config(&self) -> Vec<(String, f64)> {
                 match self {
                     $(Self::$variant(o) => embtable::$variant::new(*o.config()).state().config,)+
+                    Self::Frozen(_) => Vec::new(),
                 }
             }
 
@@ -160,14 +172,14 @@ macro_rules! optimizers {
                 let init = PyClassInitializer::from(optimizer);
                 Ok(match kind {
                     $($kind => Py::new(py, init.add_subclass($class))?.into_any(),)+
-                    _ => unreachable!("every kind has a class"),
+                    _ => unreachable!("no Python object holds a Frozen (see `Layer`)"),
                 })
             }
         }
 
         impl SparseOptimizer for AnyOptimizer {
             fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) -> Result<()> {
-                match self { $(Self::$variant(o) => o.step(table, grad),)+ }
+                match self { $(Self::$variant(o) => o.step(table, grad),)+ Self::Frozen(o) => o.step(table, grad) }
             }
             fn step_lookup<I: Index>(
                 &mut self,
@@ -176,22 +188,34 @@ macro_rules! optimizers {
                 grad_out: &[f32],
             ) -> Result<()> {
                 // The binding passes i64 ids only (see `arrays::Ids`).
-                match self { $(Self::$variant(o) => o.step_lookup(table, ids, grad_out),)+ }
+                match self { $(Self::$variant(o) => o.step_lookup(table, ids, grad_out),)+ Self::Frozen(o) => o.step_lookup(table, ids, grad_out) }
             }
             fn flush(&mut self, table: &mut EmbeddingTable) -> Result<()> {
-                match self { $(Self::$variant(o) => o.flush(table),)+ }
+                match self { $(Self::$variant(o) => o.flush(table),)+ Self::Frozen(o) => o.flush(table) }
             }
             fn catch_up(&mut self, table: &mut EmbeddingTable, rows: &[usize]) -> Result<()> {
-                match self { $(Self::$variant(o) => o.catch_up(table, rows),)+ }
+                match self { $(Self::$variant(o) => o.catch_up(table, rows),)+ Self::Frozen(o) => o.catch_up(table, rows) }
             }
             fn has_lagging_rows(&self) -> bool {
-                match self { $(Self::$variant(o) => o.has_lagging_rows(),)+ }
+                match self { $(Self::$variant(o) => o.has_lagging_rows(),)+ Self::Frozen(o) => o.has_lagging_rows() }
             }
             fn state(&self) -> OptimizerState {
-                match self { $(Self::$variant(o) => o.state(),)+ }
+                match self { $(Self::$variant(o) => o.state(),)+ Self::Frozen(o) => o.state() }
             }
             fn load_state(&mut self, state: OptimizerState) -> Result<()> {
-                match self { $(Self::$variant(o) => o.load_state(state),)+ }
+                match self { $(Self::$variant(o) => o.load_state(state),)+ Self::Frozen(o) => o.load_state(state) }
+            }
+            fn lr(&self) -> f32 {
+                match self { $(Self::$variant(o) => o.lr(),)+ Self::Frozen(o) => o.lr() }
+            }
+            fn set_lr(&mut self, lr: f32) -> Result<()> {
+                match self { $(Self::$variant(o) => o.set_lr(lr),)+ Self::Frozen(o) => o.set_lr(lr) }
+            }
+            fn set_schedule(&mut self, schedule: Option<Arc<dyn LrSchedule>>) {
+                match self { $(Self::$variant(o) => o.set_schedule(schedule),)+ Self::Frozen(o) => o.set_schedule(schedule) }
+            }
+            fn steps(&self) -> u64 {
+                match self { $(Self::$variant(o) => o.steps(),)+ Self::Frozen(o) => o.steps() }
             }
         }
 
@@ -238,10 +262,12 @@ macro_rules! optimizers {
 optimizers! {
     Sgd(SgdClass, "Sgd", "sgd") {
         keras => embtable::SgdConfig::keras(),
+        keras_lazy => embtable::SgdConfig::keras_lazy(),
         torch => embtable::SgdConfig::torch(),
     },
     RmsProp(RmsPropClass, "RmsProp", "rmsprop") {
         keras => embtable::RmsPropConfig::keras(),
+        keras_lazy => embtable::RmsPropConfig::keras_lazy(),
         torch => embtable::RmsPropConfig::torch(),
     },
     Adagrad(AdagradClass, "Adagrad", "adagrad") {
@@ -250,6 +276,21 @@ optimizers! {
     },
     RowWiseAdagrad(RowWiseAdagradClass, "RowWiseAdagrad", "rowwise_adagrad") {
         fbgemm => embtable::RowWiseAdagradConfig::default(),
+    },
+    Adam(AdamClass, "Adam", "adam") {
+        keras => embtable::AdamConfig::keras(),
+        keras_lazy => embtable::AdamConfig::keras_lazy(),
+        torch => embtable::AdamConfig::torch(),
+        torch_sparse => embtable::AdamConfig::torch_sparse(),
+    },
+    AdamW(AdamWClass, "AdamW", "adamw") {
+        keras => embtable::AdamWConfig::keras(),
+        keras_lazy => embtable::AdamWConfig::keras_lazy(),
+        torch => embtable::AdamWConfig::torch(),
+    },
+    Ftrl(FtrlClass, "Ftrl", "ftrl") {
+        keras => embtable::FtrlConfig::keras(),
+        keras_lazy => embtable::FtrlConfig::keras_lazy(),
     },
 }
 
@@ -297,6 +338,18 @@ impl SparseOptimizer for Shared {
     }
     fn load_state(&mut self, state: OptimizerState) -> Result<()> {
         self.lock().load_state(state)
+    }
+    fn lr(&self) -> f32 {
+        self.lock().lr()
+    }
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        self.lock().set_lr(lr)
+    }
+    fn set_schedule(&mut self, schedule: Option<Arc<dyn LrSchedule>>) {
+        self.lock().set_schedule(schedule)
+    }
+    fn steps(&self) -> u64 {
+        self.lock().steps()
     }
 }
 
@@ -404,8 +457,9 @@ impl Optimizer {
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let config = self.lock().config();
         let dict = PyDict::new(py);
+        let kind = self.lock().kind();
         for (name, v) in config {
-            dict.set_item(&name, decode(py, &name, v)?)?;
+            dict.set_item(&name, decode(py, kind, &name, v)?)?;
         }
         Ok(dict)
     }
@@ -414,7 +468,7 @@ impl Optimizer {
     fn __getattr__<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         let config = self.lock().config();
         match config.iter().find(|(n, _)| n == name) {
-            Some((n, v)) => decode(py, n, *v),
+            Some((n, v)) => decode(py, self.lock().kind(), n, *v),
             None => Err(PyAttributeError::new_err(format!(
                 "'{}' object has no attribute {name:?}",
                 self.lock().class_name()
@@ -437,7 +491,8 @@ impl Optimizer {
         let Some(fields) = fields else { return Ok(()) };
         let mut guard = self.lock();
         let kind = guard.kind();
-        let mut config = guard.config();
+        let old = guard.config();
+        let mut config = old.clone();
         set_fields(kind, &mut config, fields)?;
         // Check the config alone first: cheap, and names the bad field.
         let mut fresh = guard.clone_config_only();
@@ -448,13 +503,44 @@ impl Optimizer {
                 ..Default::default()
             })
             .py()?;
+        // A new rate goes through `set_lr`, so that rows lagging behind
+        // (dense-exact) catch up the steps they missed with the rates those
+        // steps used; the other fields are loaded with the state.
+        let lr_of = |c: &[(String, f64)]| c.iter().find(|(n, _)| n == "lr").map(|&(_, v)| v);
+        let new_lr = lr_of(&config).filter(|&lr| Some(lr) != lr_of(&old));
+        let others_change = config
+            .iter()
+            .zip(&old)
+            .any(|((name, new), (_, was))| name != "lr" && new != was);
+        if let (Some(_), Some(slot)) = (new_lr, config.iter_mut().find(|(n, _)| n == "lr")) {
+            slot.1 = lr_of(&old).unwrap_or(slot.1);
+        }
         let optimizer: &mut AnyOptimizer = &mut guard;
         run(py, move || {
-            let mut state = optimizer.state();
-            state.config = config;
-            optimizer.load_state(state)
+            if others_change {
+                let mut state = optimizer.state();
+                state.config = config;
+                optimizer.load_state(state)?;
+            }
+            match new_lr {
+                Some(lr) => optimizer.set_lr(lr as f32),
+                None => Ok(()),
+            }
         })
         .py()
+    }
+
+    /// Sets the learning rate of the next steps, as a PyTorch scheduler or
+    /// Keras' `optimizer.learning_rate = x` does (the same as `lr = x`).
+    fn set_lr(&self, py: Python<'_>, lr: f32) -> PyResult<()> {
+        let shared = &self.shared;
+        run(py, move || shared.lock().set_lr(lr)).py()
+    }
+
+    /// Steps taken so far (Keras' `optimizer.iterations`).
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.lock().steps()
     }
 
     /// One step on the rows `grad` names (`grad`: a `SparseGrad`).
@@ -539,7 +625,10 @@ impl Optimizer {
         let guard = self.lock();
         let mut parts = Vec::new();
         for (name, v) in guard.config() {
-            parts.push(format!("{name}={}", decode(py, &name, v)?.repr()?));
+            parts.push(format!(
+                "{name}={}",
+                decode(py, guard.kind(), &name, v)?.repr()?
+            ));
         }
         Ok(format!("{}({})", guard.class_name(), parts.join(", ")))
     }
@@ -586,7 +675,7 @@ pub fn state_to_py(py: Python<'_>, state: OptimizerState) -> PyResult<Bound<'_, 
     dict.set_item("kind", &state.kind)?;
     let config = PyDict::new(py);
     for (name, v) in &state.config {
-        config.set_item(name, decode(py, name, *v)?)?;
+        config.set_item(name, decode(py, &state.kind, name, *v)?)?;
     }
     dict.set_item("config", config)?;
     dict.set_item("steps", state.steps)?;
@@ -603,6 +692,7 @@ pub fn state_to_py(py: Python<'_>, state: OptimizerState) -> PyResult<Bound<'_, 
         .map(|&s| i64::try_from(s).unwrap_or(i64::MAX))
         .collect();
     dict.set_item("last_step", PyArray1::from_vec(py, last_step))?;
+    dict.set_item("lr_history", state.lr_history)?;
     Ok(dict)
 }
 
@@ -639,6 +729,7 @@ pub fn state_from_py(dict: &Bound<'_, PyDict>) -> PyResult<OptimizerState> {
         })?;
         last_step.push(s);
     }
+    let lr_history: Vec<(u64, f32)> = get("lr_history")?.extract()?;
     Ok(OptimizerState {
         kind,
         config,
@@ -646,5 +737,6 @@ pub fn state_from_py(dict: &Bound<'_, PyDict>) -> PyResult<OptimizerState> {
         shape,
         arrays,
         last_step,
+        lr_history,
     })
 }

@@ -129,7 +129,7 @@ def test_bad_configs_are_value_errors():
         (lambda: embtable.RowWiseAdagrad.fbgemm(initial_accumulator_value=-1.0), "initial_accumulator_value"),
         (lambda: embtable.Sgd.keras(nesterov=1), "nesterov"),
         (lambda: embtable.Sgd.keras(lr="fast"), "lr"),
-        (lambda: embtable.Optimizer("adam", "keras"), "adam"),
+        (lambda: embtable.Optimizer("lamb", "keras"), "lamb"),
         (lambda: embtable.Optimizer("sgd", "jax"), "presets"),
         (lambda: embtable.Table(0, 4), "rows"),
         (lambda: embtable.Table.uniform(2, 2, 1.0, 0.0), "low|high"),

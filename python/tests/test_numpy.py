@@ -174,8 +174,9 @@ def test_optimizer_presets_and_overrides():
     a = embtable.Adagrad.torch(lr=0.05)
     assert isinstance(a, embtable.Adagrad) and isinstance(a, embtable.Optimizer)
     assert a.kind == "adagrad"
-    assert a.config == {"lr": 0.05, "initial_accumulator_value": 0.0,
-                        "epsilon": 1e-10, "eps_placement": "outside_sqrt"}
+    assert a.config == {"lr": 0.05, "initial_accumulator_value": 0.0, "epsilon": 1e-10,
+                        "eps_placement": "outside_sqrt", "lr_decay": 0.0, "weight_decay": 0.0,
+                        "semantics": "dense_exact"}
     assert a.lr == 0.05
     k = embtable.Adagrad.keras()
     assert (k.lr, k.initial_accumulator_value, k.eps_placement) == (
@@ -247,8 +248,9 @@ def test_optimizer_steps_are_the_formulas(rng):
 def test_dense_exact_rows_catch_up_on_flush(rng):
     values = rng.standard_normal((6, 3)).astype(np.float32)
     lazy, dense = embtable.Table.from_numpy(values), embtable.Table.from_numpy(values)
-    o_lazy = embtable.Sgd.keras(lr=0.1, momentum=0.9)
-    o_dense = embtable.Sgd.keras(lr=0.1, momentum=0.9, semantics="dense_exact")
+    o_lazy = embtable.Sgd.keras_lazy(lr=0.1, momentum=0.9)
+    o_dense = embtable.Sgd.keras(lr=0.1, momentum=0.9)
+    assert (o_lazy.semantics, o_dense.semantics) == ("lazy", "dense_exact")
     g = np.ones((1, 3), np.float32)
     for opt, table in ((o_lazy, lazy), (o_dense, dense)):
         opt.step_lookup(table, [2], g)

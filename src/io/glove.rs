@@ -200,7 +200,7 @@ fn first_line_dim(line: &[u8], n: usize) -> Result<usize> {
 pub fn write_glove(path: impl AsRef<Path>, vocab: &Vocab, table: &EmbeddingTable) -> Result<()> {
     check_words(vocab, table.rows(), "GloVe")?;
     write_atomic(path.as_ref(), |out| {
-        for (r, word) in vocab.iter() {
+        for (word, r) in vocab.iter() {
             write_line(out, word, table.row(r))?;
         }
         Ok(())

@@ -83,13 +83,12 @@
 //! # Ok::<(), embtable::Error>(())
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::path::Path;
 
 use crate::{Error, Result};
 
+mod atomic;
 pub mod checkpoint;
 mod glove;
 mod npy;
@@ -98,6 +97,7 @@ mod text;
 mod vocab;
 mod word2vec;
 
+pub(crate) use atomic::write_atomic;
 pub use checkpoint::{
     Checkpoint, load_checkpoint, load_table_safetensors, save_checkpoint, save_table_safetensors,
 };
@@ -235,7 +235,7 @@ pub(crate) fn check_words(vocab: &Vocab, rows: usize, format: &str) -> Result<()
             got: vocab.len(),
         });
     }
-    for (row, word) in vocab.iter() {
+    for (word, row) in vocab.iter() {
         if word.is_empty() || word.bytes().any(|b| b.is_ascii_whitespace()) {
             return Err(Error::InvalidConfig {
                 field: "vocab",
@@ -249,133 +249,17 @@ pub(crate) fn check_words(vocab: &Vocab, rows: usize, format: &str) -> Result<()
     Ok(())
 }
 
-/// Writes `path` atomically: `write` fills a temporary file in the same
-/// directory, which is flushed, synced to disk and renamed over `path`.
-/// A crash or an error at any point leaves the previous `path` intact; on
-/// error the temporary file is removed.
-pub(crate) fn write_atomic<F>(path: &Path, write: F) -> Result<()>
-where
-    F: FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
-{
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io_error = |context: String, source| Error::Io { context, source };
-    let name = path.file_name().ok_or_else(|| {
-        io_error(
-            format!("writing {}", path.display()),
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"),
-        )
-    })?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io_error(format!("creating {}", tmp.display()), e))?;
-    let written = (|| {
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        write(&mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
-    })();
-    if let Err(e) = written {
-        // The write already failed; a leftover temporary file is all a
-        // failed removal could cost, so its error is not reported.
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(
-            format!("writing {} (for {})", tmp.display(), path.display()),
-            e,
-        ));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(
-            format!("renaming {} to {}", tmp.display(), path.display()),
-            e,
-        ));
-    }
-    sync_dir(dir);
-    Ok(())
-}
-
-/// Makes the rename durable. Best effort: some file systems refuse to sync
-/// a directory, and the data itself is already on disk.
-fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::fs;
+    use std::path::PathBuf;
 
     fn scratch_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("embtable-io-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
-    }
-
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    #[test]
-    fn atomic_write_replaces_the_file() {
-        let dir = scratch_dir("atomic-ok");
-        let path = dir.join("out.txt");
-        fs::write(&path, b"old").unwrap();
-        write_atomic(&path, |w| w.write_all(b"new contents")).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"new contents");
-        assert_eq!(entries(&dir), ["out.txt"]);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn failed_atomic_write_keeps_the_old_file_and_cleans_up() {
-        let dir = scratch_dir("atomic-fail");
-        let path = dir.join("out.txt");
-        fs::write(&path, b"old").unwrap();
-        let err = write_atomic(&path, |w| {
-            w.write_all(&[7; 3 << 20])?; // more than the buffer: reaches the file
-            Err(std::io::Error::other("disk on fire"))
-        })
-        .unwrap_err();
-        match &err {
-            Error::Io { context, source } => {
-                assert!(context.contains("out.txt"), "{context}");
-                assert_eq!(source.to_string(), "disk on fire");
-            }
-            other => panic!("expected Error::Io, got {other:?}"),
-        }
-        assert_eq!(fs::read(&path).unwrap(), b"old");
-        assert_eq!(entries(&dir), ["out.txt"]);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn atomic_write_into_a_missing_directory_is_an_io_error() {
-        let path = std::env::temp_dir().join("embtable-no-such-dir-xyz/out.txt");
-        let err = write_atomic(&path, |w| w.write_all(b"x")).unwrap_err();
-        assert!(matches!(err, Error::Io { .. }), "{err:?}");
     }
 
     /// What a read gave, comparable: words, value bits and report, or the

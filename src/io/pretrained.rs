@@ -154,7 +154,8 @@ impl Pretrained {
     ///
     /// `word_index` maps words to rows: Keras' `tokenizer.word_index` (index
     /// 0 reserved for padding), a `TextVectorization` vocabulary enumerated,
-    /// any `&HashMap<String, usize>` or iterator of `(word, row)` pairs. Rows
+    /// a [`Vocab`] (`&vocab` or `vocab.iter()`), any `&HashMap<String,
+    /// usize>` or iterator of `(word, row)` pairs. Rows
     /// without a vector are filled as [`TableOptions`] says (zeros by
     /// default). Words mapped to the padding row are not counted in the
     /// [`Coverage`].

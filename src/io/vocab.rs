@@ -164,9 +164,24 @@ impl Vocab {
         self.words.get(i).map(String::as_str)
     }
 
-    /// `(row, word)` pairs in row order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (usize, &str)> + '_ {
-        self.words.iter().map(String::as_str).enumerate()
+    /// `(word, row)` pairs in row order: the order of Keras'
+    /// `word_index.items()` and gensim's `key_to_index.items()`, and of the
+    /// pairs [`Pretrained::table_for`](crate::io::Pretrained::table_for)
+    /// takes, so a vocabulary can be passed there as it is (`&vocab` is an
+    /// iterator of the same pairs).
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::Vocab;
+    /// let vocab = Vocab::from_words(["the", "cat"])?;
+    /// assert_eq!(vocab.iter().collect::<Vec<_>>(), [("the", 0), ("cat", 1)]);
+    /// for (word, row) in &vocab {
+    ///     assert_eq!(vocab.get(word), Some(row));
+    /// }
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, usize)> + '_ {
+        self.into_iter()
     }
 
     /// The words, word `i` naming row `i`.
@@ -184,6 +199,22 @@ impl fmt::Debug for Vocab {
             list.entry(&format_args!("... {} words in all", self.words.len()));
         }
         list.finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a Vocab {
+    type Item = (&'a str, usize);
+    type IntoIter = std::iter::Map<
+        std::iter::Enumerate<std::slice::Iter<'a, String>>,
+        fn((usize, &'a String)) -> (&'a str, usize),
+    >;
+
+    /// [`Vocab::iter`]: `(word, row)` pairs in row order.
+    fn into_iter(self) -> Self::IntoIter {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(row, w)| (w.as_str(), row))
     }
 }
 

@@ -263,7 +263,7 @@ pub fn write_word2vec(
     write_atomic(path.as_ref(), |out| {
         writeln!(out, "{} {}", table.rows(), table.dim())?;
         let mut record = Vec::new();
-        for (r, word) in vocab.iter() {
+        for (word, r) in vocab.iter() {
             let row = table.row(r);
             match format {
                 Word2VecFormat::Text => write_line(out, word, row)?,

@@ -15,11 +15,13 @@
 //! environment variable `EMBTABLE_TIER` (`scalar`, `portable`, `avx2`,
 //! `avx512`) overrides that process-wide, and [`with_tier`] overrides it for
 //! the calls made inside a closure, which is how tests and benches cover
-//! every tier.
+//! every tier. A misspelt `EMBTABLE_TIER`, or a tier this CPU lacks, falls
+//! back to the best tier with one line on standard error
+//! ([`default_tier`]); [`tier_from_env`] reports it as an `Err`.
 //!
 //! **Every tier gives bitwise identical results.** Kernels only use IEEE
 //! operations that round the same in every width (add, sub, mul, div, sqrt,
-//! max) and never fuse a multiply and an add (no FMA contraction), and lane
+//! max, min) and never fuse a multiply and an add (no FMA contraction), and lane
 //! `i` of a row is always computed from lane `i` of the inputs, so the
 //! vector width cannot change the order of any sum.
 
@@ -118,22 +120,79 @@ thread_local! {
 
 /// The process-wide tier: `EMBTABLE_TIER` if set to an available tier, else the best.
 ///
-/// # Panics
-/// If `EMBTABLE_TIER` names an unknown tier or one this CPU lacks: a bench
-/// or test asked for a tier it would silently not measure.
+/// Read once, on first use. An `EMBTABLE_TIER` that names no tier, or a
+/// tier this CPU cannot run, is not a reason to stop a training run: the
+/// best tier is used instead, and one line on standard error says so.
+/// A bench or test that must measure the tier it asked for calls
+/// [`tier_from_env`], which returns that mistake as an `Err`.
 pub fn default_tier() -> Tier {
-    *DEFAULT_TIER.get_or_init(|| match std::env::var("EMBTABLE_TIER") {
-        Ok(name) => {
-            let tier = Tier::from_name(&name)
-                .unwrap_or_else(|| panic!("EMBTABLE_TIER={name:?} is not a tier name"));
-            assert!(
-                tier.is_available(),
-                "EMBTABLE_TIER={name}: this CPU cannot run that tier"
-            );
-            tier
+    *DEFAULT_TIER.get_or_init(|| match tier_from_env() {
+        Ok(tier) => tier.unwrap_or_else(Tier::best),
+        Err(e) => {
+            let best = Tier::best();
+            eprintln!("embtable: {e}; using the best tier this CPU runs, {best}");
+            best
         }
-        Err(_) => Tier::best(),
     })
+}
+
+/// The tier `EMBTABLE_TIER` asks for, or `None` if it is unset or empty.
+///
+/// # Errors
+/// [`Error::InvalidConfig`](crate::Error::InvalidConfig) (field
+/// `EMBTABLE_TIER`) if it names no tier, or a tier this CPU cannot run.
+///
+/// # Examples
+/// ```
+/// use embtable::kernels::{self, Tier};
+/// // Unset here (or set by whoever runs this): either way not a panic.
+/// match kernels::tier_from_env() {
+///     Ok(Some(tier)) => assert!(tier.is_available()),
+///     Ok(None) => assert_eq!(kernels::default_tier(), Tier::best()),
+///     Err(e) => assert!(e.to_string().contains("EMBTABLE_TIER"), "{e}"),
+/// }
+/// ```
+pub fn tier_from_env() -> crate::Result<Option<Tier>> {
+    match std::env::var("EMBTABLE_TIER") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(name)) => Err(tier_error(format!(
+            "{name:?} is not a tier (not even valid unicode)"
+        ))),
+        Ok(name) => parse_tier(&name, Tier::is_available),
+    }
+}
+
+/// `name` as a tier `available` says the CPU runs; `None` if empty.
+fn parse_tier(name: &str, available: impl Fn(Tier) -> bool) -> crate::Result<Option<Tier>> {
+    if name.trim().is_empty() {
+        return Ok(None);
+    }
+    let Some(tier) = Tier::from_name(name) else {
+        let names: Vec<&str> = Tier::ALL.iter().map(|t| t.name()).collect();
+        return Err(tier_error(format!(
+            "{name:?} is not a tier; the tiers are {}",
+            names.join(", ")
+        )));
+    };
+    if !available(tier) {
+        let runs: Vec<&str> = Tier::ALL
+            .into_iter()
+            .filter(|&t| available(t))
+            .map(Tier::name)
+            .collect();
+        return Err(tier_error(format!(
+            "{name:?}: this CPU cannot run that tier; it runs {}",
+            runs.join(", ")
+        )));
+    }
+    Ok(Some(tier))
+}
+
+fn tier_error(reason: String) -> crate::Error {
+    crate::Error::InvalidConfig {
+        field: "EMBTABLE_TIER",
+        reason,
+    }
 }
 
 /// The tier that operations started on this thread use now.
@@ -192,9 +251,11 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// # Panics
     /// If `dst.len() < N`.
     fn store(self, v: Self::V, dst: &mut [f32]);
-    /// Loads `src.len() < N` floats; the other lanes are zero.
+    /// Loads the first `min(src.len(), N)` floats of `src` (kernels pass
+    /// fewer than `N`, the tail of a row); the other lanes are zero.
     fn load_partial(self, src: &[f32]) -> Self::V;
-    /// Stores the first `dst.len() < N` lanes.
+    /// Stores the first `min(dst.len(), N)` lanes into `dst`; the rest of
+    /// `dst` is left as it was.
     fn store_partial(self, v: Self::V, dst: &mut [f32]);
     /// Stores `N` floats into `dst[..N]`, bypassing the caches where the
     /// tier has non-temporal stores (the default is [`store`](Self::store)).
@@ -222,6 +283,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Lane-wise `if a > b { a } else { b }` (so a NaN in `a` yields `b`,
     /// a NaN in `b` yields `b`, and `max(-0, +0) == +0`), as `maxps` does.
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `if a < b { a } else { b }` (a NaN in either yields `b`),
+    /// as `minps` does.
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
 }
 
 /// An operation with one generic body for every tier.
@@ -362,6 +426,26 @@ mod tests {
             seen.push(p as usize - base as usize)
         });
         seen
+    }
+
+    #[test]
+    fn tier_names_parse_or_say_what_is_wrong() {
+        let all = |_: Tier| true;
+        let no_avx512 = |t: Tier| t != Tier::Avx512;
+        assert_eq!(parse_tier(" avx2\n", all).unwrap(), Some(Tier::Avx2));
+        assert_eq!(parse_tier("", all).unwrap(), None);
+        assert_eq!(parse_tier("  ", all).unwrap(), None);
+        let err = parse_tier("sse9", all).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid EMBTABLE_TIER: \"sse9\" is not a tier; the tiers are scalar, portable, avx2, avx512"
+        );
+        let err = parse_tier("avx512", no_avx512).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid EMBTABLE_TIER: \"avx512\": this CPU cannot run that tier; \
+             it runs scalar, portable, avx2"
+        );
     }
 
     #[test]

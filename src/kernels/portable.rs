@@ -30,13 +30,14 @@ impl Simd for Portable {
     #[inline(always)]
     fn load_partial(self, src: &[f32]) -> f32x8 {
         let mut lanes = [0.0; 8];
-        lanes[..src.len()].copy_from_slice(src);
+        let n = src.len().min(8);
+        lanes[..n].copy_from_slice(&src[..n]);
         f32x8::from(lanes)
     }
     #[inline(always)]
     fn store_partial(self, v: f32x8, dst: &mut [f32]) {
-        let n = dst.len();
-        dst.copy_from_slice(&v.to_array()[..n]);
+        let n = dst.len().min(8);
+        dst[..n].copy_from_slice(&v.to_array()[..n]);
     }
     #[inline(always)]
     fn add(self, a: f32x8, b: f32x8) -> f32x8 {
@@ -62,5 +63,9 @@ impl Simd for Portable {
     fn max(self, a: f32x8, b: f32x8) -> f32x8 {
         // An explicit select, so NaN and signed-zero cases match the other tiers.
         a.simd_gt(b).select(a, b)
+    }
+    #[inline(always)]
+    fn min(self, a: f32x8, b: f32x8) -> f32x8 {
+        a.simd_lt(b).select(a, b)
     }
 }

@@ -25,12 +25,16 @@ impl Simd for Scalar {
         dst[0] = v;
     }
     #[inline(always)]
-    fn load_partial(self, _src: &[f32]) -> f32 {
-        // Fewer than one float: nothing to load.
-        0.0
+    fn load_partial(self, src: &[f32]) -> f32 {
+        // Kernels pass an empty tail here (a vector is one float).
+        src.first().copied().unwrap_or(0.0)
     }
     #[inline(always)]
-    fn store_partial(self, _v: f32, _dst: &mut [f32]) {}
+    fn store_partial(self, v: f32, dst: &mut [f32]) {
+        if let Some(x) = dst.first_mut() {
+            *x = v;
+        }
+    }
     #[inline(always)]
     fn add(self, a: f32, b: f32) -> f32 {
         a + b
@@ -54,5 +58,9 @@ impl Simd for Scalar {
     #[inline(always)]
     fn max(self, a: f32, b: f32) -> f32 {
         if a > b { a } else { b }
+    }
+    #[inline(always)]
+    fn min(self, a: f32, b: f32) -> f32 {
+        if a < b { a } else { b }
     }
 }

@@ -92,15 +92,16 @@ impl Simd for Avx2 {
     #[inline(always)]
     fn load_partial(self, src: &[f32]) -> __m256 {
         let mut lanes = [0.0f32; 8];
-        lanes[..src.len()].copy_from_slice(src);
+        let n = src.len().min(8);
+        lanes[..n].copy_from_slice(&src[..n]);
         self.load(&lanes)
     }
     #[inline(always)]
     fn store_partial(self, v: __m256, dst: &mut [f32]) {
         let mut lanes = [0.0f32; 8];
         self.store(v, &mut lanes);
-        let n = dst.len();
-        dst.copy_from_slice(&lanes[..n]);
+        let n = dst.len().min(8);
+        dst[..n].copy_from_slice(&lanes[..n]);
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {
@@ -132,6 +133,12 @@ impl Simd for Avx2 {
         // SAFETY: the Avx2 token proves AVX is available. `maxps` returns its
         // second operand unless `a > b`, the rule every tier follows.
         unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the Avx2 token proves AVX is available. `minps` returns its
+        // second operand unless `a < b`, the rule every tier follows.
+        unsafe { _mm256_min_ps(a, b) }
     }
 }
 
@@ -173,13 +180,14 @@ impl Simd for Avx512 {
     fn load_partial(self, src: &[f32]) -> __m512 {
         let mask = lane_mask(src.len());
         // SAFETY: masked-off lanes are never read (and cannot fault); the
-        // mask covers exactly the `src.len()` readable floats.
+        // mask covers the first `min(src.len(), 16)` floats, all readable.
         unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr()) }
     }
     #[inline(always)]
     fn store_partial(self, v: __m512, dst: &mut [f32]) {
         let mask = lane_mask(dst.len());
-        // SAFETY: only the `dst.len()` lanes in the mask are written.
+        // SAFETY: only the first `min(dst.len(), 16)` lanes, all inside
+        // `dst`, are in the mask and written.
         unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v) }
     }
     #[inline(always)]
@@ -213,11 +221,17 @@ impl Simd for Avx512 {
         // returns its second operand unless `a > b`, as every tier does.
         unsafe { _mm512_max_ps(a, b) }
     }
+    #[inline(always)]
+    fn min(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: the Avx512 token proves AVX-512F is available. `vminps`
+        // returns its second operand unless `a < b`, as every tier does.
+        unsafe { _mm512_min_ps(a, b) }
+    }
 }
 
-/// A mask of the low `n < 16` lanes.
+/// A mask of the low `min(n, 16)` lanes. (A shift by `n` itself would
+/// overflow from `n = 32` on.)
 #[inline(always)]
 fn lane_mask(n: usize) -> __mmask16 {
-    debug_assert!(n < 16);
-    ((1u32 << n) - 1) as __mmask16
+    u16::MAX.checked_shr(16 - n.min(16) as u32).unwrap_or(0)
 }

@@ -1,15 +1,18 @@
 //! Adagrad, element-wise.
 
-use super::EpsPlacement;
-use super::config::{self, Fields, eps_code, named};
-use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
+use super::config::{self, Visit};
+use super::engine::{
+    Config, Core, GradRow, Missed, RowSet, Rule, StateSpec, map_vectors, saturate, saturate_up,
+};
+use super::{EpsPlacement, Semantics};
 use crate::Result;
 use crate::kernels::Simd;
 
 /// The settings of [`Adagrad`]. `Default` is Keras 3's (= [`keras`](Self::keras)).
 ///
-/// Adagrad leaves rows without gradient unchanged, so it has no
-/// [`Semantics`](crate::Semantics) setting: lazy and dense-exact agree.
+/// Without weight decay Adagrad leaves rows without gradient unchanged, so
+/// both [`Semantics`] agree and cost the same; with weight decay a dense
+/// gradient moves every row.
 ///
 /// # Examples
 /// ```
@@ -19,6 +22,8 @@ use crate::kernels::Simd;
 /// let torch = AdagradConfig::torch();
 /// assert_eq!(torch.eps_placement, EpsPlacement::OutsideSqrt);
 /// assert!(AdagradConfig { epsilon: 0.0, ..torch }.validate().is_err());
+/// let decayed = AdagradConfig { lr_decay: 0.01, weight_decay: 1e-4, ..torch };
+/// assert!(decayed.validate().is_ok());
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdagradConfig {
@@ -30,6 +35,17 @@ pub struct AdagradConfig {
     pub epsilon: f32,
     /// `√(a + ε)` (Keras) or `√a + ε` (PyTorch, FBGEMM).
     pub eps_placement: EpsPlacement,
+    /// PyTorch's `lr_decay` `>= 0`: step `t` (from 1) uses the rate
+    /// `η / (1 + (t − 1)·lr_decay)`, computed in `f64` as PyTorch does and
+    /// rounded to `f32`. 0: a constant rate.
+    pub lr_decay: f32,
+    /// Weight decay λ `>= 0`, PyTorch's coupled form: the gradient becomes
+    /// `g + λ·w`. 0: none.
+    pub weight_decay: f32,
+    /// What happens to rows absent from a batch: with weight decay, their
+    /// gradient is `λ·w` under [`Semantics::DenseExact`] (PyTorch refuses
+    /// weight decay on sparse gradients, so its Adagrad is dense then).
+    pub semantics: Semantics,
 }
 
 impl Default for AdagradConfig {
@@ -39,23 +55,32 @@ impl Default for AdagradConfig {
 }
 
 impl AdagradConfig {
-    /// Keras 3's defaults: lr 0.001, accumulators from 0.1, ε 1e-7 inside the root.
+    /// Keras 3's defaults: lr 0.001, accumulators from 0.1, ε 1e-7 inside
+    /// the root, no decay, dense-exact.
     pub fn keras() -> Self {
         Self {
             lr: 1e-3,
             initial_accumulator_value: 0.1,
             epsilon: 1e-7,
             eps_placement: EpsPlacement::InsideSqrt,
+            lr_decay: 0.0,
+            weight_decay: 0.0,
+            semantics: Semantics::DenseExact,
         }
     }
 
-    /// PyTorch's defaults: lr 0.01, accumulators from 0, ε 1e-10 outside the root.
+    /// PyTorch's defaults: lr 0.01, accumulators from 0, ε 1e-10 outside the
+    /// root, no decay, dense-exact (what PyTorch computes whenever the two
+    /// semantics differ: with weight decay, which needs a dense gradient).
     pub fn torch() -> Self {
         Self {
             lr: 1e-2,
             initial_accumulator_value: 0.0,
             epsilon: 1e-10,
             eps_placement: EpsPlacement::OutsideSqrt,
+            lr_decay: 0.0,
+            weight_decay: 0.0,
+            semantics: Semantics::DenseExact,
         }
     }
 
@@ -64,11 +89,14 @@ impl AdagradConfig {
     /// # Errors
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the
     /// field and its value if `lr` or `epsilon` is not positive and finite,
-    /// or `initial_accumulator_value` is negative or not finite.
+    /// or `initial_accumulator_value`, `lr_decay` or `weight_decay` is
+    /// negative or not finite.
     pub fn validate(&self) -> Result<()> {
         config::positive("lr", self.lr)?;
         config::non_negative("initial_accumulator_value", self.initial_accumulator_value)?;
-        config::positive("epsilon", self.epsilon)
+        config::positive("epsilon", self.epsilon)?;
+        config::non_negative("lr_decay", self.lr_decay)?;
+        config::non_negative("weight_decay", self.weight_decay)
     }
 }
 
@@ -78,8 +106,10 @@ impl AdagradConfig {
 /// accumulator grows by `(Σg)²`):
 ///
 /// ```text
-/// a += g²                       "accumulator"
-/// w −= η·g / √(a + ε)           (EpsPlacement::OutsideSqrt: η·g / (√a + ε))
+/// weight decay: g = g + λ·w
+/// ηₜ = η / (1 + (t − 1)·lr_decay)   (step t, from 1)
+/// a += g²                        "accumulator"
+/// w −= ηₜ·g / √(a + ε)           (EpsPlacement::OutsideSqrt: ηₜ·g / (√a + ε))
 /// ```
 ///
 /// This is Keras 3's Adagrad; with [`AdagradConfig::torch`] it is PyTorch's
@@ -107,109 +137,118 @@ pub struct Adagrad {
     core: Core,
 }
 
-impl Adagrad {
-    /// An optimizer with `config` (checked on every step).
-    pub fn new(config: AdagradConfig) -> Self {
-        Self {
-            config,
-            core: Core::default(),
-        }
-    }
+super::sparse_optimizer!(Adagrad, AdagradConfig);
 
-    /// The settings.
-    pub fn config(&self) -> &AdagradConfig {
-        &self.config
-    }
-}
-
-super::sparse_optimizer_impl!(Adagrad);
-
-/// [`AdagradConfig`] ready to apply.
+/// [`AdagradConfig`] as its rule.
 pub(crate) struct AdagradRule {
-    lr: f32,
     epsilon: f32,
+    lr_decay: f32,
+    weight_decay: f32,
     outside: bool,
-    arrays: [(&'static str, f32); 1],
+    arrays: [StateSpec; 1],
 }
 
 impl Config for AdagradConfig {
     type Rule = AdagradRule;
     const KIND: &'static str = "adagrad";
-    const FIELDS: &'static [&'static str] = &[
-        "lr",
-        "initial_accumulator_value",
-        "epsilon",
-        "eps_placement",
-    ];
+    // Without weight decay both semantics agree: an older state means either.
+    const ADDED: &'static [(&'static str, f64)] =
+        &[("lr_decay", 0.0), ("weight_decay", 0.0), ("semantics", 0.0)];
+
+    fn fields(&mut self, v: &mut impl Visit) {
+        v.f32("lr", &mut self.lr);
+        v.f32(
+            "initial_accumulator_value",
+            &mut self.initial_accumulator_value,
+        );
+        v.f32("epsilon", &mut self.epsilon);
+        v.choice("eps_placement", &mut self.eps_placement);
+        v.f32("lr_decay", &mut self.lr_decay);
+        v.f32("weight_decay", &mut self.weight_decay);
+        v.choice("semantics", &mut self.semantics);
+    }
 
     fn check(&self) -> Result<()> {
         self.validate()
     }
 
     fn rule(&self) -> AdagradRule {
+        let a0 = self.initial_accumulator_value;
         AdagradRule {
-            lr: self.lr,
             epsilon: self.epsilon,
+            lr_decay: self.lr_decay,
+            weight_decay: self.weight_decay,
             outside: self.eps_placement == EpsPlacement::OutsideSqrt,
-            arrays: [("accumulator", self.initial_accumulator_value)],
+            arrays: [StateSpec::at_least("accumulator", a0, a0)],
         }
     }
 
-    fn to_fields(&self) -> Vec<(String, f64)> {
-        named(&[
-            ("lr", self.lr as f64),
-            (
-                "initial_accumulator_value",
-                self.initial_accumulator_value as f64,
-            ),
-            ("epsilon", self.epsilon as f64),
-            ("eps_placement", eps_code(self.eps_placement)),
-        ])
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
 
-    fn from_fields(f: &Fields<'_>) -> Result<Self> {
-        Ok(Self {
-            lr: f.f32("lr")?,
-            initial_accumulator_value: f.f32("initial_accumulator_value")?,
-            epsilon: f.f32("epsilon")?,
-            eps_placement: f.eps_placement("eps_placement")?,
-        })
+    fn semantics(&self) -> Semantics {
+        self.semantics
     }
 }
 
 impl Rule for AdagradRule {
-    fn arrays(&self) -> &[(&'static str, f32)] {
+    /// The step's learning rate ηₜ.
+    type Step = f32;
+
+    fn arrays(&self) -> &[StateSpec] {
         &self.arrays
     }
 
-    #[inline(always)]
-    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
-        if self.outside {
-            self.body::<S, true>(s, rows, g);
+    /// Weight decay gives an absent row the gradient `λ·w`: replayed
+    /// (the square root makes it non-linear). Without it nothing moves.
+    fn missed(&self) -> Missed {
+        if self.weight_decay > 0.0 {
+            Missed::Replay(None)
         } else {
-            self.body::<S, false>(s, rows, g);
+            Missed::Nothing
         }
+    }
+
+    fn step(&self, t: u64, lr: f32) -> f32 {
+        if self.lr_decay == 0.0 {
+            return lr;
+        }
+        (lr as f64 / (1.0 + (t - 1) as f64 * self.lr_decay as f64)) as f32
+    }
+
+    #[inline(always)]
+    fn update<S: Simd>(&self, s: S, lr: &f32, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
+        self.body(s, *lr, rows, g);
     }
 }
 
 impl AdagradRule {
-    /// `a += g²; w −= η·g / den`.
+    /// `g += λ·w; a += g²; w −= ηₜ·g / (√(a + ε_in) + ε_out)`.
+    ///
+    /// Weight decay is added, and ε both under and after the root (one of
+    /// them 0), whatever the settings: `g + 0·w` is `g` bit for bit (`w` is
+    /// finite and `g` never `-0.0`), as are `a + 0` and `√a + 0` (never
+    /// `-0.0`); a compiled body per setting would double the bodies.
     #[inline(always)]
-    fn body<S: Simd, const OUTSIDE: bool>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>) {
-        let (lr, eps) = (s.splat(self.lr), s.splat(self.epsilon));
+    fn body<S: Simd>(&self, s: S, lr: f32, rows: RowSet<'_>, g: &impl GradRow<S>) {
+        let (lr, wd) = (s.splat(lr), s.splat(self.weight_decay));
+        let (inside, outside) = if self.outside {
+            (0.0, self.epsilon)
+        } else {
+            (self.epsilon, 0.0)
+        };
+        let (eps_in, eps_out) = (s.splat(inside), s.splat(outside));
         map_vectors(
             s,
             rows.take::<2>(),
             g,
             #[inline(always)]
             |[wv, av], gv| {
-                let av = s.add(av, s.mul(gv, gv));
-                let den = if OUTSIDE {
-                    s.add(s.sqrt(av), eps)
-                } else {
-                    s.sqrt(s.add(av, eps))
-                };
-                [s.sub(wv, s.div(s.mul(lr, gv), den)), av]
+                let gv = s.add(gv, s.mul(wd, wv));
+                let av = saturate_up(s, s.add(av, s.mul(gv, gv)));
+                let den = s.add(s.sqrt(s.add(av, eps_in)), eps_out);
+                [saturate(s, s.sub(wv, s.div(s.mul(lr, gv), den))), av]
             },
         );
     }

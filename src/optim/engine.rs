@@ -1,32 +1,40 @@
 //! What every optimizer shares: validation, the state tables, the
-//! parallel walk over the rows of a batch, the `DenseExact` catch-up and
-//! the state export.
+//! parallel walk over the rows of a batch, the `DenseExact` catch-up, the
+//! learning rate and its history, and the state export.
 //!
 //! An optimizer is a config plus a [`Core`]. The config describes the
-//! update as a [`Rule`]: which state arrays it keeps, its zero-gradient map
-//! (for `DenseExact`) and the update of one row, written once over
-//! [`Simd`]. The core does the rest:
+//! update as a [`Rule`]: which state arrays it keeps, the scalars of step
+//! `t`, how a row catches up the steps it missed, and the update of one
+//! row, written once over [`Simd`]. The core does the rest:
 //!
 //! ```text
 //! step(table, grad):
-//!     validate config, shapes, rows < table.rows(), gradient finite   (nothing written yet)
+//!     lr = schedule(steps) or the config's; validate config, shapes, rows,   (nothing written yet)
+//!          gradient finite
 //!     allocate the state on the first step
-//!     DenseExact: for each grad row r: k = steps − last[r]; last[r] = steps + 1
-//!                 coefficients Mᵏ, once per distinct k
+//!     scalars of this step: rule.step(steps + 1, lr)
+//!     DenseExact: for each grad row r: missed steps last[r]..steps; last[r] = steps + 1
 //!     for each grad row r, in parallel (each row by exactly one task):
-//!         catch up k missed steps; apply the rule's update
+//!         catch up its missed steps (a linear map's power, or a replay); apply the update
 //!     steps += 1
 //! ```
+//!
+//! Only the grouping of a lookup's ids ([`step_lookup`]) is generic over
+//! the id type: everything after it is compiled once, in this crate, for
+//! each optimizer, so a crate calling `step_lookup` does not compile the
+//! update paths again.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use hashbrown::HashMap;
 use rayon::prelude::*;
 
+use super::config::{Export, Import, Names, Visit as VisitFields};
 use super::groups::Groups;
-use super::linear::{Coefs, MAX_TUPLE, Map};
-use super::{OptimizerState, StateArray};
-use crate::aligned::{AlignedBuf, SendPtr, stride_for};
+use super::linear::{Coefs, Map};
+use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
+use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
@@ -46,42 +54,120 @@ const TASK_FLOATS: usize = 1 << 15;
 /// to 64 rows all measured the same.
 const PREFETCH_AHEAD: usize = 8;
 
-/// "No catch-up needed" in a per-row coefficient index.
-const CURRENT: u32 = u32::MAX;
+/// "No catch-up needed" in a row's catch-up plan.
+const CURRENT: u64 = u64::MAX;
 
-/// One row of the weights and of each state array (in that order); the
-/// entries past the rule's tuple are empty.
-type Lanes<'r> = [&'r mut [f32]; MAX_TUPLE];
+/// Steps an optimizer may take: the counters are saved as `i64` in
+/// checkpoints, and a step beyond this is refused.
+pub(crate) const MAX_STEPS: u64 = i64::MAX as u64;
+
+/// Replayed steps whose scalars are computed once per call and shared by
+/// all rows; the scalars of steps further back are computed per row.
+const REPLAY_TABLE: u64 = 4096;
+
+/// One state array of a rule: its name, initial value and least value.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StateSpec {
+    /// The name in an [`OptimizerState`].
+    pub(crate) name: &'static str,
+    /// Every real lane starts at this value.
+    pub(crate) init: f32,
+    /// No update makes a value smaller (an accumulator never goes below its
+    /// start, a second moment below 0); a saved state below it is refused.
+    pub(crate) min: f32,
+}
+
+impl StateSpec {
+    /// An array of any finite values, starting at 0 (momenta, averages).
+    pub(crate) const fn signed(name: &'static str) -> Self {
+        Self {
+            name,
+            init: 0.0,
+            min: f32::MIN,
+        }
+    }
+
+    /// An array of values at least `min`, starting at `init`.
+    pub(crate) const fn at_least(name: &'static str, init: f32, min: f32) -> Self {
+        Self { name, init, min }
+    }
+}
+
+/// How a row that missed steps catches up under `Semantics::DenseExact`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Missed {
+    /// A step with a zero gradient changes nothing (Adagrad, plain SGD):
+    /// both semantics agree, and no per-row step counts are kept.
+    Nothing,
+    /// A zero-gradient step is the linear map [`Rule::zero_grad_map`]:
+    /// `k` missed steps are its `k`-th power, applied once.
+    Linear,
+    /// A zero-gradient step is not linear (Adam's `√v`, FTRL's clip): the
+    /// missed steps are replayed one by one with a zero gradient, which is
+    /// bitwise what the dense optimizer computes. `Some(n)`: only the last
+    /// `n` missed steps can change the row (earlier ones are overwritten).
+    Replay(Option<u64>),
+}
 
 /// The update of one optimizer, as its core needs it.
 pub(crate) trait Rule: Sync {
-    /// The state arrays, in tuple order after the weight: name and initial value.
-    fn arrays(&self) -> &[(&'static str, f32)];
+    /// The scalars of one step (bias corrections, the decayed learning
+    /// rate…), computed once per step, not per lane.
+    type Step: Copy + Send + Sync;
+
+    /// The state arrays, in tuple order after the weight.
+    fn arrays(&self) -> &[StateSpec];
 
     /// Whether the state arrays hold one float per row (else one per lane).
     fn per_row(&self) -> bool {
         false
     }
 
-    /// Whether absent rows catch up the steps they missed (`DenseExact`).
-    fn dense_exact(&self) -> bool {
-        false
-    }
+    /// How missed steps are caught up under `DenseExact`.
+    fn missed(&self) -> Missed;
 
-    /// The zero-gradient step on a lane's `(weight, state…)` tuple.
-    fn zero_grad_map(&self) -> Map {
+    /// Under [`Missed::Linear`], the zero-gradient step with learning rate
+    /// `lr` on a lane's `(weight, state…)` tuple.
+    fn zero_grad_map(&self, lr: f32) -> Map {
+        let _ = lr;
         Map::identity(1 + self.arrays().len())
     }
+
+    /// The scalars of step number `t` (the first step is 1) at learning rate `lr`.
+    fn step(&self, t: u64, lr: f32) -> Self::Step;
 
     /// Updates one row (its weights, then its state arrays, from `rows`;
     /// all padded rows of `stride` floats, or one float for per-row state)
     /// with its summed gradient `g` (read a block at a time, pad lanes
-    /// zero); the row has `dim` real lanes.
+    /// zero) and the step's scalars; the row has `dim` real lanes.
     ///
     /// Implementations must map zero pads (weight, state, gradient) to zero
-    /// weight pads, and compute lane `j` from lane `j` only (a reduction
-    /// over the row, as row-wise Adagrad takes, must use a fixed order).
-    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, dim: usize);
+    /// pads, compute lane `j` from lane `j` only (a reduction over the row,
+    /// as row-wise Adagrad takes, must use a fixed order), and store only
+    /// finite values ([`saturate`]).
+    fn update<S: Simd>(
+        &self,
+        s: S,
+        step: &Self::Step,
+        rows: RowSet<'_>,
+        g: &impl GradRow<S>,
+        dim: usize,
+    );
+}
+
+/// `x` with infinities (and NaN) brought to `±f32::MAX`: every value an
+/// update stores goes through this, so no step ever stores a non-finite
+/// weight or state value. A finite `x` is returned bit for bit.
+#[inline(always)]
+pub(crate) fn saturate<S: Simd>(s: S, x: S::V) -> S::V {
+    s.min(s.max(x, s.splat(f32::MIN)), s.splat(f32::MAX))
+}
+
+/// [`saturate`] for values that are never negative (accumulators, second
+/// moments): one comparison.
+#[inline(always)]
+pub(crate) fn saturate_up<S: Simd>(s: S, x: S::V) -> S::V {
+    s.min(x, s.splat(f32::MAX))
 }
 
 /// The rows that one visited row owns in the weights and in each state
@@ -103,8 +189,8 @@ impl<'a> RowSet<'a> {
         debug_assert_eq!(K, self.bufs.len());
         let bufs = &self.bufs[..K];
         // SAFETY: `row < rows` of every buffer and no other reference to
-        // it is alive: [`Visit`] makes one `RowSet` per row it owns, and
-        // `take` consumes it.
+        // it is alive: [`Visit`] makes one `RowSet` per row it owns at a
+        // time, and `take` consumes it.
         std::array::from_fn(|k| unsafe { bufs[k].row(self.row) })
     }
 }
@@ -122,32 +208,33 @@ pub(crate) trait GradRow<S: Simd> {
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V];
 }
 
-/// A summed gradient that lies in memory as a padded row (pads zero).
-pub(crate) struct Padded<'a>(pub(crate) &'a [f32]);
-
-impl<S: Simd> GradRow<S> for Padded<'_> {
-    #[inline(always)]
-    fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V] {
-        let lanes = &self.0[i..i + V * S::N];
-        let mut block = [s.splat(0.0); V];
-        for (v, x) in block.iter_mut().enumerate() {
-            *x = s.load(&lanes[v * S::N..]);
-        }
-        block
-    }
-}
-
 /// `0 + first + later[0] + later[1] + …`, lane by lane: `first` holds the
-/// row's `dim` real lanes, `later` whole padded rows of `stride` floats.
-/// This is bitwise what [`SparseGrad`] stores, whose slot starts at `+0.0`
-/// (so a `-0.0` sum comes out `+0.0` in both) and adds `1 · g` (`1 · x == x`).
-struct Summed<'a> {
+/// row's `dim` real lanes (or a whole padded row), `later` whole padded
+/// rows of `stride` floats. This is bitwise what [`SparseGrad`] stores,
+/// whose slot starts at `+0.0` (so a `-0.0` sum comes out `+0.0` in both)
+/// and adds `1 · g` (`1 · x == x`).
+///
+/// The one gradient every update reads (a stored slot, a lookup's grouped
+/// rows, a replayed step's zero row), so that each rule's update is
+/// compiled once per tier and setting.
+pub(crate) struct GradSum<'a> {
     first: &'a [f32],
     later: &'a [f32],
     stride: usize,
 }
 
-impl<S: Simd> GradRow<S> for Summed<'_> {
+impl<'a> GradSum<'a> {
+    /// The sum of `first` and the padded rows of `later`.
+    pub(crate) fn new(first: &'a [f32], later: &'a [f32], stride: usize) -> Self {
+        Self {
+            first,
+            later,
+            stride,
+        }
+    }
+}
+
+impl<S: Simd> GradRow<S> for GradSum<'_> {
     #[inline(always)]
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V] {
         let (dim, zero) = (self.first.len(), s.splat(0.0));
@@ -253,21 +340,65 @@ fn map_block<S: Simd, const K: usize, const V: usize>(
 }
 
 /// An optimizer config, as the shared code needs it.
-pub(crate) trait Config: Copy {
+pub(crate) trait Config: Copy + Default + std::fmt::Debug {
     /// The rule this config describes.
     type Rule: Rule;
     /// The `kind` of its `OptimizerState`.
     const KIND: &'static str;
-    /// The config field names, as saved.
-    const FIELDS: &'static [&'static str];
-    /// Checks every field.
+    /// Fields added since states of this kind were first saved, with the
+    /// value a state saved without them implies, so older checkpoints load.
+    const ADDED: &'static [(&'static str, f64)] = &[];
+    /// Walks every field, by the name it is saved under: the one place a
+    /// config's field names are written.
+    fn fields(&mut self, v: &mut impl VisitFields);
+    /// Checks every field (the public `validate`).
     fn check(&self) -> Result<()>;
-    /// The update rule (precomputed scalars).
+    /// The update rule (the config's constants; the learning rate comes per step).
     fn rule(&self) -> Self::Rule;
+    /// The learning rate field.
+    fn lr_mut(&mut self) -> &mut f32;
+    /// The learning rate.
+    fn lr(&self) -> f32 {
+        *(*self).clone().lr_mut()
+    }
+    /// What happens to rows absent from a batch.
+    fn semantics(&self) -> Semantics;
+
+    /// The field names, in saved order.
+    fn names() -> Vec<&'static str> {
+        let mut names = Names::default();
+        Self::default().fields(&mut names);
+        names.0
+    }
+
     /// Every field, by name, as `f64`.
-    fn to_fields(&self) -> Vec<(String, f64)>;
+    fn to_fields(&self) -> Vec<(String, f64)> {
+        let mut export = Export::default();
+        let mut copy = *self;
+        copy.fields(&mut export);
+        export.0
+    }
+
     /// The config back from [`to_fields`](Self::to_fields)'s output.
-    fn from_fields(fields: &super::config::Fields<'_>) -> Result<Self>;
+    fn from_fields(saved: &[(String, f64)]) -> Result<Self> {
+        let mut import = Import::new(Self::KIND, saved, &Self::names(), Self::ADDED)?;
+        let mut config = Self::default();
+        config.fields(&mut import);
+        match import.error {
+            Some(e) => Err(e),
+            None => Ok(config),
+        }
+    }
+}
+
+/// Whether rows lag and catch up under this rule and semantics.
+fn tracks_missed_steps<R: Rule>(rule: &R, semantics: Semantics) -> bool {
+    semantics == Semantics::DenseExact && rule.missed() != Missed::Nothing
+}
+
+/// The padded stride of rows of `dim` floats, or `None` if it overflows.
+fn checked_stride(dim: usize) -> Option<usize> {
+    dim.checked_next_multiple_of(LANES_PER_LINE)
 }
 
 /// The state arrays of an optimizer, bound to one table shape.
@@ -278,36 +409,37 @@ struct StateTables {
     stride: usize,
     per_row: bool,
     arrays: Vec<AlignedBuf>,
-    /// `DenseExact`: row `r` has seen the first `last[r]` steps.
+    /// `DenseExact` (when missed steps matter): row `r` has seen the first `last[r]` steps.
     last: Option<Vec<u64>>,
 }
 
 impl StateTables {
-    fn new<R: Rule>(rule: &R, rows: usize, dim: usize) -> Result<Self> {
-        let stride = stride_for(dim);
-        let per_row = rule.per_row();
-        let len = if per_row {
-            rows
-        } else {
-            rows.checked_mul(stride).ok_or(Error::Alloc {
-                what: "optimizer state",
-                bytes: usize::MAX,
-            })?
+    /// Fresh state for a `rows × dim` table (`dim > 0`, `rows > 0`).
+    fn new<R: Rule>(rule: &R, track: bool, rows: usize, dim: usize) -> Result<Self> {
+        let too_big = Error::Alloc {
+            what: "optimizer state",
+            bytes: usize::MAX,
         };
+        let stride = checked_stride(dim).ok_or(too_big)?;
+        let per_row = rule.per_row();
+        let width = if per_row { 1 } else { stride };
+        let len = rows.checked_mul(width).ok_or(Error::Alloc {
+            what: "optimizer state",
+            bytes: usize::MAX,
+        })?;
         let mut arrays = Vec::with_capacity(rule.arrays().len());
-        for &(_, init) in rule.arrays() {
+        for spec in rule.arrays() {
             let mut buf = AlignedBuf::zeroed(len, "optimizer state")?;
-            if init != 0.0 {
-                let width = if per_row { 1 } else { stride };
+            if spec.init != 0.0 && len > 0 {
                 // Real lanes only: pad lanes of state stay zero like the weights'.
                 buf.as_mut_slice()
                     .par_chunks_mut(width)
                     .with_min_len(1024)
-                    .for_each(|row| row[..width.min(dim)].fill(init));
+                    .for_each(|row| row[..width.min(dim)].fill(spec.init));
             }
             arrays.push(buf);
         }
-        let last = if rule.dense_exact() {
+        let last = if track {
             let mut last = Vec::new();
             last.try_reserve_exact(rows).map_err(|_| Error::Alloc {
                 what: "optimizer step counters",
@@ -329,65 +461,93 @@ impl StateTables {
     }
 
     fn check_table(&self, table: &EmbeddingTable) -> Result<()> {
-        if table.rows() != self.rows {
-            return Err(Error::ShapeMismatch {
-                what: "table rows (the optimizer state's)",
-                expected: self.rows,
-                got: table.rows(),
-            });
-        }
-        if table.dim() != self.dim {
-            return Err(Error::ShapeMismatch {
-                what: "table dim (the optimizer state's)",
-                expected: self.dim,
-                got: table.dim(),
-            });
-        }
-        Ok(())
+        Error::check_len(
+            "table rows (the optimizer state's)",
+            self.rows,
+            table.rows(),
+        )?;
+        Error::check_len("table dim (the optimizer state's)", self.dim, table.dim())
     }
 }
 
 /// Per-call working memory of the catch-up, kept between calls.
 #[derive(Clone, Debug, Default)]
-struct Scratch {
-    /// Per visited row: index into `coefs`, or `CURRENT`.
-    coef_of: Vec<u32>,
+struct Catch {
+    /// Per visited row: index into `coefs` (Linear) or the first step to
+    /// replay (Replay); `CURRENT` if the row is current.
+    plan: Vec<u64>,
     /// `Mᵏ` for each distinct `k` of this call.
     coefs: Vec<Coefs>,
-    by_k: HashMap<u64, u32>,
+    by_k: HashMap<u64, u64>,
     /// Rows to visit (flush and catch-up).
     targets: Vec<usize>,
-    /// A lookup's positions grouped by row (`step_lookup`).
-    groups: Groups,
 }
 
-impl Scratch {
-    fn reset(&mut self) {
-        self.coef_of.clear();
-        self.coefs.clear();
-        self.by_k.clear();
-        self.targets.clear();
+/// Where a row's missed steps come from, for the visit.
+enum CatchUp<'a, St> {
+    /// Rows are current.
+    None,
+    /// `coefs[plan[i]]`.
+    Linear(&'a [Coefs]),
+    /// Steps `plan[i]..now`, with the scalars of steps `from..now` in
+    /// `table` and those of earlier steps computed on the way.
+    Replay(Replayed<'a, St>),
+}
+
+impl<St> Clone for CatchUp<'_, St> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<St> Copy for CatchUp<'_, St> {}
+
+/// The scalars of the steps a replay goes through.
+struct Replayed<'a, St> {
+    now: u64,
+    from: u64,
+    table: &'a [St],
+    lrs: LrAt<'a>,
+}
+
+impl<St> Clone for Replayed<'_, St> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<St> Copy for Replayed<'_, St> {}
+
+/// The learning rate each past step used: the history's stretches, then
+/// the current rate.
+#[derive(Clone, Copy, Debug)]
+struct LrAt<'a> {
+    history: &'a [(u64, f32)],
+    current: f32,
+}
+
+impl LrAt<'_> {
+    /// The rate of step index `t` (0-based).
+    fn at(&self, t: u64) -> f32 {
+        let i = self.history.partition_point(|&(until, _)| until <= t);
+        self.history.get(i).map_or(self.current, |&(_, lr)| lr)
     }
 
-    /// The coefficients bringing a row from `last` to `now`, memoised per `k`.
-    fn coef_index(&mut self, map: &Map, k: u64) -> u32 {
-        Self::coef_index_in(&mut self.coefs, &mut self.by_k, map, k)
-    }
-
-    /// [`coef_index`](Self::coef_index) on the two fields it uses, so the
-    /// other fields may stay borrowed.
-    fn coef_index_in(
-        coefs: &mut Vec<Coefs>,
-        by_k: &mut HashMap<u64, u32>,
-        map: &Map,
-        k: u64,
-    ) -> u32 {
-        if k == 0 {
-            return CURRENT;
-        }
-        *by_k.entry(k).or_insert_with(|| {
-            coefs.push(map.power(k));
-            (coefs.len() - 1) as u32
+    /// The stretches of one rate covering steps `from..to`, oldest first:
+    /// `(steps, lr)`.
+    fn stretches(&self, from: u64, to: u64) -> impl Iterator<Item = (u64, f32)> + '_ {
+        let first = self.history.partition_point(|&(until, _)| until <= from);
+        let ends = self.history[first..]
+            .iter()
+            .copied()
+            .chain(std::iter::once((u64::MAX, self.current)));
+        let mut start = from;
+        ends.map_while(move |(until, lr)| {
+            if start >= to {
+                return None;
+            }
+            let end = until.min(to);
+            let n = end - start;
+            start = end;
+            Some((n, lr))
         })
     }
 }
@@ -397,52 +557,120 @@ impl Scratch {
 pub(crate) struct Core {
     steps: u64,
     tables: Option<StateTables>,
-    scratch: Scratch,
+    /// `DenseExact` with lagging rows: `(until, lr)`, the rate steps
+    /// `previous until..until` used, while some row may still have to catch
+    /// them up. Steps from the last `until` on used the config's rate.
+    lr_history: Vec<(u64, f32)>,
+    schedule: Option<Arc<dyn LrSchedule>>,
+    catch: Catch,
+    /// A lookup's positions grouped by row (`step_lookup`).
+    groups: Groups,
 }
 
 impl Core {
-    /// The step counter, the state tables (allocated for `table` on the
-    /// first step) and the scratch, borrowed apart.
-    fn parts<R: Rule>(
-        &mut self,
-        rule: &R,
-        table: &EmbeddingTable,
-    ) -> Result<(&mut u64, &mut StateTables, &mut Scratch)> {
-        if self.tables.is_none() {
-            self.tables = Some(StateTables::new(rule, table.rows(), table.dim())?);
-        }
-        let Self {
-            steps,
-            tables,
-            scratch,
-        } = self;
-        Ok((steps, tables.as_mut().expect("allocated above"), scratch))
+    /// Steps taken so far.
+    pub(crate) fn steps(&self) -> u64 {
+        self.steps
     }
 
-    /// Whether rows may lag behind the step counter (`DenseExact` after
-    /// the first step), so that `catch_up` has work to do.
+    /// Whether rows may lag behind the step counter, so that `catch_up`
+    /// has work to do.
     pub(crate) fn has_lagging_rows(&self) -> bool {
         self.tables.as_ref().is_some_and(|t| t.last.is_some())
+    }
+
+    /// The learning rate the next step will use.
+    pub(crate) fn lr<C: Config>(&self, config: &C) -> f32 {
+        match &self.schedule {
+            Some(s) => s.lr(self.steps),
+            None => config.lr(),
+        }
+    }
+
+    /// The grouping of a fused lookup's ids.
+    pub(crate) fn groups(&mut self) -> &mut Groups {
+        &mut self.groups
+    }
+
+    /// Replaces the schedule.
+    pub(crate) fn set_schedule(&mut self, schedule: Option<Arc<dyn LrSchedule>>) {
+        self.schedule = schedule;
+    }
+
+    /// Removes the schedule and returns it.
+    pub(crate) fn take_schedule(&mut self) -> Option<Arc<dyn LrSchedule>> {
+        self.schedule.take()
+    }
+
+    /// Sets the learning rate of the next steps (after checking the config
+    /// with it).
+    pub(crate) fn set_lr<C: Config>(&mut self, config: &mut C, lr: f32) -> Result<()> {
+        let mut next = *config;
+        *next.lr_mut() = lr;
+        next.check()?;
+        self.change_lr(config, lr);
+        Ok(())
+    }
+
+    /// Makes `lr` the config's rate, remembering the old one while lagging
+    /// rows may need it to catch up.
+    fn change_lr<C: Config>(&mut self, config: &mut C, lr: f32) {
+        let old = config.lr();
+        if old.to_bits() == lr.to_bits() {
+            return;
+        }
+        *config.lr_mut() = lr;
+        if !self.has_lagging_rows() {
+            return;
+        }
+        let rule = config.rule();
+        let matters = match rule.missed() {
+            Missed::Nothing => false,
+            Missed::Linear => rule.zero_grad_map(old) != rule.zero_grad_map(lr),
+            Missed::Replay(_) => true,
+        };
+        // The old rate was used for steps since the last change (if any).
+        let since = self.lr_history.last().map_or(0, |&(until, _)| until);
+        if matters && self.steps > since {
+            self.lr_history.push((self.steps, old));
+        }
+    }
+
+    /// The config a step taken now uses (the schedule's rate, if any), once
+    /// everything but the gradient is checked.
+    fn prepare<C: Config>(&self, config: &C, table: &EmbeddingTable) -> Result<C> {
+        let mut next = *config;
+        if let Some(schedule) = &self.schedule {
+            *next.lr_mut() = schedule.lr(self.steps);
+        }
+        next.check()?;
+        if let Some(tables) = &self.tables {
+            tables.check_table(table)?;
+        }
+        if self.steps >= MAX_STEPS {
+            return Err(Error::InvalidConfig {
+                field: "steps",
+                reason: format!("the step counter is at its limit, {}", self.steps),
+            });
+        }
+        Ok(next)
     }
 
     /// One step (see the module docs).
     pub(crate) fn step<C: Config>(
         &mut self,
-        config: &C,
+        config: &mut C,
         table: &mut EmbeddingTable,
         grad: &SparseGrad,
     ) -> Result<()> {
         // Validate everything before writing anything.
-        config.check()?;
+        let next = self.prepare(config, table)?;
         if grad.dim() != table.dim() {
             return Err(Error::ShapeMismatch {
                 what: "gradient dim (the table's)",
                 expected: table.dim(),
                 got: grad.dim(),
             });
-        }
-        if let Some(tables) = &self.tables {
-            tables.check_table(table)?;
         }
         if let Some(position) = grad.rows().iter().position(|&r| r >= table.rows()) {
             return Err(Error::IndexOutOfRange {
@@ -454,146 +682,118 @@ impl Core {
         if !grad.is_proven_finite() {
             check_finite(grad)?;
         }
-        let rule = config.rule();
-        let (steps, tables, scratch) = self.parts(&rule, table)?;
-
-        // DenseExact: how far behind each touched row is. Rows of a
-        // SparseGrad are distinct, so each is seen once here.
-        scratch.reset();
-        let mut coef_of = None;
-        if let Some(last) = &mut tables.last {
-            let map = rule.zero_grad_map();
-            let identity = map.is_identity();
-            for &r in grad.rows() {
-                let k = if identity { 0 } else { *steps - last[r] };
-                last[r] = *steps + 1;
-                let c = scratch.coef_index(&map, k);
-                scratch.coef_of.push(c);
-            }
-            if !scratch.coefs.is_empty() {
-                coef_of = Some(&scratch.coef_of[..]);
-            }
-        }
-        visit(
-            kernels::current(),
-            &rule,
-            table,
-            tables,
-            grad.rows(),
-            Some(&Slots {
-                grads: grad.as_padded(),
-                stride: grad.stride(),
-            }),
-            coef_of,
-            &scratch.coefs,
-        );
-        *steps += 1;
-        Ok(())
+        let grads = Grouped::stored(grad);
+        self.apply(config, next, table, grad.rows(), &grads, kernels::current())
     }
 
-    /// One step with the gradient of `table.lookup(ids)` given `grad_out`,
-    /// fused: each distinct row's gradient is summed right before its
-    /// update, so weights and state are read and written once and no
-    /// coalesced gradient is stored. Bitwise the same as accumulating a
-    /// [`SparseGrad`] and calling [`step`](Self::step).
+    /// The checks of a fused `step_lookup` before its ids are looked at.
+    pub(crate) fn check_lookup<C: Config>(
+        &self,
+        config: &C,
+        table: &EmbeddingTable,
+        ids: usize,
+        grad_len: usize,
+    ) -> Result<()> {
+        self.prepare(config, table)?;
+        let expected = ids.saturating_mul(table.dim());
+        Error::check_len("gradient length (ids * dim)", expected, grad_len)
+    }
+
+    /// A fused step whose ids [`Groups`] holds, grouped for `table`: checks
+    /// `grad_out` while copying the later positions' rows next to each
+    /// other, then applies. `Ok(false)`: the sums might overflow, nothing
+    /// was written, and the caller must step with a stored gradient (which
+    /// checks the sums).
     ///
     /// ```text
-    /// validate config, shapes, ids < table.rows()
-    /// group the positions by row (groups.rs): rows in first-seen order
-    /// check grad_out finite, copying the later positions' rows to scratch
-    /// if the sums might overflow: accumulate a SparseGrad and step (it checks the sums)
-    ///                                                   (nothing written until here)
-    /// DenseExact: catch-up coefficients per row, as step
+    /// check grad_out finite, copying the later positions' rows to scratch (groups.rs)
     /// for each row r, in parallel (each row by exactly one task):
     ///     g = 0 + grad_out[first position of r] + scratch rows of its later positions, in order
     ///     catch up; apply the rule's update with g
     /// ```
-    pub(crate) fn step_lookup<C: Config, I: Index>(
+    pub(crate) fn step_grouped<C: Config>(
         &mut self,
-        config: &C,
+        config: &mut C,
         table: &mut EmbeddingTable,
-        ids: &[I],
         grad_out: &[f32],
-    ) -> Result<()> {
-        // Validate everything before writing anything.
-        config.check()?;
-        let dim = table.dim();
-        let expected = ids.len().saturating_mul(dim);
-        if grad_out.len() != expected {
-            return Err(Error::ShapeMismatch {
-                what: "gradient length (ids * dim)",
-                expected,
-                got: grad_out.len(),
-            });
-        }
-        if let Some(tables) = &self.tables {
-            tables.check_table(table)?;
-        }
-        crate::index::validate_ids(ids, table.rows())?;
-        // Group the ids, then check the gradient while copying the rows of
-        // the ids' later occurrences next to each other. Nothing outside
-        // this optimizer's scratch is written until the check has passed.
+    ) -> Result<bool> {
+        let next = self.prepare(config, table)?;
+        let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
         let tier = kernels::current();
-        let groups = &mut self.scratch.groups;
-        let fused = Groups::fits(ids.len());
-        let scanned = if fused {
-            // SAFETY: ids were validated against `table.rows()` and fit.
-            unsafe { groups.build(ids, table.rows()) };
-            groups
-                .copy_later(tier, grad_out, dim, table.stride())
-                .finish("gradient", grad_out)?
-        } else {
-            crate::grad::scan("gradient", grad_out)?
-        };
-        let (bound, terms) = (scanned.max_abs as f64 * ids.len() as f64, ids.len() as u64);
-        if !fused || !crate::grad::sums_proven_finite(bound, terms) {
-            // Sums of huge values may overflow: let the stored gradient
-            // check them before anything is written. (Rare: the sums
-            // are proven finite unless `max|g| · ids.len()` nears f32::MAX.)
-            let mut grad = SparseGrad::for_table(table);
-            grad.accumulate_lookup(ids, grad_out)?;
-            return self.step(config, table, &grad);
+        let scanned = self
+            .groups
+            .copy_later(tier, grad_out, dim, table.stride())
+            .finish("gradient", grad_out)?;
+        let bound = scanned.max_abs as f64 * ids as f64;
+        if !crate::grad::sums_proven_finite(bound, ids as u64) {
+            // Sums of huge values may overflow. (Rare: the sums are proven
+            // finite unless `max|g| · ids.len()` nears f32::MAX.)
+            return Ok(false);
         }
-        let rule = config.rule();
-        let (steps, tables, scratch) = self.parts(&rule, table)?;
-        scratch.reset();
-        let rows = scratch.groups.rows();
-
-        // DenseExact: as in `step` (the grouped rows are distinct).
-        let mut coef_of = None;
-        if let Some(last) = &mut tables.last {
-            let map = rule.zero_grad_map();
-            let identity = map.is_identity();
-            for &r in rows {
-                let k = if identity { 0 } else { *steps - last[r] };
-                last[r] = *steps + 1;
-                let c = Scratch::coef_index_in(&mut scratch.coefs, &mut scratch.by_k, &map, k);
-                scratch.coef_of.push(c);
-            }
-            if !scratch.coefs.is_empty() {
-                coef_of = Some(&scratch.coef_of[..]);
-            }
-        }
+        let groups = std::mem::take(&mut self.groups);
         let grads = Grouped {
             grad_out,
+            pitch: dim,
             dim,
             stride: table.stride(),
-            heads: scratch.groups.heads(),
-            later: scratch.groups.later(),
-            scratch: scratch.groups.scratch(),
-            direct: dim == table.stride() && !scanned.negative_zero,
+            heads: Some(groups.heads()),
+            later: groups.later(),
+            scratch: groups.scratch(),
+        };
+        let applied = self.apply(config, next, table, groups.rows(), &grads, tier);
+        self.groups = groups;
+        applied.map(|()| true)
+    }
+
+    /// Applies a validated step to `rows` with gradients `grads` (their
+    /// rows are distinct and `< table.rows()`).
+    fn apply<C: Config>(
+        &mut self,
+        config: &mut C,
+        next: C,
+        table: &mut EmbeddingTable,
+        rows: &[usize],
+        grads: &Grouped<'_>,
+        tier: Tier,
+    ) -> Result<()> {
+        let rule = next.rule();
+        if self.tables.is_none() {
+            let track = tracks_missed_steps(&rule, next.semantics());
+            self.tables = Some(StateTables::new(&rule, track, table.rows(), table.dim())?);
+        }
+        // Nothing can fail from here on.
+        let lr = next.lr();
+        self.change_lr(config, lr);
+        let now = self.steps;
+        let step = rule.step(now + 1, lr);
+        let lrs = LrAt {
+            history: &self.lr_history,
+            current: lr,
+        };
+        let tables = self.tables.as_mut().expect("allocated above");
+        let catch = &mut self.catch;
+        let mut replay_table = Vec::new();
+        let plan = match &mut tables.last {
+            Some(last) => {
+                let planned = plan_catch_up(&rule, catch, lrs, now, rows.iter().map(|&r| last[r]));
+                for &r in rows {
+                    last[r] = now + 1;
+                }
+                planned.map(|kind| kind.resolve(&rule, catch, &mut replay_table, lrs, now))
+            }
+            None => None,
         };
         visit(
             tier,
             &rule,
+            Some(&step),
             table,
             tables,
             rows,
-            Some(&grads),
-            coef_of,
-            &scratch.coefs,
+            Some(grads),
+            plan,
         );
-        *steps += 1;
+        self.steps = now + 1;
         Ok(())
     }
 
@@ -619,44 +819,50 @@ impl Core {
         };
         tables.check_table(table)?;
         let Some(last) = &mut tables.last else {
-            return Ok(()); // Lazy
+            return Ok(()); // nothing lags
         };
         let rule = config.rule();
-        let map = rule.zero_grad_map();
+        let lrs = LrAt {
+            history: &self.lr_history,
+            current: config.lr(),
+        };
         let now = self.steps;
-        let scratch = &mut self.scratch;
-        scratch.reset();
-        if map.is_identity() {
-            match rows {
-                Some(rows) => rows.iter().for_each(|&r| last[r] = now),
-                None => last.fill(now),
-            }
-            return Ok(());
-        }
-        // Setting last[r] on the first visit makes a duplicate's k zero, so
+        let catch = &mut self.catch;
+        // Setting last[r] on the first visit makes a duplicate current, so
         // each row enters `targets` at most once.
-        let mut plan = |r: usize, last: &mut [u64]| {
-            let c = scratch.coef_index(&map, now - last[r]);
-            last[r] = now;
-            if c != CURRENT {
-                scratch.targets.push(r);
-                scratch.coef_of.push(c);
+        let mut targets = std::mem::take(&mut catch.targets);
+        let mut seen = Vec::new();
+        let all = last.len();
+        targets.clear();
+        let mut lagging = |r: usize| {
+            if last[r] < now {
+                targets.push(r);
+                seen.push(last[r]);
+                last[r] = now;
             }
         };
         match rows {
-            Some(rows) => rows.iter().for_each(|&r| plan(r, last)),
-            None => (0..last.len()).for_each(|r| plan(r, last)),
+            Some(rows) => rows.iter().for_each(|&r| lagging(r)),
+            None => (0..all).for_each(lagging),
         }
+        let planned = plan_catch_up(&rule, catch, lrs, now, seen.into_iter());
+        let mut replay_table = Vec::new();
+        let plan = planned.map(|kind| kind.resolve(&rule, catch, &mut replay_table, lrs, now));
         visit(
             kernels::current(),
             &rule,
+            None,
             table,
             tables,
-            &scratch.targets,
-            None::<&Slots<'_>>,
-            Some(&scratch.coef_of),
-            &scratch.coefs,
+            &targets,
+            None,
+            plan,
         );
+        catch.targets = targets;
+        if rows.is_none() {
+            // Every row is current: no earlier rate is needed any more.
+            self.lr_history.clear();
+        }
         Ok(())
     }
 
@@ -667,13 +873,14 @@ impl Core {
             kind: C::KIND.to_owned(),
             config: config.to_fields(),
             steps: self.steps,
+            lr_history: self.lr_history.clone(),
             ..OptimizerState::default()
         };
         let Some(t) = &self.tables else {
             return state;
         };
         state.shape = Some((t.rows, t.dim));
-        for (&(name, _), buf) in rule.arrays().iter().zip(&t.arrays) {
+        for (spec, buf) in rule.arrays().iter().zip(&t.arrays) {
             let (shape, values) = if t.per_row {
                 (vec![t.rows], buf.as_slice().to_vec())
             } else {
@@ -684,7 +891,7 @@ impl Core {
                 (vec![t.rows, t.dim], values)
             };
             state.arrays.push(StateArray {
-                name: name.to_owned(),
+                name: spec.name.to_owned(),
                 shape,
                 values,
             });
@@ -694,6 +901,7 @@ impl Core {
     }
 
     /// A config and core from a saved state, checked against each other.
+    /// Everything is checked before anything is allocated.
     pub(crate) fn import<C: Config>(state: &OptimizerState) -> Result<(C, Core)> {
         if state.kind != C::KIND {
             return Err(Error::InvalidConfig {
@@ -701,12 +909,21 @@ impl Core {
                 reason: format!("expected {:?}, got {:?}", C::KIND, state.kind),
             });
         }
-        let fields = super::config::Fields::new(C::KIND, &state.config, C::FIELDS)?;
-        let config = C::from_fields(&fields)?;
+        let config = C::from_fields(&state.config)?;
         config.check()?;
         let rule = config.rule();
+        if state.steps > MAX_STEPS {
+            return Err(Error::InvalidConfig {
+                field: "steps",
+                reason: format!("{} is above the limit {MAX_STEPS}", state.steps),
+            });
+        }
         let Some((rows, dim)) = state.shape else {
-            if state.steps != 0 || !state.arrays.is_empty() || !state.last_step.is_empty() {
+            if state.steps != 0
+                || !state.arrays.is_empty()
+                || !state.last_step.is_empty()
+                || !state.lr_history.is_empty()
+            {
                 return Err(Error::InvalidConfig {
                     field: "shape",
                     reason: format!(
@@ -718,37 +935,18 @@ impl Core {
             }
             return Ok((config, Core::default()));
         };
-        let mut tables = StateTables::new(&rule, rows, dim)?;
-        let expected: Vec<&str> = rule.arrays().iter().map(|&(n, _)| n).collect();
-        let got: Vec<&str> = state.arrays.iter().map(|a| a.name.as_str()).collect();
-        if got != expected {
+        if rows == 0 || dim == 0 || checked_stride(dim).is_none() {
             return Err(Error::InvalidConfig {
-                field: "arrays",
-                reason: format!(
-                    "{} with this config keeps arrays {expected:?}, got {got:?}",
-                    C::KIND
-                ),
+                field: "shape",
+                reason: format!("({rows}, {dim}) is not a table's shape"),
             });
         }
-        let want_shape = if tables.per_row {
-            vec![rows]
-        } else {
-            vec![rows, dim]
-        };
+        let track = tracks_missed_steps(&rule, config.semantics());
+        check_saved_arrays::<C>(&rule, state, rows, dim)?;
+        check_saved_counters(state, rows, track)?;
+        // Only now, with every length checked against data that exists, allocate.
+        let mut tables = StateTables::new(&rule, track, rows, dim)?;
         for (saved, buf) in state.arrays.iter().zip(&mut tables.arrays) {
-            Error::check_len("state array rank", want_shape.len(), saved.shape.len())?;
-            for (what, (&want, &got)) in ["state array rows", "state array columns"]
-                .into_iter()
-                .zip(want_shape.iter().zip(&saved.shape))
-            {
-                Error::check_len(what, want, got)?;
-            }
-            Error::check_len(
-                "state array values",
-                want_shape.iter().product(),
-                saved.values.len(),
-            )?;
-            crate::grad::check_finite("optimizer state", &saved.values)?;
             if tables.per_row {
                 buf.as_mut_slice().copy_from_slice(&saved.values);
             } else {
@@ -761,37 +959,212 @@ impl Core {
                 }
             }
         }
-        match &mut tables.last {
-            Some(last) => {
-                Error::check_len("last_step length", rows, state.last_step.len())?;
-                if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
-                    return Err(Error::InvalidConfig {
-                        field: "last_step",
-                        reason: format!("a row has seen {bad} steps of {}", state.steps),
-                    });
-                }
-                last.copy_from_slice(&state.last_step);
-            }
-            None => Error::check_len(
-                "last_step length (empty unless DenseExact)",
-                0,
-                state.last_step.len(),
-            )?,
+        if let Some(last) = &mut tables.last {
+            last.copy_from_slice(&state.last_step);
         }
         let core = Core {
             steps: state.steps,
             tables: Some(tables),
-            scratch: Scratch::default(),
+            lr_history: state.lr_history.clone(),
+            ..Core::default()
         };
         Ok((config, core))
     }
+}
+
+/// A saved state's arrays: names, shapes, lengths, values finite and in
+/// each array's range.
+fn check_saved_arrays<C: Config>(
+    rule: &C::Rule,
+    state: &OptimizerState,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    let expected: Vec<&str> = rule.arrays().iter().map(|a| a.name).collect();
+    let got: Vec<&str> = state.arrays.iter().map(|a| a.name.as_str()).collect();
+    if got != expected {
+        return Err(Error::InvalidConfig {
+            field: "arrays",
+            reason: format!(
+                "{} with this config keeps arrays {expected:?}, got {got:?}",
+                C::KIND
+            ),
+        });
+    }
+    let want_shape = if rule.per_row() {
+        vec![rows]
+    } else {
+        vec![rows, dim]
+    };
+    for (saved, spec) in state.arrays.iter().zip(rule.arrays()) {
+        Error::check_len("state array rank", want_shape.len(), saved.shape.len())?;
+        for (what, (&want, &got)) in ["state array rows", "state array columns"]
+            .into_iter()
+            .zip(want_shape.iter().zip(&saved.shape))
+        {
+            Error::check_len(what, want, got)?;
+        }
+        // rows * dim may overflow for a claimed shape; the values cannot.
+        let len = want_shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        Error::check_len(
+            "state array values",
+            len.unwrap_or(usize::MAX),
+            saved.values.len(),
+        )?;
+        crate::grad::check_finite("optimizer state", &saved.values)?;
+        if let Some(position) = saved.values.iter().position(|&x| x < spec.min) {
+            return Err(Error::InvalidConfig {
+                field: "arrays",
+                reason: format!(
+                    "{:?} holds {} at position {position}; its values are at least {}",
+                    spec.name, saved.values[position], spec.min
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A saved state's per-row step counts and learning-rate history.
+fn check_saved_counters(state: &OptimizerState, rows: usize, track: bool) -> Result<()> {
+    if track {
+        Error::check_len("last_step length", rows, state.last_step.len())?;
+        if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
+            return Err(Error::InvalidConfig {
+                field: "last_step",
+                reason: format!("a row has seen {bad} steps of {}", state.steps),
+            });
+        }
+    } else {
+        Error::check_len(
+            "last_step length (empty unless rows lag under DenseExact)",
+            0,
+            state.last_step.len(),
+        )?;
+        Error::check_len(
+            "lr_history length (empty unless rows lag under DenseExact)",
+            0,
+            state.lr_history.len(),
+        )?;
+    }
+    let mut since = 0;
+    for &(until, lr) in &state.lr_history {
+        if until <= since || until > state.steps || !(lr.is_finite() && lr > 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "lr_history",
+                reason: format!(
+                    "({until}, {lr}) is not a positive rate used until a step after {since} \
+                     and at most {}",
+                    state.steps
+                ),
+            });
+        }
+        since = until;
+    }
+    Ok(())
+}
+
+/// What [`plan_catch_up`] filled in.
+#[derive(Clone, Copy)]
+enum Planned {
+    Linear,
+    Replay { from: u64 },
+}
+
+impl Planned {
+    /// The visit's view of the plan, the replay's shared scalars computed.
+    fn resolve<'a, R: Rule>(
+        self,
+        rule: &R,
+        catch: &'a Catch,
+        replay_table: &'a mut Vec<R::Step>,
+        lrs: LrAt<'a>,
+        now: u64,
+    ) -> (&'a [u64], CatchUp<'a, R::Step>) {
+        let kind = match self {
+            Planned::Linear => CatchUp::Linear(&catch.coefs),
+            Planned::Replay { from } => {
+                let from = from.max(now.saturating_sub(REPLAY_TABLE));
+                replay_table.extend((from..now).map(|t| rule.step(t + 1, lrs.at(t))));
+                let table: &'a [R::Step] = replay_table;
+                CatchUp::Replay(Replayed {
+                    now,
+                    from,
+                    table,
+                    lrs,
+                })
+            }
+        };
+        (&catch.plan, kind)
+    }
+}
+
+/// Fills `catch.plan` for rows that have seen `seen` steps each (in visit
+/// order): the coefficients of their missed steps (Linear, memoised per
+/// count) or the first step to replay. `None` when no row lags.
+fn plan_catch_up<R: Rule>(
+    rule: &R,
+    catch: &mut Catch,
+    lrs: LrAt<'_>,
+    now: u64,
+    seen: impl Iterator<Item = u64>,
+) -> Option<Planned> {
+    catch.plan.clear();
+    catch.coefs.clear();
+    catch.by_k.clear();
+    let mut any = false;
+    match rule.missed() {
+        Missed::Nothing => None,
+        Missed::Linear => {
+            for last in seen {
+                let k = now - last;
+                let c = if k == 0 {
+                    CURRENT
+                } else {
+                    let Catch { coefs, by_k, .. } = catch;
+                    *by_k.entry(k).or_insert_with(|| {
+                        coefs.push(linear_catch_up(rule, lrs, now - k, now));
+                        (coefs.len() - 1) as u64
+                    })
+                };
+                any |= c != CURRENT;
+                catch.plan.push(c);
+            }
+            any.then_some(Planned::Linear)
+        }
+        Missed::Replay(limit) => {
+            let mut from = now;
+            for last in seen {
+                let start = match limit {
+                    Some(n) => last.max(now.saturating_sub(n)),
+                    None => last,
+                };
+                let c = if start < now { start } else { CURRENT };
+                from = from.min(start);
+                any |= c != CURRENT;
+                catch.plan.push(c);
+            }
+            any.then_some(Planned::Replay { from })
+        }
+    }
+}
+
+/// The product of the zero-gradient maps of steps `from..to`, one power
+/// per stretch of one learning rate, in `f64`, rounded once.
+fn linear_catch_up<R: Rule>(rule: &R, lrs: LrAt<'_>, from: u64, to: u64) -> Coefs {
+    let n = 1 + rule.arrays().len();
+    let mut total = Map::identity(n);
+    for (steps, lr) in lrs.stretches(from, to) {
+        total = rule.zero_grad_map(lr).power(steps).mul(&total);
+    }
+    total.coefs()
 }
 
 /// `Err(NonFinite)` for the first NaN or infinite summed gradient value,
 /// positioned as `slot * dim + column`. (A `SparseGrad` holds only finite
 /// inputs, but their sums may overflow; it skips this pass when it can
 /// prove they did not.)
-fn check_finite(grad: &SparseGrad) -> Result<()> {
+pub(crate) fn check_finite(grad: &SparseGrad) -> Result<()> {
     let all = grad.as_padded();
     let finite = |c: &[f32]| c.iter().fold(true, |ok, x| ok & x.is_finite());
     let ok = if all.len() < PARALLEL_MIN_FLOATS {
@@ -857,97 +1230,89 @@ impl<'a> DisjointRows<'a> {
     }
 }
 
-/// Where the gradient of each visited row comes from.
-pub(crate) trait RowGrads: Sync {
-    /// Starts loading what [`update`](Self::update) of visited row `i` will read.
-    fn prefetch(&self, i: usize);
-
-    /// Applies `rule` to `rows` with the gradient of visited row `i`.
-    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize);
-}
-
-/// The summed gradients of a [`SparseGrad`]: visited row `i` is slot `i`.
-pub(crate) struct Slots<'a> {
-    grads: &'a [f32],
-    stride: usize,
-}
-
-impl RowGrads for Slots<'_> {
-    #[inline(always)]
-    fn prefetch(&self, _i: usize) {
-        // Slots are read in order: the hardware prefetcher follows them.
-    }
-
-    #[inline(always)]
-    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize) {
-        let g = Padded(&self.grads[i * self.stride..][..self.stride]);
-        rule.update(s, rows, &g, dim);
-    }
-}
-
-/// The gradient of a lookup, grouped but not summed: visited row `i` is
-/// group `i` of [`Groups`], and its gradient is the sum of its positions'
-/// rows of `grad_out`, taken in batch order, as [`SparseGrad`] sums them:
-/// the first position's row from `grad_out`, the later ones' from the
-/// groups' scratch.
-pub(crate) struct Grouped<'a> {
+/// The summed gradient of each visited row: a stored gradient's slot, or
+/// a lookup's positions grouped but not summed, whose sum is taken in
+/// batch order as [`SparseGrad`] sums it: the first position's row from
+/// `grad_out`, the later ones' from the groups' scratch.
+///
+/// One type for both, so that each rule's update is compiled once per tier
+/// for the gradients it reads, not once per source.
+struct Grouped<'a> {
     grad_out: &'a [f32],
+    /// Floats from one row of `grad_out` to the next.
+    pitch: usize,
+    /// Real lanes of a row.
     dim: usize,
     stride: usize,
-    heads: &'a [u32],
+    /// Each visited row's first position; `None`: visited row `i` is row
+    /// `i` of `grad_out` (a stored gradient's slots).
+    heads: Option<&'a [u32]>,
+    /// Visited row `i`'s later rows are scratch rows
+    /// `later[i]..later[i + 1]`; empty: no row has any.
     later: &'a [u32],
     scratch: &'a [f32],
-    /// Whether a row looked up once may be handed over as it lies in
-    /// `grad_out`: its rows are whole padded rows (`dim == stride`) and hold
-    /// no `-0.0` (which the stored gradient's `+0.0 + x` turns into `+0.0`).
-    direct: bool,
 }
 
-impl RowGrads for Grouped<'_> {
+impl<'a> Grouped<'a> {
+    /// The slots of a stored gradient, which are summed already.
+    fn stored(grad: &'a SparseGrad) -> Self {
+        Self {
+            grad_out: grad.as_padded(),
+            pitch: grad.stride(),
+            dim: grad.dim(),
+            stride: grad.stride(),
+            heads: None,
+            later: &[],
+            scratch: &[],
+        }
+    }
+
+    /// Starts loading what [`update`](Self::update) of visited row `i` will read.
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         // Rows looked up once come in batch order, but the hardware
         // prefetcher stops at each 4 KiB page of `grad_out`: without this
         // the update waits for them. (The scratch is read in order too;
-        // prefetching it made no difference.)
-        let head = self
-            .grad_out
-            .as_ptr()
-            .wrapping_add(self.heads[i] as usize * self.dim);
-        kernels::prefetch_lines_l2(head, self.dim);
+        // prefetching it made no difference. Stored slots are read in order.)
+        if let Some(heads) = self.heads {
+            let head = self
+                .grad_out
+                .as_ptr()
+                .wrapping_add(heads[i] as usize * self.pitch);
+            kernels::prefetch_lines_l2(head, self.dim);
+        }
     }
 
+    /// The gradient of visited row `i`.
     #[inline(always)]
-    fn update<S: Simd, R: Rule>(&self, s: S, rule: &R, i: usize, rows: RowSet<'_>, dim: usize) {
-        let first = &self.grad_out[self.heads[i] as usize * self.dim..][..self.dim];
-        let later = self.later[i] as usize..self.later[i + 1] as usize;
-        if later.is_empty() && self.direct {
-            // `0 + x == x` bitwise unless `x` is `-0.0`, which `direct` excludes.
-            rule.update(s, rows, &Padded(first), dim);
-        } else {
-            let g = Summed {
-                first,
-                later: &self.scratch[later.start * self.stride..later.end * self.stride],
-                stride: self.stride,
-            };
-            rule.update(s, rows, &g, dim);
-        }
+    fn row(&self, i: usize) -> GradSum<'_> {
+        let head = self.heads.map_or(i, |h| h[i] as usize);
+        let first = &self.grad_out[head * self.pitch..][..self.pitch];
+        let later = match self.later.get(i..i + 2) {
+            Some(&[a, b]) => a as usize..b as usize,
+            _ => 0..0,
+        };
+        GradSum::new(
+            first,
+            &self.scratch[later.start * self.stride..later.end * self.stride],
+            self.stride,
+        )
     }
 }
 
-/// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` with
-/// `coefs[coef_of[i]]` if any, then applies `rule` with gradient `i` of
-/// `grads` if any. Parallel over rows above a size threshold.
+/// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` as
+/// `plan` says, then applies `rule` with gradient `i` of `grads` if any.
+/// Parallel over rows above a size threshold.
 #[allow(clippy::too_many_arguments)]
-fn visit<R: Rule, G: RowGrads>(
+fn visit<R: Rule>(
     tier: Tier,
     rule: &R,
+    step: Option<&R::Step>,
     table: &mut EmbeddingTable,
     tables: &mut StateTables,
     rows: &[usize],
-    grads: Option<&G>,
-    coef_of: Option<&[u32]>,
-    coefs: &[Coefs],
+    grads: Option<&Grouped<'_>>,
+    plan: Option<(&[u64], CatchUp<'_, R::Step>)>,
 ) {
     let (stride, table_dim) = (table.stride(), table.dim());
     let state_width = if tables.per_row { 1 } else { stride };
@@ -958,18 +1323,30 @@ fn visit<R: Rule, G: RowGrads>(
         bufs.push(DisjointRows::new(a.as_mut_slice(), state_width));
     }
     let bufs = &bufs[..];
+    let (plan, catch) = match plan {
+        Some((plan, catch)) => (Some(plan), catch),
+        None => (None, CatchUp::None),
+    };
+    let zeros = match catch {
+        CatchUp::Replay(_) => vec![0.0; stride],
+        _ => Vec::new(),
+    };
+    let zeros = &zeros[..];
     let run = |start: usize, rows: &[usize]| {
         kernels::dispatch(
             tier,
             Visit {
                 rule,
+                step,
                 rows,
                 start,
                 grads,
-                coef_of: coef_of.map(|c| &c[start..start + rows.len()]),
-                coefs,
+                plan: plan.map(|p| &p[start..start + rows.len()]),
+                catch,
+                zeros,
                 bufs,
                 dim: table_dim,
+                stride,
             },
         )
     };
@@ -989,22 +1366,29 @@ fn visit<R: Rule, G: RowGrads>(
 }
 
 /// The body of [`visit`] for one run of rows, compiled per tier.
-struct Visit<'a, R, G> {
+struct Visit<'a, R: Rule> {
     rule: &'a R,
+    step: Option<&'a R::Step>,
     rows: &'a [usize],
     /// Index of `rows[0]` among all visited rows (for `grads`).
     start: usize,
-    grads: Option<&'a G>,
-    coef_of: Option<&'a [u32]>,
-    coefs: &'a [Coefs],
+    grads: Option<&'a Grouped<'a>>,
+    plan: Option<&'a [u64]>,
+    catch: CatchUp<'a, R::Step>,
+    /// A padded row of zeros: the gradient of a replayed step.
+    zeros: &'a [f32],
     /// The weights, then each state array.
     bufs: &'a [DisjointRows<'a>],
     dim: usize,
+    stride: usize,
 }
 
-impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
+impl<R: Rule> Kernel for Visit<'_, R> {
     type Output = ();
 
+    /// Per row: a linear catch-up, then every update the row is due (the
+    /// replayed missed steps, each with a zero gradient, and this step's),
+    /// through one call of the rule's update, so it is compiled once.
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         for (i, &r) in self.rows.iter().enumerate() {
@@ -1016,26 +1400,102 @@ impl<R: Rule, G: RowGrads> Kernel for Visit<'_, R, G> {
                     g.prefetch(self.start + i + PREFETCH_AHEAD);
                 }
             }
-            if let Some(c) = self.coef_of.map(|c| c[i])
-                && c != CURRENT
+            let mut replay = 0..0;
+            if let Some(p) = self.plan.map(|p| p[i])
+                && p != CURRENT
             {
-                let mut lanes: Lanes<'_> = [&mut [], &mut [], &mut [], &mut []];
-                for (lane, b) in lanes.iter_mut().zip(self.bufs) {
-                    // SAFETY: `r < rows` of every buffer (validated by the
-                    // caller of `visit`), and rows are distinct across all
-                    // tasks, so this task holds the only reference to row
-                    // `r` (these end before the update's).
-                    *lane = unsafe { b.row(r) };
+                match self.catch {
+                    CatchUp::None => {}
+                    CatchUp::Linear(coefs) => {
+                        let mut lanes: [&mut [f32]; super::linear::MAX_TUPLE] =
+                            [&mut [], &mut [], &mut [], &mut []];
+                        for (lane, b) in lanes.iter_mut().zip(self.bufs) {
+                            // SAFETY: `r < rows` of every buffer (validated
+                            // by the caller of `visit`), and rows are
+                            // distinct across all tasks, so this task holds
+                            // the only reference to row `r` (these end
+                            // before the update's).
+                            *lane = unsafe { b.row(r) };
+                        }
+                        coefs[p as usize].apply(s, &mut lanes);
+                    }
+                    CatchUp::Replay(replayed) => replay = p..replayed.now,
                 }
-                self.coefs[c as usize].apply(s, &mut lanes);
             }
-            if let Some(g) = self.grads {
+            let this = match (self.grads, self.step) {
+                (Some(g), Some(&step)) => Some((step, g.row(self.start + i))),
+                _ => None,
+            };
+            let due = (replay.end - replay.start) + this.is_some() as u64;
+            for k in 0..due {
+                let t = replay.start + k;
+                let (step, g) = match (&this, self.catch) {
+                    (_, CatchUp::Replay(replayed)) if t < replay.end => {
+                        let step = match t.checked_sub(replayed.from) {
+                            Some(j) => replayed.table[j as usize],
+                            None => self.rule.step(t + 1, replayed.lrs.at(t)),
+                        };
+                        (step, GradSum::new(self.zeros, &[], self.stride))
+                    }
+                    (Some((step, g)), _) => (*step, GradSum::new(g.first, g.later, self.stride)),
+                    _ => unreachable!("due counts this step only when there is one"),
+                };
                 let rows = RowSet {
                     bufs: self.bufs,
                     row: r,
                 };
-                g.update(s, self.rule, self.start + i, rows, self.dim);
+                self.rule.update(s, &step, rows, &g, self.dim);
             }
         }
     }
+}
+
+/// A fused `step_lookup` of one optimizer, compiled in this crate (see
+/// [`step_lookup`]).
+pub(crate) trait Fused {
+    /// Checks config, lengths and state before the ids are looked at.
+    fn check_lookup(&self, table: &EmbeddingTable, ids: usize, grad_len: usize) -> Result<()>;
+    /// The grouping of the lookup's ids.
+    fn groups(&mut self) -> &mut Groups;
+    /// The rest of the step, once the ids are grouped (`Ok(false)`: step
+    /// with a stored gradient instead; nothing was written).
+    fn step_grouped(&mut self, table: &mut EmbeddingTable, grad_out: &[f32]) -> Result<bool>;
+}
+
+/// An optimizer's fused lookup step, handed to the provided
+/// [`SparseOptimizer::step_lookup`].
+#[doc(hidden)]
+pub struct FusedStep<'a>(pub(crate) &'a mut dyn Fused);
+
+/// [`SparseOptimizer::step_lookup`]: the fused step when the optimizer
+/// has one, else a stored gradient and [`SparseOptimizer::step`].
+///
+/// ```text
+/// validate config, shapes, ids < table.rows()
+/// group the positions by row (groups.rs): rows in first-seen order   (generic over the id type)
+/// check grad_out finite, copying the later positions' rows to scratch
+/// if the sums might overflow: accumulate a SparseGrad and step (it checks the sums)
+/// DenseExact: catch-up plan per row, as step
+/// update each row with 0 + its positions' gradient rows, in batch order
+/// ```
+pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
+    opt: &mut O,
+    table: &mut EmbeddingTable,
+    ids: &[I],
+    grad_out: &[f32],
+) -> Result<()> {
+    if let Some(FusedStep(fused)) = opt.fused() {
+        fused.check_lookup(table, ids.len(), grad_out.len())?;
+        crate::index::validate_ids(ids, table.rows())?;
+        if Groups::fits(ids.len()) {
+            // SAFETY: ids were validated against `table.rows()` and fit.
+            unsafe { fused.groups().build(ids, table.rows()) };
+            if fused.step_grouped(table, grad_out)? {
+                return Ok(());
+            }
+        }
+    }
+    let mut grad = SparseGrad::for_table(table);
+    grad.accumulate_lookup(ids, grad_out)?;
+    opt.step(table, &grad)
 }

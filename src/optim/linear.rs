@@ -6,11 +6,16 @@
 //! brought current with `x ← Mᵏ x`. `Mᵏ` is computed in `f64` by repeated
 //! squaring (`O(log k)` products), then rounded to `f32` and applied to the
 //! row with `f32` multiplies and adds. Entries that are exactly zero are
-//! skipped, so a lane is never polluted by `0 · x` terms.
+//! skipped, so a lane is never polluted by `0 · x` terms. When the learning
+//! rate changed during the missed steps, `M` differs between the stretches
+//! of steps with one rate, and the row gets the product of each stretch's
+//! power, still computed in `f64` and rounded once.
 
 use crate::kernels::Simd;
 
-/// Largest tuple: the weight and three state arrays (centred RMSprop with momentum).
+/// Largest tuple with a linear zero-gradient step: the weight and three
+/// state arrays (centred RMSprop with momentum). Rules with more arrays
+/// replay missed steps instead (see `engine::Missed`).
 pub(crate) const MAX_TUPLE: usize = 4;
 
 /// A zero-gradient step as an `n × n` matrix in `f64` (`n <= MAX_TUPLE`).
@@ -37,12 +42,8 @@ impl Map {
         self.m[i][j] = value;
     }
 
-    /// Whether the map changes nothing.
-    pub(crate) fn is_identity(&self) -> bool {
-        *self == Self::identity(self.n)
-    }
-
-    fn mul(&self, other: &Self) -> Self {
+    /// `self · other`: `other` first, then `self`.
+    pub(crate) fn mul(&self, other: &Self) -> Self {
         let n = self.n;
         let mut out = Self {
             n,
@@ -56,8 +57,8 @@ impl Map {
         out
     }
 
-    /// `selfᵏ` by repeated squaring, in `f64`, rounded to `f32` coefficients.
-    pub(crate) fn power(&self, mut k: u64) -> Coefs {
+    /// `selfᵏ` by repeated squaring, in `f64`.
+    pub(crate) fn power(&self, mut k: u64) -> Self {
         let mut result = Self::identity(self.n);
         let mut base = *self;
         while k > 0 {
@@ -69,8 +70,13 @@ impl Map {
                 base = base.mul(&base);
             }
         }
+        result
+    }
+
+    /// The map rounded to `f32` coefficients, ready to apply to rows.
+    pub(crate) fn coefs(&self) -> Coefs {
         let mut c = [[0.0f32; MAX_TUPLE]; MAX_TUPLE];
-        for (ci, ri) in c.iter_mut().zip(&result.m) {
+        for (ci, ri) in c.iter_mut().zip(&self.m) {
             for (cij, &rij) in ci.iter_mut().zip(ri) {
                 *cij = rij as f32;
             }
@@ -91,8 +97,9 @@ impl Coefs {
     /// the state rows, all of one length, a multiple of `S::N`.
     ///
     /// Output `i` is `Σⱼ c[i][j] · x[j]` over the non-zero `c[i][j]` in
-    /// increasing `j` (no FMA), `+0` if there are none. Zero inputs give
-    /// zero outputs, so pad lanes stay zero.
+    /// increasing `j` (no FMA), `+0` if there are none, saturated to
+    /// `±f32::MAX` as every update is. Zero inputs give zero outputs, so pad
+    /// lanes stay zero.
     #[inline(always)]
     pub(crate) fn apply<S: Simd>(&self, s: S, lanes: &mut [&mut [f32]; MAX_TUPLE]) {
         let n = self.n;
@@ -116,7 +123,8 @@ impl Coefs {
                         });
                     }
                 }
-                s.store(acc.unwrap_or(s.splat(0.0)), &mut lane[at..]);
+                let out = acc.unwrap_or(s.splat(0.0));
+                s.store(super::engine::saturate(s, out), &mut lane[at..]);
             }
             at += S::N;
         }
@@ -141,7 +149,7 @@ mod tests {
                 v *= 0.9;
                 w = 0.99 * w + v;
             }
-            let c = m.power(k);
+            let c = m.power(k).coefs();
             let mut wr = [0.5f32];
             let mut vr = [-0.25f32];
             let (mut e1, mut e2) = ([0f32; 0], [0f32; 0]);
@@ -150,7 +158,5 @@ mod tests {
             assert!((wr[0] as f64 - w).abs() < 1e-6, "k={k}: {} vs {w}", wr[0]);
             assert!((vr[0] as f64 - v).abs() < 1e-6, "k={k}: {} vs {v}", vr[0]);
         }
-        assert!(Map::identity(3).is_identity());
-        assert!(!m.is_identity());
     }
 }

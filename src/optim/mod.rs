@@ -1,4 +1,6 @@
-//! Sparse optimizers: SGD, RMSprop, Adagrad and row-wise Adagrad.
+//! Sparse optimizers: SGD, RMSprop, Adagrad, row-wise Adagrad, Adam,
+//! AdamW and FTRL, with Keras 3's and PyTorch's formulas and defaults;
+//! learning-rate changes and schedules; gradient clipping.
 //!
 //! An optimizer sees an [`EmbeddingTable`] and a [`SparseGrad`] and updates
 //! only the rows the gradient names (duplicate ids were already summed by
@@ -10,39 +12,93 @@
 //! |---|---|---|
 //! | [`Sgd`] | momentum (if μ > 0) | see [`SgdStyle`] |
 //! | [`RmsProp`] | `square_avg`, [`grad_avg`], [`momentum`] | s = ρs + (1−ρ)g²; [m = ρm + (1−ρ)g; d = s − m²] else d = s; Δ = ηg/√(d+ε) (or ηg/(√d+ε)); [b = μb + Δ; w −= b] else w −= Δ |
-//! | [`Adagrad`] | `accumulator` | a += g²; w −= ηg/√(a+ε) (or ηg/(√a+ε)) |
+//! | [`Adagrad`] | `accumulator` | a += g²; w −= ηₜg/√(a+ε) (or ηₜg/(√a+ε)) |
 //! | [`RowWiseAdagrad`] | one float per row | h += mean(g²); w −= η/(√h+ε) · g |
+//! | [`Adam`], [`AdamW`] | `momentum`, `velocity`, [`velocity_hat`] | m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; w −= η·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v+ε), see [`AdamStyle`] |
+//! | [`Ftrl`] | `accumulator`, `linear` | Keras' FTRL-Proximal, see [`Ftrl`] |
+//!
+//! Each config's `::keras()` (its `Default`) and `::torch()` presets give
+//! that framework's defaults and numbers, `::keras_lazy()` Keras' formulas
+//! with lazy semantics (TensorFlow's sparse ops), and
+//! [`AdamConfig::torch_sparse`] PyTorch's `SparseAdam`. Weight decay in
+//! SGD's Torch style, RMSprop, Adagrad and Adam's PyTorch styles is
+//! PyTorch's coupled form (`g += λ·w`); Keras' `weight_decay` (and AdamW's)
+//! is decoupled (`w −= ηλ·w`).
 //!
 //! # Semantics
 //!
-//! [`Semantics::Lazy`] (the default) leaves the rows absent from a batch,
-//! and their state, bit for bit as they were: TensorFlow's sparse ops,
-//! PyTorch's sparse Adagrad and FBGEMM work this way.
+//! [`Semantics::Lazy`] leaves the rows absent from a batch, and their
+//! state, bit for bit as they were: TensorFlow's sparse ops, PyTorch's
+//! `SparseAdam` and sparse Adagrad, and FBGEMM work this way.
 //!
 //! [`Semantics::DenseExact`] gives what the dense optimizer computes when
 //! it sees the dense gradient every step (zeros for the absent rows), as
-//! Keras 3 does, while the work stays proportional to the batch. A step
-//! with a zero gradient is a fixed linear map on each lane's tuple
-//! `(weight, state…)` (momentum decays, weight decay shrinks the weight,
-//! moving averages shrink). Each row remembers the last step it saw; when
-//! it is touched again (or on [`SparseOptimizer::flush`] or
-//! [`SparseOptimizer::catch_up`]) the `k` steps it missed are applied at
-//! once as the `k`-th power of that map, computed in `f64` by repeated
-//! squaring once per distinct `k` and applied in `f32`. The caught-up row
-//! equals the dense result up to rounding (one rounding per product
-//! instead of one per missed step). Adagrad, row-wise Adagrad and SGD
-//! without momentum or weight decay do nothing to an absent row, so both
-//! semantics agree for them.
+//! Keras 3 does, while the work stays proportional to the batch. Each row
+//! remembers the last step it saw; when it is touched again (or on
+//! [`SparseOptimizer::flush`] or [`SparseOptimizer::catch_up`]) it catches
+//! up the steps it missed, in one of two ways:
+//!
+//! - Where a step with a zero gradient is a fixed linear map on each
+//!   lane's tuple `(weight, state…)` (SGD's momentum and weight decay,
+//!   RMSprop's moving averages and momentum), the `k` missed steps are
+//!   applied at once as the `k`-th power of that map, computed in `f64` by
+//!   repeated squaring once per distinct `k` and applied in `f32`. The
+//!   caught-up row equals the dense result up to rounding (one rounding per
+//!   product instead of one per missed step).
+//! - Where it is not (Adam's `√v`, FTRL's clip, a coupled weight decay's
+//!   gradient `λ·w` in an adaptive optimizer), the missed steps are replayed
+//!   one by one with a zero gradient and each step's own scalars: bitwise
+//!   the dense result, at the cost of one row update per missed step (what
+//!   the dense optimizer spends on the row anyway, paid only when the row
+//!   is next needed). FTRL without L2 shrinkage replays only the last one:
+//!   earlier missed steps leave nothing behind.
+//!
+//! Adagrad without weight decay, row-wise Adagrad and SGD without momentum
+//! or weight decay do nothing to an absent row: both semantics agree for
+//! them, and no per-row step counts are kept.
+//!
+//! # Learning rates
+//!
+//! [`SparseOptimizer::set_lr`] changes the rate of the next steps;
+//! [`SparseOptimizer::set_schedule`] plugs in a [`LrSchedule`]
+//! ([`ExponentialDecay`], [`StepLr`], or one of your own) that sets it
+//! before each step from the step count. Under `DenseExact`, rows that lag
+//! catch up each missed step with the rate that step used. Checkpoints
+//! keep the rate (the config's `lr`), the step count and, while rows lag,
+//! the earlier rates.
+//!
+//! # Clipping
+//!
+//! [`SparseGrad::clip_by_value`], [`SparseGrad::clip_by_row_norm`] and
+//! [`SparseGrad::clip_by_global_norm`] (with [`SparseGrad::norm`] for the
+//! norms of several tables) clip the gradient before a step, as Keras'
+//! `clipvalue` and `global_clipnorm` and PyTorch's `clip_grad_value_` and
+//! `clip_grad_norm_` do, each equal to the same operation on the dense
+//! gradient.
 //!
 //! # Numerics
 //!
-//! Every update is computed with IEEE `f32` add, sub, mul, div and sqrt,
-//! never fused multiply-adds, and lane `j` of a row is computed from lane
-//! `j` of its inputs only (row-wise Adagrad's mean is summed in a fixed
-//! order of 16 partial sums). The results are therefore bitwise the same
-//! for every kernel tier and every thread count. Where ε goes is chosen by
-//! [`EpsPlacement`]. Gradients must be finite: a step whose gradient holds
-//! a NaN or an infinity (a sum that overflowed) is refused.
+//! Every update is computed with IEEE `f32` add, sub, mul, div, sqrt, min
+//! and max, never fused multiply-adds, and lane `j` of a row is computed
+//! from lane `j` of its inputs only (row-wise Adagrad's mean is summed in a
+//! fixed order of 16 partial sums; FTRL with a power other than −0.5 uses
+//! `f32::powf` lane by lane). The results are therefore bitwise the same
+//! for every kernel tier and every thread count. Scalars of a step (bias
+//! corrections, decayed rates) are computed once per step, in `f32` or
+//! `f64` as the framework the formula comes from computes them. Where ε
+//! goes is chosen by [`EpsPlacement`] or [`AdamStyle`].
+//!
+//! Gradients must be finite: a step whose gradient holds a NaN or an
+//! infinity (a sum that overflowed) is refused. No step stores a NaN or an
+//! infinity: a value that would overflow saturates at `±f32::MAX` (an
+//! Adagrad accumulator fed gradients of 1e20, where Keras and PyTorch store
+//! `inf`), and the centred RMSprop variance `s − m²`, which rounding can
+//! make slightly negative, is clamped at 0 (where Keras and PyTorch take a
+//! NaN root). Every state a step produces can therefore be saved and
+//! loaded back bit for bit; [`SparseOptimizer::load_state`] refuses values
+//! no step produces (non-finite ones, an accumulator below its start, a
+//! negative second moment). Step counters stop at `i64::MAX`, what a
+//! checkpoint stores: the next step is refused.
 //!
 //! # State layout
 //!
@@ -59,8 +115,44 @@
 //! before writing anything: on `Err`, the table and the optimizer state are
 //! bitwise unchanged.
 //!
+//! # Adding an optimizer
+//!
+//! One file, `src/optim/<name>.rs`, holds all of it; the engine
+//! (`engine.rs`) does validation, state allocation, the parallel walk over
+//! rows, the fused `step_lookup`, dense-exact catch-up, learning rates and
+//! checkpoints. In that file:
+//!
+//! 1. A config: a plain struct with `pub` fields named as Keras names the
+//!    options (`lr` first), `Default` (= `keras()`), presets, and
+//!    `validate()` that names the field and value it refuses.
+//! 2. The optimizer: `pub struct Name { config: NameConfig, core: Core }`
+//!    with its docs (formulas, state arrays, example), then
+//!    `super::sparse_optimizer!(Name, NameConfig);`, which implements
+//!    [`SparseOptimizer`], `new` and `config`.
+//! 3. `impl Config for NameConfig`: its `KIND` (the checkpoint's name),
+//!    `fields` (every field, once, by its saved name: the list the
+//!    checkpoint encoding and the import are made from), `check`, `lr_mut`,
+//!    `semantics`, and `rule()`.
+//! 4. The rule: `impl Rule` with its state arrays (name, start, least
+//!    value), `missed()` (`Nothing`, `Linear` with `zero_grad_map`, or
+//!    `Replay`), `step(t, lr)` for the scalars
+//!    of step `t`, and `update`, the maths of one lane written once over
+//!    [`Simd`](crate::kernels::Simd) inside `map_vectors`, every stored
+//!    value through `saturate`. Keep the compiled variants few: branch on
+//!    a setting outside the loop (a const parameter) only where the
+//!    benchmarks show it pays.
+//!
+//! Then: `mod`/`pub use` lines here and the re-export in `lib.rs`; the
+//! optimizer's dense formula in the tests' reference
+//! (`tests/common/optim.rs`: `Cfg`, a strategy, `Dense::step`, and an
+//! entry in `every_kind`); its row in this module's table, in
+//! [`OptimizerState`]'s kinds, in the checkpoint docs and in the README;
+//! and, if it has a framework counterpart, a case in
+//! `scripts/make_optim_trajectories.py`.
+//!
 //! [`grad_avg`]: RmsPropConfig::centered
 //! [`momentum`]: RmsPropConfig::momentum
+//! [`velocity_hat`]: AdamConfig::amsgrad
 //!
 //! # Examples
 //! ```
@@ -76,26 +168,57 @@
 //! # Ok::<(), embtable::Error>(())
 //! ```
 
-/// Implements [`SparseOptimizer`] for an optimizer struct with fields
-/// `config` (a `core::Config`) and `core` (a `core::Core`).
-macro_rules! sparse_optimizer_impl {
-    ($ty:ty) => {
+/// Implements [`SparseOptimizer`] (and `new`, `config`) for an optimizer
+/// struct with fields `config` (its [`engine::Config`]) and `core` (an
+/// [`engine::Core`]).
+macro_rules! sparse_optimizer {
+    ($ty:ident, $config:ty) => {
+        impl $ty {
+            /// An optimizer with `config` (checked on every step).
+            pub fn new(config: $config) -> Self {
+                Self {
+                    config,
+                    core: $crate::optim::engine::Core::default(),
+                }
+            }
+
+            /// The settings (`lr` is the rate of the last step, or the one
+            /// last set with [`set_lr`](crate::SparseOptimizer::set_lr)).
+            pub fn config(&self) -> &$config {
+                &self.config
+            }
+        }
+
+        impl $crate::optim::engine::Fused for $ty {
+            fn check_lookup(
+                &self,
+                table: &$crate::EmbeddingTable,
+                ids: usize,
+                grad_len: usize,
+            ) -> $crate::Result<()> {
+                self.core.check_lookup(&self.config, table, ids, grad_len)
+            }
+
+            fn groups(&mut self) -> &mut $crate::optim::groups::Groups {
+                self.core.groups()
+            }
+
+            fn step_grouped(
+                &mut self,
+                table: &mut $crate::EmbeddingTable,
+                grad_out: &[f32],
+            ) -> $crate::Result<bool> {
+                self.core.step_grouped(&mut self.config, table, grad_out)
+            }
+        }
+
         impl $crate::optim::SparseOptimizer for $ty {
             fn step(
                 &mut self,
                 table: &mut $crate::EmbeddingTable,
                 grad: &$crate::SparseGrad,
             ) -> $crate::Result<()> {
-                self.core.step(&self.config, table, grad)
-            }
-
-            fn step_lookup<I: $crate::Index>(
-                &mut self,
-                table: &mut $crate::EmbeddingTable,
-                ids: &[I],
-                grad_out: &[f32],
-            ) -> $crate::Result<()> {
-                self.core.step_lookup(&self.config, table, ids, grad_out)
+                self.core.step(&mut self.config, table, grad)
             }
 
             fn flush(&mut self, table: &mut $crate::EmbeddingTable) -> $crate::Result<()> {
@@ -114,40 +237,77 @@ macro_rules! sparse_optimizer_impl {
                 self.core.has_lagging_rows()
             }
 
+            fn lr(&self) -> f32 {
+                self.core.lr(&self.config)
+            }
+
+            fn set_lr(&mut self, lr: f32) -> $crate::Result<()> {
+                self.core.set_lr(&mut self.config, lr)
+            }
+
+            fn set_schedule(
+                &mut self,
+                schedule: Option<std::sync::Arc<dyn $crate::optim::LrSchedule>>,
+            ) {
+                self.core.set_schedule(schedule)
+            }
+
+            fn steps(&self) -> u64 {
+                self.core.steps()
+            }
+
             fn state(&self) -> $crate::optim::OptimizerState {
                 self.core.export(&self.config)
             }
 
             fn load_state(&mut self, state: $crate::optim::OptimizerState) -> $crate::Result<()> {
                 let (config, core) = $crate::optim::engine::Core::import(&state)?;
+                let schedule = self.core.take_schedule();
                 self.config = config;
                 self.core = core;
+                self.core.set_schedule(schedule);
                 Ok(())
+            }
+
+            fn fused(&mut self) -> Option<$crate::optim::engine::FusedStep<'_>> {
+                Some($crate::optim::engine::FusedStep(self))
             }
         }
     };
 }
-use sparse_optimizer_impl;
+use sparse_optimizer;
 
 mod adagrad;
+mod adam;
+mod adamw;
+mod clip;
 mod config;
 mod engine;
+mod ftrl;
 mod groups;
 mod linear;
 mod rmsprop;
 mod rowwise_adagrad;
+mod schedule;
 mod sgd;
 
 pub use adagrad::{Adagrad, AdagradConfig};
+pub use adam::{Adam, AdamConfig, AdamStyle};
+pub use adamw::{AdamW, AdamWConfig};
+pub use ftrl::{Ftrl, FtrlConfig};
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use rowwise_adagrad::{RowWiseAdagrad, RowWiseAdagradConfig};
+pub use schedule::{ExponentialDecay, LrSchedule, StepLr};
 pub use sgd::{Sgd, SgdConfig, SgdStyle};
+
+use std::sync::Arc;
 
 use crate::{EmbeddingTable, Index, Result, SparseGrad};
 
 /// An optimizer that updates the rows of a table named by a sparse gradient.
 ///
-/// Implemented by [`Sgd`], [`RmsProp`], [`Adagrad`] and [`RowWiseAdagrad`].
+/// Implemented by [`Sgd`], [`RmsProp`], [`Adagrad`], [`RowWiseAdagrad`],
+/// [`Adam`], [`AdamW`] and [`Ftrl`].
 /// The trait is object safe, so a layer may hold a `Box<dyn SparseOptimizer>`.
 pub trait SparseOptimizer {
     /// Applies one step with `grad` to the rows it names.
@@ -179,16 +339,17 @@ pub trait SparseOptimizer {
     /// self.step(table, &grad)
     /// ```
     ///
-    /// bit for bit, which is what the provided method does. [`Sgd`],
-    /// [`RmsProp`], [`Adagrad`] and [`RowWiseAdagrad`] fuse the two
-    /// instead: each distinct row's gradient is summed (in batch order, as
+    /// bit for bit. Every optimizer of this crate fuses the two instead:
+    /// each distinct row's gradient is summed (in batch order, as
     /// `SparseGrad` sums it) right before the row is updated, so the
     /// weights and the state are read and written once and no coalesced
     /// gradient is stored. This is the fastest way to train a table whose
     /// gradient comes from one lookup per step. For grouping the ids, the
     /// optimizer keeps 4 bytes per table row and scratch proportional to
     /// the batch (up to 24 bytes an id, and the gradient rows of ids that
-    /// repeat in the batch).
+    /// repeat in the batch). Only the grouping of the ids is generic over
+    /// `I`; the update itself is compiled once, in this crate, so calling
+    /// this does not recompile the optimizers in the caller's crate.
     ///
     /// Only for sized types (it is generic over the id type); through a
     /// `dyn SparseOptimizer`, accumulate a [`SparseGrad`] and call
@@ -226,9 +387,7 @@ pub trait SparseOptimizer {
     where
         Self: Sized,
     {
-        let mut grad = SparseGrad::for_table(table);
-        grad.accumulate_lookup(ids, grad_out)?;
-        self.step(table, &grad)
+        engine::step_lookup(self, table, ids, grad_out)
     }
 
     /// Brings every row current: under [`Semantics::DenseExact`], applies
@@ -261,6 +420,55 @@ pub trait SparseOptimizer {
     /// The provided method says `false`, matching the provided `catch_up`.
     fn has_lagging_rows(&self) -> bool {
         false
+    }
+
+    /// The learning rate the next step will use: the schedule's, if one is
+    /// set, else the config's `lr`.
+    fn lr(&self) -> f32;
+
+    /// Sets the learning rate of the next steps (the config's `lr`), as
+    /// Keras' `optimizer.learning_rate = x` or a PyTorch scheduler does.
+    ///
+    /// Under [`Semantics::DenseExact`], rows that lag behind still catch up
+    /// the steps they missed with the rate those steps used: the optimizer
+    /// keeps the earlier rates (a few bytes per change, saved in
+    /// [`OptimizerState::lr_history`]) until [`flush`](Self::flush) brings
+    /// every row current. A schedule set with
+    /// [`set_schedule`](Self::set_schedule) overrides this at the next step.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) (field `lr`,
+    /// or another field the rate is checked with, as `weight_decay` for
+    /// `lr * weight_decay < 1`) if the config with this rate is invalid;
+    /// nothing changes then.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Adagrad, AdagradConfig, SparseOptimizer};
+    /// let mut opt = Adagrad::new(AdagradConfig::torch());
+    /// opt.set_lr(0.5)?;
+    /// assert_eq!((opt.lr(), opt.config().lr), (0.5, 0.5));
+    /// assert!(opt.set_lr(-1.0).is_err());
+    /// assert_eq!(opt.lr(), 0.5);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    fn set_lr(&mut self, lr: f32) -> Result<()>;
+
+    /// Plugs in a learning-rate schedule (see [`LrSchedule`]), or removes it
+    /// with `None`: before each step the rate becomes `schedule.lr(steps)`,
+    /// as if set with [`set_lr`](Self::set_lr). Kept across
+    /// [`load_state`](Self::load_state).
+    fn set_schedule(&mut self, schedule: Option<Arc<dyn LrSchedule>>);
+
+    /// Steps taken so far (empty ones included), as Keras'
+    /// `optimizer.iterations`.
+    fn steps(&self) -> u64;
+
+    /// The fused [`step_lookup`](Self::step_lookup) of the optimizers of
+    /// this crate; `None` for others.
+    #[doc(hidden)]
+    fn fused(&mut self) -> Option<engine::FusedStep<'_>> {
+        None
     }
 
     /// A copy of the whole optimizer state (config, step counter, state
@@ -306,6 +514,21 @@ impl<O: SparseOptimizer + ?Sized> SparseOptimizer for Box<O> {
     fn load_state(&mut self, state: OptimizerState) -> Result<()> {
         (**self).load_state(state)
     }
+    fn lr(&self) -> f32 {
+        (**self).lr()
+    }
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        (**self).set_lr(lr)
+    }
+    fn set_schedule(&mut self, schedule: Option<Arc<dyn LrSchedule>>) {
+        (**self).set_schedule(schedule)
+    }
+    fn steps(&self) -> u64 {
+        (**self).steps()
+    }
+    fn fused(&mut self) -> Option<engine::FusedStep<'_>> {
+        (**self).fused()
+    }
 }
 
 /// Where ε goes in the denominator of RMSprop and Adagrad.
@@ -336,12 +559,14 @@ pub enum Semantics {
 /// Everything is plain data so that a checkpoint writer can store it in any
 /// format:
 ///
-/// - `kind`: `"sgd"`, `"rmsprop"`, `"adagrad"` or `"rowwise_adagrad"`.
+/// - `kind`: `"sgd"`, `"rmsprop"`, `"adagrad"`, `"rowwise_adagrad"`, `"adam"`,
+///   `"adamw"` or `"ftrl"`.
 /// - `config`: every config field by its Rust name, as `f64` (an `f32`
 ///   converts exactly). Booleans are `0` or `1`; [`EpsPlacement`] is `0`
 ///   for `InsideSqrt`, `1` for `OutsideSqrt`; [`Semantics`] is `0` for
 ///   `Lazy`, `1` for `DenseExact`; [`SgdStyle`] is `0` for `Keras`, `1`
-///   for `Torch`.
+///   for `Torch`; [`AdamStyle`] is `0` for `Keras`, `1` for `Torch`, `2`
+///   for `TorchSparse`. The current learning rate is `lr`.
 /// - `steps`: steps taken so far, empty ones included.
 /// - `shape`: `(rows, dim)` of the table the state belongs to, `None`
 ///   before the first step.
@@ -350,7 +575,9 @@ pub enum Semantics {
 ///   exist depends on the config (see each optimizer).
 /// - `last_step`: under [`Semantics::DenseExact`], for each row the number
 ///   of steps it has seen (row `r` lags `steps - last_step[r]` steps);
-///   empty otherwise.
+///   empty otherwise (and where absent rows never change).
+/// - `lr_history`: the earlier learning rates lagging rows will catch up
+///   with (see the field).
 ///
 /// # Examples
 /// ```
@@ -373,7 +600,8 @@ pub enum Semantics {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OptimizerState {
-    /// Which optimizer: `"sgd"`, `"rmsprop"`, `"adagrad"` or `"rowwise_adagrad"`.
+    /// Which optimizer: `"sgd"`, `"rmsprop"`, `"adagrad"`, `"rowwise_adagrad"`,
+    /// `"adam"`, `"adamw"` or `"ftrl"`.
     pub kind: String,
     /// Every config field by name, as `f64` (see the type docs for the encoding).
     pub config: Vec<(String, f64)>,
@@ -385,6 +613,13 @@ pub struct OptimizerState {
     pub arrays: Vec<StateArray>,
     /// Under [`Semantics::DenseExact`], steps seen by each row; else empty.
     pub last_step: Vec<u64>,
+    /// Under [`Semantics::DenseExact`], the learning rates that rows still
+    /// lagging behind will catch up with: `(until, lr)` pairs, increasing
+    /// in `until`, meaning that the steps from the previous `until` (or 0)
+    /// to `until` used `lr`; steps after the last used the config's `lr`.
+    /// Empty unless the rate changed while rows lagged (see
+    /// [`SparseOptimizer::set_lr`]).
+    pub lr_history: Vec<(u64, f32)>,
 }
 
 /// One named state array of an [`OptimizerState`].

@@ -1,7 +1,10 @@
 //! Row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): one accumulator per row.
 
-use super::config::{self, Fields, named};
-use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
+use super::Semantics;
+use super::config::{self, Visit};
+use super::engine::{
+    Config, Core, GradRow, Missed, RowSet, Rule, StateSpec, map_vectors, saturate,
+};
 use crate::Result;
 use crate::aligned::LANES_PER_LINE;
 use crate::kernels::{BLOCK_VECTORS, Simd};
@@ -88,69 +91,53 @@ pub struct RowWiseAdagrad {
     core: Core,
 }
 
-impl RowWiseAdagrad {
-    /// An optimizer with `config` (checked on every step).
-    pub fn new(config: RowWiseAdagradConfig) -> Self {
-        Self {
-            config,
-            core: Core::default(),
-        }
-    }
+super::sparse_optimizer!(RowWiseAdagrad, RowWiseAdagradConfig);
 
-    /// The settings.
-    pub fn config(&self) -> &RowWiseAdagradConfig {
-        &self.config
-    }
-}
-
-super::sparse_optimizer_impl!(RowWiseAdagrad);
-
-/// [`RowWiseAdagradConfig`] ready to apply.
+/// [`RowWiseAdagradConfig`] as its rule.
 pub(crate) struct RowWiseAdagradRule {
-    lr: f32,
     epsilon: f32,
-    arrays: [(&'static str, f32); 1],
+    arrays: [StateSpec; 1],
 }
 
 impl Config for RowWiseAdagradConfig {
     type Rule = RowWiseAdagradRule;
     const KIND: &'static str = "rowwise_adagrad";
-    const FIELDS: &'static [&'static str] = &["lr", "initial_accumulator_value", "epsilon"];
+
+    fn fields(&mut self, v: &mut impl Visit) {
+        v.f32("lr", &mut self.lr);
+        v.f32(
+            "initial_accumulator_value",
+            &mut self.initial_accumulator_value,
+        );
+        v.f32("epsilon", &mut self.epsilon);
+    }
 
     fn check(&self) -> Result<()> {
         self.validate()
     }
 
     fn rule(&self) -> RowWiseAdagradRule {
+        let h0 = self.initial_accumulator_value;
         RowWiseAdagradRule {
-            lr: self.lr,
             epsilon: self.epsilon,
-            arrays: [("accumulator", self.initial_accumulator_value)],
+            arrays: [StateSpec::at_least("accumulator", h0, h0)],
         }
     }
 
-    fn to_fields(&self) -> Vec<(String, f64)> {
-        named(&[
-            ("lr", self.lr as f64),
-            (
-                "initial_accumulator_value",
-                self.initial_accumulator_value as f64,
-            ),
-            ("epsilon", self.epsilon as f64),
-        ])
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
 
-    fn from_fields(f: &Fields<'_>) -> Result<Self> {
-        Ok(Self {
-            lr: f.f32("lr")?,
-            initial_accumulator_value: f.f32("initial_accumulator_value")?,
-            epsilon: f.f32("epsilon")?,
-        })
+    fn semantics(&self) -> Semantics {
+        Semantics::Lazy
     }
 }
 
 impl Rule for RowWiseAdagradRule {
-    fn arrays(&self) -> &[(&'static str, f32)] {
+    /// The learning rate.
+    type Step = f32;
+
+    fn arrays(&self) -> &[StateSpec] {
         &self.arrays
     }
 
@@ -158,19 +145,27 @@ impl Rule for RowWiseAdagradRule {
         true
     }
 
+    fn missed(&self) -> Missed {
+        Missed::Nothing
+    }
+
+    fn step(&self, _t: u64, lr: f32) -> f32 {
+        lr
+    }
+
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, dim: usize) {
+    fn update<S: Simd>(&self, s: S, lr: &f32, rows: RowSet<'_>, g: &impl GradRow<S>, dim: usize) {
         let [w, h] = rows.take::<2>();
         let sum = sum_of_squares(s, g, w.len());
-        let acc = h[0] + sum / dim as f32;
+        let acc = (h[0] + sum / dim as f32).min(f32::MAX);
         h[0] = acc;
-        let factor = s.splat(self.lr / (acc.sqrt() + self.epsilon));
+        let factor = s.splat(lr / (acc.sqrt() + self.epsilon));
         map_vectors(
             s,
             [w],
             g,
             #[inline(always)]
-            |[wv], gv| [s.sub(wv, s.mul(factor, gv))],
+            |[wv], gv| [saturate(s, s.sub(wv, s.mul(factor, gv)))],
         );
     }
 }
@@ -232,14 +227,14 @@ fn add_squares<S: Simd, const V: usize>(
 mod tests {
     use super::*;
     use crate::kernels::{Kernel, Tier, dispatch};
-    use crate::optim::engine::Padded;
+    use crate::optim::engine::GradSum;
 
     struct Sum<'a>(&'a [f32]);
     impl Kernel for Sum<'_> {
         type Output = f32;
         #[inline(always)]
         fn run<S: Simd>(self, s: S) -> f32 {
-            sum_of_squares(s, &Padded(self.0), self.0.len())
+            sum_of_squares(s, &GradSum::new(self.0, &[], self.0.len()), self.0.len())
         }
     }
 

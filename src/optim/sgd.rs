@@ -2,11 +2,13 @@
 //! decay, in the Keras 3 or the PyTorch formulation.
 
 use super::Semantics;
-use super::config::{self, Fields, bool_code, named, semantics_code};
-use super::engine::{Config, Core, GradRow, RowSet, Rule, map_vectors};
+use super::config::{self, Choice, Visit};
+use super::engine::{
+    Config, Core, GradRow, Missed, RowSet, Rule, StateSpec, map_vectors, saturate,
+};
 use super::linear::Map;
+use crate::Result;
 use crate::kernels::Simd;
-use crate::{Error, Result};
 
 /// Which framework's SGD formulas [`Sgd`] follows. Both give the same
 /// weights up to rounding, except with weight decay and momentum together.
@@ -30,17 +32,24 @@ pub enum SgdStyle {
     Torch,
 }
 
+impl Choice for SgdStyle {
+    const ALL: &'static [Self] = &[SgdStyle::Keras, SgdStyle::Torch];
+    fn same(self, other: Self) -> bool {
+        self == other
+    }
+}
+
 /// The settings of [`Sgd`]. `Default` is Keras 3's (= [`keras`](Self::keras)).
 ///
 /// # Examples
 /// ```
 /// use embtable::{Semantics, SgdConfig, SgdStyle};
 /// let cfg = SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, ..SgdConfig::default() };
-/// assert_eq!(cfg.style, SgdStyle::Keras);
+/// assert_eq!((cfg.style, cfg.semantics), (SgdStyle::Keras, Semantics::DenseExact));
 /// assert!(cfg.validate().is_ok());
 /// assert!(SgdConfig { momentum: 1.0, ..cfg }.validate().is_err());
 /// assert_eq!(SgdConfig::torch().lr, 1e-3);
-/// # let _ = Semantics::Lazy;
+/// assert_eq!(SgdConfig::keras_lazy().semantics, Semantics::Lazy);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdConfig {
@@ -53,8 +62,9 @@ pub struct SgdConfig {
     /// Weight decay λ, `>= 0` with `lr * weight_decay < 1`; decoupled or
     /// coupled as [`style`](Self::style) says. Keras: 0 (none).
     pub weight_decay: f32,
-    /// What happens to rows absent from a batch (momentum and weight decay
-    /// change them under [`Semantics::DenseExact`]).
+    /// What happens to rows absent from a batch: momentum and weight decay
+    /// move them under [`Semantics::DenseExact`] (without either, both
+    /// semantics agree and cost the same).
     pub semantics: Semantics,
     /// Keras' or PyTorch's formulas.
     pub style: SgdStyle,
@@ -67,20 +77,35 @@ impl Default for SgdConfig {
 }
 
 impl SgdConfig {
-    /// Keras 3's defaults: lr 0.01, no momentum, no weight decay, Keras style, lazy.
+    /// Keras 3's defaults: lr 0.01, no momentum, no weight decay, Keras
+    /// style, dense-exact (what Keras' dense SGD computes: with momentum or
+    /// weight decay, rows absent from a batch still move).
     pub fn keras() -> Self {
         Self {
             lr: 0.01,
             momentum: 0.0,
             nesterov: false,
             weight_decay: 0.0,
-            semantics: Semantics::Lazy,
+            semantics: Semantics::DenseExact,
             style: SgdStyle::Keras,
         }
     }
 
+    /// Keras' formulas and defaults with [`Semantics::Lazy`]: what
+    /// TensorFlow's sparse ops (`ResourceSparseApplyKerasMomentum`, tf.keras 2
+    /// on `IndexedSlices`) compute, rows absent from a batch untouched.
+    pub fn keras_lazy() -> Self {
+        Self {
+            semantics: Semantics::Lazy,
+            ..Self::keras()
+        }
+    }
+
     /// PyTorch's defaults: lr 1e-3, no momentum, no weight decay, Torch style
-    /// (`b = μb + g; w −= η·b`, coupled weight decay), lazy.
+    /// (`b = μb + g; w −= η·b`, coupled weight decay), dense-exact: PyTorch's
+    /// SGD keeps a momentum buffer for every row it ever touched and adds it
+    /// at every step, even from a sparse gradient, and weight decay makes
+    /// the gradient dense.
     pub fn torch() -> Self {
         Self {
             lr: 1e-3,
@@ -92,7 +117,7 @@ impl SgdConfig {
     /// Checks every field.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] naming the field and its value if `lr` is
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field and its value if `lr` is
     /// not positive and finite, `momentum` is outside `[0, 1)`,
     /// `weight_decay` is negative or not finite, or `lr * weight_decay >= 1`
     /// (a decay step would flip the sign of the weights).
@@ -100,17 +125,7 @@ impl SgdConfig {
         config::positive("lr", self.lr)?;
         config::unit("momentum", self.momentum)?;
         config::non_negative("weight_decay", self.weight_decay)?;
-        let decay = self.lr as f64 * self.weight_decay as f64;
-        if decay >= 1.0 {
-            return Err(Error::InvalidConfig {
-                field: "weight_decay",
-                reason: format!(
-                    "lr * weight_decay must be below 1, got {} * {} = {decay}",
-                    self.lr, self.weight_decay
-                ),
-            });
-        }
-        Ok(())
+        config::decay_below_one(self.lr, self.weight_decay)
     }
 }
 
@@ -138,124 +153,100 @@ pub struct Sgd {
     core: Core,
 }
 
-impl Sgd {
-    /// An optimizer with `config` (checked on every step).
-    pub fn new(config: SgdConfig) -> Self {
-        Self {
-            config,
-            core: Core::default(),
-        }
-    }
+super::sparse_optimizer!(Sgd, SgdConfig);
 
-    /// The settings.
-    pub fn config(&self) -> &SgdConfig {
-        &self.config
-    }
-}
-
-super::sparse_optimizer_impl!(Sgd);
-
-/// [`SgdConfig`] with its scalars precomputed.
+/// [`SgdConfig`] as its rule.
 pub(crate) struct SgdRule {
-    lr: f32,
     momentum: f32,
     nesterov: bool,
     weight_decay: f32,
+    style: SgdStyle,
+    arrays: &'static [StateSpec],
+}
+
+/// The scalars of one SGD step.
+#[derive(Clone, Copy)]
+pub(crate) struct SgdStep {
+    lr: f32,
     /// `lr * weight_decay`: the decoupled (Keras) decay factor.
     decay: f32,
-    style: SgdStyle,
-    dense_exact: bool,
-    arrays: &'static [(&'static str, f32)],
 }
 
 impl Config for SgdConfig {
     type Rule = SgdRule;
     const KIND: &'static str = "sgd";
-    const FIELDS: &'static [&'static str] = &[
-        "lr",
-        "momentum",
-        "nesterov",
-        "weight_decay",
-        "semantics",
-        "style",
-    ];
+
+    fn fields(&mut self, v: &mut impl Visit) {
+        v.f32("lr", &mut self.lr);
+        v.f32("momentum", &mut self.momentum);
+        v.choice("nesterov", &mut self.nesterov);
+        v.f32("weight_decay", &mut self.weight_decay);
+        v.choice("semantics", &mut self.semantics);
+        v.choice("style", &mut self.style);
+    }
 
     fn check(&self) -> Result<()> {
         self.validate()
     }
 
     fn rule(&self) -> SgdRule {
+        const MOMENTUM: StateSpec = StateSpec::signed("momentum");
         SgdRule {
-            lr: self.lr,
             momentum: self.momentum,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay,
-            decay: self.lr * self.weight_decay,
             style: self.style,
-            dense_exact: self.semantics == Semantics::DenseExact,
             arrays: if self.momentum > 0.0 {
-                &[("momentum", 0.0)]
+                &[MOMENTUM]
             } else {
                 &[]
             },
         }
     }
 
-    fn to_fields(&self) -> Vec<(String, f64)> {
-        named(&[
-            ("lr", self.lr as f64),
-            ("momentum", self.momentum as f64),
-            ("nesterov", bool_code(self.nesterov)),
-            ("weight_decay", self.weight_decay as f64),
-            ("semantics", semantics_code(self.semantics)),
-            (
-                "style",
-                match self.style {
-                    SgdStyle::Keras => 0.0,
-                    SgdStyle::Torch => 1.0,
-                },
-            ),
-        ])
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
 
-    fn from_fields(f: &Fields<'_>) -> Result<Self> {
-        Ok(Self {
-            lr: f.f32("lr")?,
-            momentum: f.f32("momentum")?,
-            nesterov: f.bool("nesterov")?,
-            weight_decay: f.f32("weight_decay")?,
-            semantics: f.semantics("semantics")?,
-            style: match f.choice("style", 2)? {
-                0 => SgdStyle::Keras,
-                _ => SgdStyle::Torch,
-            },
-        })
+    fn semantics(&self) -> Semantics {
+        self.semantics
     }
 }
 
 impl Rule for SgdRule {
-    fn arrays(&self) -> &[(&'static str, f32)] {
+    type Step = SgdStep;
+
+    fn arrays(&self) -> &[StateSpec] {
         self.arrays
     }
 
-    fn dense_exact(&self) -> bool {
-        self.dense_exact
+    fn missed(&self) -> Missed {
+        if self.arrays.is_empty() && self.weight_decay == 0.0 {
+            Missed::Nothing
+        } else {
+            Missed::Linear
+        }
+    }
+
+    fn step(&self, _t: u64, lr: f32) -> SgdStep {
+        SgdStep {
+            lr,
+            decay: lr * self.weight_decay,
+        }
     }
 
     /// With `g = 0` (η lr, μ momentum, λ weight decay, δ = ηλ as rounded):
     /// Keras `w ← (1−δ)w + μv` (Nesterov `+ μ²v`), `v ← μv`;
     /// Torch `w ← (1−ηλ)w − ημb` (Nesterov `(1−ηλ(1+μ))w − ημ²b`), `b ← λw + μb`.
-    fn zero_grad_map(&self) -> Map {
-        let (lr, mu, wd) = (
-            self.lr as f64,
-            self.momentum as f64,
-            self.weight_decay as f64,
-        );
+    fn zero_grad_map(&self, lr: f32) -> Map {
+        let (mu, wd) = (self.momentum as f64, self.weight_decay as f64);
+        let decay = (lr * self.weight_decay) as f64;
+        let lr = lr as f64;
         let mut map = Map::identity(1 + self.arrays.len());
         let has_momentum = !self.arrays.is_empty();
         match self.style {
             SgdStyle::Keras => {
-                map.set(0, 0, 1.0 - self.decay as f64);
+                map.set(0, 0, 1.0 - decay);
                 if has_momentum {
                     map.set(0, 1, if self.nesterov { mu * mu } else { mu });
                     map.set(1, 1, mu);
@@ -281,28 +272,35 @@ impl Rule for SgdRule {
     }
 
     #[inline(always)]
-    fn update<S: Simd>(&self, s: S, rows: RowSet<'_>, g: &impl GradRow<S>, _dim: usize) {
+    fn update<S: Simd>(
+        &self,
+        s: S,
+        step: &SgdStep,
+        rows: RowSet<'_>,
+        g: &impl GradRow<S>,
+        _dim: usize,
+    ) {
         use SgdStyle::{Keras, Torch};
         let momentum = !self.arrays.is_empty();
         let decay = match self.style {
-            Keras => self.decay != 0.0,
+            Keras => step.decay != 0.0,
             Torch => self.weight_decay != 0.0,
         };
         // One loop per combination of settings: a branch on a setting inside
         // the loop kept fewer row misses in flight (W5 SGD step 3 ms slower).
         match (self.style, momentum, self.nesterov, decay) {
-            (Keras, false, _, false) => self.keras::<S, false, false, false>(s, rows, g),
-            (Keras, false, _, true) => self.keras::<S, false, false, true>(s, rows, g),
-            (Keras, true, false, false) => self.keras::<S, true, false, false>(s, rows, g),
-            (Keras, true, false, true) => self.keras::<S, true, false, true>(s, rows, g),
-            (Keras, true, true, false) => self.keras::<S, true, true, false>(s, rows, g),
-            (Keras, true, true, true) => self.keras::<S, true, true, true>(s, rows, g),
-            (Torch, false, _, false) => self.torch::<S, false, false, false>(s, rows, g),
-            (Torch, false, _, true) => self.torch::<S, false, false, true>(s, rows, g),
-            (Torch, true, false, false) => self.torch::<S, true, false, false>(s, rows, g),
-            (Torch, true, false, true) => self.torch::<S, true, false, true>(s, rows, g),
-            (Torch, true, true, false) => self.torch::<S, true, true, false>(s, rows, g),
-            (Torch, true, true, true) => self.torch::<S, true, true, true>(s, rows, g),
+            (Keras, false, _, false) => self.keras::<S, false, false, false>(s, step, rows, g),
+            (Keras, false, _, true) => self.keras::<S, false, false, true>(s, step, rows, g),
+            (Keras, true, false, false) => self.keras::<S, true, false, false>(s, step, rows, g),
+            (Keras, true, false, true) => self.keras::<S, true, false, true>(s, step, rows, g),
+            (Keras, true, true, false) => self.keras::<S, true, true, false>(s, step, rows, g),
+            (Keras, true, true, true) => self.keras::<S, true, true, true>(s, step, rows, g),
+            (Torch, false, _, false) => self.torch::<S, false, false, false>(s, step, rows, g),
+            (Torch, false, _, true) => self.torch::<S, false, false, true>(s, step, rows, g),
+            (Torch, true, false, false) => self.torch::<S, true, false, false>(s, step, rows, g),
+            (Torch, true, false, true) => self.torch::<S, true, false, true>(s, step, rows, g),
+            (Torch, true, true, false) => self.torch::<S, true, true, false>(s, step, rows, g),
+            (Torch, true, true, true) => self.torch::<S, true, true, true>(s, step, rows, g),
         }
     }
 }
@@ -314,13 +312,14 @@ impl SgdRule {
     fn keras<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
+        step: &SgdStep,
         rows: RowSet<'_>,
         g: &impl GradRow<S>,
     ) {
         let (lr, mu, decay) = (
-            s.splat(self.lr),
+            s.splat(step.lr),
             s.splat(self.momentum),
-            s.splat(self.decay),
+            s.splat(step.decay),
         );
         with_momentum::<S, MOMENTUM>(
             s,
@@ -333,13 +332,13 @@ impl SgdRule {
                 }
                 let step = s.mul(gv, lr);
                 if !MOMENTUM {
-                    return [s.sub(wv, step), vv];
+                    return [saturate(s, s.sub(wv, step)), vv];
                 }
-                let vv = s.sub(s.mul(vv, mu), step);
+                let vv = saturate(s, s.sub(s.mul(vv, mu), step));
                 if NESTEROV {
-                    [s.add(wv, s.sub(s.mul(vv, mu), step)), vv]
+                    [saturate(s, s.add(wv, s.sub(s.mul(vv, mu), step))), vv]
                 } else {
-                    [s.add(wv, vv), vv]
+                    [saturate(s, s.add(wv, vv)), vv]
                 }
             },
         );
@@ -351,11 +350,12 @@ impl SgdRule {
     fn torch<S: Simd, const MOMENTUM: bool, const NESTEROV: bool, const DECAY: bool>(
         &self,
         s: S,
+        step: &SgdStep,
         rows: RowSet<'_>,
         g: &impl GradRow<S>,
     ) {
         let (lr, mu, wd) = (
-            s.splat(self.lr),
+            s.splat(step.lr),
             s.splat(self.momentum),
             s.splat(self.weight_decay),
         );
@@ -369,14 +369,14 @@ impl SgdRule {
                     d = s.add(d, s.mul(wd, wv));
                 }
                 if MOMENTUM {
-                    bv = s.add(s.mul(bv, mu), d);
+                    bv = saturate(s, s.add(s.mul(bv, mu), d));
                     d = if NESTEROV {
                         s.add(d, s.mul(mu, bv))
                     } else {
                         bv
                     };
                 }
-                [s.sub(wv, s.mul(lr, d)), bv]
+                [saturate(s, s.sub(wv, s.mul(lr, d))), bv]
             },
         );
     }
@@ -477,7 +477,7 @@ mod tests {
         ];
         for (cfg, want) in bad {
             match cfg.validate() {
-                Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, want),
+                Err(crate::Error::InvalidConfig { field, .. }) => assert_eq!(field, want),
                 other => panic!("{cfg:?}: {other:?}"),
             }
         }

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: every kernel tier × 1 and 2
-//! threads, and the plain dense reference (one-hot matrices).
+//! threads, and the plain dense reference (one-hot matrices; the
+//! optimizers' in `optim`).
 #![allow(dead_code)]
+
+pub mod optim;
 
 use std::sync::OnceLock;
 

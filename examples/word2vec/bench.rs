@@ -1,0 +1,274 @@
+//! `--bench`: the trainer's words per second on each thread count beside
+//! the classic single-threaded loop ([`crate::classic`]), on the same
+//! corpus with the same settings, in interleaved rounds (so a noisy
+//! neighbour slows every contender alike), reported as medians.
+//!
+//! The corpus is read into memory as word ids first, so both loops are
+//! timed on training alone. Each measurement is one epoch from fresh
+//! vectors; "effective" words are those kept by subsampling (what word2vec
+//! tools report), "raw" all words read.
+
+use std::error::Error;
+use std::io::Write;
+use std::time::Instant;
+
+use embtable::SparseOptimizer;
+
+use crate::classic::Classic;
+use crate::corpus::{Corpus, Source};
+use crate::out::{Out, say};
+use crate::sgns::{self, LrDecay, Sgns, SgnsConfig};
+
+/// What `--bench` runs.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Thread counts of the trainer.
+    pub threads: Vec<usize>,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Shards of the trainer; `None`: one per thread.
+    pub shards: Option<usize>,
+    /// Sentences per step of the trainer.
+    pub batch: usize,
+    /// The trainer's learning-rate schedule.
+    pub decay: LrDecay,
+    /// The classic loop's starting learning rate (SGD, linear decay).
+    pub classic_lr: f32,
+    /// Seed of the vectors and the sampling.
+    pub seed: u64,
+}
+
+/// One timed epoch.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    secs: f64,
+    words: u64,
+    kept: u64,
+}
+
+impl Timing {
+    fn effective(self) -> f64 {
+        self.kept as f64 / self.secs
+    }
+    fn raw(self) -> f64 {
+        self.words as f64 / self.secs
+    }
+}
+
+/// The median of `xs` (not empty).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Runs the benchmark on `corpus` and prints it to `out`.
+///
+/// # Errors
+/// Reading the corpus, building thread pools, training, printing.
+pub fn run<O: SparseOptimizer + Send>(
+    corpus: &Corpus,
+    cfg: SgnsConfig,
+    make: impl Fn() -> O + Sync,
+    bench: &BenchConfig,
+    out: &mut Out<impl Write>,
+) -> Result<(), Box<dyn Error>> {
+    let corpus = corpus.to_ids()?;
+    let Source::Ids(sentences) = &corpus.source else {
+        unreachable!("to_ids gives ids");
+    };
+    let k = bench.threads.len();
+    // timings[i] for i < k: the trainer on threads[i]; timings[k]: classic.
+    let mut timings: Vec<Vec<Timing>> = vec![Vec::new(); k + 1];
+    let mut last: Vec<Option<embtable::EmbeddingTable>> = vec![None; k + 1];
+    let pools = bench
+        .threads
+        .iter()
+        .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    for round in 0..bench.rounds {
+        let mut line = format!("round {}/{}:", round + 1, bench.rounds);
+        for (i, (&t, pool)) in bench.threads.iter().zip(&pools).enumerate() {
+            let cfg = SgnsConfig {
+                shards: bench.shards.unwrap_or(t),
+                ..cfg
+            };
+            let (timing, table) = pool.install(|| -> Result<_, String> {
+                let mut model =
+                    Sgns::new(&corpus, cfg, &make, bench.seed).map_err(|e| e.to_string())?;
+                let start = Instant::now();
+                let s = model
+                    .train_epoch(
+                        &corpus,
+                        0,
+                        bench.batch,
+                        bench.seed,
+                        (bench.decay, 0, corpus.tokens()),
+                        |_| {},
+                    )
+                    .map_err(|e| e.to_string())?;
+                let secs = start.elapsed().as_secs_f64();
+                Ok((
+                    Timing {
+                        secs,
+                        words: s.words,
+                        kept: s.kept,
+                    },
+                    model.input,
+                ))
+            })?;
+            line += &format!(" embtable×{t} {:.0}k", timing.effective() / 1e3);
+            timings[i].push(timing);
+            last[i] = Some(table);
+        }
+        let mut classic = Classic::new(&corpus.counts, cfg, bench.seed);
+        let start = Instant::now();
+        let s = classic.epoch(sentences, bench.classic_lr, 0, corpus.tokens());
+        let timing = Timing {
+            secs: start.elapsed().as_secs_f64(),
+            words: s.words,
+            kept: s.kept,
+        };
+        line += &format!(" classic {:.0}k", timing.effective() / 1e3);
+        timings[k].push(timing);
+        last[k] = Some(embtable::EmbeddingTable::from_rows(
+            corpus.vocab.len(),
+            cfg.dim,
+            &classic.syn0,
+        )?);
+        say!(out, "{line} effective words/s");
+    }
+
+    let classic = &timings[k];
+    say!(
+        out,
+        "medians of {} rounds (one epoch each, same corpus and settings):",
+        bench.rounds
+    );
+    say!(
+        out,
+        "  {:<22} {:>16} {:>16} {:>12}{}",
+        "loop",
+        "effective w/s",
+        "raw w/s",
+        "vs classic",
+        if corpus.clusters.is_some() {
+            "   same-cluster  pair AUC"
+        } else {
+            ""
+        }
+    );
+    for (i, name) in bench
+        .threads
+        .iter()
+        .map(|t| format!("embtable, {t} thread{}", if *t == 1 { "" } else { "s" }))
+        .chain(["classic, 1 thread".to_owned()])
+        .enumerate()
+    {
+        let ts = &timings[i];
+        // Per-round ratios: both sides of a ratio ran in the same minute.
+        let ratio = median(
+            ts.iter()
+                .zip(classic)
+                .map(|(a, c)| a.effective() / c.effective())
+                .collect(),
+        );
+        let quality = match (&corpus.clusters, &last[i]) {
+            (Some(clusters), Some(table)) => {
+                let (f, _) = sgns::cluster_fraction(table, clusters, 10);
+                format!(
+                    "   {:>11.1}%  {:>8.3}",
+                    100.0 * f,
+                    sgns::pair_auc(table, clusters, 20_000, 1)
+                )
+            }
+            _ => String::new(),
+        };
+        say!(
+            out,
+            "  {:<22} {:>16.0} {:>16.0} {:>11.2}x{quality}",
+            name,
+            median(ts.iter().map(|t| t.effective()).collect()),
+            median(ts.iter().map(|t| t.raw()).collect()),
+            ratio
+        );
+    }
+    for (i, &t) in bench.threads.iter().enumerate().skip(1) {
+        let base = bench.threads[0];
+        let speedup = median(
+            timings[i]
+                .iter()
+                .zip(&timings[0])
+                .map(|(a, b)| a.effective() / b.effective())
+                .collect(),
+        );
+        say!(
+            out,
+            "speed-up from {base} to {t} threads: {speedup:.2}x (median of per-round ratios)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::{self, CorpusConfig};
+    use embtable::{Sgd, SgdConfig};
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    /// A tiny bench prints a row per contender and the speed-up.
+    #[test]
+    fn bench_prints_every_contender() {
+        let corpus = corpus::generate(
+            &CorpusConfig {
+                topics: 2,
+                words_per_topic: 10,
+                sentences: 200,
+                ..CorpusConfig::default()
+            },
+            1,
+        );
+        let cfg = SgnsConfig {
+            dim: 8,
+            ..SgnsConfig::default()
+        };
+        let bench = BenchConfig {
+            threads: vec![1, 2],
+            rounds: 3,
+            shards: None,
+            batch: 32,
+            decay: LrDecay::Linear,
+            classic_lr: 0.025,
+            seed: 1,
+        };
+        let mut out = Out::new(Vec::new());
+        let sgd = || {
+            Sgd::new(SgdConfig {
+                lr: 0.025,
+                ..SgdConfig::default()
+            })
+        };
+        run(&corpus, cfg, sgd, &bench, &mut out).unwrap();
+        let text = String::from_utf8(out.into_inner()).unwrap();
+        let rounds = text.lines().filter(|l| l.starts_with("round ")).count();
+        assert_eq!(rounds, 3, "{text}");
+        for row in [
+            "embtable, 1 thread ",
+            "embtable, 2 threads",
+            "classic, 1 thread",
+            "speed-up from 1 to 2 threads",
+        ] {
+            assert!(text.contains(row), "{row} missing in\n{text}");
+        }
+    }
+}
