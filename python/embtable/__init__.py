@@ -9,9 +9,13 @@ the embedding table, with a NumPy API here, PyTorch modules in
   ``embedding_bag`` inputs.
 - :class:`SparseGrad`: a lookup's gradient, one row per distinct id.
 - Optimizers :class:`Sgd`, :class:`RmsProp`, :class:`Adagrad`,
-  :class:`RowWiseAdagrad` with Keras' and PyTorch's formulas as presets
-  (``Adagrad.torch(lr=0.05)``), updating only the rows of the batch.
-- :class:`Embedding`: a table, its optimizer and its pending gradient.
+  :class:`RowWiseAdagrad`, :class:`Adam`, :class:`AdamW`, :class:`Ftrl`
+  with Keras' and PyTorch's formulas as presets (``Adagrad.torch(lr=0.05)``,
+  ``Adam.torch_sparse(lr=0.01)``, ``Ftrl.keras(...)``), updating only the
+  rows of the batch; ``set_lr`` and schedules (:class:`ExponentialDecay`,
+  :class:`StepLR`).
+- :class:`Embedding`: a table, its optimizer and its pending gradient;
+  ``save`` / ``Embedding.load`` keep all three's state in one file.
 - Files: word2vec / GloVe / fastText vectors (:func:`read_word2vec`, ...),
   ``.npy``, safetensors, and checkpoints with the optimizer state.
 
@@ -31,14 +35,19 @@ from typing import Any as _Any
 from . import _embtable
 from ._embtable import (
     Adagrad,
+    Adam,
+    AdamW,
     Checkpoint,
     Embedding,
+    ExponentialDecay,
+    Ftrl,
     Optimizer,
     Pretrained,
     RmsProp,
     RowWiseAdagrad,
     Sgd,
     SparseGrad,
+    StepLR,
     Table,
     Vocab,
     __version__,
@@ -77,14 +86,19 @@ def save_checkpoint(
 
 __all__ = [
     "Adagrad",
+    "Adam",
+    "AdamW",
     "Checkpoint",
     "Embedding",
+    "ExponentialDecay",
+    "Ftrl",
     "Optimizer",
     "Pretrained",
     "RmsProp",
     "RowWiseAdagrad",
     "Sgd",
     "SparseGrad",
+    "StepLR",
     "Table",
     "Vocab",
     "__version__",

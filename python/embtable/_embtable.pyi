@@ -159,16 +159,34 @@ class Optimizer:
         """Any optimizer by kind (``"adagrad"``) and preset (``"torch"``)."""
     @property
     def kind(self) -> str:
-        """``"sgd"``, ``"rmsprop"``, ``"adagrad"`` or ``"rowwise_adagrad"``."""
+        """``"sgd"``, ``"rmsprop"``, ``"adagrad"``, ``"rowwise_adagrad"``,
+        ``"adam"``, ``"adamw"`` or ``"ftrl"``."""
     @property
     def config(self) -> dict[str, Any]:
         """Every option by name (floats shown as their float32 value)."""
     def __getattr__(self, name: str) -> Any: ...
     def set(self, **options: Any) -> None:
         """Changes options, keeping the state. Options that decide which
-        state arrays exist (``momentum`` from or to 0, ``centered``) cannot
-        change after the first step. Copies the state twice: fine between
-        epochs, slow every step of a large table. On error nothing changes."""
+        state arrays exist (``momentum`` from or to 0, ``centered``,
+        ``amsgrad``) cannot change after the first step. A new ``lr`` goes
+        through :meth:`set_lr` (cheap); other options copy the state twice:
+        fine between epochs, slow every step of a large table. On error
+        nothing changes."""
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (as ``opt.lr = lr``, a
+        PyTorch scheduler or Keras' ``optimizer.learning_rate = lr``).
+        Under ``"dense_exact"``, rows lagging behind still catch up the
+        steps they missed with the rates those steps used."""
+    def set_schedule(self, schedule: Union[ExponentialDecay, StepLR, None]) -> None:
+        """Before each step the rate becomes ``schedule(steps)``; ``None``
+        removes it. Not saved by :meth:`state_dict`: set it again after
+        loading."""
+    @property
+    def steps(self) -> int:
+        """Steps taken so far (Keras' ``optimizer.iterations``)."""
+    @property
+    def next_lr(self) -> float:
+        """The rate the next step will use (the schedule's, if set)."""
     def step(self, table: Table, grad: SparseGrad) -> None:
         """One step on the rows ``grad`` names."""
     def step_lookup(self, table: Table, ids: _Ids, grad_out: _Floats) -> None:
@@ -178,8 +196,9 @@ class Optimizer:
         """Brings every row current (``"dense_exact"``)."""
     def state_dict(self) -> dict[str, Any]:
         """``kind``, ``config``, ``steps``, ``shape``, ``arrays`` (name ->
-        ``(num_rows, dim)`` or ``(num_rows,)`` float32) and ``last_step``
-        (int64 per row under ``"dense_exact"``, else empty)."""
+        ``(num_rows, dim)`` or ``(num_rows,)`` float32), ``last_step``
+        (int64 per row under ``"dense_exact"``, else empty) and
+        ``lr_history`` (``(until_step, lr)`` pairs lagging rows still need)."""
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replaces config and state; on error nothing changes."""
     def copy(self) -> Optimizer:
@@ -197,7 +216,10 @@ class Sgd(Optimizer):
     def __init__(self, **options: Any) -> None: ...
     @staticmethod
     def keras(**overrides: Any) -> Sgd:
-        """Keras 3's ``SGD``: lr 0.01, no momentum."""
+        """Keras 3's ``SGD``: lr 0.01, no momentum, dense-exact."""
+    @staticmethod
+    def keras_lazy(**overrides: Any) -> Sgd:
+        """Keras' formulas with lazy semantics (TensorFlow's sparse updates)."""
     @staticmethod
     def torch(**overrides: Any) -> Sgd:
         """``torch.optim.SGD``: lr 1e-3, torch's momentum form."""
@@ -213,7 +235,10 @@ class RmsProp(Optimizer):
     def __init__(self, **options: Any) -> None: ...
     @staticmethod
     def keras(**overrides: Any) -> RmsProp:
-        """Keras 3's ``RMSprop``: lr 1e-3, rho 0.9, eps 1e-7 inside the root."""
+        """Keras 3's ``RMSprop``: lr 1e-3, rho 0.9, eps 1e-7 inside the root, dense-exact."""
+    @staticmethod
+    def keras_lazy(**overrides: Any) -> RmsProp:
+        """Keras' formulas with lazy semantics."""
     @staticmethod
     def torch(**overrides: Any) -> RmsProp:
         """``torch.optim.RMSprop``: lr 1e-2, alpha 0.99, eps 1e-8 outside the root."""
@@ -222,7 +247,8 @@ class Adagrad(Optimizer):
     """Adagrad, element-wise: a += g²; w −= ηg/√(a+ε) (or /(√a+ε)).
 
     Options: ``lr``, ``initial_accumulator_value``, ``epsilon``,
-    ``eps_placement``. Lazy and dense semantics agree.
+    ``eps_placement``, ``lr_decay`` and ``weight_decay`` (PyTorch's,
+    coupled), ``semantics`` (lazy and dense agree without weight decay).
     """
 
     def __init__(self, **options: Any) -> None: ...
@@ -245,6 +271,76 @@ class RowWiseAdagrad(Optimizer):
     def fbgemm(**overrides: Any) -> RowWiseAdagrad:
         """FBGEMM's defaults: lr 0.01, eps 1e-8, accumulators from 0."""
 
+class Adam(Optimizer):
+    """Adam with Keras', PyTorch's dense or ``SparseAdam``'s formulas.
+
+    Options: ``lr``, ``beta_1``, ``beta_2`` (kept as doubles), ``epsilon``,
+    ``amsgrad``, ``weight_decay`` (decoupled for ``style="keras"``,
+    coupled for ``"torch"`` / ``"torch_sparse"``), ``style``,
+    ``semantics``.
+    """
+
+    def __init__(self, **options: Any) -> None: ...
+    @staticmethod
+    def keras(**overrides: Any) -> Adam:
+        """Keras 3's ``Adam``: lr 1e-3, betas (0.9, 0.999), eps 1e-7, dense-exact."""
+    @staticmethod
+    def keras_lazy(**overrides: Any) -> Adam:
+        """Keras' formulas, lazy (TensorFlow Addons' ``LazyAdam``)."""
+    @staticmethod
+    def torch(**overrides: Any) -> Adam:
+        """``torch.optim.Adam`` on a dense gradient: eps 1e-8 added to the
+        bias-corrected root, dense-exact."""
+    @staticmethod
+    def torch_sparse(**overrides: Any) -> Adam:
+        """``torch.optim.SparseAdam``: eps 1e-8, lazy."""
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay. Options as :class:`Adam`."""
+
+    def __init__(self, **options: Any) -> None: ...
+    @staticmethod
+    def keras(**overrides: Any) -> AdamW:
+        """Keras 3's ``AdamW``: weight decay 0.004, dense-exact."""
+    @staticmethod
+    def keras_lazy(**overrides: Any) -> AdamW:
+        """Keras' formulas, lazy."""
+    @staticmethod
+    def torch(**overrides: Any) -> AdamW:
+        """``torch.optim.AdamW``: weight decay 0.01, eps 1e-8, dense-exact."""
+
+class Ftrl(Optimizer):
+    """FTRL-proximal, as Keras 3's ``Ftrl``.
+
+    Options: ``lr``, ``learning_rate_power``, ``initial_accumulator_value``,
+    ``l1_regularization_strength``, ``l2_regularization_strength``,
+    ``l2_shrinkage_regularization_strength``, ``beta``, ``semantics``.
+    """
+
+    def __init__(self, **options: Any) -> None: ...
+    @staticmethod
+    def keras(**overrides: Any) -> Ftrl:
+        """Keras 3's ``Ftrl``: lr 1e-3, power -0.5, accumulators from 0.1, dense-exact."""
+    @staticmethod
+    def keras_lazy(**overrides: Any) -> Ftrl:
+        """Keras' formulas, lazy (TensorFlow's sparse FTRL)."""
+
+class ExponentialDecay:
+    """Keras' ``ExponentialDecay``: ``initial_learning_rate *
+    decay_rate ** (steps / decay_steps)``, floored exponent if ``staircase``."""
+
+    def __init__(
+        self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False
+    ) -> None: ...
+    def __call__(self, steps: int) -> float: ...
+
+class StepLR:
+    """PyTorch's ``StepLR`` counted in optimizer steps:
+    ``lr * gamma ** (steps // step_size)``."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1) -> None: ...
+    def __call__(self, steps: int) -> float: ...
+
 def optimizer_from_state_dict(state: Mapping[str, Any]) -> Optimizer:
     """The optimizer a ``state_dict()`` describes (its class by ``kind``)."""
 
@@ -257,7 +353,9 @@ class Embedding:
     unless ``trainable=False``). ``padding_idx``: a row that is zero, left
     out of bags and never trained. ``out_of_range``: ``"error"``
     (``IndexError``), ``"zero"``, ``"modulo"`` or a row number to use
-    instead. ``max_norm``: rows updated by a step are rescaled to it.
+    instead. ``max_norm``: rows are rescaled to it after each step that
+    updates them (``max_norm_at="step"``, Keras' ``MaxNorm``) or when they
+    are looked up (``"lookup"``, PyTorch's ``max_norm``).
     """
 
     def __init__(
@@ -269,6 +367,7 @@ class Embedding:
         out_of_range: Union[Literal["error", "zero", "modulo"], int, None] = None,
         trainable: bool = True,
         max_norm: Optional[float] = None,
+        max_norm_at: Literal["step", "lookup"] = "step",
     ) -> None: ...
     def forward(self, ids: _Ids, *, out: Optional[_F32] = None) -> _F32:
         """The rows of ``ids``: ``ids.shape + (dim,)``."""
@@ -322,8 +421,6 @@ class Embedding:
         """Brings every row current (``"dense_exact"`` optimizers)."""
     def mask(self, ids: _Ids) -> npt.NDArray[np.bool_]:
         """Keras' ``mask_zero``: ``ids != 0``."""
-    def renorm_rows(self, ids: _Ids, max_norm: float) -> None:
-        """PyTorch's ``max_norm``: rescales the rows of ``ids`` first."""
     @property
     def weight(self) -> _F32:
         """The table as a writable ``(num_rows, dim)`` view (not a copy)."""
@@ -348,11 +445,25 @@ class Embedding:
     @property
     def max_norm(self) -> Optional[float]: ...
     @property
-    def trainable(self) -> bool: ...
+    def max_norm_at(self) -> Literal["step", "lookup"]: ...
+    @property
+    def trainable(self) -> bool:
+        """Whether :meth:`step` trains the table (Keras' ``layer.trainable``)."""
+    @trainable.setter
+    def trainable(self, trainable: bool) -> None:
+        """Refused while a gradient is pending, or to unfreeze without an optimizer."""
     def state_dict(self) -> dict[str, Any]:
         """``{"weight": array, "optimizer": state dict or None}``, current."""
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Loads what ``state_dict`` gave; on error nothing changes."""
+    def save(self, path: _Path) -> None:
+        """The table, the optimizer's whole state and the options in one
+        safetensors file (as Rust's ``Embedding::save``); refused while a
+        gradient is pending."""
+    @staticmethod
+    def load(path: _Path) -> Embedding:
+        """The layer :meth:`save` (or Rust's ``Embedding::save``) wrote,
+        with a fresh optimizer of the saved kind holding the saved state."""
 
 class Vocab(Mapping[str, int]):
     """Words in row order: a read-only mapping from word to row."""
@@ -404,6 +515,9 @@ class Checkpoint:
     def metadata(self, key: str) -> Optional[str]: ...
     def state_dict(self, name: str) -> dict[str, Any]:
         """As :meth:`Embedding.load_state_dict` takes it."""
+    def take_layer(self, name: str) -> Embedding:
+        """Removes layer ``name`` from this checkpoint and returns it with
+        its optimizer state and options."""
 
 def read_word2vec(
     path: _Path,

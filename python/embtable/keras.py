@@ -43,41 +43,72 @@ def _check_backend() -> None:
 
 def optimizer_from_keras(optimizer: Any) -> Optimizer:
     """The embtable optimizer that gives what ``optimizer`` (a Keras
-    ``SGD``, ``Adagrad`` or ``RMSprop``) computes on a dense gradient:
-    Keras' formulas and options, dense-exact semantics where they differ
-    from lazy ones. Options embtable cannot honour for a sparse table
-    (gradient clipping, EMA, weight decay on these, learning-rate schedules,
-    gradient accumulation) raise ``ValueError``."""
+    ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW`` or ``Ftrl``)
+    computes on a dense gradient: Keras' formulas and options, dense-exact
+    semantics where they differ from lazy ones. A learning rate given as
+    ``keras.optimizers.schedules.ExponentialDecay`` becomes the same
+    schedule. Options embtable cannot honour for a sparse table (gradient
+    clipping, EMA, loss scaling, gradient accumulation, other schedules,
+    Keras' decoupled ``weight_decay`` on Adagrad, RMSprop and Ftrl) raise
+    ``ValueError``."""
     config = optimizer.get_config()
     name = type(optimizer).__name__
     lr = config.get("learning_rate")
-    if not isinstance(lr, (int, float)):
-        raise ValueError(f"{name}: a learning-rate schedule is not supported, give a number")
-    for option in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay",
+    schedule = None
+    if isinstance(lr, dict) and lr.get("class_name") == "ExponentialDecay":
+        c = lr["config"]
+        schedule = _embtable.ExponentialDecay(
+            c["initial_learning_rate"], c["decay_steps"], c["decay_rate"], c["staircase"]
+        )
+        lr = c["initial_learning_rate"]
+    elif not isinstance(lr, (int, float)):
+        raise ValueError(
+            f"{name}: only a number or keras.optimizers.schedules.ExponentialDecay is supported "
+            f"as learning_rate, got {lr!r}"
+        )
+    for option in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor",
                    "gradient_accumulation_steps"):
         if config.get(option) not in (None, 0, 0.0):
             raise ValueError(f"{name}: {option}={config[option]!r} is not supported")
     if config.get("use_ema"):
         raise ValueError(f"{name}: use_ema=True is not supported")
-    if name == "SGD":
-        return _embtable.Sgd.keras(
-            lr=lr, momentum=config["momentum"], nesterov=config["nesterov"],
-            semantics="dense_exact",
+    decay = config.get("weight_decay") or 0.0
+    if decay and name in ("Adagrad", "RMSprop", "Ftrl"):
+        raise ValueError(
+            f"{name}: weight_decay={decay!r} is not supported (Keras decouples it; embtable's "
+            f"{name} has PyTorch's coupled form only); use AdamW or SGD"
         )
-    if name == "Adagrad":
-        return _embtable.Adagrad.keras(
-            lr=lr, initial_accumulator_value=config["initial_accumulator_value"],
+    options: dict[str, Any] = {"lr": lr}
+    if name == "SGD":
+        made = _embtable.Sgd.keras(**options, momentum=config["momentum"],
+                                   nesterov=config["nesterov"], weight_decay=decay)
+    elif name == "Adagrad":
+        made = _embtable.Adagrad.keras(
+            **options, initial_accumulator_value=config["initial_accumulator_value"],
             epsilon=config["epsilon"],
         )
-    if name == "RMSprop":
-        return _embtable.RmsProp.keras(
-            lr=lr, rho=config["rho"], momentum=config["momentum"], epsilon=config["epsilon"],
-            centered=config["centered"], semantics="dense_exact",
+    elif name == "RMSprop":
+        made = _embtable.RmsProp.keras(
+            **options, rho=config["rho"], momentum=config["momentum"], epsilon=config["epsilon"],
+            centered=config["centered"],
         )
-    raise ValueError(
-        f"Keras' {name} has no embtable counterpart yet; use SGD, Adagrad or RMSprop, "
-        "or an embtable optimizer"
-    )
+    elif name in ("Adam", "AdamW"):
+        cls = _embtable.Adam if name == "Adam" else _embtable.AdamW
+        made = cls.keras(**options, beta_1=config["beta_1"], beta_2=config["beta_2"],
+                         epsilon=config["epsilon"], amsgrad=config["amsgrad"],
+                         weight_decay=decay)
+    elif name == "Ftrl":
+        made = _embtable.Ftrl.keras(**options, **{k: config[k] for k in (
+            "learning_rate_power", "initial_accumulator_value", "l1_regularization_strength",
+            "l2_regularization_strength", "l2_shrinkage_regularization_strength", "beta")})
+    else:
+        raise ValueError(
+            f"Keras' {name} has no embtable counterpart yet; use SGD, Adagrad, RMSprop, Adam, "
+            "AdamW or Ftrl, or an embtable optimizer"
+        )
+    if schedule is not None:
+        made.set_schedule(schedule)
+    return made
 
 
 def _initial_table(initializer: Any, input_dim: int, output_dim: int) -> Any:
@@ -152,9 +183,9 @@ class Embedding(keras.layers.Layer):
             ``ids != 0`` for the layers downstream (the lookup itself is
             unchanged, as in Keras).
         weights: Pretrained vectors, as Keras' ``weights`` argument.
-        optimizer: An embtable optimizer, or a Keras ``SGD``, ``Adagrad`` or
-            ``RMSprop`` (see :func:`optimizer_from_keras`). Required unless
-            ``trainable=False``.
+        optimizer: An embtable optimizer, or a Keras ``SGD``, ``Adagrad``,
+            ``RMSprop``, ``Adam``, ``AdamW`` or ``Ftrl`` (see
+            :func:`optimizer_from_keras`). Required unless ``trainable=False``.
         **kwargs: ``trainable``, ``name``, ``dtype``, ... as any Keras layer.
 
     Regularizers, constraints and LoRA need the dense table at every step
@@ -213,7 +244,10 @@ class Embedding(keras.layers.Layer):
 
     @property
     def embeddings(self) -> np.ndarray:
-        """The table as a writable ``(input_dim, output_dim)`` NumPy view."""
+        """The table as a writable ``(input_dim, output_dim)`` NumPy view,
+        current: rows a dense-exact optimizer has not updated lately (Keras
+        moves every row each step) are brought up to date first."""
+        self._layer.flush()
         return self._layer.weight
 
     @property

@@ -406,20 +406,6 @@ impl Layer {
             .into_any())
     }
 
-    /// Rescales the rows of `ids` whose L2 norm exceeds `max_norm` to it
-    /// (PyTorch's `max_norm`, applied before a lookup).
-    fn renorm_rows(
-        &mut self,
-        py: Python<'_>,
-        ids: &Bound<'_, PyAny>,
-        max_norm: f32,
-    ) -> PyResult<()> {
-        let ids = arrays::ids(ids, "ids")?;
-        let table = self.inner.table_mut();
-        let ids = ids.slice();
-        run(py, move || table.renorm_rows(ids, max_norm)).py()
-    }
-
     /// The table as a writable `(num_rows, dim)` float32 NumPy view, not a
     /// copy: it shows every update and writes go to the table. Valid as
     /// long as it exists (it keeps the layer alive).

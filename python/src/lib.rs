@@ -15,6 +15,7 @@ mod grad;
 mod io;
 mod layer;
 mod optim;
+mod schedule;
 mod table;
 mod threads;
 
@@ -27,6 +28,8 @@ fn _embtable(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<io::Vocab>()?;
     m.add_class::<io::Pretrained>()?;
     m.add_class::<io::LoadedCheckpoint>()?;
+    m.add_class::<schedule::ExponentialDecay>()?;
+    m.add_class::<schedule::StepLr>()?;
     optim::register(m)?;
     m.add_function(wrap_pyfunction!(optim::optimizer_from_state_dict, m)?)?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;

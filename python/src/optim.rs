@@ -93,16 +93,15 @@ fn decode<'py>(py: Python<'py>, kind: &str, name: &str, v: f64) -> PyResult<Boun
             .unwrap_or("?")
             .into_pyobject(py)?
             .into_any(),
-        // The shortest decimal of the f32 (0.05, not 0.05000000074505806),
-        // which converts back to the same f32.
-        Field::Float => (v as f32)
-            .to_string()
-            .parse::<f64>()
-            .unwrap_or(v)
-            .into_pyobject(py)?
-            .into_any(),
+        Field::Float => shown(v as f32).into_pyobject(py)?.into_any(),
         Field::Double => v.into_pyobject(py)?.into_any(),
     })
+}
+
+/// The shortest decimal of an `f32` (0.05, not 0.05000000074505806), as
+/// a Python float; it converts back to the same `f32`.
+pub fn shown(v: f32) -> f64 {
+    v.to_string().parse::<f64>().unwrap_or(f64::from(v))
 }
 
 fn quoted(options: &[&str]) -> String {
@@ -541,6 +540,22 @@ impl Optimizer {
     #[getter]
     fn steps(&self) -> u64 {
         self.lock().steps()
+    }
+
+    /// The rate the next step will use: the schedule's, if one is set.
+    #[getter]
+    fn next_lr(&self) -> f64 {
+        shown(self.lock().lr())
+    }
+
+    /// Plugs in a learning-rate schedule (`embtable.ExponentialDecay`,
+    /// `embtable.StepLR`), or removes it with `None`: before each step the
+    /// rate becomes `schedule(steps)`. Not part of `state_dict()`: set it
+    /// again after loading one.
+    fn set_schedule(&self, schedule: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let schedule = crate::schedule::from_py(schedule)?;
+        self.lock().set_schedule(schedule);
+        Ok(())
     }
 
     /// One step on the rows `grad` names (`grad`: a `SparseGrad`).

@@ -178,3 +178,75 @@ def test_checkpoint_written_by_rust_loads_in_python_and_back_bit_for_bit(tmp_pat
     again = tmp_path / "from-python.safetensors"
     embtable.save_checkpoint(again, {name: ckpt[name] for name in ckpt.names})
     assert again.read_bytes() == path.read_bytes()
+
+
+def test_layer_save_and_load_resume_bit_for_bit(tmp_path, rng):
+    values = rng.standard_normal((30, 5)).astype(np.float32)
+    layer = embtable.Embedding(values, embtable.Adam.keras(lr=0.01), padding_idx=0,
+                               max_norm=2.0, max_norm_at="lookup")
+    for _ in range(4):
+        ids = rng.integers(0, 30, size=8)
+        layer.forward(ids)
+        layer.backward_step(ids, rng.standard_normal((8, 5)).astype(np.float32))
+    path = tmp_path / "layer.safetensors"
+    layer.backward([1], np.ones((1, 5), np.float32))
+    with pytest.raises(ValueError, match="grad"):
+        layer.save(path)  # the pending gradient would be lost
+    assert not path.exists()
+    layer.clear_grad()
+    layer.save(path)
+    back = embtable.Embedding.load(path)
+    assert (back.padding_idx, back.max_norm, back.max_norm_at, back.trainable) == (
+        0, 2.0, "lookup", True)
+    assert isinstance(back.optimizer, embtable.Adam)
+    assert back.optimizer.config == layer.optimizer.config
+    a, b = layer.optimizer.state_dict(), back.optimizer.state_dict()
+    assert a["steps"] == b["steps"] and a["lr_history"] == b["lr_history"]
+    np.testing.assert_array_equal(a["last_step"], b["last_step"])
+    for name in a["arrays"]:
+        np.testing.assert_array_equal(a["arrays"][name], b["arrays"][name])
+    np.testing.assert_array_equal(back.weight, layer.weight)
+    for _ in range(3):  # both go on alike, bit for bit
+        ids = rng.integers(0, 30, size=8)
+        g = rng.standard_normal((8, 5)).astype(np.float32)
+        np.testing.assert_array_equal(back.forward(ids), layer.forward(ids))
+        layer.backward_step(ids, g)
+        back.backward_step(ids, g)
+    layer.flush()
+    back.flush()
+    np.testing.assert_array_equal(back.weight, layer.weight)
+    # The file is an ordinary checkpoint of one layer.
+    ckpt = embtable.load_checkpoint(path)
+    assert len(ckpt) == 1
+
+
+def test_frozen_layers_and_several_layers_per_checkpoint(tmp_path, rng):
+    frozen = embtable.Embedding(rng.standard_normal((6, 2)).astype(np.float32), trainable=False)
+    path = tmp_path / "frozen.safetensors"
+    frozen.save(path)
+    back = embtable.Embedding.load(path)
+    assert back.optimizer is None and not back.trainable
+    np.testing.assert_array_equal(back.weight, frozen.weight)
+    with pytest.raises(TypeError, match="optimizer"):
+        back.trainable = True
+    back.optimizer = embtable.Sgd.torch(lr=0.5)
+    back.trainable = True
+    back.backward_step([1], np.ones((1, 2), np.float32))
+    assert not np.array_equal(back.weight[1], frozen.weight[1])
+
+    users = embtable.Embedding((8, 3), embtable.Ftrl.keras(), padding_idx=7)
+    users.backward_step([1, 2], np.ones((2, 3), np.float32))
+    both = tmp_path / "both.safetensors"
+    embtable.save_checkpoint(both, {"users": users, "words": frozen})
+    with pytest.raises(ValueError, match="take_layer"):
+        embtable.Embedding.load(both)
+    ckpt = embtable.load_checkpoint(both)
+    table, none = ckpt["words"]
+    assert none is None and table == frozen.table
+    taken = ckpt.take_layer("users")
+    assert taken.padding_idx == 7 and isinstance(taken.optimizer, embtable.Ftrl)
+    np.testing.assert_array_equal(taken.weight, users.weight)
+    assert ckpt.names == ["words"]
+    with pytest.raises(KeyError):
+        ckpt.take_layer("users")
+    assert ckpt.take_layer("words").optimizer is None

@@ -206,6 +206,87 @@ def test_optimizer_presets_and_overrides():
     assert a.lr == 0.5  # unchanged after the error
 
 
+def test_adam_adamw_ftrl_presets_and_overrides():
+    sparse = embtable.Adam.torch_sparse(lr=0.05, beta_1=0.8)
+    assert isinstance(sparse, embtable.Adam) and sparse.kind == "adam"
+    assert sparse.config == {"lr": 0.05, "beta_1": 0.8, "beta_2": 0.999, "epsilon": 1e-8,
+                             "amsgrad": False, "weight_decay": 0.0, "style": "torch_sparse",
+                             "semantics": "lazy"}
+    assert embtable.Adam().config == embtable.Adam.keras().config
+    assert embtable.Adam.keras().epsilon == pytest.approx(1e-7)
+    assert (embtable.Adam.torch().style, embtable.Adam.keras_lazy().semantics) == ("torch", "lazy")
+    w = embtable.AdamW.torch(amsgrad=True)
+    assert (w.kind, w.weight_decay, w.amsgrad) == ("adamw", pytest.approx(0.01), True)
+    assert embtable.AdamW.keras().weight_decay == pytest.approx(0.004)
+    f = embtable.Ftrl.keras(lr=0.1, l1_regularization_strength=0.01, beta=0.5)
+    assert (f.kind, f.learning_rate_power, f.initial_accumulator_value) == (
+        "ftrl", -0.5, pytest.approx(0.1))
+    assert (f.l1_regularization_strength, f.beta) == (pytest.approx(0.01), 0.5)
+    assert embtable.Ftrl.keras_lazy().semantics == "lazy"
+    assert "Adam(lr=0.05, beta_1=0.8" in repr(sparse)
+    # Presets by name through the base class, and the errors.
+    assert embtable.Optimizer("adam", "torch_sparse", {"lr": 0.05, "beta_1": 0.8}).config == \
+        sparse.config
+    with pytest.raises(ValueError, match="beta_1"):
+        embtable.Adam.torch(beta_1=1.0)
+    with pytest.raises(ValueError, match="style"):
+        embtable.Adam.keras(style="jax")
+    with pytest.raises(ValueError, match="learning_rate_power"):
+        embtable.Ftrl.keras(learning_rate_power=0.5)
+    with pytest.raises(ValueError, match="presets are keras, keras_lazy"):
+        embtable.Optimizer("ftrl", "torch")
+    with pytest.raises(TypeError, match="momentum"):
+        embtable.Adam.keras(momentum=0.9)
+    back = pickle.loads(pickle.dumps(sparse))
+    assert isinstance(back, embtable.Adam) and back.config == sparse.config
+
+
+def test_set_lr_and_schedules(rng):
+    """A new rate applies from the next step; under dense-exact semantics a
+    row that lagged catches up each missed step with that step's rate."""
+    values = rng.standard_normal((4, 3)).astype(np.float32)
+    table = embtable.Table.from_numpy(values)
+    # Keras SGD with decoupled weight decay: every row shrinks by (1 - lr * wd) each step.
+    opt = embtable.Sgd.keras(lr=0.1, weight_decay=0.5)
+    g = rng.standard_normal((1, 3)).astype(np.float32)
+    opt.step_lookup(table, [0], g)
+    opt.set_lr(0.4)
+    assert (opt.lr, opt.next_lr) == (pytest.approx(0.4), pytest.approx(0.4))
+    opt.step_lookup(table, [1], g)
+    opt.lr = 0.2  # the same as set_lr
+    opt.step_lookup(table, [0], g)
+    opt.flush(table)
+    expected = values.astype(np.float64)
+    for lr, row in ((0.1, 0), (0.4, 1), (0.2, 0)):
+        expected *= 1 - lr * 0.5
+        expected[row] -= lr * g[0]
+    np.testing.assert_allclose(table.to_numpy(), expected, rtol=1e-6)
+    assert opt.steps == 3
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.set_lr(2.0)  # lr * weight_decay must stay below 1
+    assert opt.lr == pytest.approx(0.2)  # unchanged
+    # A rate and another option at once; lr alone keeps the state arrays.
+    opt.set(lr=0.3, weight_decay=0.1)
+    assert (opt.lr, opt.weight_decay) == (pytest.approx(0.3), pytest.approx(0.1))
+
+    decay = embtable.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
+    assert decay(3) == pytest.approx(0.1 * 0.5 ** 1.5)
+    assert embtable.StepLR(0.1, step_size=2, gamma=0.5)(5) == pytest.approx(0.025)
+    adam = embtable.Adam.keras(lr=1.0)
+    adam.set_schedule(decay)
+    assert adam.next_lr == pytest.approx(0.1)
+    t = embtable.Table.from_numpy(values)
+    for _ in range(3):
+        adam.step_lookup(t, [2], g)
+    assert adam.next_lr == pytest.approx(decay(3)) and adam.lr == pytest.approx(decay(2))
+    adam.set_schedule(None)
+    assert adam.next_lr == adam.lr
+    with pytest.raises(TypeError, match="schedule"):
+        adam.set_schedule(lambda step: 0.1)
+    with pytest.raises(ValueError, match="decay_steps"):
+        embtable.ExponentialDecay(0.1, 0, 0.5)
+
+
 def test_optimizer_steps_are_the_formulas(rng):
     values = rng.standard_normal((20, 5)).astype(np.float32)
     ids = np.array([3, 7, 3, 11])
