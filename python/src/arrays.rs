@@ -5,14 +5,16 @@
 //! native byte order, `int32`/`int64`/`uint32`/`uint64` ids or `float32`
 //! values) is read in place through a read-only borrow; anything else
 //! (other integer widths, non-contiguous views, `float64`, Python lists) is
-//! converted once with `numpy.asarray(..., order="C")`. Values of the wrong kind
-//! (float ids, integer gradients) are refused with a `ValueError`, never
-//! reinterpreted.
+//! converted once with `numpy.asarray(..., order="C")`. Numbers of the wrong
+//! kind (float ids, integer gradients) are refused with a `ValueError`, what
+//! is not numbers at all (`None`, strings, objects) with a `TypeError`;
+//! nothing is ever reinterpreted.
 
 use numpy::{
     PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,
 };
+use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 
@@ -91,6 +93,17 @@ fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
         .map_or_else(|_| "?".into(), |s| s.to_string())
 }
 
+/// The error for an array that is not of the kind `what` needs (`want`):
+/// `TypeError` when it does not hold numbers at all, else `ValueError`.
+fn wrong_kind(array: &Bound<'_, PyUntypedArray>, what: &str, want: &str) -> PyErr {
+    let message = format!("{what} must be {want}, got an array of {}", dtype_name(array));
+    match array.dtype().kind() {
+        // Objects (None, Python ints beyond 64 bits), strings, bytes, records.
+        b'O' | b'U' | b'S' | b'V' => PyTypeError::new_err(message),
+        _ => value_error(message),
+    }
+}
+
 /// Ids from any integer array-like of any shape.
 ///
 /// # Errors
@@ -106,12 +119,7 @@ pub fn ids<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Ids<'py>> {
     match array.dtype().kind() {
         b'i' | b'u' => {}
         _ if array.is_empty() => {}
-        _ => {
-            return Err(value_error(format!(
-                "{what} must be integers, got an array of {}",
-                dtype_name(&array)
-            )));
-        }
+        _ => return Err(wrong_kind(&array, what, "integers")),
     }
     if array.dtype().kind() == b'u' && array.dtype().itemsize() == 8 {
         let wide = contiguous(&array, "uint64")?;
@@ -141,10 +149,7 @@ pub fn floats<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyAr
         return Ok(a);
     }
     if array.dtype().kind() != b'f' && !array.is_empty() {
-        return Err(value_error(format!(
-            "{what} must be floating point numbers, got an array of {}",
-            dtype_name(&array)
-        )));
+        return Err(wrong_kind(&array, what, "floating point numbers"));
     }
     let converted = contiguous(&array, "float32")?;
     borrow_as::<f32>(&converted)
@@ -168,12 +173,17 @@ pub fn check_rows_of(
     if nested || flat {
         Ok(())
     } else {
+        let or_flat = if ids_shape.len() == 1 {
+            String::new()
+        } else {
+            format!(" or {}", tuple(&[n, dim]))
+        };
         Err(value_error(format!(
-            "{what} has shape {}; expected {} (the ids' shape {} plus the table's dim {dim}) or {}",
+            "{what} has shape {}; expected {} (the ids' shape {} plus the table's dim \
+             {dim}){or_flat}",
             tuple(shape),
             tuple(&[ids_shape, &[dim]].concat()),
             tuple(ids_shape),
-            tuple(&[n, dim])
         )))
     }
 }

@@ -82,11 +82,21 @@ impl<'py> BagArgs<'py> {
             ([_], Some(offsets)) => {
                 let mut offsets = arrays::offsets(offsets)?;
                 if include_last_offset {
-                    if offsets.is_empty() {
-                        return Err(value_error(
-                            "offsets is empty; with include_last_offset=True it needs at \
-                             least the final total",
-                        ));
+                    match offsets.last() {
+                        None => {
+                            return Err(value_error(
+                                "offsets is empty; with include_last_offset=True it needs at \
+                                 least the final total",
+                            ));
+                        }
+                        Some(&last) if last != n => {
+                            return Err(value_error(format!(
+                                "offset {last} at position {} (the last) must equal the number \
+                                 of ids, {n}, with include_last_offset=True",
+                                offsets.len() - 1
+                            )));
+                        }
+                        Some(_) => {}
                     }
                 } else {
                     if offsets.is_empty() && n > 0 {

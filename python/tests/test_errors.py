@@ -142,3 +142,67 @@ def test_bad_configs_are_value_errors():
     with pytest.raises(ValueError, match="arrays"):
         opt.set(centered=True)  # would need a state array the optimizer does not keep
     assert opt.centered is False
+
+
+def test_what_is_not_numbers_is_a_type_error(trained):
+    layer = trained
+    before = snapshot(layer)
+    for bad in (None, "abc", ["a", "b"], np.array([1, None], dtype=object)):
+        with pytest.raises(TypeError, match=r"ids must be integers, got an array of"):
+            layer.forward(bad)
+    with pytest.raises(TypeError, match="grad_out must be floating point"):
+        layer.backward_step([1], "x")
+    with pytest.raises(TypeError, match="array must be floating point"):
+        embtable.Table.from_numpy([["a"]])
+    with pytest.raises(TypeError, match="Optimizer|optimizer"):
+        embtable.Embedding((3, 2), "adam")
+    assert_unchanged(layer, before)
+
+
+def test_offsets_name_the_offset_and_its_position(trained):
+    layer = trained
+    before = snapshot(layer)
+    ids = np.array([1, 2, 3])
+    with pytest.raises(ValueError, match=r"offset 2 at position 1 \(the last\) must equal the "
+                                         r"number of ids, 3, with include_last_offset=True"):
+        layer.forward_pooled(ids, np.array([0, 2]), mode="sum", include_last_offset=True)
+    with pytest.raises(ValueError, match=r"offset 1 at position 0"):
+        layer.forward_pooled(ids, np.array([1]), mode="sum")
+    with pytest.raises(ValueError, match=r"grad_out has shape \(2, 6\); expected \(1, 6\) \(bags, dim\)"):
+        layer.backward_pooled(ids, np.array([0]), grad_out=np.ones((2, 6), np.float32),
+                              mode="sum")
+    assert_unchanged(layer, before)
+
+
+def test_torch_and_keras_modules_refuse_bad_ids_and_change_nothing():
+    import keras
+    import torch
+
+    import embtable.keras as ek
+    import embtable.torch as et
+
+    torch.manual_seed(0)
+    m = et.Embedding(10, 3, optimizer=embtable.Adam.torch_sparse(lr=0.1), fused=False)
+    m(torch.tensor([1, 2])).sum().backward()  # pending, applied by step()
+    weight, state = m.weight.detach().clone(), m._layer.optimizer.state_dict()
+    pending = m._layer.grad.to_dense(10)
+    with pytest.raises(IndexError, match=r"id 10 at position 3"):
+        m(torch.tensor([[0, 1], [2, 10]]))
+    with pytest.raises(ValueError, match=r"on meta"):
+        m(torch.tensor([1]).to("meta"))
+    out = m(torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"position 2 is not finite \(NaN\)"):
+        (out * torch.tensor([1.0, 1.0, float("nan")])).sum().backward()
+    assert torch.equal(m.weight, weight)
+    np.testing.assert_array_equal(m._layer.grad.to_dense(10), pending)
+    assert m._layer.optimizer.state_dict()["steps"] == state["steps"]
+
+    layer = ek.Embedding(10, 3, optimizer=keras.optimizers.Adam(0.1))
+    model = keras.Sequential([keras.Input((2,), dtype="int32"), layer,
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    table = layer.embeddings.copy()
+    with pytest.raises(IndexError, match=r"id 12 at position 1"):
+        model.train_on_batch(np.array([[1, 12]]), np.zeros((1, 1)))
+    np.testing.assert_array_equal(layer.embeddings, table)
+    assert layer.optimizer.steps == 0
