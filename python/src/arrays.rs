@@ -96,7 +96,10 @@ fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
 /// The error for an array that is not of the kind `what` needs (`want`):
 /// `TypeError` when it does not hold numbers at all, else `ValueError`.
 fn wrong_kind(array: &Bound<'_, PyUntypedArray>, what: &str, want: &str) -> PyErr {
-    let message = format!("{what} must be {want}, got an array of {}", dtype_name(array));
+    let message = format!(
+        "{what} must be {want}, got an array of {}",
+        dtype_name(array)
+    );
     match array.dtype().kind() {
         // Objects (None, Python ints beyond 64 bits), strings, bytes, records.
         b'O' | b'U' | b'S' | b'V' => PyTypeError::new_err(message),
