@@ -137,7 +137,7 @@ impl Columns {
 /// Whether the first line is a header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Header {
-    /// Decide from the first two lines (see [`FORMAT_HELP`]).
+    /// Decide from the first two lines, by the rule under "Header" below.
     #[default]
     Auto,
     /// The first line is a header.
