@@ -47,16 +47,40 @@ fn parse_file_name(name: &str) -> Option<(usize, usize)> {
     Some((rank.parse().ok()?, world.parse().ok()?))
 }
 
-/// Writes rank `rank`'s shard of `layout` (its table and optimizer) to
-/// `dir`, atomically, tagged with the save's `id`.
-pub(crate) fn write_shard<O: SparseOptimizer + ?Sized>(
+/// The staged name of rank `rank`'s file of save `id`: hidden, and never
+/// taken for a shard file.
+fn staged_name(rank: usize, world: usize, id: &str) -> String {
+    format!(".{}.{id}.staged", shard_file_name(rank, world))
+}
+
+/// Writes rank `rank`'s shard of `layout` (its table and optimizer),
+/// tagged with the save's `id`, atomically, under a staged name in `dir`
+/// that loading ignores, and returns its path. Staged files this rank
+/// left behind in `dir` (of saves killed before they committed) are
+/// removed first. The first phase of a sharded save: [`commit_shard`]
+/// is the second.
+// Only the sharded table (feature `mpi`) saves; the tests of this module
+// write checkpoints too.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn stage_shard<O: SparseOptimizer + ?Sized>(
     dir: &Path,
     layout: &ShardLayout,
     rank: usize,
     id: &str,
     shard: &EmbeddingTable,
     optimizer: &O,
-) -> Result<()> {
+) -> Result<PathBuf> {
+    let prefix = format!(".{}.", shard_file_name(rank, layout.world()));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && name.ends_with(".staged") {
+                let _ = fs::remove_file(entry.path()); // best effort: it is garbage either way
+            }
+        }
+    }
+    let path = dir.join(staged_name(rank, layout.world(), id));
     Checkpoint::new()
         .with(NAME, shard, optimizer)
         .with_metadata("shard.rows", layout.rows().to_string())
@@ -65,7 +89,39 @@ pub(crate) fn write_shard<O: SparseOptimizer + ?Sized>(
         .with_metadata("shard.rank", rank.to_string())
         .with_metadata("shard.sharding", layout.sharding().name())
         .with_metadata("shard.id", id)
-        .save(dir.join(shard_file_name(rank, layout.world())))
+        .save(&path)?;
+    Ok(path)
+}
+
+/// Renames a file [`stage_shard`] wrote to its shard name: atomic, within
+/// one directory.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn commit_shard(dir: &Path, staged: &Path, rank: usize, world: usize) -> Result<()> {
+    let target = dir.join(shard_file_name(rank, world));
+    fs::rename(staged, &target).map_err(|source| Error::Io {
+        context: format!("renaming {} to {}", staged.display(), target.display()),
+        source,
+    })
+}
+
+/// Removes the shard files in `dir` that a save by another number of
+/// ranks than `world` left there, so that the save just committed is the
+/// only one.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn remove_other_saves(dir: &Path, world: usize) -> Result<()> {
+    let io = |source| Error::Io {
+        context: format!("removing stale shards from {}", dir.display()),
+        source,
+    };
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if let Some((_, w)) = entry.file_name().to_str().and_then(parse_file_name)
+            && w != world
+        {
+            fs::remove_file(entry.path()).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 /// A format error about the checkpoint directory `dir`.
@@ -108,7 +164,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if let Some((_, rank, path)) = found.iter().find(|(_, rank, _)| *rank >= world) {
         return Err(bad(
             dir,
-            format!("{} names rank {rank}, beyond the world of {world}", path.display()),
+            format!(
+                "{} names rank {rank}, beyond the world of {world}",
+                path.display()
+            ),
         ));
     }
     if let Some(missing) = (0..world).find(|&k| found.get(k).is_none_or(|f| f.1 != k)) {
@@ -125,9 +184,12 @@ fn meta<T: std::str::FromStr>(ckpt: &Checkpoint<'_>, path: &Path, key: &str) -> 
     let value = ckpt
         .metadata(key)
         .ok_or_else(|| bad(path, format!("metadata {key:?} is missing")))?;
-    value
-        .parse()
-        .map_err(|_| bad(path, format!("metadata {key:?} is {value:?}, not a valid value")))
+    value.parse().map_err(|_| {
+        bad(
+            path,
+            format!("metadata {key:?} is {value:?}, not a valid value"),
+        )
+    })
 }
 
 /// What one save says about the whole table, read from each of its files.
@@ -188,7 +250,9 @@ pub(crate) fn read_shard(
                     .ok_or_else(|| bad(path, format!("unknown sharding {:?}", saved.sharding)))?;
                 let o = ShardLayout::new(saved.rows, saved.dim, saved.world, saved_sharding)?;
                 let n = ShardLayout::new(saved.rows, saved.dim, world, sharding)?;
-                sources = (0..n.shard_rows(rank)).map(|l| o.locate(n.global(rank, l))).collect();
+                sources = (0..n.shard_rows(rank))
+                    .map(|l| o.locate(n.global(rank, l)))
+                    .collect();
                 table = Some(EmbeddingTable::zeros(n.shard_rows(rank), saved.dim)?);
                 old = Some(o);
                 new = Some(n);
@@ -206,8 +270,13 @@ pub(crate) fn read_shard(
             }
             Some(_) => {}
         }
-        let (old, table) = (old.as_ref().expect("set on shard 0"), table.as_mut().expect("set"));
-        let part = ckpt.table(NAME).ok_or_else(|| bad(path, "holds no table \"embedding\""))?;
+        let (old, table) = (
+            old.as_ref().expect("set on shard 0"),
+            table.as_mut().expect("set"),
+        );
+        let part = ckpt
+            .table(NAME)
+            .ok_or_else(|| bad(path, "holds no table \"embedding\""))?;
         Error::check_len("rows of a saved shard", old.shard_rows(k), part.rows())?;
         let part_state = ckpt.optimizer_state(NAME).cloned();
         for (l, &(owner, local)) in sources.iter().enumerate() {
@@ -244,17 +313,28 @@ fn merge_state(
                     .iter()
                     .map(|a| StateArray {
                         name: a.name.clone(),
-                        shape: std::iter::once(rows).chain(a.shape.iter().skip(1).copied()).collect(),
+                        shape: std::iter::once(rows)
+                            .chain(a.shape.iter().skip(1).copied())
+                            .collect(),
                         values: vec![0.0; rows * a.shape.iter().skip(1).product::<usize>()],
                     })
                     .collect(),
-                last_step: if part.last_step.is_empty() { Vec::new() } else { vec![0; rows] },
+                last_step: if part.last_step.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![0; rows]
+                },
                 ..part.clone()
             };
             (start, part)
         }
         (Some(acc), Some(part)) => (acc, part),
-        _ => return Err(bad(path, "some shards hold optimizer state and others none")),
+        _ => {
+            return Err(bad(
+                path,
+                "some shards hold optimizer state and others none",
+            ));
+        }
     };
     let same = acc.kind == part.kind
         && acc.config == part.config
@@ -277,13 +357,22 @@ fn merge_state(
     for (into, from) in acc.arrays.iter_mut().zip(&part.arrays) {
         let width: usize = from.shape.iter().skip(1).product();
         if into.name != from.name || into.shape[1..] != from.shape[1..] {
-            return Err(bad(path, format!("optimizer array {:?} differs from shard 0's", from.name)));
+            return Err(bad(
+                path,
+                format!("optimizer array {:?} differs from shard 0's", from.name),
+            ));
         }
         for (l, &(owner, local)) in sources.iter().enumerate() {
             if owner == k {
-                let src = from.values.get(local * width..(local + 1) * width).ok_or_else(|| {
-                    bad(path, format!("optimizer array {:?} is shorter than its shard", from.name))
-                })?;
+                let src = from
+                    .values
+                    .get(local * width..(local + 1) * width)
+                    .ok_or_else(|| {
+                        bad(
+                            path,
+                            format!("optimizer array {:?} is shorter than its shard", from.name),
+                        )
+                    })?;
                 into.values[l * width..][..width].copy_from_slice(src);
             }
         }
@@ -291,9 +380,10 @@ fn merge_state(
     if !part.last_step.is_empty() {
         for (l, &(owner, local)) in sources.iter().enumerate() {
             if owner == k {
-                acc.last_step[l] = *part.last_step.get(local).ok_or_else(|| {
-                    bad(path, "optimizer last_step is shorter than its shard")
-                })?;
+                acc.last_step[l] = *part
+                    .last_step
+                    .get(local)
+                    .ok_or_else(|| bad(path, "optimizer last_step is shorter than its shard"))?;
             }
         }
     }
@@ -328,7 +418,10 @@ pub fn load_sharded_checkpoint<O: SparseOptimizer + ?Sized>(
     let (_, table, state) = read_shard(dir.as_ref(), Sharding::Range, 1, 0)?;
     let state = state.ok_or_else(|| Error::InvalidConfig {
         field: "optimizer",
-        reason: format!("the checkpoint in {} holds no optimizer state", dir.as_ref().display()),
+        reason: format!(
+            "the checkpoint in {} holds no optimizer state",
+            dir.as_ref().display()
+        ),
     })?;
     optimizer.load_state(state)?;
     Ok(table)
@@ -339,8 +432,22 @@ mod tests {
     use super::*;
     use crate::{Adagrad, RmsProp, RmsPropConfig, Semantics, SparseGrad, SparseOptimizer};
 
+    /// Both phases of a save of one rank's shard.
+    fn write_shard(
+        dir: &Path,
+        layout: &ShardLayout,
+        rank: usize,
+        id: &str,
+        shard: &EmbeddingTable,
+        opt: &dyn SparseOptimizer,
+    ) -> Result<()> {
+        let staged = stage_shard(dir, layout, rank, id, shard, opt)?;
+        commit_shard(dir, &staged, rank, layout.world())
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("embtable-shard-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("embtable-shard-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -371,14 +478,29 @@ mod tests {
                 let dir = temp_dir(&format!("{}-{n}", sharding.name()));
                 let layout = ShardLayout::new(rows, dim, n, sharding).unwrap();
                 for k in 0..n {
-                    let globals: Vec<usize> = (0..layout.shard_rows(k)).map(|l| layout.global(k, l)).collect();
-                    let values: Vec<f32> = globals.iter().flat_map(|&g| table.row(g).to_vec()).collect();
+                    let globals: Vec<usize> = (0..layout.shard_rows(k))
+                        .map(|l| layout.global(k, l))
+                        .collect();
+                    let values: Vec<f32> = globals
+                        .iter()
+                        .flat_map(|&g| table.row(g).to_vec())
+                        .collect();
                     let shard = EmbeddingTable::from_rows(globals.len(), dim, &values).unwrap();
                     let mut part = full.clone();
                     part.shape = Some((globals.len(), dim));
                     for a in &mut part.arrays {
                         a.shape[0] = globals.len();
-                        a.values = globals.iter().flat_map(|&g| full.arrays.iter().find(|f| f.name == a.name).unwrap().values[g * dim..][..dim].to_vec()).collect();
+                        a.values = globals
+                            .iter()
+                            .flat_map(|&g| {
+                                full.arrays
+                                    .iter()
+                                    .find(|f| f.name == a.name)
+                                    .unwrap()
+                                    .values[g * dim..][..dim]
+                                    .to_vec()
+                            })
+                            .collect();
                     }
                     part.last_step = globals.iter().map(|&g| full.last_step[g]).collect();
                     let mut shard_opt = RmsProp::default();
@@ -397,7 +519,10 @@ mod tests {
                             let g = new.global(r, l);
                             assert_eq!(part.row(l), table.row(g));
                             assert_eq!(state.last_step[l], full.last_step[g]);
-                            assert_eq!(state.arrays[0].values[l * dim..][..dim], full.arrays[0].values[g * dim..][..dim]);
+                            assert_eq!(
+                                state.arrays[0].values[l * dim..][..dim],
+                                full.arrays[0].values[g * dim..][..dim]
+                            );
                         }
                     }
                 }
@@ -413,18 +538,45 @@ mod tests {
         let layout = ShardLayout::new(8, 2, 2, Sharding::Range).unwrap();
         write_shard(&dir, &layout, 0, "a", &table, &Adagrad::default()).unwrap();
         let err = load_sharded_checkpoint(&dir, &mut Adagrad::default()).unwrap_err();
-        assert!(err.to_string().contains("shard-00001-of-00002.safetensors is missing"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("shard-00001-of-00002.safetensors is missing"),
+            "{err}"
+        );
         write_shard(&dir, &layout, 1, "b", &table, &Adagrad::default()).unwrap();
         let err = load_sharded_checkpoint(&dir, &mut Adagrad::default()).unwrap_err();
         assert!(err.to_string().contains("another save"), "{err}");
         write_shard(&dir, &layout, 1, "a", &table, &Adagrad::default()).unwrap();
         assert!(load_sharded_checkpoint(&dir, &mut Adagrad::default()).is_ok());
         let three = ShardLayout::new(8, 2, 3, Sharding::Range).unwrap();
-        write_shard(&dir, &three, 2, "a", &EmbeddingTable::zeros(3, 2).unwrap(), &Adagrad::default()).unwrap();
+        write_shard(
+            &dir,
+            &three,
+            2,
+            "a",
+            &EmbeddingTable::zeros(3, 2).unwrap(),
+            &Adagrad::default(),
+        )
+        .unwrap();
         let err = load_sharded_checkpoint(&dir, &mut Adagrad::default()).unwrap_err();
         assert!(err.to_string().contains("by 2 and by 3 ranks"), "{err}");
+        remove_other_saves(&dir, 2).unwrap();
+        assert!(load_sharded_checkpoint(&dir, &mut Adagrad::default()).is_ok());
+        // A staged file (of a save that failed on another rank) is never
+        // loaded, and the rank's next save removes it.
+        let staged = stage_shard(&dir, &layout, 1, "c", &table, &Adagrad::default()).unwrap();
+        let err = load_sharded_checkpoint(&dir, &mut Adagrad::default());
+        assert!(
+            err.is_ok(),
+            "the staged file was taken for a shard: {err:?}"
+        );
+        let again = stage_shard(&dir, &layout, 1, "d", &table, &Adagrad::default()).unwrap();
+        assert!(!staged.exists() && again.exists());
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(parse_file_name("shard-00001-of-00002.safetensors"), Some((1, 2)));
+        assert_eq!(
+            parse_file_name("shard-00001-of-00002.safetensors"),
+            Some((1, 2))
+        );
         assert_eq!(parse_file_name("shard-1-of-2.safetensors"), None);
     }
 }

@@ -97,7 +97,12 @@ impl Exchange<'_> {
         recv_counts: &[usize],
     ) -> Vec<T> {
         let me = self.rank();
-        let others: usize = send_counts.iter().enumerate().filter(|&(k, _)| k != me).map(|(_, &c)| c).sum();
+        let others: usize = send_counts
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != me)
+            .map(|(_, &c)| c)
+            .sum();
         self.traffic.ids += (others * size_of::<T>()) as u64;
         self.traffic.exchanges += 1;
         let (sc, rc) = (to_counts(send_counts), to_counts(recv_counts));
@@ -105,7 +110,8 @@ impl Exchange<'_> {
         let mut recv = vec![T::default(); recv_counts.iter().sum()];
         let send_part = Partition::new(send, &sc[..], &sd[..]);
         let mut recv_part = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
-        self.comm.all_to_all_varcount_into(&send_part, &mut recv_part);
+        self.comm
+            .all_to_all_varcount_into(&send_part, &mut recv_part);
         recv
     }
 
@@ -119,7 +125,12 @@ impl Exchange<'_> {
         recv_counts: &[usize],
     ) -> Vec<f32> {
         let me = self.rank();
-        let others: usize = send_counts.iter().enumerate().filter(|&(k, _)| k != me).map(|(_, &c)| c).sum();
+        let others: usize = send_counts
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != me)
+            .map(|(_, &c)| c)
+            .sum();
         self.traffic.rows += (others * dim * size_of::<f32>()) as u64;
         self.traffic.exchanges += 1;
         let recv_rows: usize = recv_counts.iter().sum();
@@ -137,10 +148,12 @@ impl Exchange<'_> {
         // cover exactly the buffers, with no padding.
         let send_view = unsafe { View::with_count_and_datatype(send, send_rows, &row) };
         // SAFETY: as above, for the receive buffer.
-        let mut recv_view = unsafe { MutView::with_count_and_datatype(&mut recv[..], recv_rows, &row) };
+        let mut recv_view =
+            unsafe { MutView::with_count_and_datatype(&mut recv[..], recv_rows, &row) };
         let send_part = Partition::new(&send_view, &sc[..], &sd[..]);
         let mut recv_part = PartitionMut::new(&mut recv_view, &rc[..], &rd[..]);
-        self.comm.all_to_all_varcount_into(&send_part, &mut recv_part);
+        self.comm
+            .all_to_all_varcount_into(&send_part, &mut recv_part);
         recv
     }
 }

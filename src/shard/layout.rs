@@ -135,7 +135,11 @@ impl ShardLayout {
     /// If `rank >= world()`.
     #[track_caller]
     pub fn shard_rows(&self, rank: usize) -> usize {
-        assert!(rank < self.world, "rank {rank} out of range for a world of {}", self.world);
+        assert!(
+            rank < self.world,
+            "rank {rank} out of range for a world of {}",
+            self.world
+        );
         match self.sharding {
             Sharding::Range => self.start(rank + 1) - self.start(rank),
             Sharding::Modulo => self.rows / self.world + usize::from(rank < self.rows % self.world),
@@ -149,7 +153,11 @@ impl ShardLayout {
     /// If `row >= rows()` (in debug builds; the result is meaningless then).
     #[inline]
     pub fn locate(&self, row: usize) -> (usize, usize) {
-        debug_assert!(row < self.rows, "row {row} out of range for {} rows", self.rows);
+        debug_assert!(
+            row < self.rows,
+            "row {row} out of range for {} rows",
+            self.rows
+        );
         match self.sharding {
             Sharding::Modulo => (row % self.world, row / self.world),
             Sharding::Range => {
@@ -172,7 +180,10 @@ impl ShardLayout {
     #[track_caller]
     pub fn global(&self, rank: usize, local: usize) -> usize {
         let held = self.shard_rows(rank);
-        assert!(local < held, "local row {local} out of range for rank {rank}'s {held} rows");
+        assert!(
+            local < held,
+            "local row {local} out of range for rank {rank}'s {held} rows"
+        );
         match self.sharding {
             Sharding::Range => self.start(rank) + local,
             Sharding::Modulo => local * self.world + rank,
@@ -196,12 +207,17 @@ mod tests {
                     for row in 0..rows {
                         let (rank, local) = layout.locate(row);
                         let expected_rank = match sharding {
-                            Sharding::Range => {
-                                (0..world).find(|&k| (k * rows / world..(k + 1) * rows / world).contains(&row)).unwrap()
-                            }
+                            Sharding::Range => (0..world)
+                                .find(|&k| {
+                                    (k * rows / world..(k + 1) * rows / world).contains(&row)
+                                })
+                                .unwrap(),
                             Sharding::Modulo => row % world,
                         };
-                        assert_eq!(rank, expected_rank, "{sharding:?} rows {rows} world {world} row {row}");
+                        assert_eq!(
+                            rank, expected_rank,
+                            "{sharding:?} rows {rows} world {world} row {row}"
+                        );
                         assert_eq!(local, seen[rank], "rows of a rank are in increasing order");
                         seen[rank] += 1;
                         assert_eq!(layout.global(rank, local), row);
@@ -228,10 +244,17 @@ mod tests {
     #[test]
     fn bad_layouts_are_refused_naming_the_value() {
         let err = ShardLayout::new(2, 4, 3, Sharding::Range).unwrap_err();
-        assert!(err.to_string().contains("2 rows cannot be split over 3 ranks"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("2 rows cannot be split over 3 ranks"),
+            "{err}"
+        );
         assert!(ShardLayout::new(2, 4, 0, Sharding::Range).is_err());
         assert!(ShardLayout::new(2, 0, 1, Sharding::Modulo).is_err());
-        assert_eq!(Sharding::from_name(Sharding::Modulo.name()), Some(Sharding::Modulo));
+        assert_eq!(
+            Sharding::from_name(Sharding::Modulo.name()),
+            Some(Sharding::Modulo)
+        );
         assert_eq!(Sharding::from_name("rows"), None);
     }
 }

@@ -7,26 +7,39 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use rayon::prelude::*;
 
-use super::agree::{agree, exchange_counts};
-use super::checkpoint::{read_shard, write_shard};
+use super::agree::{Call, Incoming, Outgoing, agree, begin};
+use super::checkpoint::{commit_shard, read_shard, remove_other_saves, stage_shard};
 use super::exchange::{Exchange, Traffic, check_batch};
 use super::{ShardLayout, Sharding};
 use crate::index::validate_ids;
 use crate::pool::{check_coefficients, check_max_weights, coefficients};
-use crate::{Bags, EmbeddingTable, Error, Index, Init, Pooling, Result, SparseGrad, SparseOptimizer};
+use crate::{
+    Bags, EmbeddingTable, Error, Index, Init, Pooling, Result, SparseGrad, SparseOptimizer,
+};
 
 /// Where a sharded pooled lookup pools each bag.
+///
+/// Either way the caller gets every bag pooled with the coefficients one
+/// process uses; they differ in the bytes moved and in the order of the
+/// additions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PoolOn {
+    /// Per call, whichever of the two below moves fewer bytes between
+    /// ranks, counted over all ranks (the ranks add up their counts in the
+    /// all-to-all that starts every call, so they all choose alike). Bags
+    /// of several ids pool on the owners; bags of one id, or one process,
+    /// pool on the caller.
+    #[default]
+    Auto,
     /// Each owner pools its part of every bag and sends back one row per
     /// bag it holds ids of; the caller adds the owners' rows in rank
     /// order: TorchRec's row-wise sharding. Moves one row per (bag,
-    /// owner) instead of one per id. A bag whose ids all live on one rank
-    /// (every bag, on one rank) is pooled bit for bit as
+    /// owner) instead of one per id, plus 4 bytes of coefficient per id
+    /// and 8 bytes of length per (bag, owner). A bag whose ids all live
+    /// on one rank is pooled bit for bit as
     /// [`EmbeddingTable::pooled_lookup`] pools it; a bag spread over ranks
     /// gets the same sum taken in another order (its rounding may differ
     /// in the last bits). [`Pooling::Max`] always pools on the caller.
-    #[default]
     Owner,
     /// Owners send every row back and the caller pools: bit for bit
     /// [`EmbeddingTable::pooled_lookup`] for every bag, at one row per id.
@@ -153,10 +166,6 @@ impl Plan {
             local,
         }
     }
-
-    fn counts64(&self) -> Vec<u64> {
-        self.counts.iter().map(|&c| c as u64).collect()
-    }
 }
 
 /// A caller's bags split into sub-bags, one per (bag, owner) pair with ids
@@ -197,7 +206,9 @@ impl SubBags {
             }
         }
         SubBags {
-            counts: (0..world).map(|k| (local[k].len(), lens[k].len())).collect(),
+            counts: (0..world)
+                .map(|k| (local[k].len(), lens[k].len()))
+                .collect(),
             local: local.concat(),
             coef: coefs.concat(),
             lens: lens.concat(),
@@ -205,11 +216,38 @@ impl SubBags {
         }
     }
 
-    fn counts64(&self) -> Vec<u64> {
-        self.counts
+    fn id_counts(&self) -> Vec<usize> {
+        self.counts.iter().map(|c| c.0).collect()
+    }
+
+    fn bag_counts(&self) -> Vec<usize> {
+        self.counts.iter().map(|c| c.1).collect()
+    }
+
+    /// The header of a call that sends these sub-bags: ids and sub-bags
+    /// per owner, and the vote for pooling on the owners: the bytes that
+    /// pooling there moves between ranks, minus those that pooling on the
+    /// caller moves, for this rank's bags (ids to the owners are 8 bytes
+    /// either way; the owners need 4 more of coefficient per id and 8 of
+    /// length per sub-bag, and send one row per sub-bag instead of one
+    /// per id). Rank `me`'s own part never leaves the process.
+    fn header(&self, dim: usize, me: usize) -> Outgoing {
+        let row = 4 * dim as i128;
+        let vote: i128 = self
+            .counts
             .iter()
-            .flat_map(|&(ids, bags)| [ids as u64, bags as u64])
-            .collect()
+            .enumerate()
+            .filter(|&(k, _)| k != me)
+            .map(|(_, &(ids, bags))| {
+                let (ids, bags) = (ids as i128, bags as i128);
+                4 * ids + 8 * bags + row * (bags - ids)
+            })
+            .sum();
+        Outgoing {
+            a: self.id_counts(),
+            b: self.bag_counts(),
+            vote: vote.clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+        }
     }
 }
 
@@ -219,13 +257,20 @@ struct Received {
     local: Vec<u64>,
     coef: Vec<f32>,
     offsets: Vec<usize>,
-    /// Sub-bags received from each rank.
-    bag_counts: Vec<usize>,
 }
 
-/// `(ids, sub-bags)` counts of each rank from [`exchange_counts`] with `per = 2`.
-fn split_pairs(counts: &[u64]) -> (Vec<usize>, Vec<usize>) {
-    counts.chunks_exact(2).map(|c| (c[0] as usize, c[1] as usize)).unzip()
+/// `Ok(t)` and its header, or the error (with no header) to begin with.
+fn split<T>(
+    local: Result<T>,
+    header: impl FnOnce(&T) -> Outgoing,
+) -> (Option<T>, Result<Outgoing>) {
+    match local {
+        Ok(t) => {
+            let out = header(&t);
+            (Some(t), Ok(out))
+        }
+        Err(err) => (None, Err(err)),
+    }
 }
 
 impl<O: SparseOptimizer> ShardedTable<O> {
@@ -239,9 +284,10 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a bad `init`, `dim` or optimizer config,
-    /// or fewer rows than ranks; [`Error::ShapeMismatch`] for an optimizer
-    /// already bound to another table; [`Error::Alloc`]. An error on any
-    /// rank is returned on every rank as [`Error::Rank`].
+    /// fewer rows than ranks, or ranks that disagree on `rows`, `dim` or
+    /// `sharding`; [`Error::ShapeMismatch`] for an optimizer already bound
+    /// to another table; [`Error::Alloc`]. An error on any rank is returned
+    /// on every rank as [`Error::Rank`].
     pub fn new(
         comm: &impl Communicator,
         rows: usize,
@@ -264,11 +310,13 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                     .par_chunks_mut(stride)
                     .with_min_len(256)
                     .enumerate()
-                    .for_each(|(l, row)| init.fill_row(seed, layout.global(rank, l), &mut row[..dim]));
+                    .for_each(|(l, row)| {
+                        init.fill_row(seed, layout.global(rank, l), &mut row[..dim])
+                    });
             }
             Ok((layout, shard))
         })();
-        Self::assemble(comm, local, optimizer)
+        Self::assemble(comm, sharding, local, optimizer)
     }
 
     /// `table`, which every rank passes whole, split over the ranks of
@@ -288,11 +336,13 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             let layout = ShardLayout::new(table.rows(), table.dim(), world, sharding)?;
             let mut shard = EmbeddingTable::zeros(layout.shard_rows(rank), table.dim())?;
             for l in 0..shard.rows() {
-                shard.row_mut(l).copy_from_slice(table.row(layout.global(rank, l)));
+                shard
+                    .row_mut(l)
+                    .copy_from_slice(table.row(layout.global(rank, l)));
             }
             Ok((layout, shard))
         })();
-        Self::assemble(comm, local, optimizer)
+        Self::assemble(comm, sharding, local, optimizer)
     }
 
     /// Loads a checkpoint saved by [`save`](Self::save) on any number of
@@ -325,16 +375,18 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             optimizer.load_state(state)?;
             Ok((layout, shard))
         })();
-        Self::assemble(comm, local, optimizer)
+        Self::assemble(comm, sharding, local, optimizer)
     }
 
     /// The table of this rank's `local` outcome, once every rank agrees
-    /// that every rank's was `Ok`.
+    /// that every rank's was `Ok` and that all made the same table.
     fn assemble(
         comm: SimpleCommunicator,
+        sharding: Sharding,
         local: Result<(ShardLayout, EmbeddingTable)>,
         mut optimizer: O,
     ) -> Result<Self> {
+        let world = comm.size() as usize;
         let local = local.and_then(|(layout, mut shard)| {
             if i32::try_from(layout.dim()).is_err() {
                 return Err(Error::InvalidConfig {
@@ -342,18 +394,32 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                     reason: format!("{} columns exceed MPI's int counts", layout.dim()),
                 });
             }
-            // Checks the config (and that any state fits this shard):
-            // nothing lags before a step, so nothing is written.
-            optimizer.flush(&mut shard)?;
+            // Checks the config and that any loaded state fits this shard,
+            // bringing no row current (none is named).
+            optimizer.catch_up(&mut shard, &[])?;
             Ok((layout, shard))
         });
-        let (layout, shard) = match local {
-            Ok(parts) => {
-                agree(&comm, Ok(()))?;
-                parts
+        let (parts, header) = split(local, |(layout, _)| Outgoing {
+            a: vec![layout.rows(); world],
+            b: vec![layout.dim(); world],
+            vote: 0,
+        });
+        let shapes = begin(&comm, Call::Create(sharding), header)?;
+        for (what, values) in [("rows", &shapes.a), ("dim", &shapes.b)] {
+            if let Some(other) = values.iter().position(|&v| v != values[0]) {
+                return Err(Error::Rank {
+                    rank: other,
+                    source: Box::new(Error::InvalidConfig {
+                        field: what,
+                        reason: format!(
+                            "rank {other} made a table of {} {what}, rank 0 of {}: every rank must make the same table",
+                            values[other], values[0]
+                        ),
+                    }),
+                });
             }
-            Err(err) => return Err(agree(&comm, Err(err)).expect_err("this rank failed")),
-        };
+        }
+        let (layout, shard) = parts.expect("every rank agreed that its shard exists");
         Ok(Self {
             rank: comm.rank() as usize,
             grad: SparseGrad::for_table(&shard),
@@ -452,7 +518,10 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             check_batch(ids.len(), self.layout.world())?;
             Ok(Plan::new(&self.layout, ids))
         })();
-        let (plan, rows) = self.gather(local)?;
+        let (plan, header) = split(local, |plan| Outgoing::counts(plan.counts.clone()));
+        let incoming = begin(&self.comm, Call::Lookup, header)?;
+        let plan = plan.expect("every rank agreed that its plan exists");
+        let rows = self.fetch(&plan, &incoming.a)?;
         for (k, &position) in plan.order.iter().enumerate() {
             out[position * dim..][..dim].copy_from_slice(&rows[k * dim..][..dim]);
         }
@@ -469,27 +538,16 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         Ok(out)
     }
 
-    /// The rows of a plan's ids, in the plan's order: ids to the owners,
-    /// rows back. Agrees on `local` first and on the owners' work last.
-    fn gather(&mut self, local: Result<Plan>) -> Result<(Plan, Vec<f32>)> {
-        let (plan, counts) = match local {
-            Ok(plan) => {
-                let counts = plan.counts64();
-                (Some(plan), Ok(counts))
-            }
-            Err(err) => (None, Err(err)),
-        };
-        let recv: Vec<usize> = exchange_counts(&self.comm, 1, counts)?
-            .into_iter()
-            .map(|c| c as usize)
-            .collect();
-        let plan = plan.expect("every rank agreed that its plan exists");
+    /// The rows of a plan's ids, in the plan's order: ids to the owners
+    /// (`recv[k]` come from rank `k`), rows back. Agrees on the owners'
+    /// work at the end.
+    fn fetch(&mut self, plan: &Plan, recv: &[usize]) -> Result<Vec<f32>> {
         let dim = self.dim();
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let wanted: Vec<u64> = ex.items(&plan.local, &plan.counts, &recv);
+        let wanted: Vec<u64> = ex.items(&plan.local, &plan.counts, recv);
         let served = (|| {
             self.catch_up(&wanted)?;
             self.shard.lookup_vec(&wanted)
@@ -502,9 +560,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let back = ex.rows(&rows, dim, &recv, &plan.counts);
+        let back = ex.rows(&rows, dim, recv, &plan.counts);
         agree(&self.comm, served)?;
-        Ok((plan, back))
+        Ok(back)
     }
 
     /// Brings local `rows` current before they are read (DenseExact).
@@ -535,7 +593,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         out: &mut [f32],
     ) -> Result<()> {
         let dim = self.dim();
-        let checked = (|| {
+        let (me, layout) = (self.rank, self.layout);
+        let on_caller = self.pool_on == PoolOn::Caller || pooling == Pooling::Max;
+        let local = (|| {
             Error::check_len(
                 "pooled lookup output length (bags * dim)",
                 bags.len().saturating_mul(dim),
@@ -544,14 +604,47 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             check_max_weights(bags, pooling)?;
             validate_ids(bags.ids(), self.rows())?;
             check_coefficients(bags, pooling)?;
-            check_batch(bags.ids().len(), self.layout.world())
+            check_batch(bags.ids().len(), layout.world())?;
+            Ok(if on_caller {
+                Err(Plan::new(&layout, bags.ids()))
+            } else {
+                Ok(SubBags::new(&layout, bags, &coefficients(bags, pooling)))
+            })
         })();
-        if self.pool_on == PoolOn::Caller || pooling == Pooling::Max {
-            let (plan, rows) = self.gather(checked.map(|()| Plan::new(&self.layout, bags.ids())))?;
-            return pool_gathered(&plan, &rows, dim, bags, pooling, out);
+        let (split_bags, header) = split(local, |split| match split {
+            Err(plan) => Outgoing::counts(plan.counts.clone()),
+            Ok(sub) => sub.header(dim, me),
+        });
+        let incoming = begin(&self.comm, Call::Pooled(pooling, self.pool_on), header)?;
+        let owners_pool = match self.pool_on {
+            _ if on_caller => false,
+            PoolOn::Auto => incoming.sum < 0,
+            PoolOn::Owner => true,
+            PoolOn::Caller => false,
+        };
+        match split_bags.expect("every rank agreed that its split exists") {
+            Ok(sub) if owners_pool => self.pool_on_owners(&sub, &incoming, out),
+            _ => {
+                // The ids go to the owners in the same order either way,
+                // so the counts of the header serve.
+                let plan = Plan::new(&layout, bags.ids());
+                let rows = self.fetch(&plan, &incoming.a)?;
+                pool_gathered(&plan, &rows, dim, bags, pooling, out)
+            }
         }
-        let local = checked.map(|()| SubBags::new(&self.layout, bags, &coefficients(bags, pooling)));
-        let (sub, received) = self.send_sub_bags(local)?;
+    }
+
+    /// Sends each owner its sub-bags (ids, coefficients, lengths), which
+    /// it pools as weighted sums and sends back; adds each bag's parts in
+    /// rank order into `out`.
+    fn pool_on_owners(
+        &mut self,
+        sub: &SubBags,
+        incoming: &Incoming,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let dim = self.dim();
+        let received = self.send_sub_bags(sub, incoming);
         let served = (|| {
             self.catch_up(&received.local)?;
             let owned = Bags::new(&received.local, &received.offsets, Some(&received.coef))?;
@@ -561,15 +654,14 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             Ok(rows) => (rows, Ok(())),
             Err(err) => (vec![0.0; (received.offsets.len() - 1) * dim], Err(err)),
         };
-        let mine: Vec<usize> = sub.counts.iter().map(|c| c.1).collect();
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let back = ex.rows(&partial, dim, &received.bag_counts, &mine);
+        let back = ex.rows(&partial, dim, &incoming.b, &sub.bag_counts());
         agree(&self.comm, served)?;
-        // The owners' partial rows of each bag, added in rank order (the
-        // sub-bags arrive grouped by owner, owners in rank order).
+        // The sub-bags arrive grouped by owner, owners in rank order, so
+        // each bag's parts are added in rank order.
         out.fill(0.0);
         for (s, &b) in sub.bag_of.iter().enumerate() {
             let acc = &mut out[b * dim..][..dim];
@@ -580,41 +672,28 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         Ok(())
     }
 
-    /// Sends a split batch of bags to the owners (after agreeing on
-    /// `local`): ids, coefficients and sub-bag lengths.
-    fn send_sub_bags(&mut self, local: Result<SubBags>) -> Result<(SubBags, Received)> {
-        let (sub, counts) = match local {
-            Ok(sub) => {
-                let counts = sub.counts64();
-                (Some(sub), Ok(counts))
-            }
-            Err(err) => (None, Err(err)),
-        };
-        let (recv_ids, recv_bags) = split_pairs(&exchange_counts(&self.comm, 2, counts)?);
-        let sub = sub.expect("every rank agreed that its split exists");
-        let (send_ids, send_bags): (Vec<usize>, Vec<usize>) = sub.counts.iter().copied().unzip();
+    /// Sends a split batch of bags to the owners: ids, coefficients and
+    /// sub-bag lengths (`incoming` holds what each rank sends this one).
+    fn send_sub_bags(&mut self, sub: &SubBags, incoming: &Incoming) -> Received {
+        let (send_ids, send_bags) = (sub.id_counts(), sub.bag_counts());
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let local = ex.items(&sub.local, &send_ids, &recv_ids);
-        let coef = ex.items(&sub.coef, &send_ids, &recv_ids);
-        let lens = ex.items(&sub.lens, &send_bags, &recv_bags);
+        let local = ex.items(&sub.local, &send_ids, &incoming.a);
+        let coef = ex.items(&sub.coef, &send_ids, &incoming.a);
+        let lens = ex.items(&sub.lens, &send_bags, &incoming.b);
         let offsets = std::iter::once(0)
             .chain(lens.iter().scan(0usize, |at, &n| {
                 *at += n as usize;
                 Some(*at)
             }))
             .collect();
-        Ok((
-            sub,
-            Received {
-                local,
-                coef,
-                offsets,
-                bag_counts: recv_bags,
-            },
-        ))
+        Received {
+            local,
+            coef,
+            offsets,
+        }
     }
 
     // ------------------------------------------------------------- training
@@ -643,28 +722,23 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             check_batch(ids.len(), self.layout.world())?;
             Ok(Plan::new(&self.layout, ids))
         })();
-        self.scatter_grads(local, |position| &grad_out[position * dim..][..dim])
+        let (plan, header) = split(local, |plan| Outgoing::counts(plan.counts.clone()));
+        let incoming = begin(&self.comm, Call::Backward, header)?;
+        let plan = plan.expect("every rank agreed that its plan exists");
+        self.send_grads(&plan, &incoming.a, |position| {
+            &grad_out[position * dim..][..dim]
+        })
     }
 
-    /// Sends one gradient row per id of a plan to its owner, which adds them
-    /// to its pending gradient in rank order.
-    fn scatter_grads<'g>(
+    /// Sends one gradient row per id of a plan to its owner (`recv[k]`
+    /// come from rank `k`), which adds them to its pending gradient in
+    /// rank order.
+    fn send_grads<'g>(
         &mut self,
-        local: Result<Plan>,
+        plan: &Plan,
+        recv: &[usize],
         row_of: impl Fn(usize) -> &'g [f32],
     ) -> Result<()> {
-        let (plan, counts) = match local {
-            Ok(plan) => {
-                let counts = plan.counts64();
-                (Some(plan), Ok(counts))
-            }
-            Err(err) => (None, Err(err)),
-        };
-        let recv: Vec<usize> = exchange_counts(&self.comm, 1, counts)?
-            .into_iter()
-            .map(|c| c as usize)
-            .collect();
-        let plan = plan.expect("every rank agreed that its plan exists");
         let dim = self.dim();
         let mut send = Vec::with_capacity(plan.order.len() * dim);
         for &position in &plan.order {
@@ -674,8 +748,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let rows = ex.items(&plan.local, &plan.counts, &recv);
-        let grads = ex.rows(&send, dim, &plan.counts, &recv);
+        let rows = ex.items(&plan.local, &plan.counts, recv);
+        let grads = ex.rows(&send, dim, &plan.counts, recv);
         let added = self.grad.accumulate_lookup(&rows, &grads);
         agree(&self.comm, added)
     }
@@ -685,10 +759,11 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     /// [`SparseGrad::accumulate_pooled`] would on the whole table: each
     /// owner routes every bag's gradient to its ids with the bag's
     /// coefficients (sent with the bag, so only one gradient row per
-    /// (bag, owner) moves). For [`Pooling::Max`] the caller first looks the
-    /// bags' rows up to find the winners, then sends each id its lanes.
-    /// Either way every row's sum is taken in the global batch's order, so
-    /// steps stay bit for bit those of one process. Collective.
+    /// (bag, owner) moves, whatever [`PoolOn`] says). For [`Pooling::Max`]
+    /// the caller first looks the bags' rows up to find the winners, then
+    /// sends each id its lanes. Either way every row's sum is taken in the
+    /// global batch's order, so steps stay bit for bit those of one
+    /// process. Collective.
     ///
     /// # Errors
     /// As [`SparseGrad::accumulate_pooled`], on every rank as
@@ -700,7 +775,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         grad_out: &[f32],
     ) -> Result<()> {
         let dim = self.dim();
-        let checked = (|| {
+        let (me, layout) = (self.rank, self.layout);
+        let local = (|| {
             Error::check_len(
                 "pooled gradient length (bags * dim)",
                 bags.len().saturating_mul(dim),
@@ -710,30 +786,45 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             check_max_weights(bags, pooling)?;
             validate_ids(bags.ids(), self.rows())?;
             check_coefficients(bags, pooling)?;
-            check_batch(bags.ids().len(), self.layout.world())
+            check_batch(bags.ids().len(), layout.world())?;
+            Ok(if pooling == Pooling::Max {
+                Err(Plan::new(&layout, bags.ids()))
+            } else {
+                Ok(SubBags::new(&layout, bags, &coefficients(bags, pooling)))
+            })
         })();
-        if pooling == Pooling::Max {
-            let (plan, rows) = self.gather(checked.map(|()| Plan::new(&self.layout, bags.ids())))?;
-            let routed = route_max(&plan, &rows, dim, bags, grad_out);
-            let plan = Plan::new(&self.layout, bags.ids());
-            return self.scatter_grads(Ok(plan), |position| &routed[position * dim..][..dim]);
-        }
-        let local = checked.map(|()| SubBags::new(&self.layout, bags, &coefficients(bags, pooling)));
-        let (sub, received) = self.send_sub_bags(local)?;
+        let (split_bags, header) = split(local, |split| match split {
+            Err(plan) => Outgoing::counts(plan.counts.clone()),
+            Ok(sub) => sub.header(dim, me),
+        });
+        let incoming = begin(&self.comm, Call::BackwardPooled(pooling), header)?;
+        let sub = match split_bags.expect("every rank agreed that its split exists") {
+            Err(plan) => {
+                let rows = self.fetch(&plan, &incoming.a)?;
+                let routed = route_max(&plan, &rows, dim, bags, grad_out);
+                return self.send_grads(&plan, &incoming.a, |position| {
+                    &routed[position * dim..][..dim]
+                });
+            }
+            Ok(sub) => sub,
+        };
+        let received = self.send_sub_bags(&sub, &incoming);
         let mut send = Vec::with_capacity(sub.bag_of.len() * dim);
         for &b in &sub.bag_of {
             send.extend_from_slice(&grad_out[b * dim..][..dim]);
         }
-        let mine: Vec<usize> = sub.counts.iter().map(|c| c.1).collect();
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let grads = ex.rows(&send, dim, &mine, &received.bag_counts);
+        let grads = ex.rows(&send, dim, &sub.bag_counts(), &incoming.b);
         // Each id gets coefficient × its bag's gradient: Sum with the
         // coefficients as weights computes exactly that product.
-        let added = Bags::new(&received.local, &received.offsets, Some(&received.coef))
-            .and_then(|owned| self.grad.accumulate_pooled(&self.shard, &owned, Pooling::Sum, &grads));
+        let added =
+            Bags::new(&received.local, &received.offsets, Some(&received.coef)).and_then(|owned| {
+                self.grad
+                    .accumulate_pooled(&self.shard, &owned, Pooling::Sum, &grads)
+            });
         agree(&self.comm, added)
     }
 
@@ -743,13 +834,15 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     ///
     /// # Errors
     /// [`Error::NonFinite`] if a summed gradient overflowed (`position` is
-    /// `global row * dim + column`); the optimizer's errors. On every rank
-    /// as [`Error::Rank`], and no rank has stepped (the one exception: the
+    /// `global row * dim + column`); [`Error::InvalidConfig`] for an
+    /// optimizer config made invalid on some rank. On every rank as
+    /// [`Error::Rank`], and no rank has stepped (the one exception: the
     /// optimizer state is allocated on the first step, and if that
     /// allocation fails on one rank the others have stepped).
     pub fn step(&mut self) -> Result<()> {
         let dim = self.dim();
-        let checked = self
+        let world = self.layout.world();
+        let overflowed = self
             .grad
             .as_padded()
             .chunks_exact(self.grad.stride().max(1))
@@ -762,9 +855,17 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                     position: global * dim + column,
                     value: row[column],
                 })
-            })
-            .map_or(Ok(()), Err);
-        agree(&self.comm, checked)?;
+            });
+        let checked = match overflowed {
+            Some(err) => Err(err),
+            // The config and the state's shape, checked without writing.
+            None => self.optimizer.catch_up(&mut self.shard, &[]),
+        };
+        begin(
+            &self.comm,
+            Call::Step,
+            checked.map(|()| Outgoing::none(world)),
+        )?;
         let stepped = self.optimizer.step(&mut self.shard, &self.grad);
         if stepped.is_ok() {
             self.grad.clear();
@@ -791,8 +892,16 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     /// [`SparseOptimizer::flush`]). Collective.
     ///
     /// # Errors
-    /// The optimizer's, on every rank as [`Error::Rank`].
+    /// The optimizer's, on every rank as [`Error::Rank`]; no rank has
+    /// written then.
     pub fn flush(&mut self) -> Result<()> {
+        let world = self.layout.world();
+        let checked = self.optimizer.catch_up(&mut self.shard, &[]);
+        begin(
+            &self.comm,
+            Call::Flush,
+            checked.map(|()| Outgoing::none(world)),
+        )?;
         let flushed = self.optimizer.flush(&mut self.shard);
         agree(&self.comm, flushed)
     }
@@ -809,12 +918,11 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     /// [`Error::Rank`].
     pub fn gather_table(&mut self) -> Result<EmbeddingTable> {
         let (dim, world) = (self.dim(), self.layout.world());
-        let local = EmbeddingTable::zeros(self.rows(), dim);
-        let (mut whole, ok) = match local {
-            Ok(t) => (Some(t), Ok(())),
-            Err(e) => (None, Err(e)),
-        };
-        agree(&self.comm, ok)?;
+        let (whole, header) = split(EmbeddingTable::zeros(self.rows(), dim), |_| {
+            Outgoing::none(world)
+        });
+        begin(&self.comm, Call::GatherTable, header)?;
+        let mut whole = whole.expect("every rank allocated");
         let counts: Vec<usize> = (0..world).map(|k| self.layout.shard_rows(k)).collect();
         // Every rank sends its shard to every rank: an all-to-all whose
         // parts are all the same.
@@ -829,31 +937,45 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             traffic: &mut self.traffic,
         };
         let all = ex.rows(&send, dim, &send_counts, &counts);
-        let whole_ref = whole.as_mut().expect("every rank allocated");
         let mut at = 0;
         for (k, &n) in counts.iter().enumerate() {
             for l in 0..n {
-                whole_ref
+                whole
                     .row_mut(self.layout.global(k, l))
                     .copy_from_slice(&all[at * dim..][..dim]);
                 at += 1;
             }
         }
-        Ok(whole.expect("allocated"))
+        Ok(whole)
     }
 
     /// Saves the table and its optimizer state to the directory `dir`
-    /// (created if missing), each rank its own shard file, atomically (see
+    /// (created if missing), each rank its own shard file (see
     /// [`load_sharded_checkpoint`](super::load_sharded_checkpoint) for the
-    /// files). The files of one save share an id, so a directory whose
-    /// save was interrupted between ranks is refused when loaded, never
-    /// mixed. Collective.
+    /// files), in two phases: every rank first writes its file under a
+    /// temporary name; only once every rank has succeeded does each
+    /// rename its file into place. A save that fails on any rank leaves
+    /// the previous checkpoint in `dir` as it was, on every rank. The
+    /// files of one save share an id, so files of different saves are
+    /// refused when loaded, never mixed; shard files of an earlier save by
+    /// another number of ranks are removed once the new save is in place.
+    /// Collective.
     ///
     /// # Errors
-    /// [`Error::Io`] if a directory or file cannot be written;
-    /// checkpoint validation errors; on every rank as [`Error::Rank`].
+    /// [`Error::Io`] if a directory or file cannot be written, on every
+    /// rank as [`Error::Rank`].
     pub fn save(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
+        let world = self.layout.world();
+        let created = std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            context: format!("creating the checkpoint directory {}", dir.display()),
+            source,
+        });
+        begin(
+            &self.comm,
+            Call::Save,
+            created.map(|()| Outgoing::none(world)),
+        )?;
         // One id for the save, from rank 0's clock and process id.
         let mut id = 0u64;
         if self.rank == 0 {
@@ -863,20 +985,34 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             id = nanos ^ (u64::from(std::process::id()) << 40);
         }
         self.comm.process_at_rank(0).broadcast_into(&mut id);
-        let created = std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            context: format!("creating the checkpoint directory {}", dir.display()),
-            source,
-        });
-        agree(&self.comm, created)?;
-        let written = write_shard(
+        let id = format!("{id:016x}");
+        let (staged, outcome) = match stage_shard(
             dir,
             &self.layout,
             self.rank,
-            &format!("{id:016x}"),
+            &id,
             &self.shard,
             &self.optimizer,
-        );
-        agree(&self.comm, written)
+        ) {
+            Ok(path) => (Some(path), Ok(())),
+            Err(err) => (None, Err(err)),
+        };
+        if let Err(err) = agree(&self.comm, outcome) {
+            if let Some(path) = staged {
+                // Best effort: the save failed on another rank, and a
+                // staged file is never loaded anyway.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(err);
+        }
+        let staged = staged.expect("every rank agreed that its file is staged");
+        agree(&self.comm, commit_shard(dir, &staged, self.rank, world))?;
+        let removed = if self.rank == 0 {
+            remove_other_saves(dir, world)
+        } else {
+            Ok(())
+        };
+        agree(&self.comm, removed)
     }
 }
 
