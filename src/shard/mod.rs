@@ -29,6 +29,7 @@
 
 mod checkpoint;
 mod layout;
+mod wire;
 
 #[cfg(feature = "mpi")]
 mod agree;
