@@ -40,7 +40,6 @@ mod metrics;
 #[allow(dead_code)]
 #[path = "recommender/model.rs"]
 mod model;
-#[allow(dead_code)]
 #[path = "recommender/rng.rs"]
 mod rng;
 

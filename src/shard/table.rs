@@ -106,6 +106,9 @@ pub struct ShardedTable<O> {
     grad: SparseGrad,
     pool_on: PoolOn,
     traffic: Traffic,
+    /// Rows about to be sent, and rows received, kept from call to call.
+    send: Vec<f32>,
+    recv: Vec<f32>,
 }
 
 impl<O: std::fmt::Debug> std::fmt::Debug for ShardedTable<O> {
@@ -429,6 +432,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             optimizer,
             pool_on: PoolOn::default(),
             traffic: Traffic::default(),
+            send: Vec::new(),
+            recv: Vec::new(),
         })
     }
 
@@ -521,9 +526,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         let (plan, header) = split(local, |plan| Outgoing::counts(plan.counts.clone()));
         let incoming = begin(&self.comm, Call::Lookup, header)?;
         let plan = plan.expect("every rank agreed that its plan exists");
-        let rows = self.fetch(&plan, &incoming.a)?;
+        self.fetch(&plan, &incoming.a)?;
         for (k, &position) in plan.order.iter().enumerate() {
-            out[position * dim..][..dim].copy_from_slice(&rows[k * dim..][..dim]);
+            out[position * dim..][..dim].copy_from_slice(&self.recv[k * dim..][..dim]);
         }
         Ok(())
     }
@@ -538,31 +543,28 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         Ok(out)
     }
 
-    /// The rows of a plan's ids, in the plan's order: ids to the owners
-    /// (`recv[k]` come from rank `k`), rows back. Agrees on the owners'
-    /// work at the end.
-    fn fetch(&mut self, plan: &Plan, recv: &[usize]) -> Result<Vec<f32>> {
+    /// The rows of a plan's ids, into `self.recv` in the plan's order: ids
+    /// to the owners (`recv[k]` come from rank `k`), rows back. Agrees on
+    /// the owners' work at the end.
+    fn fetch(&mut self, plan: &Plan, recv: &[usize]) -> Result<()> {
         let dim = self.dim();
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
         let wanted: Vec<u64> = ex.items(&plan.local, &plan.counts, recv);
-        let served = (|| {
-            self.catch_up(&wanted)?;
-            self.shard.lookup_vec(&wanted)
-        })();
-        let (rows, served) = match served {
-            Ok(rows) => (rows, Ok(())),
-            Err(err) => (vec![0.0; wanted.len() * dim], Err(err)),
-        };
+        self.send.clear();
+        self.send.resize(wanted.len() * dim, 0.0);
+        // On error nothing is written: zeros go back, and then the error.
+        let served = self
+            .catch_up(&wanted)
+            .and_then(|()| self.shard.lookup(&wanted, &mut self.send));
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let back = ex.rows(&rows, dim, recv, &plan.counts);
-        agree(&self.comm, served)?;
-        Ok(back)
+        ex.rows(&self.send, dim, recv, &plan.counts, &mut self.recv);
+        agree(&self.comm, served)
     }
 
     /// Brings local `rows` current before they are read (DenseExact).
@@ -628,8 +630,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                 // The ids go to the owners in the same order either way,
                 // so the counts of the header serve.
                 let plan = Plan::new(&layout, bags.ids());
-                let rows = self.fetch(&plan, &incoming.a)?;
-                pool_gathered(&plan, &rows, dim, bags, pooling, out)
+                self.fetch(&plan, &incoming.a)?;
+                pool_gathered(&plan, &self.recv, dim, bags, pooling, out)
             }
         }
     }
@@ -645,21 +647,27 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     ) -> Result<()> {
         let dim = self.dim();
         let received = self.send_sub_bags(sub, incoming);
-        let served = (|| {
-            self.catch_up(&received.local)?;
+        self.send.clear();
+        self.send.resize((received.offsets.len() - 1) * dim, 0.0);
+        // On error nothing is written: zeros go back, and then the error.
+        let served = self.catch_up(&received.local).and_then(|()| {
             let owned = Bags::new(&received.local, &received.offsets, Some(&received.coef))?;
-            self.shard.pooled_lookup_vec(&owned, Pooling::Sum)
-        })();
-        let (partial, served) = match served {
-            Ok(rows) => (rows, Ok(())),
-            Err(err) => (vec![0.0; (received.offsets.len() - 1) * dim], Err(err)),
-        };
+            self.shard
+                .pooled_lookup(&owned, Pooling::Sum, &mut self.send)
+        });
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let back = ex.rows(&partial, dim, &incoming.b, &sub.bag_counts());
+        ex.rows(
+            &self.send,
+            dim,
+            &incoming.b,
+            &sub.bag_counts(),
+            &mut self.recv,
+        );
         agree(&self.comm, served)?;
+        let back = &self.recv;
         // The sub-bags arrive grouped by owner, owners in rank order, so
         // each bag's parts are added in rank order.
         out.fill(0.0);
@@ -740,17 +748,17 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         row_of: impl Fn(usize) -> &'g [f32],
     ) -> Result<()> {
         let dim = self.dim();
-        let mut send = Vec::with_capacity(plan.order.len() * dim);
+        self.send.clear();
         for &position in &plan.order {
-            send.extend_from_slice(row_of(position));
+            self.send.extend_from_slice(row_of(position));
         }
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
         let rows = ex.items(&plan.local, &plan.counts, recv);
-        let grads = ex.rows(&send, dim, &plan.counts, recv);
-        let added = self.grad.accumulate_lookup(&rows, &grads);
+        ex.rows(&self.send, dim, &plan.counts, recv, &mut self.recv);
+        let added = self.grad.accumulate_lookup(&rows, &self.recv);
         agree(&self.comm, added)
     }
 
@@ -800,8 +808,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         let incoming = begin(&self.comm, Call::BackwardPooled(pooling), header)?;
         let sub = match split_bags.expect("every rank agreed that its split exists") {
             Err(plan) => {
-                let rows = self.fetch(&plan, &incoming.a)?;
-                let routed = route_max(&plan, &rows, dim, bags, grad_out);
+                self.fetch(&plan, &incoming.a)?;
+                let routed = route_max(&plan, &self.recv, dim, bags, grad_out);
                 return self.send_grads(&plan, &incoming.a, |position| {
                     &routed[position * dim..][..dim]
                 });
@@ -809,22 +817,28 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             Ok(sub) => sub,
         };
         let received = self.send_sub_bags(&sub, &incoming);
-        let mut send = Vec::with_capacity(sub.bag_of.len() * dim);
+        self.send.clear();
         for &b in &sub.bag_of {
-            send.extend_from_slice(&grad_out[b * dim..][..dim]);
+            self.send.extend_from_slice(&grad_out[b * dim..][..dim]);
         }
         let mut ex = Exchange {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let grads = ex.rows(&send, dim, &sub.bag_counts(), &incoming.b);
+        ex.rows(
+            &self.send,
+            dim,
+            &sub.bag_counts(),
+            &incoming.b,
+            &mut self.recv,
+        );
         // Each id gets coefficient × its bag's gradient: Sum with the
         // coefficients as weights computes exactly that product.
-        let added =
-            Bags::new(&received.local, &received.offsets, Some(&received.coef)).and_then(|owned| {
-                self.grad
-                    .accumulate_pooled(&self.shard, &owned, Pooling::Sum, &grads)
-            });
+        let owned = Bags::new(&received.local, &received.offsets, Some(&received.coef));
+        let added = owned.and_then(|owned| {
+            let (grad, shard) = (&mut self.grad, &self.shard);
+            grad.accumulate_pooled(shard, &owned, Pooling::Sum, &self.recv)
+        });
         agree(&self.comm, added)
     }
 
@@ -936,7 +950,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
             comm: &self.comm,
             traffic: &mut self.traffic,
         };
-        let all = ex.rows(&send, dim, &send_counts, &counts);
+        let mut all = Vec::new();
+        ex.rows(&send, dim, &send_counts, &counts, &mut all);
         let mut at = 0;
         for (k, &n) in counts.iter().enumerate() {
             for l in 0..n {
