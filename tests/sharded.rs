@@ -51,6 +51,10 @@ fn main() {
             ten_steps_of_every_optimizer_are_bitwise,
         ),
         (
+            "step_lookup_equals_backward_then_step",
+            step_lookup_equals_backward_then_step,
+        ),
+        (
             "errors_reach_every_rank_and_write_nothing",
             errors_reach_every_rank_and_write_nothing,
         ),
@@ -694,6 +698,81 @@ fn ten_steps_of_every_optimizer_are_bitwise(world: &SimpleCommunicator) -> Resul
             ctx("flush", sharded.flush())?;
             reference.opt.flush(&mut reference.table).unwrap();
             compare(&format!("{what} flushed"), &mut sharded, &reference)?;
+        }
+    }
+    Ok(())
+}
+
+/// `step_lookup` (fused on the owners when it can be) against one process
+/// accumulating the global batch and stepping: the fused path, the path
+/// taken when a gradient is pending, and the one taken when the sums
+/// cannot be proven finite (SGD: every row once per rank, gradients up
+/// to 1e37: at least 37 × 1e37 in all, beyond `f32::MAX`, though each
+/// row's sum stays finite), all bit for bit.
+fn step_lookup_equals_backward_then_step(world: &SimpleCommunicator) -> Result<(), String> {
+    let (rank, size) = my(world);
+    for (name, make) in optimizers() {
+        for sharding in [Sharding::Range, Sharding::Modulo] {
+            let init = Init::Uniform {
+                low: -0.5,
+                high: 0.5,
+            };
+            let mut sharded = ctx(
+                "new",
+                ShardedTable::new(world, ROWS, DIM, sharding, init, 22, make()),
+            )?;
+            let mut reference = Reference {
+                table: EmbeddingTable::new(ROWS, DIM, init, 22).unwrap(),
+                opt: make(),
+                grad: SparseGrad::new(DIM),
+            };
+            for step in 0..6u64 {
+                let what = format!("{name} {sharding:?} step {step}");
+                // Only plain SGD takes gradients this large without its
+                // state overflowing.
+                let huge = step == 4 && name == "sgd keras";
+                let scale = if huge { 1e37 } else { 1.0 };
+                let ids_at = |k: usize| -> Vec<i64> {
+                    if huge {
+                        (0..ROWS as i64).collect()
+                    } else {
+                        ids_of(k, step, 8)
+                    }
+                };
+                let grad_of = |k: usize, n: usize| -> Vec<f32> {
+                    values(n * DIM, 3000 + step * 7 + k as u64)
+                        .into_iter()
+                        .map(|x| x * scale)
+                        .collect()
+                };
+                if step == 3 {
+                    // A pending gradient: the owners accumulate, then step.
+                    let ids = ids_of(rank, step, 9);
+                    ctx(
+                        "backward",
+                        sharded.backward(&ids, &grad_of(rank, ids.len())),
+                    )?;
+                    let global_ids = global(size, |k| ids_of(k, step, 9));
+                    let global_grad = global(size, |k| grad_of(k, ids_of(k, step, 9).len()));
+                    reference
+                        .grad
+                        .accumulate_lookup(&global_ids, &global_grad)
+                        .unwrap();
+                }
+                let ids = ids_at(rank);
+                ctx(&what, sharded.step_lookup(&ids, &grad_of(rank, ids.len())))?;
+                let global_ids = global(size, ids_at);
+                let global_grad = global(size, |k| grad_of(k, ids_at(k).len()));
+                let Reference { table, opt, grad } = &mut reference;
+                grad.accumulate_lookup(&global_ids, &global_grad).unwrap();
+                opt.step(table, grad).unwrap();
+                grad.clear();
+                ensure!(
+                    sharded.grad().is_empty(),
+                    "{what}: a gradient is left pending"
+                );
+                compare(&what, &mut sharded, &reference)?;
+            }
         }
     }
     Ok(())

@@ -28,6 +28,13 @@ pub(crate) fn agree(comm: &SimpleCommunicator, local: Result<()>) -> Result<()> 
     Err(share_error(comm, first as usize, local.err()))
 }
 
+/// Whether `mine` holds on every rank. Collective.
+pub(crate) fn all(comm: &SimpleCommunicator, mine: bool) -> bool {
+    let mut every = 0i32;
+    comm.all_reduce_into(&i32::from(mine), &mut every, SystemOperation::min());
+    every == 1
+}
+
 /// The collective call a rank is making, sent in the header of every call
 /// so that ranks making different calls (another method, another pooling,
 /// another `PoolOn`, another sharding) all fail with an error naming the
@@ -46,6 +53,8 @@ pub(crate) enum Call {
     BackwardPooled(Pooling),
     /// An optimizer step.
     Step,
+    /// A lookup's gradient and a step in one.
+    StepLookup,
     /// Bringing every row current.
     Flush,
     /// Gathering the whole table.
@@ -66,6 +75,7 @@ impl Call {
             Call::Lookup,
             Call::Backward,
             Call::Step,
+            Call::StepLookup,
             Call::Flush,
             Call::GatherTable,
             Call::Save,

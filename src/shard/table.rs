@@ -7,7 +7,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use rayon::prelude::*;
 
-use super::agree::{Call, Incoming, Outgoing, agree, begin};
+use super::agree::{Call, Incoming, Outgoing, agree, all, begin};
 use super::checkpoint::{commit_shard, read_shard, remove_other_saves, stage_shard};
 use super::exchange::{Exchange, Traffic, check_batch};
 use super::{ShardLayout, Sharding};
@@ -747,6 +747,20 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         recv: &[usize],
         row_of: impl Fn(usize) -> &'g [f32],
     ) -> Result<()> {
+        let rows = self.send_rows(plan, recv, row_of);
+        let added = self.grad.accumulate_lookup(&rows, &self.recv);
+        agree(&self.comm, added)
+    }
+
+    /// Sends one row per id of a plan (`row_of(position)`) with the id to
+    /// its owner (`recv[k]` come from rank `k`): returns the local rows of
+    /// the ids received, whose rows are in `self.recv`, in rank order.
+    fn send_rows<'g>(
+        &mut self,
+        plan: &Plan,
+        recv: &[usize],
+        row_of: impl Fn(usize) -> &'g [f32],
+    ) -> Vec<u64> {
         let dim = self.dim();
         self.send.clear();
         for &position in &plan.order {
@@ -758,8 +772,7 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         };
         let rows = ex.items(&plan.local, &plan.counts, recv);
         ex.rows(&self.send, dim, &plan.counts, recv, &mut self.recv);
-        let added = self.grad.accumulate_lookup(&rows, &self.recv);
-        agree(&self.comm, added)
+        rows
     }
 
     /// Adds the gradient of [`pooled_lookup`](Self::pooled_lookup) given
@@ -856,20 +869,25 @@ impl<O: SparseOptimizer> ShardedTable<O> {
     pub fn step(&mut self) -> Result<()> {
         let dim = self.dim();
         let world = self.layout.world();
-        let overflowed = self
-            .grad
-            .as_padded()
-            .chunks_exact(self.grad.stride().max(1))
-            .enumerate()
-            .find_map(|(slot, row)| {
-                let column = row[..dim].iter().position(|x| !x.is_finite())?;
-                let global = self.layout.global(self.rank, self.grad.rows()[slot]);
-                Some(Error::NonFinite {
-                    what: "summed gradient (position: row * dim + column; a sum of finite gradients overflowed)",
-                    position: global * dim + column,
-                    value: row[column],
+        // A sum of finite gradients may overflow: looked for unless the
+        // gradient's own bound proves every sum finite.
+        let overflowed = if self.grad.is_proven_finite() {
+            None
+        } else {
+            self.grad
+                .as_padded()
+                .chunks_exact(self.grad.stride().max(1))
+                .enumerate()
+                .find_map(|(slot, row)| {
+                    let column = row[..dim].iter().position(|x| !x.is_finite())?;
+                    let global = self.layout.global(self.rank, self.grad.rows()[slot]);
+                    Some(Error::NonFinite {
+                        what: "summed gradient (position: row * dim + column; a sum of finite gradients overflowed)",
+                        position: global * dim + column,
+                        value: row[column],
+                    })
                 })
-            });
+        };
         let checked = match overflowed {
             Some(err) => Err(err),
             // The config and the state's shape, checked without writing.
@@ -887,12 +905,61 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         agree(&self.comm, stepped)
     }
 
-    /// [`backward`](Self::backward) then [`step`](Self::step).
+    /// [`backward`](Self::backward) then [`step`](Self::step), bit for
+    /// bit, in one call: the fastest way to train a table whose gradient
+    /// comes from one lookup per step. When no gradient is pending and the
+    /// sums are provably finite (the ranks send the largest magnitude of
+    /// their gradients in the call's first all-to-all), each owner applies
+    /// [`SparseOptimizer::step_lookup`] to what it receives, which sums and
+    /// updates each row in one pass; otherwise the owners accumulate and
+    /// step as the two calls would. Collective.
     ///
     /// # Errors
-    /// As those two; on error nothing is written anywhere.
+    /// As those two; on every rank as [`Error::Rank`], and nothing is
+    /// written anywhere then.
     pub fn step_lookup<I: Index>(&mut self, ids: &[I], grad_out: &[f32]) -> Result<()> {
-        self.backward(ids, grad_out)?;
+        let (dim, world) = (self.dim(), self.layout.world());
+        let local = (|| {
+            Error::check_len(
+                "gradient length (ids * dim)",
+                ids.len().saturating_mul(dim),
+                grad_out.len(),
+            )?;
+            let max_abs = crate::grad::max_abs_finite("gradient", grad_out)?;
+            validate_ids(ids, self.rows())?;
+            check_batch(ids.len(), world)?;
+            // The config and the state's shape, checked without writing.
+            self.optimizer.catch_up(&mut self.shard, &[])?;
+            Ok((Plan::new(&self.layout, ids), max_abs))
+        })();
+        let (parts, header) = split(local, |(plan, max_abs)| Outgoing {
+            a: plan.counts.clone(),
+            b: vec![max_abs.to_bits() as usize; world],
+            vote: 0,
+        });
+        let incoming = begin(&self.comm, Call::StepLookup, header)?;
+        let (plan, _) = parts.expect("every rank agreed that its plan exists");
+        let rows = self.send_rows(&plan, &incoming.a, |position| {
+            &grad_out[position * dim..][..dim]
+        });
+        // Every sum this owner takes has at most `terms` terms of at most
+        // the senders' largest magnitudes.
+        let magnitude: f64 = incoming
+            .a
+            .iter()
+            .zip(&incoming.b)
+            .map(|(&n, &bits)| n as f64 * f64::from(f32::from_bits(bits as u32)))
+            .sum();
+        let terms = incoming.a.iter().sum::<usize>() as u64;
+        let fusable = self.grad.is_empty() && crate::grad::sums_proven_finite(magnitude, terms);
+        if all(&self.comm, fusable) {
+            let stepped = self
+                .optimizer
+                .step_lookup(&mut self.shard, &rows, &self.recv);
+            return agree(&self.comm, stepped);
+        }
+        let added = self.grad.accumulate_lookup(&rows, &self.recv);
+        agree(&self.comm, added)?;
         self.step()
     }
 
