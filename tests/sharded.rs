@@ -355,7 +355,7 @@ fn pooled_lookups_equal_one_process(world: &SimpleCommunicator) -> Result<(), St
                         auto_bytes == owner_bytes.min(caller_bytes),
                         "{what}: auto moved {auto_bytes} bytes, owners {owner_bytes}, caller {caller_bytes}"
                     );
-                    let auto_is = if owner_bytes < caller_bytes {
+                    let auto_is = if owner_bytes <= caller_bytes {
                         &owner_got
                     } else {
                         &want

@@ -26,9 +26,11 @@ use crate::{
 pub enum PoolOn {
     /// Per call, whichever of the two below moves fewer bytes between
     /// ranks, counted over all ranks (the ranks add up their counts in the
-    /// all-to-all that starts every call, so they all choose alike). Bags
-    /// of several ids pool on the owners; bags of one id, or one process,
-    /// pool on the caller.
+    /// all-to-all that starts every call, so they all choose alike), the
+    /// owners on a tie. Bags of several ids pool on the owners, bags of one
+    /// id on the caller; on one rank, where nothing moves, the owner is the
+    /// caller and pools as [`EmbeddingTable::pooled_lookup`] does, bit for
+    /// bit.
     #[default]
     Auto,
     /// Each owner pools its part of every bag and sends back one row per
@@ -620,7 +622,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
         let incoming = begin(&self.comm, Call::Pooled(pooling, self.pool_on), header)?;
         let owners_pool = match self.pool_on {
             _ if on_caller => false,
-            PoolOn::Auto => incoming.sum < 0,
+            // A tie (one rank: nothing leaves the process either way)
+            // pools on the owner, which reads each row once, in place.
+            PoolOn::Auto => incoming.sum <= 0,
             PoolOn::Owner => true,
             PoolOn::Caller => false,
         };
@@ -1099,8 +1103,8 @@ impl<O: SparseOptimizer> ShardedTable<O> {
 }
 
 /// Pools bags from their rows gathered in `plan`'s order, on the caller,
-/// with [`EmbeddingTable::pooled_lookup`] itself: the rows, put back in
-/// position order, become a table whose row `j` is position `j`'s row.
+/// with [`EmbeddingTable::pooled_lookup`] itself: the rows become a table,
+/// and each position of a bag reads the row that arrived for it.
 fn pool_gathered<I: Index>(
     plan: &Plan,
     rows: &[f32],
@@ -1114,13 +1118,13 @@ fn pool_gathered<I: Index>(
         out.fill(0.0); // only empty bags
         return Ok(());
     }
-    let mut by_position = vec![0.0; n * dim];
+    // The rows as they arrived form a table; position `j` reads its slot.
+    let table = EmbeddingTable::from_rows(n, dim, &rows[..n * dim])?;
+    let mut slot_of = vec![0u64; n];
     for (k, &position) in plan.order.iter().enumerate() {
-        by_position[position * dim..][..dim].copy_from_slice(&rows[k * dim..][..dim]);
+        slot_of[position] = k as u64;
     }
-    let table = EmbeddingTable::from_rows(n, dim, &by_position)?;
-    let positions: Vec<u64> = (0..n as u64).collect();
-    let local = Bags::new(&positions, bags.offsets(), bags.weights())?;
+    let local = Bags::new(&slot_of, bags.offsets(), bags.weights())?;
     table.pooled_lookup(&local, pooling, out)
 }
 
