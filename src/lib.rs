@@ -116,6 +116,7 @@ pub mod shard;
 mod similar;
 mod table;
 mod tensor;
+mod weight_grad;
 pub mod workloads;
 
 pub use aligned::AlignedBuf;
