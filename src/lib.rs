@@ -23,6 +23,9 @@
 //! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
 //!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
 //!   safetensors, and checkpoints that include the optimizer state.
+//! * [`shard`]: one table split row-wise over the ranks of an MPI job
+//!   (feature `mpi`), equal bit for bit to one process on the ranks'
+//!   batches together, with checkpoints that load on any number of ranks.
 //!
 //! Everything is proven equal to the dense formulation, a one-hot matrix
 //! times the table, by property tests over random shapes, for every kernel
@@ -111,6 +114,7 @@ mod layer;
 pub mod optim;
 mod parallel;
 pub mod pool;
+pub mod shard;
 mod similar;
 mod table;
 mod tensor;
