@@ -837,6 +837,29 @@ impl SparseOptimizer for Frozen {
         }
         Ok(())
     }
+
+    /// 0: nothing is learned.
+    fn lr(&self) -> f32 {
+        0.0
+    }
+
+    /// Refused (field `optimizer`): there is no rate to set.
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        Err(Error::InvalidConfig {
+            field: "optimizer",
+            reason: format!(
+                "Frozen has no learning rate to set to {lr}; give the layer an optimizer with \
+                 Embedding::unfreeze"
+            ),
+        })
+    }
+
+    /// Ignored: a frozen layer takes no steps.
+    fn set_schedule(&mut self, _schedule: Option<std::sync::Arc<dyn crate::optim::LrSchedule>>) {}
+
+    fn steps(&self) -> u64 {
+        0
+    }
 }
 
 impl Frozen {

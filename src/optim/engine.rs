@@ -72,8 +72,9 @@ pub(crate) struct StateSpec {
     pub(crate) name: &'static str,
     /// Every real lane starts at this value.
     pub(crate) init: f32,
-    /// No update makes a value smaller (an accumulator never goes below its
-    /// start, a second moment below 0); a saved state below it is refused.
+    /// The least value a state may hold (0 for accumulators and second
+    /// moments, whose roots the updates take); a saved state below it is
+    /// refused.
     pub(crate) min: f32,
 }
 

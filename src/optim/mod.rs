@@ -96,8 +96,8 @@
 //! make slightly negative, is clamped at 0 (where Keras and PyTorch take a
 //! NaN root). Every state a step produces can therefore be saved and
 //! loaded back bit for bit; [`SparseOptimizer::load_state`] refuses values
-//! no step produces (non-finite ones, an accumulator below its start, a
-//! negative second moment). Step counters stop at `i64::MAX`, what a
+//! no step produces and an update could not take (non-finite ones, a
+//! negative accumulator or second moment). Step counters stop at `i64::MAX`, what a
 //! checkpoint stores: the next step is refused.
 //!
 //! # State layout
@@ -134,7 +134,7 @@
 //!    checkpoint encoding and the import are made from), `check`, `lr_mut`,
 //!    `semantics`, and `rule()`.
 //! 4. The rule: `impl Rule` with its state arrays (name, start, least
-//!    value), `missed()` (`Nothing`, `Linear` with `zero_grad_map`, or
+//!    value a saved state may hold), `missed()` (`Nothing`, `Linear` with `zero_grad_map`, or
 //!    `Replay`), `step(t, lr)` for the scalars
 //!    of step `t`, and `update`, the maths of one lane written once over
 //!    [`Simd`](crate::kernels::Simd) inside `map_vectors`, every stored
