@@ -391,6 +391,66 @@ impl<O: SparseOptimizer> Embedding<O> {
         Tensor::new(self.mask(ids.as_slice()), ids.shape()).expect("one mask value per id")
     }
 
+    /// Saves the whole layer to `path`: the table, the optimizer's state and
+    /// config, and the options, as a [`Checkpoint`](crate::io::Checkpoint)
+    /// holding one layer named `embedding`. [`load`](Self::load) gives it
+    /// back; training then resumes bit for bit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `grad`) if a gradient is pending (it
+    /// would be lost: [`step`](Self::step) or [`clear_grad`](Self::clear_grad)
+    /// first); the errors of [`Checkpoint::save`](crate::io::Checkpoint::save).
+    /// `path` is unchanged on error.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Adagrad, Embedding, EmbeddingOptions, EmbeddingTable, Init};
+    /// let table = EmbeddingTable::new(50, 4, Init::default(), 3)?;
+    /// let options = EmbeddingOptions { padding_idx: Some(0), max_norm: Some(1.0), ..Default::default() };
+    /// let mut layer = Embedding::with_options(table, Adagrad::default(), options)?;
+    /// layer.backward(&[7u32], &[0.5; 4])?;
+    /// layer.step()?;
+    /// let path = std::env::temp_dir().join("embtable-doc-layer-save.safetensors");
+    /// layer.save(&path)?;
+    /// let loaded = Embedding::load(&path, Adagrad::default())?;
+    /// assert_eq!(loaded.table(), layer.table());
+    /// assert_eq!(loaded.options(), layer.options());
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::io::Checkpoint::new()
+            .with_layer("embedding", self)?
+            .save(path)
+    }
+
+    /// Loads a layer saved by [`save`](Self::save) (or a checkpoint of one
+    /// table), with `optimizer` taking the saved optimizer state and
+    /// config: a fresh optimizer of the saved kind will do ([`Frozen`] for
+    /// a frozen layer built without one).
+    ///
+    /// # Errors
+    /// The errors of [`Checkpoint::load`](crate::io::Checkpoint::load);
+    /// [`Error::InvalidConfig`] (field `name`) if the file holds several
+    /// tables (load it with `Checkpoint::load` and
+    /// [`restore_layer`](crate::io::Checkpoint::restore_layer) each);
+    /// (field `kind`) if `optimizer` is not of the saved kind.
+    pub fn load(path: impl AsRef<std::path::Path>, optimizer: O) -> Result<Self> {
+        let mut ckpt = crate::io::Checkpoint::load(path)?;
+        let names: Vec<String> = ckpt.names().map(str::to_owned).collect();
+        match names.as_slice() {
+            [name] => ckpt.restore_layer(name, optimizer),
+            _ => Err(Error::InvalidConfig {
+                field: "name",
+                reason: format!(
+                    "the checkpoint holds {} tables {names:?}, not one; use \
+                     Checkpoint::load and restore_layer each by name",
+                    names.len()
+                ),
+            }),
+        }
+    }
+
     /// Keras' `mask_zero`: `true` where the id is not 0.
     ///
     /// A mask for downstream layers (RNNs, attention, pooling); it does not
@@ -591,17 +651,24 @@ impl<O: SparseOptimizer> Embedding<O> {
     /// Sets row `p` and its optimizer state to zero, every row current
     /// first, so that no later catch-up moves it (a zero-gradient step maps
     /// an all-zero row and state to zero).
+    ///
+    /// Only an optimizer whose rows can lag (`Semantics::DenseExact`) moves
+    /// a row it is not given a gradient for, so only its state is zeroed;
+    /// other optimizers' state (an Adagrad accumulator) is left as it is, so
+    /// the row trains as before if it stops being padding. (FTRL's zeroed
+    /// accumulators give a zero weight: its formula sets a lane whose `z`
+    /// is within the L1 strength, here 0, to exactly 0.)
     fn zero_row_and_state(&mut self, p: usize) -> Result<()> {
-        if self.options.trainable && self.optimizer.has_lagging_rows() {
+        if self.optimizer.has_lagging_rows() {
             self.optimizer.flush(&mut self.table)?;
-        }
-        let mut state = self.optimizer.state();
-        if let Some((_, dim)) = state.shape {
-            for array in &mut state.arrays {
-                let width = if array.shape.len() == 2 { dim } else { 1 };
-                array.values[p * width..][..width].fill(0.0);
+            let mut state = self.optimizer.state();
+            if let Some((_, dim)) = state.shape {
+                for array in &mut state.arrays {
+                    let width = if array.shape.len() == 2 { dim } else { 1 };
+                    array.values[p * width..][..width].fill(0.0);
+                }
+                self.optimizer.load_state(state)?;
             }
-            self.optimizer.load_state(state)?;
         }
         self.table.row_mut(p).fill(0.0);
         Ok(())
@@ -749,7 +816,7 @@ impl<O: SparseOptimizer> Embedding<O> {
 }
 
 /// `Err` unless `options` suit a table of `rows` rows.
-fn check_options(options: &EmbeddingOptions, rows: usize) -> Result<()> {
+pub(crate) fn check_options(options: &EmbeddingOptions, rows: usize) -> Result<()> {
     if let Some(p) = options.padding_idx.filter(|&p| p >= rows) {
         return Err(Error::InvalidConfig {
             field: "padding_idx",
@@ -811,6 +878,30 @@ impl SparseOptimizer for Frozen {
         Ok(())
     }
 
+    /// 0: a frozen layer applies no rate.
+    fn lr(&self) -> f32 {
+        0.0
+    }
+
+    /// Always an [`Error::InvalidConfig`] (field `lr`): there is no rate to
+    /// set until the layer is unfrozen with an optimizer.
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        Err(Error::InvalidConfig {
+            field: "lr",
+            reason: format!(
+                "cannot set {lr} on Frozen, which never steps; give the layer an optimizer \
+                 with Embedding::unfreeze"
+            ),
+        })
+    }
+
+    /// Ignored: a frozen layer never steps.
+    fn set_schedule(&mut self, _schedule: Option<std::sync::Arc<dyn crate::optim::LrSchedule>>) {}
+
+    fn steps(&self) -> u64 {
+        0
+    }
+
     fn state(&self) -> OptimizerState {
         OptimizerState {
             kind: Frozen::KIND.into(),
@@ -836,29 +927,6 @@ impl SparseOptimizer for Frozen {
             });
         }
         Ok(())
-    }
-
-    /// 0: nothing is learned.
-    fn lr(&self) -> f32 {
-        0.0
-    }
-
-    /// Refused (field `optimizer`): there is no rate to set.
-    fn set_lr(&mut self, lr: f32) -> Result<()> {
-        Err(Error::InvalidConfig {
-            field: "optimizer",
-            reason: format!(
-                "Frozen has no learning rate to set to {lr}; give the layer an optimizer with \
-                 Embedding::unfreeze"
-            ),
-        })
-    }
-
-    /// Ignored: a frozen layer takes no steps.
-    fn set_schedule(&mut self, _schedule: Option<std::sync::Arc<dyn crate::optim::LrSchedule>>) {}
-
-    fn steps(&self) -> u64 {
-        0
     }
 }
 

@@ -203,6 +203,61 @@ fn a_row_made_padding_stays_zero_under_dense_exact_momentum() {
     assert_bits_eq(layer.table().row(2), &[0.0; 3], "padding row after flush");
 }
 
+/// Every optimizer whose rows lag: the row made padding stays exactly zero
+/// through later steps and the catch-up (FTRL recomputes a row from its
+/// accumulators, so its padding state must be the state that gives 0).
+#[test]
+fn a_row_made_padding_stays_zero_under_every_lagging_optimizer() {
+    use embtable::{
+        Adam, AdamConfig, AdamW, AdamWConfig, Ftrl, FtrlConfig, RmsProp, RmsPropConfig,
+        SparseOptimizer,
+    };
+    let optimizers: Vec<(&str, Box<dyn SparseOptimizer>)> = vec![
+        ("adam", Box::new(Adam::new(AdamConfig::keras()))),
+        ("adamw", Box::new(AdamW::new(AdamWConfig::keras()))),
+        (
+            "rmsprop",
+            Box::new(RmsProp::new(RmsPropConfig {
+                momentum: 0.9,
+                centered: true,
+                ..RmsPropConfig::keras()
+            })),
+        ),
+        ("ftrl", Box::new(Ftrl::new(FtrlConfig::keras()))),
+        (
+            "ftrl shrinkage",
+            Box::new(Ftrl::new(FtrlConfig {
+                l2_shrinkage_regularization_strength: 0.1,
+                l1_regularization_strength: 0.01,
+                ..FtrlConfig::keras()
+            })),
+        ),
+    ];
+    for (name, optimizer) in optimizers {
+        let mut layer = Embedding::new(table(6, 3), optimizer);
+        layer.backward(&[2u32, 4], &[1.0; 6]).unwrap();
+        layer.step().unwrap();
+        layer.backward(&[4u32], &[1.0; 3]).unwrap();
+        layer.step().unwrap(); // row 2 has state and lags one step
+        layer
+            .set_options(EmbeddingOptions {
+                padding_idx: Some(2),
+                ..Default::default()
+            })
+            .unwrap();
+        for _ in 0..3 {
+            layer.backward(&[4u32, 2], &[1.0; 6]).unwrap();
+            layer.step().unwrap();
+        }
+        layer.flush().unwrap();
+        assert_bits_eq(layer.table().row(2), &[0.0; 3], name);
+        assert!(
+            layer.table().to_vec().iter().all(|x| x.is_finite()),
+            "{name}"
+        );
+    }
+}
+
 // ------------------------------------------------- a layer without optimizer
 
 #[test]
@@ -614,4 +669,103 @@ fn a_three_d_batch_and_an_error_at_a_flat_position() {
         ),
         "{err}"
     );
+}
+
+// ------------------------------------------------------- layer checkpoints
+
+#[test]
+fn a_saved_layer_resumes_bit_for_bit_with_its_options() {
+    let dir = Scratch::new("porting-layer-ckpt");
+    let path = dir.path("layer.safetensors");
+    let options = EmbeddingOptions {
+        padding_idx: Some(0),
+        out_of_range: embtable::OutOfRange::DefaultRow(9),
+        max_norm: Some(0.7),
+        max_norm_at: MaxNormAt::Lookup,
+        ..Default::default()
+    };
+    let config = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        semantics: Semantics::DenseExact,
+        ..Default::default()
+    };
+    let mut layer = Embedding::with_options(table(12, 5), Sgd::new(config), options).unwrap();
+    let batches: Vec<Vec<i64>> = (0..8)
+        .map(|s| vec![s % 12, (s * 5 + 3) % 12, 40, 0])
+        .collect();
+    let train = |layer: &mut Embedding<Sgd>, ids: &[i64]| {
+        let out = layer.forward(ids).unwrap();
+        layer.backward(ids, &out).unwrap();
+        layer.step().unwrap();
+    };
+    for ids in &batches[..4] {
+        train(&mut layer, ids);
+    }
+    // A pending gradient is refused, and the file is not written.
+    layer.backward(&batches[4], &[0.1; 20]).unwrap();
+    let err = layer.save(&path).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidConfig { field: "grad", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("gradient for 3 rows"), "{err}");
+    assert!(!path.exists());
+    layer.clear_grad();
+    layer.save(&path).unwrap();
+
+    let mut resumed = Embedding::load(&path, Sgd::default()).unwrap();
+    assert_eq!(resumed.options(), layer.options());
+    assert_eq!(resumed.optimizer().config(), layer.optimizer().config());
+    for ids in &batches[4..] {
+        train(&mut layer, ids);
+        train(&mut resumed, ids);
+    }
+    layer.flush().unwrap();
+    resumed.flush().unwrap();
+    assert_bits_eq(
+        &resumed.table().to_vec(),
+        &layer.table().to_vec(),
+        "resumed table",
+    );
+    assert_eq!(resumed.optimizer().state(), layer.optimizer().state());
+
+    // The wrong optimizer kind is named.
+    let err = Embedding::load(&path, Adagrad::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidConfig { field: "kind", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_frozen_layer_round_trips_and_two_layers_share_a_file() {
+    let dir = Scratch::new("porting-layer-ckpt2");
+    let path = dir.path("model.safetensors");
+    let words = Embedding::from_pretrained(table(6, 3), Some(0)).unwrap();
+    let mut users = Embedding::new(table(4, 3), Adagrad::default());
+    users.backward(&[1u32], &[1.0; 3]).unwrap();
+    users.step().unwrap();
+    io::Checkpoint::new()
+        .with_layer("words", &words)
+        .unwrap()
+        .with_layer("users", &users)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    let mut ckpt = io::Checkpoint::load(&path).unwrap();
+    let words2 = ckpt.restore_layer("words", Frozen).unwrap();
+    assert_eq!(words2.table(), words.table());
+    assert!(!words2.options().trainable);
+    assert_eq!(words2.options().padding_idx, Some(0));
+    let users2 = ckpt.restore_layer("users", Adagrad::default()).unwrap();
+    assert_eq!(users2.optimizer().state(), users.optimizer().state());
+    // Fine-tune the frozen one after loading.
+    let mut words3 = words2.unfreeze(Sgd::default());
+    words3.backward(&[2u32], &[1.0; 3]).unwrap();
+    words3.step().unwrap();
+    assert_ne!(words3.table().row(2), words.table().row(2));
+    // Embedding::load wants a file of one layer.
+    let err = Embedding::load(&path, Frozen).unwrap_err();
+    assert!(err.to_string().contains("restore_layer"), "{err}");
 }

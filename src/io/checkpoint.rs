@@ -30,6 +30,7 @@
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
 //! | `{name}.optim.lr_history` | `until:lr` pairs, comma-separated, the rate as the shortest decimal that parses back to the same `f32`: the earlier learning rates rows that lag will catch up with ([`OptimizerState::lr_history`]); absent when there are none |
+//! | `{name}.layer` | for a layer saved with [`Checkpoint::with_layer`] or [`Embedding::save`](crate::Embedding::save): its options, `padding_idx=none,out_of_range=error,trainable=1,max_norm=none,max_norm_at=step` (`padding_idx` a row or `none`; `out_of_range` one of `error`, `zero`, `modulo`, `default_row:R`; `max_norm` a number or `none`; `max_norm_at` `step` or `lookup`) |
 //! | `user:{key}` | a value given to [`Checkpoint::with_metadata`] (the `:` keeps these apart from table keys) |
 //!
 //! Weights and state values are stored bit for bit (NaN payloads
@@ -86,8 +87,9 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{format_error, read_error, write_atomic};
+use crate::layer::check_options;
 use crate::optim::{OptimizerState, SparseOptimizer, StateArray};
-use crate::{EmbeddingTable, Error, Result};
+use crate::{Embedding, EmbeddingOptions, EmbeddingTable, Error, MaxNormAt, OutOfRange, Result};
 
 /// `embtable.format` of a checkpoint.
 const FORMAT: &str = "embtable-checkpoint";
@@ -98,6 +100,8 @@ const KEY_VERSION: &str = "embtable.version";
 const KEY_TABLES: &str = "embtable.tables";
 /// The table name [`save_checkpoint`] uses.
 const DEFAULT_NAME: &str = "embedding";
+/// The metadata key, after `{name}.`, of a layer's options.
+const LAYER_KEY: &str = "layer";
 /// Values converted per write while saving.
 const CHUNK: usize = 1 << 14;
 
@@ -171,6 +175,8 @@ struct Entry<'a> {
     name: String,
     table: Cow<'a, EmbeddingTable>,
     state: Option<OptimizerState>,
+    /// The options of a layer saved with [`Checkpoint::with_layer`].
+    options: Option<EmbeddingOptions>,
 }
 
 impl<'a> Checkpoint<'a> {
@@ -210,8 +216,94 @@ impl<'a> Checkpoint<'a> {
             name: name.into(),
             table: Cow::Borrowed(table),
             state: Some(optimizer.state()),
+            options: None,
         });
         self
+    }
+
+    /// Adds an [`Embedding`] layer under `name`: its table, the whole state
+    /// of its optimizer and its options (padding row, out-of-range policy,
+    /// `trainable`, `max_norm` and when it applies), so that
+    /// [`restore_layer`](Self::restore_layer) gives the same layer back.
+    /// A layer built [`Frozen`](crate::Frozen) saves a `frozen` optimizer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `grad`) if the layer holds a
+    /// gradient not stepped yet, which a checkpoint would lose: call
+    /// [`Embedding::step`] or [`Embedding::clear_grad`] first.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::io::Checkpoint;
+    /// use embtable::{Adagrad, Embedding, EmbeddingTable, Init, Sgd};
+    /// let mut users = Embedding::new(EmbeddingTable::new(100, 8, Init::default(), 1)?, Adagrad::default());
+    /// let items = Embedding::new(EmbeddingTable::new(500, 8, Init::default(), 2)?, Sgd::default());
+    /// users.backward(&[3u32], &[0.1; 8])?;
+    /// assert!(Checkpoint::new().with_layer("user", &users).is_err()); // pending gradient
+    /// users.step()?;
+    /// let path = std::env::temp_dir().join("embtable-doc-checkpoint-layers.safetensors");
+    /// Checkpoint::new().with_layer("user", &users)?.with_layer("item", &items)?.save(&path)?;
+    ///
+    /// let mut ckpt = Checkpoint::load(&path)?;
+    /// let users2 = ckpt.restore_layer("user", Adagrad::default())?;
+    /// assert_eq!(users2.table(), users.table());
+    /// assert_eq!(users2.optimizer().state(), users.optimizer().state());
+    /// # use embtable::SparseOptimizer;
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn with_layer<O: SparseOptimizer>(
+        mut self,
+        name: impl Into<String>,
+        layer: &'a Embedding<O>,
+    ) -> Result<Self> {
+        let name = name.into();
+        if !layer.grad().is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "grad",
+                reason: format!(
+                    "layer {name:?} holds a gradient for {} not stepped yet, which a \
+                     checkpoint would lose; call step() or clear_grad() first",
+                    crate::error::count(layer.grad().len(), "row")
+                ),
+            });
+        }
+        self.entries.push(Entry {
+            name,
+            table: Cow::Borrowed(layer.table()),
+            state: Some(layer.optimizer().state()),
+            options: Some(*layer.options()),
+        });
+        Ok(self)
+    }
+
+    /// Removes the layer `name` from the checkpoint and returns it with
+    /// `optimizer`, into which the saved optimizer state (config included)
+    /// is loaded, and the saved options. A table saved without options
+    /// ([`with`](Self::with)) comes back with the default options; one
+    /// saved without optimizer state keeps `optimizer` as given.
+    ///
+    /// # Errors
+    /// As [`restore`](Self::restore): [`Error::InvalidConfig`] (field
+    /// `name`) for no such table, the errors of
+    /// [`SparseOptimizer::load_state`] (among them field `kind` when
+    /// `optimizer` is not of the saved kind). The checkpoint is unchanged
+    /// on error.
+    pub fn restore_layer<O: SparseOptimizer>(
+        &mut self,
+        name: &str,
+        mut optimizer: O,
+    ) -> Result<Embedding<O>> {
+        let i = self.position(name)?;
+        if let Some(state) = &self.entries[i].state {
+            optimizer.load_state(state.clone())?;
+        }
+        let options = self.entries[i].options.unwrap_or_default();
+        // The options were checked against the table when the file was read.
+        let table = self.entries[i].table.clone().into_owned();
+        let layer = Embedding::with_options(table, optimizer, options)?;
+        self.entries.remove(i);
+        Ok(layer)
     }
 
     /// Adds `table` under `name` without optimizer state (a frozen table,
@@ -231,6 +323,7 @@ impl<'a> Checkpoint<'a> {
             name: name.into(),
             table: Cow::Borrowed(table),
             state: None,
+            options: None,
         });
         self
     }
@@ -527,6 +620,9 @@ impl<'a> Checkpoint<'a> {
             if let Some(state) = &entry.state {
                 check_state(state, table)?;
                 plan_state(name, state, &mut metadata, &mut tensors);
+            }
+            if let Some(options) = &entry.options {
+                metadata.push((format!("{name}.{LAYER_KEY}"), encode_options(options)));
             }
         }
         let names: Vec<&str> = self.names().collect();
@@ -1156,6 +1252,10 @@ impl<'b> Parsed<'b> {
             let table = table_from_bytes(&weight, rows, dim, data, 4, |b| {
                 f32::from_le_bytes([b[0], b[1], b[2], b[3]])
             })?;
+            let options = match self.meta(&format!("{name}.{LAYER_KEY}")) {
+                Some(text) => Some(decode_options(name, text, rows)?),
+                None => None,
+            };
             let state = match self.meta(&format!("{name}.optim.kind")) {
                 Some(kind) => Some(self.state(name, kind, &table, &mut used)?),
                 None => None,
@@ -1164,6 +1264,7 @@ impl<'b> Parsed<'b> {
                 name: name.to_owned(),
                 table: Cow::Owned(table),
                 state,
+                options,
             });
         }
         let mut unknown: Vec<String> = self
@@ -1399,6 +1500,106 @@ fn f16_to_f32(h: u16) -> f32 {
         _ => ((exp + 112) << 23) | (man << 13),
     };
     f32::from_bits(sign | magnitude)
+}
+
+// ------------------------------------------------------------ layer options
+
+/// A layer's options as `{name}.layer` metadata:
+/// `padding_idx=3,out_of_range=error,trainable=1,max_norm=none,max_norm_at=step`
+/// (`padding_idx` and `max_norm` may be `none`; `out_of_range` is `error`,
+/// `zero`, `modulo` or `default_row:R`; `max_norm` is written as the
+/// shortest `f64` decimal of its `f32`, so it reads back exactly).
+fn encode_options(o: &EmbeddingOptions) -> String {
+    let padding = o.padding_idx.map_or("none".to_owned(), |p| p.to_string());
+    let out_of_range = match o.out_of_range {
+        OutOfRange::Error => "error".to_owned(),
+        OutOfRange::Zero => "zero".to_owned(),
+        OutOfRange::Modulo => "modulo".to_owned(),
+        OutOfRange::DefaultRow(r) => format!("default_row:{r}"),
+    };
+    let max_norm = o
+        .max_norm
+        .map_or("none".to_owned(), |m| format!("{:?}", f64::from(m)));
+    let at = match o.max_norm_at {
+        MaxNormAt::Step => "step",
+        MaxNormAt::Lookup => "lookup",
+    };
+    format!(
+        "padding_idx={padding},out_of_range={out_of_range},trainable={},max_norm={max_norm},\
+         max_norm_at={at}",
+        u8::from(o.trainable)
+    )
+}
+
+/// The options `{name}.layer` holds, checked against a table of `rows` rows.
+fn decode_options(name: &str, text: &str, rows: usize) -> Result<EmbeddingOptions> {
+    let key = format!("{name}.{LAYER_KEY}");
+    let fail = |what: &str| bad(format!("{key} is {text:?}: {what}"));
+    let mut fields = std::collections::BTreeMap::new();
+    for pair in text.split(',') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| fail(&format!("{pair:?} is not key=value")))?;
+        if fields.insert(k, v).is_some() {
+            return Err(fail(&format!("{k} appears twice")));
+        }
+    }
+    let mut take = |k: &str| {
+        fields
+            .remove(k)
+            .ok_or_else(|| fail(&format!("{k} is missing")))
+    };
+    let row = |v: &str| {
+        v.parse::<usize>()
+            .map_err(|_| fail(&format!("{v:?} is not a row")))
+    };
+    let padding_idx = match take("padding_idx")? {
+        "none" => None,
+        v => Some(row(v)?),
+    };
+    let out_of_range = match take("out_of_range")? {
+        "error" => OutOfRange::Error,
+        "zero" => OutOfRange::Zero,
+        "modulo" => OutOfRange::Modulo,
+        v => match v.strip_prefix("default_row:") {
+            Some(r) => OutOfRange::DefaultRow(row(r)?),
+            None => return Err(fail(&format!("out_of_range {v:?} is unknown"))),
+        },
+    };
+    let trainable = match take("trainable")? {
+        "0" => false,
+        "1" => true,
+        v => return Err(fail(&format!("trainable {v:?} is not 0 or 1"))),
+    };
+    let max_norm = match take("max_norm")? {
+        "none" => None,
+        v => {
+            let m: f64 = v
+                .parse()
+                .map_err(|_| fail(&format!("max_norm {v:?} is not a number")))?;
+            if (m as f32) as f64 != m {
+                return Err(fail(&format!("max_norm {v} is not an f32 value")));
+            }
+            Some(m as f32)
+        }
+    };
+    let max_norm_at = match take("max_norm_at")? {
+        "step" => MaxNormAt::Step,
+        "lookup" => MaxNormAt::Lookup,
+        v => return Err(fail(&format!("max_norm_at {v:?} is not step or lookup"))),
+    };
+    if let Some(k) = fields.keys().next() {
+        return Err(fail(&format!("{k} is not an option")));
+    }
+    let options = EmbeddingOptions {
+        padding_idx,
+        out_of_range,
+        trainable,
+        max_norm,
+        max_norm_at,
+    };
+    check_options(&options, rows).map_err(|e| fail(&e.to_string()))?;
+    Ok(options)
 }
 
 #[cfg(test)]
