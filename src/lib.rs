@@ -102,6 +102,7 @@
 pub mod aligned;
 mod error;
 mod grad;
+mod grouping;
 mod index;
 mod init;
 pub mod io;

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: every kernel tier × 1 and 2
+//! Helpers shared by the integration tests: every kernel tier × 1, 2 and 3
 //! threads, and the plain dense reference (one-hot matrices; the
 //! optimizers' in `optim`).
 #![allow(dead_code)]
@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 
 use embtable::kernels::{self, Tier};
 
-/// The thread counts every property is checked at.
-pub const THREADS: [usize; 2] = [1, 2];
+/// The thread counts every property is checked at: one (the serial
+/// paths), two, and an odd count whose tasks split work unevenly.
+pub const THREADS: [usize; 3] = [1, 2, 3];
 
 fn pools() -> &'static [rayon::ThreadPool] {
     static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
