@@ -12,7 +12,7 @@
 //! - for every position `j`, its group and its rank: how many earlier
 //!   positions name the same row.
 //!
-//! On one thread, or for a batch too small to share, one pass does it:
+//! On few threads, or for a batch too small to share, one pass does it:
 //!
 //! ```text
 //! for j in 0..n: r = row of ids[j]
@@ -37,8 +37,11 @@
 //! their first position, and a rank counts earlier positions of one row,
 //! which its shard saw in batch order. So nothing depends on the shard
 //! count, and the shard count depends on the batch (one shard per
-//! [`SHARD_IDS`] ids, at most [`LANES`]) and on whether there is more than
-//! one thread, never on how many.
+//! [`SHARD_IDS`] ids, at most [`LANES`]) and on whether there are enough
+//! threads to share the sharded passes' extra work
+//! ([`SHARD_MIN_THREADS`]), never on how many more.
+
+use std::mem::MaybeUninit;
 
 use hashbrown::HashMap;
 use hashbrown::hash_map::Entry;
@@ -58,9 +61,15 @@ const LANE_BITS: u32 = 6;
 pub(crate) const SHARD_IDS: usize = 4096;
 
 /// Below this many ids a batch is grouped in one pass on the calling
-/// thread: the sharded passes do more work than the one pass, and waking
-/// rayon's workers for each of them costs microseconds.
+/// thread: waking rayon's workers for each sharded pass costs microseconds.
 pub(crate) const PARALLEL_MIN_IDS: usize = 4 * SHARD_IDS;
+
+/// With fewer threads than this a batch is grouped in one pass: the
+/// sharded passes take about 2.5 times the CPU time of the one pass
+/// (perf samples of W5's grouping on one thread: 1,690-1,880 against
+/// 700-720), so they only pay where at least three threads share them,
+/// and four leave a margin.
+pub(crate) const SHARD_MIN_THREADS: usize = 4;
 
 /// Positions per task of the count, scatter, number and gather passes.
 const CHUNK: usize = 4096;
@@ -97,6 +106,8 @@ pub(crate) enum Found {
 
 /// The map of one shard from a row to its group in the batch.
 pub(crate) trait RowMap: Send {
+    /// Whether [`Found::New`]'s tags mean something (else they are not kept).
+    const TAGGED: bool;
     /// The group of `row`, or [`Found::New`] after making `next` its group.
     fn group(&mut self, row: usize, next: u32) -> Found;
     /// Starts loading the entry of `row`.
@@ -171,6 +182,9 @@ struct Shards {
     /// Per entry: its group in its shard, and its rank.
     group: Vec<u32>,
     rank: Vec<u32>,
+    /// Per entry, once numbered: its group's number (high half) and its
+    /// rank (low half), so that the gather reads one value per position.
+    placed: Vec<u64>,
     /// Per shard: its groups, their numbers, and `[chunk + 1]` how many of
     /// its groups start before the chunk.
     lists: Vec<GroupList>,
@@ -326,27 +340,28 @@ impl Grouping {
         sh.rank.resize(n, 0);
         sh.lists.resize_with(shard_count, GroupList::default);
         sh.heads_before.resize_with(shard_count, Vec::new);
+        sh.number.resize_with(shard_count, Vec::new);
         let mut maps = maps.shards(bits);
         {
             let mut group = &mut sh.group[..];
             let mut rank = &mut sh.rank[..];
             let mut tasks = Vec::with_capacity(shard_count);
-            for (s, ((map, list), heads_before)) in maps
+            for (s, (((map, list), heads_before), number)) in maps
                 .iter_mut()
                 .zip(&mut sh.lists)
                 .zip(&mut sh.heads_before)
+                .zip(&mut sh.number)
                 .enumerate()
             {
                 let entries = sh.start[s]..sh.start[s + 1];
                 let (g, rest_g) = std::mem::take(&mut group).split_at_mut(entries.len());
                 let (r, rest_r) = std::mem::take(&mut rank).split_at_mut(entries.len());
                 (group, rank) = (rest_g, rest_r);
-                tasks.push((map, list, heads_before, entries, g, r));
+                tasks.push((map, list, heads_before, number, entries, g, r));
             }
             let (position, row) = (&sh.position[..], &sh.row[..]);
-            tasks
-                .into_par_iter()
-                .for_each(|(map, list, heads_before, entries, group, rank)| {
+            tasks.into_par_iter().for_each(
+                |(map, list, heads_before, number, entries, group, rank)| {
                     list.clear();
                     let first = entries.start;
                     group_entries(
@@ -367,7 +382,9 @@ impl Grouping {
                     for c in 0..chunks {
                         heads_before[c + 1] += heads_before[c];
                     }
-                });
+                    number.resize(list.rows.len(), 0);
+                },
+            );
         }
 
         // Number: chunk by chunk, the groups starting in the chunk in
@@ -381,23 +398,23 @@ impl Grouping {
                 .sum::<usize>();
         }
         first_number.push(total);
-        sh.number.resize_with(shard_count, Vec::new);
-        for (number, list) in sh.number.iter_mut().zip(&sh.lists) {
-            number.resize(list.rows.len(), 0);
-        }
+        // Written below, every number once, then set to their lengths.
         let out = &mut self.groups;
-        for v in [&mut out.heads, &mut out.sizes] {
-            v.resize(total, 0);
-        }
-        out.rows.resize(total, 0);
-        out.tags.resize(total, 0);
+        let tagged = <M::Shard<'_> as RowMap>::TAGGED;
+        let tags_len = if tagged { total } else { 0 };
+        out.rows.reserve(total);
+        out.heads.reserve(total);
+        out.sizes.reserve(total);
+        out.tags.reserve(tags_len);
+        let rows_out = Scatter::new(&mut out.rows.spare_capacity_mut()[..total]);
+        let heads_out = Scatter::new(&mut out.heads.spare_capacity_mut()[..total]);
+        let sizes_out = Scatter::new(&mut out.sizes.spare_capacity_mut()[..total]);
+        let tags_out = Scatter::new(&mut out.tags.spare_capacity_mut()[..tags_len]);
         let numbers: Vec<Scatter<u32>> = sh
             .number
             .iter_mut()
             .map(|v| Scatter::new(&mut v[..]))
             .collect();
-        let (rows_out, heads_out) = (Scatter::new(&mut out.rows), Scatter::new(&mut out.heads));
-        let (sizes_out, tags_out) = (Scatter::new(&mut out.sizes), Scatter::new(&mut out.tags));
         let (lists, heads_before) = (&sh.lists[..], &sh.heads_before[..]);
         (0..chunks).into_par_iter().for_each_init(
             || vec![u64::MAX; CHUNK],
@@ -423,16 +440,49 @@ impl Grouping {
                     // takes; group `g` of shard `s` starts in this chunk
                     // only, so only this task numbers it.
                     unsafe {
-                        rows_out.write(k, list.rows[g]);
-                        heads_out.write(k, (c * CHUNK + t) as u32);
-                        sizes_out.write(k, list.sizes[g]);
-                        tags_out.write(k, list.tags[g]);
+                        rows_out.write(k, MaybeUninit::new(list.rows[g]));
+                        heads_out.write(k, MaybeUninit::new((c * CHUNK + t) as u32));
+                        sizes_out.write(k, MaybeUninit::new(list.sizes[g]));
+                        if tagged {
+                            tags_out.write(k, MaybeUninit::new(list.tags[g]));
+                        }
                         numbers[s].write(g, k as u32);
                     }
                     k += 1;
                 }
             },
         );
+
+        // SAFETY: every number below `total` went to exactly one group
+        // above (the chunks' runs of numbers cover `0..total`, each taken
+        // by one group starting in the chunk), which wrote each output at
+        // it, within the capacity reserved.
+        unsafe {
+            out.rows.set_len(total);
+            out.heads.set_len(total);
+            out.sizes.set_len(total);
+            out.tags.set_len(tags_len);
+        }
+
+        // Each entry's number and rank, shard by shard (entries in order,
+        // the shard's numbers at hand).
+        sh.placed.resize(n, 0);
+        {
+            let mut placed = &mut sh.placed[..];
+            let mut tasks = Vec::with_capacity(shard_count);
+            for (s, number) in sh.number.iter().enumerate() {
+                let entries = sh.start[s]..sh.start[s + 1];
+                let (p, rest) = std::mem::take(&mut placed).split_at_mut(entries.len());
+                placed = rest;
+                tasks.push((number, entries, p));
+            }
+            let (group, rank) = (&sh.group[..], &sh.rank[..]);
+            tasks.into_par_iter().for_each(|(number, entries, placed)| {
+                for (p, e) in placed.iter_mut().zip(entries) {
+                    *p = ((number[group[e] as usize] as u64) << 32) | rank[e] as u64;
+                }
+            });
+        }
 
         // Gather: each position's group number and rank.
         let sh = &self.shards;
@@ -443,10 +493,8 @@ impl Grouping {
             .for_each(|(c, (group_at, rank_at))| {
                 let entries = &sh.entry_of[c * CHUNK..][..group_at.len()];
                 for ((g, r), &e) in group_at.iter_mut().zip(rank_at).zip(entries) {
-                    let e = e as usize;
-                    let s = shard_of(sh.row[e], bits);
-                    *g = sh.number[s][sh.group[e] as usize];
-                    *r = sh.rank[e];
+                    let placed = sh.placed[e as usize];
+                    (*g, *r) = ((placed >> 32) as u32, placed as u32);
                 }
             });
     }
@@ -498,7 +546,8 @@ impl Grouping {
         &self.groups.sizes
     }
 
-    /// Per group: the tag its row map gave it.
+    /// Per group: the tag its row map gave it (empty for maps without
+    /// tags).
     #[inline]
     pub(crate) fn tags(&self) -> &[usize] {
         &self.groups.tags
@@ -517,10 +566,10 @@ impl Grouping {
     }
 }
 
-/// The shard count for a batch of `n` ids, as `1 << bits`: 1 on one
-/// thread or below [`PARALLEL_MIN_IDS`], else one per [`SHARD_IDS`].
+/// The shard count for a batch of `n` ids, as `1 << bits`: 1 below
+/// [`PARALLEL_MIN_IDS`] or [`SHARD_MIN_THREADS`], else one per [`SHARD_IDS`].
 fn shard_bits(n: usize) -> u32 {
-    if n < PARALLEL_MIN_IDS || rayon::current_num_threads() == 1 {
+    if n < PARALLEL_MIN_IDS || rayon::current_num_threads() < SHARD_MIN_THREADS {
         return 0;
     }
     (n / SHARD_IDS).ilog2().min(LANE_BITS)
@@ -558,7 +607,9 @@ fn group_entries<M: RowMap>(
                 groups.rows.push(r);
                 groups.heads.push(pos(e));
                 groups.sizes.push(1);
-                groups.tags.push(tag);
+                if M::TAGGED {
+                    groups.tags.push(tag);
+                }
             }
             Found::Old(k) => {
                 let size = &mut groups.sizes[k as usize];
@@ -592,21 +643,31 @@ impl DirectMaps {
     }
 }
 
-/// The entries of one shard's lanes.
+/// The entries of one shard's lanes, or of every row.
 pub(crate) struct DirectShard<'a> {
     group_of: &'a mut [u32],
     first_lane: usize,
     per_lane: usize,
+    /// The one shard of the one-pass grouping: row `r`'s entry is entry `r`
+    /// (no lane to compute; every entry is [`NONE`] between batches, so
+    /// the layout of one batch need not be the next one's).
+    whole: bool,
 }
 
 impl DirectShard<'_> {
     #[inline(always)]
     fn index(&self, row: usize) -> usize {
-        (lane(row) - self.first_lane) * self.per_lane + (row >> LANE_BITS)
+        if self.whole {
+            row
+        } else {
+            (lane(row) - self.first_lane) * self.per_lane + (row >> LANE_BITS)
+        }
     }
 }
 
 impl RowMap for DirectShard<'_> {
+    const TAGGED: bool = false;
+
     #[inline(always)]
     fn group(&mut self, row: usize, next: u32) -> Found {
         let i = self.index(row);
@@ -650,6 +711,7 @@ impl RowMaps for DirectMaps {
                 group_of,
                 first_lane: s * lanes,
                 per_lane,
+                whole: bits == 0,
             })
             .collect()
     }
@@ -701,6 +763,8 @@ pub(crate) struct HashShard<'a> {
 }
 
 impl RowMap for HashShard<'_> {
+    const TAGGED: bool = true;
+
     #[inline(always)]
     fn group(&mut self, row: usize, next: u32) -> Found {
         match self.maps[lane(row) - self.first_lane].entry(row) {
@@ -804,7 +868,7 @@ mod tests {
                 _ => 4096 * (j % 41) + 3,
             })
             .collect();
-        for threads in [1, 2, 3] {
+        for threads in [1, 2, 3, SHARD_MIN_THREADS] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()

@@ -169,7 +169,7 @@ fn summed_reference(rows: usize, dim: usize, batches: &[(Vec<usize>, Vec<f32>)])
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 
-    /// Batches grouped in parallel shards (on more than one thread) give
+    /// Batches grouped in parallel shards (on four threads) give
     /// the same slots, in first-seen order, and the same bits.
     #[test]
     fn sharded_batches_are_bitwise_equal((rows, dim, batches) in sharded_batches()) {

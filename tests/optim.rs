@@ -250,8 +250,8 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 
-    /// Batches whose ids are grouped in parallel shards on more than one
-    /// thread (16,384 ids and up), over tables of up to 50,000 rows.
+    /// Batches whose ids are grouped in parallel shards on four threads
+    /// (16,384 ids and up), over tables of up to 50,000 rows.
     #[test]
     fn step_lookup_equals_accumulate_then_step_on_sharded_batches(
         cfg in any_cfg(),

@@ -401,8 +401,8 @@ proptest! {
 proptest! {
     #![proptest_config(config(6))]
 
-    /// Batches whose ids are grouped in parallel shards on more than one
-    /// thread: every configuration gives the one-thread gradient bitwise,
+    /// Batches whose ids are grouped in parallel shards on four threads:
+    /// every configuration gives the one-thread gradient bitwise,
     /// slots in first-seen order. (The one-thread path is checked against
     /// the dense formulation above.)
     #[test]

@@ -14,7 +14,8 @@
 //! `SparseOptimizer::step_lookup`; the table and the optimizer state persist
 //! across runs, as in a training loop), and W5-sgd-finite, W5-adagrad-finite
 //! (the same through `step_lookup_finite`, which skips the check that the
-//! gradient is finite).
+//! gradient is finite), and W5-coalesce (W5's gradient summed into a
+//! `SparseGrad`: `clear` and `accumulate_lookup`).
 //!
 //! Options: `--threads N[,N…]` (default 1): one line per thread count, the
 //! workload prepared once; `--runs R` timed runs after warm-up (default 15,
@@ -35,7 +36,7 @@ use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
 use embtable::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AlignedBuf, Bags, EmbeddingTable, EpsPlacement, Ftrl,
     FtrlConfig, Init, Pooling, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
-    Semantics, Sgd, SgdConfig, SparseOptimizer,
+    Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
 };
 
 struct Args {
@@ -194,6 +195,21 @@ fn update<O: SparseOptimizer + Send + 'static>(
     }
 }
 
+/// W5's gradient coalesced: `SparseGrad::clear` and `accumulate_lookup`
+/// (no bare loop).
+fn coalesce() -> Workload {
+    let ids = workloads::uniform(5, BATCH, BIG_ROWS);
+    let grad_out = workloads::values(50, BATCH * 128, -0.01, 0.01);
+    let mut grad = SparseGrad::new(128);
+    Workload {
+        run: Box::new(move || {
+            grad.clear();
+            grad.accumulate_lookup(&ids, &grad_out).expect("accumulate")
+        }),
+        bare: None,
+    }
+}
+
 fn prepare(name: &str, bound: bool) -> Option<Workload> {
     use bare::Update::{OneState, Sgd as Plain, TwoStates};
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
@@ -220,6 +236,7 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
             workloads::zipf(3, BATCH, BIG_ROWS, 1.05),
             bound,
         ),
+        "W5-coalesce" => coalesce(),
         "W4-sum" => pooled(Pooling::Sum, false, bound),
         "W4-mean" => pooled(Pooling::Mean, false, bound),
         "W4-wsum" => pooled(Pooling::Sum, true, bound),
