@@ -106,6 +106,7 @@
 mod aligned;
 mod error;
 mod grad;
+mod grouping;
 mod index;
 mod init;
 pub mod io;
