@@ -23,7 +23,7 @@ use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result};
 
 /// Floats of gradient slots per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Slots this far ahead have their contributions prefetched.
 const PREFETCH_AHEAD: usize = 4;

@@ -41,7 +41,7 @@ use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Floats (weights and state) per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Rows prefetched ahead of the one being updated: rows are scattered over
 /// the table, and each costs a DRAM round trip without a prefetch. They
