@@ -53,7 +53,7 @@ use embtable::{Adagrad, AdagradConfig, EpsPlacement, Init, Pooling};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use crate::data::{Dataset, GenConfig};
+use crate::data::{Dataset, GenConfig, Split};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelConfig, Negatives, StepIds, StepRows};
 use crate::rng::Rng;
@@ -246,15 +246,15 @@ fn evaluate(
         eval,
         data.items,
         K,
-        |block, out| model.score_block(data, block, &items_t, out),
-        |u| data.history(u),
-        |u| data.test[u].into_iter().collect(),
+        |block, out| model.score_block(data, block, Split::Test, &items_t, out),
+        |u| data.known(u, Split::Test),
+        |u| data.held(u, Split::Test).into_iter().collect(),
     ))
 }
 
 /// A fixed sample of `n` users with a held-out item, as the recommender draws it.
 fn eval_sample(data: &Dataset, n: usize, seed: u64) -> Vec<usize> {
-    let mut users = data.test_users();
+    let mut users = data.eval_users(Split::Test);
     if n > 0 && n < users.len() {
         Rng::derive(seed, &[5]).shuffle(&mut users);
         users.truncate(n);

@@ -26,7 +26,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embtable::shard::{PoolOn, ShardedTable, Sharding};
-use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS};
 use embtable::{
     Adagrad, AdagradConfig, Bags, EmbeddingTable, EpsPlacement, Init, Pooling, RmsProp,
     RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
@@ -35,6 +34,7 @@ use embtable::{
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
+use workloads::{BAG_LEN, BAGS, BATCH, BIG_ROWS};
 
 const DIM: usize = 128;
 

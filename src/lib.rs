@@ -99,10 +99,11 @@
 //! so several DRAM fetches are in flight; the hot loop has no bounds checks.
 //! Results never depend on the thread count. The benchmarks in `benches/`
 //! measure the workloads of `WORKLOADS.md` against the machine's memory
-//! bandwidth; [`workloads`] generates them bit-exactly.
+//! bandwidth; the repository's `workloads` crate (bench support, not part
+//! of this library) generates them bit-exactly.
 #![deny(missing_docs)]
 
-pub mod aligned;
+mod aligned;
 mod error;
 mod grad;
 mod index;
@@ -111,13 +112,13 @@ pub mod io;
 pub mod kernels;
 mod layer;
 pub mod optim;
+mod parallel;
 pub mod pool;
 pub mod shard;
 mod similar;
 mod table;
 mod tensor;
 mod weight_grad;
-pub mod workloads;
 
 pub use aligned::AlignedBuf;
 pub use error::{Error, Result};
