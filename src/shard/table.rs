@@ -75,11 +75,14 @@ pub enum PoolOn {
 ///
 /// # Errors reach every rank
 ///
-/// Each operation first checks its input on every rank, then the ranks
-/// agree (in the collective that exchanges the counts) before anything is
-/// sent or written: an error on any rank makes the call return, on every
-/// rank, the same [`Error::Rank`] naming the first failing rank and, in
-/// its source, the position and value. Nothing has been written then, on
+/// Each operation first checks its input on every rank. Its first
+/// collective, one small all-to-all, carries each rank's call and counts,
+/// or the news that its input failed, so the ranks agree before anything
+/// is sent or written: an error on any rank makes the call return, on
+/// every rank, the same [`Error::Rank`] naming the first failing rank and,
+/// in its source, the position and value; ranks making different calls
+/// (another method, pooling or [`PoolOn`]) all return an error naming the
+/// first rank that differs from rank 0. Nothing has been written then, on
 /// any rank, and no rank is left waiting in a collective.
 ///
 /// # Examples
