@@ -100,6 +100,7 @@
 #![deny(missing_docs)]
 
 pub mod aligned;
+pub mod dynamic;
 mod error;
 mod grad;
 mod index;
@@ -107,6 +108,7 @@ mod init;
 pub mod io;
 pub mod kernels;
 mod layer;
+mod layers;
 pub mod optim;
 pub mod pool;
 mod similar;
@@ -121,6 +123,7 @@ pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
 pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
+pub use layers::EmbeddingLayer;
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
     FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
