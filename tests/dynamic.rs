@@ -62,7 +62,9 @@ fn offsets(n: usize, seed: u64) -> Vec<usize> {
     let mut at = 0;
     let mut s = seed;
     while at < n {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         at = (at + (s >> 62) as usize).min(n); // bags of 0 to 3 keys
         offsets.push(at);
     }
@@ -119,7 +121,11 @@ fn assert_same_rows(
     for key in 0..s.keys as u64 {
         let k = key as usize;
         let Some(r) = table.row_of(key) else {
-            assert_bits_eq(&table.initial_row(key), fixed.table().row(k), "untrained key");
+            assert_bits_eq(
+                &table.initial_row(key),
+                fixed.table().row(k),
+                "untrained key",
+            );
             continue;
         };
         assert_bits_eq(table.get(key).unwrap(), fixed.table().row(k), "row");
@@ -132,7 +138,10 @@ fn assert_same_rows(
             );
         }
         if !want.last_step.is_empty() {
-            assert_eq!(got.last_step[r], want.last_step[k], "last step of key {key}");
+            assert_eq!(
+                got.last_step[r], want.last_step[k],
+                "last step of key {key}"
+            );
         }
     }
 }
@@ -177,7 +186,9 @@ fn step_lookup_is_translate_then_accumulate_then_step() {
     let mut opt_split = opt_fused.clone();
     for t in 0..30u64 {
         // 45 distinct keys a batch (each twice), 90 in all, 40 rows.
-        let keys: Vec<i64> = (0..90).map(|j| ((j / 2 * 13 + t * 11) % 90) as i64 - 20).collect();
+        let keys: Vec<i64> = (0..90)
+            .map(|j| ((j / 2 * 13 + t * 11) % 90) as i64 - 20)
+            .collect();
         let g = values(t, keys.len() * dim, -1.0, 1.0);
         fused.step_lookup(&mut opt_fused, &keys, &g).unwrap();
         let rows = split.translate(&keys, &mut opt_split).unwrap();
@@ -270,7 +281,9 @@ impl Model {
         let unpinned = self.rows.iter().filter(|(_, e)| e.2 < now);
         let victim = match self.eviction.unwrap() {
             Eviction::Lru => unpinned.min_by_key(|(_, e)| e.3).map(|(&k, _)| k),
-            Eviction::Lfu => unpinned.min_by_key(|&(&k, e)| (e.0, e.1, k)).map(|(&k, _)| k),
+            Eviction::Lfu => unpinned
+                .min_by_key(|&(&k, e)| (e.0, e.1, k))
+                .map(|(&k, _)| k),
             Eviction::Ttl { .. } => None,
         };
         let Some(victim) = victim else { return false };
@@ -429,8 +442,12 @@ fn busy_run(eviction: Eviction) -> (DynamicTable, Vec<f32>) {
         layer.backward(&keys, &g).unwrap();
         let bags = Bags::fixed(&keys[..9_000], 9).unwrap();
         let mut pooled = vec![0.0; bags.len() * dim];
-        layer.forward_pooled(&bags, Pooling::Mean, &mut pooled).unwrap();
-        layer.backward_pooled(&bags, Pooling::Mean, &pooled).unwrap();
+        layer
+            .forward_pooled(&bags, Pooling::Mean, &mut pooled)
+            .unwrap();
+        layer
+            .backward_pooled(&bags, Pooling::Mean, &pooled)
+            .unwrap();
         layer.step().unwrap();
         outputs.extend_from_slice(&out[..dim * 50]);
         outputs.extend_from_slice(&pooled[..dim * 50]);
@@ -447,7 +464,10 @@ fn results_do_not_depend_on_threads_or_tier() {
     for eviction in [Eviction::Lru, Eviction::Lfu, Eviction::Ttl { steps: 2 }] {
         let runs = each_config(|| busy_run(eviction));
         let (_, _, (first, first_out)) = &runs[0];
-        assert!(first.stats().evicted + first.stats().expired > 0, "{eviction:?}");
+        assert!(
+            first.stats().evicted + first.stats().expired > 0,
+            "{eviction:?}"
+        );
         for (tier, threads, (table, out)) in &runs[1..] {
             let what = format!("{eviction:?} {tier:?} {threads} threads");
             assert_eq!(table.weights(), first.weights(), "{what}");
@@ -523,7 +543,10 @@ fn stream_distinct_keys(admission: Admission, eviction: Eviction, n: u64, batch:
     }
     let stats = layer.table().stats();
     assert_eq!(stats.admitted, n);
-    assert_eq!(stats.evicted + stats.expired, n - layer.table().len() as u64);
+    assert_eq!(
+        stats.evicted + stats.expired,
+        n - layer.table().len() as u64
+    );
 }
 
 #[test]
@@ -533,8 +556,18 @@ fn memory_stays_under_the_bound_on_ten_million_distinct_keys() {
 
 #[test]
 fn memory_stays_under_the_bound_under_every_policy() {
-    stream_distinct_keys(Admission::AfterSightings(2), Eviction::Lfu, 1_000_000, 5_000);
-    stream_distinct_keys(Admission::Always, Eviction::Ttl { steps: 3 }, 1_000_000, 1_000);
+    stream_distinct_keys(
+        Admission::AfterSightings(2),
+        Eviction::Lfu,
+        1_000_000,
+        5_000,
+    );
+    stream_distinct_keys(
+        Admission::Always,
+        Eviction::Ttl { steps: 3 },
+        1_000_000,
+        1_000,
+    );
 }
 
 #[test]
@@ -588,9 +621,13 @@ fn unknown_keys_read_the_default_row_and_get_no_gradient() {
     // gradient is dropped at the step.
     let bags = Bags::new(&[3u64, 4], &[0, 2], None).unwrap();
     let mut out = vec![0.0; 2];
-    layer.forward_pooled(&bags, Pooling::Mean, &mut out).unwrap();
+    layer
+        .forward_pooled(&bags, Pooling::Mean, &mut out)
+        .unwrap();
     assert_eq!(out, [0.5, -0.5]);
-    layer.backward_pooled(&bags, Pooling::Mean, &[1.0, 1.0]).unwrap();
+    layer
+        .backward_pooled(&bags, Pooling::Mean, &[1.0, 1.0])
+        .unwrap();
     layer.step().unwrap();
     assert_eq!(layer.table().weights().row(0), &[0.5, -0.5]);
 }
@@ -603,19 +640,67 @@ fn bad_configs_are_refused_naming_the_field() {
     };
     let d = DynamicConfig::default();
     assert_eq!(bad(d, 0), "dim");
-    assert_eq!(bad(DynamicConfig { capacity: Capacity::Rows(0), ..d }, 4), "capacity");
-    assert_eq!(bad(DynamicConfig { capacity: Capacity::Bytes(100), ..d }, 4), "capacity");
     assert_eq!(
-        bad(DynamicConfig { admission: Admission::AfterSightings(0), ..d }, 4),
+        bad(
+            DynamicConfig {
+                capacity: Capacity::Rows(0),
+                ..d
+            },
+            4
+        ),
+        "capacity"
+    );
+    assert_eq!(
+        bad(
+            DynamicConfig {
+                capacity: Capacity::Bytes(100),
+                ..d
+            },
+            4
+        ),
+        "capacity"
+    );
+    assert_eq!(
+        bad(
+            DynamicConfig {
+                admission: Admission::AfterSightings(0),
+                ..d
+            },
+            4
+        ),
         "admission"
     );
     assert_eq!(
-        bad(DynamicConfig { admission: Admission::Probability { p: 1.5, seed: 0 }, ..d }, 4),
+        bad(
+            DynamicConfig {
+                admission: Admission::Probability { p: 1.5, seed: 0 },
+                ..d
+            },
+            4
+        ),
         "admission"
     );
-    assert_eq!(bad(DynamicConfig { eviction: Eviction::Ttl { steps: 0 }, ..d }, 4), "eviction");
     assert_eq!(
-        bad(DynamicConfig { init: Init::Uniform { low: 1.0, high: 0.0 }, ..d }, 4),
+        bad(
+            DynamicConfig {
+                eviction: Eviction::Ttl { steps: 0 },
+                ..d
+            },
+            4
+        ),
+        "eviction"
+    );
+    assert_eq!(
+        bad(
+            DynamicConfig {
+                init: Init::Uniform {
+                    low: 1.0,
+                    high: 0.0
+                },
+                ..d
+            },
+            4
+        ),
         "low"
     );
     let table = DynamicTable::new(4, d).unwrap();
@@ -669,7 +754,10 @@ fn evicted_rows_are_logged_with_their_values_and_changes_exported() {
         track_changes: true,
         ..Default::default()
     };
-    let sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::keras() });
+    let sgd = Sgd::new(SgdConfig {
+        lr: 0.5,
+        ..SgdConfig::keras()
+    });
     let mut layer = DynamicEmbedding::new(DynamicTable::new(2, config).unwrap(), sgd).unwrap();
     layer.forward(&[1u64, 2]).unwrap();
     layer.backward(&[1u64, 2], &[1.0; 4]).unwrap();
@@ -680,7 +768,10 @@ fn evicted_rows_are_logged_with_their_values_and_changes_exported() {
     assert_eq!(&changes.updated_values[..2], &trained[..]);
     layer.forward(&[3u64]).unwrap(); // evicts 1, the least recently used
     let changes = layer.export_changes().unwrap();
-    assert_eq!((changes.evicted, changes.evicted_values), (vec![1], trained));
+    assert_eq!(
+        (changes.evicted, changes.evicted_values),
+        (vec![1], trained)
+    );
     assert_eq!(changes.updated, [3]);
     assert_eq!(changes.updated_values, layer.table().initial_row(3u64));
 }

@@ -182,11 +182,6 @@ impl Pending {
         pending
     }
 
-    /// Number of keys counted.
-    pub(crate) fn len(&self) -> usize {
-        self.counts.len()
-    }
-
     /// Bytes allocated.
     pub(crate) fn bytes(&self) -> usize {
         self.counts.allocation_size() + self.order.capacity() * size_of::<(u64, u64)>()
@@ -224,7 +219,11 @@ mod tests {
             .filter(|&k| admission.admits(k, 0, 2, 1))
             .count();
         assert!((16_500..18_500).contains(&twice), "{twice}");
-        assert!(Admission::Probability { p: 0.0, seed: 1 }.validate().is_err());
+        assert!(
+            Admission::Probability { p: 0.0, seed: 1 }
+                .validate()
+                .is_err()
+        );
         assert!(Admission::AfterSightings(0).validate().is_err());
     }
 
@@ -235,15 +234,15 @@ mod tests {
         pending.sight(2, 1, 2, 2);
         pending.sight(1, 1, 3, 2); // 1 is now the most recent
         pending.sight(3, 1, 4, 2); // forgets 2
-        assert_eq!((pending.seen(1), pending.seen(2), pending.seen(3)), (2, 0, 1));
+        assert_eq!(
+            (pending.seen(1), pending.seen(2), pending.seen(3)),
+            (2, 0, 1)
+        );
         // Within one call, a key counted earlier in it is never forgotten.
         pending.sight(4, 1, 5, 2); // forgets 1 (seen in call 3)
         pending.sight(5, 1, 5, 2); // forgets 3 (call 4)
         pending.sight(6, 1, 5, 2); // would forget 4 (this call): not counted
-        assert_eq!(
-            [1, 3, 4, 5, 6].map(|k| pending.seen(k)),
-            [0, 0, 1, 1, 0]
-        );
+        assert_eq!([1, 3, 4, 5, 6].map(|k| pending.seen(k)), [0, 0, 1, 1, 0]);
         let restored = Pending::from_order(pending.in_order());
         assert_eq!(restored.in_order(), pending.in_order());
     }

@@ -119,7 +119,9 @@ impl super::DynamicTable {
             let m = self.meta[r];
             if m.occupied() {
                 changes.updated.push(m.key);
-                changes.updated_values.extend_from_slice(self.weights.row(r));
+                changes
+                    .updated_values
+                    .extend_from_slice(self.weights.row(r));
             }
         }
         log.rows.clear();

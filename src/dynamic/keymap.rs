@@ -120,12 +120,10 @@ impl KeyMap {
             return Ok(());
         }
         let mut slots = Vec::new();
-        slots
-            .try_reserve_exact(want)
-            .map_err(|_| Error::Alloc {
-                what: "dynamic table key map",
-                bytes: want.saturating_mul(Self::SLOT_BYTES),
-            })?;
+        slots.try_reserve_exact(want).map_err(|_| Error::Alloc {
+            what: "dynamic table key map",
+            bytes: want.saturating_mul(Self::SLOT_BYTES),
+        })?;
         slots.resize(want, Slot::default());
         let old = std::mem::replace(&mut self.slots, slots);
         self.shift = 64 - want.trailing_zeros();
@@ -197,7 +195,6 @@ impl KeyMap {
         self.len -= 1;
         Some(row)
     }
-
 }
 
 #[cfg(test)]

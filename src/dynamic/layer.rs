@@ -1,14 +1,10 @@
 //! `DynamicEmbedding`: a dynamic table, its optimizer and its gradient,
 //! with the fixed [`Embedding`](crate::Embedding)'s calls.
 
-use super::table::{DEFAULT_ROW, DynamicTable, key_of, known_positions};
+use super::table::{DEFAULT_ROW, DynamicTable, known_positions};
 use crate::grad::check_finite;
 use crate::optim::SparseOptimizer;
 use crate::{Bags, EmbeddingLayer, Error, Index, Pooling, Result, SparseGrad};
-
-/// Translations kept per step for the backward passes (a model with a few
-/// features sharing a table makes a few forward passes per step).
-const KEPT_TRANSLATIONS: usize = 8;
 
 /// An embedding layer over a [`DynamicTable`]: `forward` translates keys to
 /// rows (admitting new keys as the table's policies say) and looks them
@@ -16,9 +12,10 @@ const KEPT_TRANSLATIONS: usize = 8;
 /// applies it with the optimizer and ends the table's step.
 ///
 /// Keys without a row read the default row and receive no gradient. A
-/// backward pass over the keys of a forward pass of the same step uses
-/// the rows that forward pass read, so each gradient goes to the row that
-/// produced the output, whatever was admitted in between.
+/// backward pass sends each key's gradient to the key's row, which a key
+/// used in this step keeps until the step ends (a key admitted by a later
+/// forward pass of the same step gets its gradient in its new row, as
+/// tables updated by key do).
 ///
 /// # Examples
 /// ```
@@ -44,8 +41,6 @@ pub struct DynamicEmbedding<O> {
     table: DynamicTable,
     optimizer: O,
     grad: SparseGrad,
-    /// This step's forward passes: their keys and the rows they read.
-    translations: Vec<(Vec<u64>, Vec<u32>)>,
 }
 
 impl<O: SparseOptimizer> DynamicEmbedding<O> {
@@ -63,7 +58,6 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             table,
             optimizer,
             grad,
-            translations: Vec::new(),
         })
     }
 
@@ -128,9 +122,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         )?;
         let rows = self.translate(ids)?;
         self.catch_up(&rows)?;
-        self.table.weights.lookup(&rows, out)?;
-        self.remember(ids, rows);
-        Ok(())
+        self.table.weights.lookup(&rows, out)
     }
 
     /// Reads the rows of `ids` into `out` without admitting keys or
@@ -158,7 +150,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             grad_out.len(),
         )?;
         check_finite("gradient", grad_out)?;
-        let rows = self.rows_for_backward(ids)?;
+        let rows = self.table.rows_for_gradient(ids);
         if rows.contains(&DEFAULT_ROW) {
             let (rows, grad) = known_positions(&rows, grad_out, dim);
             self.grad.accumulate_lookup(&rows, &grad)
@@ -193,9 +185,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         let rows = self.translate(bags.ids())?;
         let row_bags = Bags::new(&rows, bags.offsets(), bags.weights())?;
         self.catch_up(&rows)?;
-        self.table.weights.pooled_lookup(&row_bags, pooling, out)?;
-        self.remember(bags.ids(), rows);
-        Ok(())
+        self.table.weights.pooled_lookup(&row_bags, pooling, out)
     }
 
     /// Accumulates the gradient of [`forward_pooled`](Self::forward_pooled)
@@ -216,7 +206,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             grad_out.len(),
         )?;
         check_finite("gradient", grad_out)?;
-        let rows = self.rows_for_backward(bags.ids())?;
+        let rows = self.table.rows_for_gradient(bags.ids());
         let row_bags = Bags::new(&rows, bags.offsets(), bags.weights())?;
         self.grad
             .accumulate_pooled(&self.table.weights, &row_bags, pooling, grad_out)
@@ -231,7 +221,6 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
     pub fn step(&mut self) -> Result<()> {
         self.table.step(&mut self.optimizer, &mut self.grad)?;
         self.grad.clear();
-        self.translations.clear();
         Ok(())
     }
 
@@ -272,7 +261,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
     fn translate<I: Index>(&mut self, ids: &[I]) -> Result<Vec<u32>> {
         let mut rows = Vec::new();
         self.table
-            .translate_into(ids, &mut self.optimizer, true, &mut rows)?;
+            .translate_into(ids, &mut self.optimizer, &mut rows)?;
         Ok(rows)
     }
 
@@ -287,31 +276,6 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             .map(|&r| r as usize)
             .collect();
         self.optimizer.catch_up(&mut self.table.weights, &rows)
-    }
-
-    /// Keeps the translation of a forward pass for its backward pass.
-    fn remember<I: Index>(&mut self, ids: &[I], rows: Vec<u32>) {
-        if self.translations.len() == KEPT_TRANSLATIONS {
-            self.translations.remove(0);
-        }
-        self.translations
-            .push((ids.iter().map(|&id| key_of(id)).collect(), rows));
-    }
-
-    /// The rows a forward pass of this step read for `ids`; for keys no
-    /// forward pass of this step named, their rows now (recorded as used,
-    /// so they keep them until the step ends; nothing is admitted).
-    fn rows_for_backward<I: Index>(&mut self, ids: &[I]) -> Result<Vec<u32>> {
-        let same = |keys: &[u64]| {
-            keys.len() == ids.len() && keys.iter().zip(ids).all(|(&k, &id)| k == key_of(id))
-        };
-        if let Some((_, rows)) = self.translations.iter().rev().find(|(k, _)| same(k)) {
-            return Ok(rows.clone());
-        }
-        let mut rows = Vec::new();
-        self.table
-            .translate_into(ids, &mut self.optimizer, false, &mut rows)?;
-        Ok(rows)
     }
 }
 

@@ -91,6 +91,7 @@
 
 mod admission;
 mod changes;
+mod checkpoint;
 mod eviction;
 mod keymap;
 mod layer;

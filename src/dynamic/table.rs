@@ -438,17 +438,15 @@ impl DynamicTable {
         optimizer: &mut dyn SparseOptimizer,
     ) -> Result<Vec<u32>> {
         let mut rows = Vec::new();
-        self.translate_into(ids, optimizer, true, &mut rows)?;
+        self.translate_into(ids, optimizer, &mut rows)?;
         Ok(rows)
     }
 
-    /// [`translate`](Self::translate) into `rows`; with `admit` false no
-    /// key is admitted (the uses of known keys are still recorded).
+    /// [`translate`](Self::translate) into `rows`.
     pub(crate) fn translate_into<I: Index>(
         &mut self,
         ids: &[I],
         optimizer: &mut dyn SparseOptimizer,
-        admit: bool,
         rows: &mut Vec<u32>,
     ) -> Result<()> {
         rows.clear();
@@ -458,11 +456,7 @@ impl DynamicTable {
         let now = self.step;
         // Which new keys would be admitted: decided from the stream alone.
         self.collect_new_keys(ids, rows);
-        let admission = if admit {
-            self.config.admission
-        } else {
-            Admission::ReadOnly
-        };
+        let admission = self.config.admission;
         let mut wanted = 0;
         for new in &mut self.scratch.news {
             let seen = self.pending.seen(new.key);
@@ -497,6 +491,39 @@ impl DynamicTable {
         self.call = call;
         self.stats.lookups += ids.len() as u64;
         self.settle_rows(optimizer)
+    }
+
+    /// The rows a gradient over `ids` goes to: each key's row now (the
+    /// default row for a key without one). A key not used yet in this step
+    /// is used now, so that it keeps its row until the step ends; keys used
+    /// already are left as they are (a backward pass after its forward pass
+    /// changes nothing).
+    pub(crate) fn rows_for_gradient<I: Index>(&mut self, ids: &[I]) -> Vec<u32> {
+        let mut rows = self.rows_of(ids);
+        let now = self.step;
+        let in_use = |r: &u32| *r == DEFAULT_ROW || self.meta[*r as usize].step == now;
+        if rows.iter().all(in_use) {
+            return rows;
+        }
+        let call = self.call + 1;
+        let mut used = Vec::new();
+        for r in &mut rows {
+            let m = &mut self.meta[*r as usize];
+            if *r == DEFAULT_ROW || (m.step == now && m.call != call) {
+                continue;
+            }
+            if m.call != call {
+                (m.call, m.step) = (call, now);
+                used.push(*r);
+            }
+            m.count += 1;
+        }
+        let live = self.map.len();
+        for r in used {
+            self.order.used(r, &self.meta, live);
+        }
+        self.call = call;
+        rows
     }
 
     /// The row of every id, or [`DEFAULT_ROW`].
@@ -549,7 +576,9 @@ impl DynamicTable {
         let short = wanted.saturating_sub(self.free.len());
         let most = self.limit + 1;
         let grown = if short > 0 && rows < most {
-            rows.saturating_add(short).max(rows.saturating_mul(2)).min(most)
+            rows.saturating_add(short)
+                .max(rows.saturating_mul(2))
+                .min(most)
         } else {
             rows
         };
@@ -638,9 +667,7 @@ impl DynamicTable {
                 self.free.pop()
             };
             let row = row.or_else(|| {
-                let victim = self
-                    .order
-                    .victim(self.config.eviction, &self.meta, now)?;
+                let victim = self.order.victim(self.config.eviction, &self.meta, now)?;
                 let old = self.meta[victim as usize].key;
                 self.map.remove(old);
                 evicted.push((victim as usize, old));
@@ -752,7 +779,7 @@ impl DynamicTable {
             grad_out.len(),
         )?;
         let mut rows = std::mem::take(&mut self.scratch.rows);
-        let result = self.translate_into(ids, optimizer, true, &mut rows);
+        let result = self.translate_into(ids, optimizer, &mut rows);
         let result = result.and_then(|()| {
             if rows.contains(&DEFAULT_ROW) {
                 let (rows, grad) = known_positions(&rows, grad_out, dim);
@@ -919,7 +946,12 @@ pub(crate) fn row_limit(config: &DynamicConfig, dim: usize, state_bytes: usize) 
 /// [`Memory::bounded`] is kept under): the storage, optimizer state,
 /// bookkeeping and free list of `keys + 1` rows, the key map at its
 /// largest, the eviction order and the sighting counts at theirs.
-pub(crate) fn max_bytes(config: &DynamicConfig, dim: usize, state_bytes: usize, keys: usize) -> usize {
+pub(crate) fn max_bytes(
+    config: &DynamicConfig,
+    dim: usize,
+    state_bytes: usize,
+    keys: usize,
+) -> usize {
     let rows = keys.saturating_add(1);
     let stride = checked_stride(dim).unwrap_or(usize::MAX);
     let per_row = stride

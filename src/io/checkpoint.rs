@@ -838,20 +838,24 @@ pub fn load_table_safetensors(path: impl AsRef<Path>, name: &str) -> Result<Embe
 // ---------------------------------------------------------------- writing
 
 /// A tensor to write.
-struct Tensor<'s> {
-    name: String,
-    shape: Vec<usize>,
-    data: Data<'s>,
+pub(crate) struct Tensor<'s> {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Data<'s>,
 }
 
 /// Where a tensor's values come from.
-enum Data<'s> {
+pub(crate) enum Data<'s> {
     /// A table's rows, unpadded: `F32`.
     Table(&'s EmbeddingTable),
     /// `F32` values.
     F32(&'s [f32]),
     /// Step counts, checked to fit: `I64`.
     I64(&'s [u64]),
+    /// `U64` values (a dynamic table's keys and counters).
+    U64(&'s [u64]),
+    /// `U32` values (a dynamic table's rows).
+    U32(&'s [u32]),
 }
 
 impl Data<'_> {
@@ -859,13 +863,15 @@ impl Data<'_> {
         match self {
             Data::Table(_) | Data::F32(_) => "F32",
             Data::I64(_) => "I64",
+            Data::U64(_) => "U64",
+            Data::U32(_) => "U32",
         }
     }
 
     fn width(&self) -> usize {
         match self {
-            Data::Table(_) | Data::F32(_) => 4,
-            Data::I64(_) => 8,
+            Data::Table(_) | Data::F32(_) | Data::U32(_) => 4,
+            Data::I64(_) | Data::U64(_) => 8,
         }
     }
 
@@ -873,13 +879,14 @@ impl Data<'_> {
         match self {
             Data::Table(t) => t.rows() * t.dim(),
             Data::F32(v) => v.len(),
-            Data::I64(v) => v.len(),
+            Data::I64(v) | Data::U64(v) => v.len(),
+            Data::U32(v) => v.len(),
         }
     }
 }
 
 /// A file laid out: its header, then its tensors in order.
-struct Plan<'s> {
+pub(crate) struct Plan<'s> {
     header: Vec<u8>,
     tensors: Vec<Tensor<'s>>,
 }
@@ -889,7 +896,10 @@ impl<'s> Plan<'s> {
     /// first, so every tensor is aligned to its element size when the file
     /// is mapped; then by name) and writes the header: the 8-byte length,
     /// then the JSON padded with spaces to a multiple of 8 bytes.
-    fn new(metadata: Option<Vec<(String, String)>>, mut tensors: Vec<Tensor<'s>>) -> Result<Self> {
+    pub(crate) fn new(
+        metadata: Option<Vec<(String, String)>>,
+        mut tensors: Vec<Tensor<'s>>,
+    ) -> Result<Self> {
         tensors.sort_by(|a, b| {
             b.data
                 .width()
@@ -955,7 +965,7 @@ impl<'s> Plan<'s> {
         Ok(Self { header, tensors })
     }
 
-    fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
+    pub(crate) fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
         out.write_all(&self.header)?;
         let mut buf = Vec::with_capacity(CHUNK * 8);
         for t in &self.tensors {
@@ -985,6 +995,20 @@ impl<'s> Plan<'s> {
                         out.write_all(&buf)?;
                     }
                 }
+                Data::U64(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
+                Data::U32(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -1007,7 +1031,7 @@ fn push_json_string(json: &mut String, s: &str) {
 }
 
 /// Checks a name that goes into tensor names or metadata lists.
-fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
+pub(crate) fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/');
     if !name.is_empty() && name.chars().all(ok) {
         return Ok(());
@@ -1021,7 +1045,7 @@ fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
 }
 
 /// Checks that `state` can be written and read back for `table`.
-fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
+pub(crate) fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
     check_name("kind", "optimizer kind", &state.kind)?;
     for (field, _) in &state.config {
         check_name("config", "config field", field)?;
@@ -1092,7 +1116,7 @@ fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
 }
 
 /// The metadata and tensors of `state`, saved for table `name`.
-fn plan_state<'s>(
+pub(crate) fn plan_state<'s>(
     name: &str,
     state: &'s OptimizerState,
     metadata: &mut Vec<(String, String)>,
@@ -1144,18 +1168,18 @@ fn plan_state<'s>(
 // ---------------------------------------------------------------- reading
 
 /// `Error::Format` for a checkpoint: safetensors files have no lines.
-fn bad(reason: impl Into<String>) -> Error {
+pub(crate) fn bad(reason: impl Into<String>) -> Error {
     format_error(0, reason)
 }
 
 /// A safetensors file read into memory, its header checked.
-struct Parsed<'b> {
+pub(crate) struct Parsed<'b> {
     meta: Metadata,
     data: &'b [u8],
 }
 
 impl<'b> Parsed<'b> {
-    fn parse(bytes: &'b [u8]) -> Result<Self> {
+    pub(crate) fn parse(bytes: &'b [u8]) -> Result<Self> {
         let (n, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         // `read_metadata` checked that the header and the data fill the
@@ -1167,7 +1191,7 @@ impl<'b> Parsed<'b> {
     }
 
     /// The tensor `name` and its bytes.
-    fn get(&self, name: &str) -> Result<(&TensorInfo, &'b [u8])> {
+    pub(crate) fn get(&self, name: &str) -> Result<(&TensorInfo, &'b [u8])> {
         let Some(info) = self.meta.info(name) else {
             let mut names = self.meta.offset_keys();
             names.sort();
@@ -1190,8 +1214,13 @@ impl<'b> Parsed<'b> {
         Ok((info, data))
     }
 
+    /// The names of every tensor in the file.
+    pub(crate) fn tensor_names(&self) -> Vec<String> {
+        self.meta.offset_keys()
+    }
+
     /// The metadata value of `key`.
-    fn meta(&self, key: &str) -> Option<&str> {
+    pub(crate) fn meta(&self, key: &str) -> Option<&str> {
         self.meta
             .metadata()
             .as_ref()
@@ -1199,7 +1228,7 @@ impl<'b> Parsed<'b> {
             .map(String::as_str)
     }
 
-    fn require(&self, key: &str) -> Result<&str> {
+    pub(crate) fn require(&self, key: &str) -> Result<&str> {
         self.meta(key)
             .ok_or_else(|| bad(format!("metadata {key:?} is missing")))
     }
@@ -1291,7 +1320,7 @@ impl<'b> Parsed<'b> {
     }
 
     /// The optimizer state saved with table `name`, which is `table`.
-    fn state(
+    pub(crate) fn state(
         &self,
         name: &str,
         kind: &str,
@@ -1430,7 +1459,7 @@ impl<'b> Parsed<'b> {
     }
 }
 
-fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
+pub(crate) fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
     if info.dtype == want {
         Ok(())
     } else {
@@ -1442,7 +1471,7 @@ fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
 }
 
 /// `(rows, dim)` of a tensor that must be a non-empty matrix.
-fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+pub(crate) fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
         [rows, dim] if rows > 0 && dim > 0 => Ok((rows, dim)),
         _ => Err(bad(format!(
@@ -1454,7 +1483,7 @@ fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
 /// A `rows × dim` table from `data`, `width` bytes per value, each
 /// converted by `read`. `data` holds exactly `rows * dim` values (checked
 /// by the `safetensors` crate against the dtype; checked again here).
-fn table_from_bytes(
+pub(crate) fn table_from_bytes(
     name: &str,
     rows: usize,
     dim: usize,
