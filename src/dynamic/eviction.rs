@@ -78,6 +78,9 @@ impl RowMeta {
     }
 }
 
+/// Entries this far ahead have their row's meta prefetched while compacting.
+const COMPACT_AHEAD: usize = 16;
+
 /// An LFU entry: `(count, call, key, row)`, the first to go the least.
 type Ranked = (u64, u64, u64, u32);
 
@@ -99,14 +102,29 @@ impl Order {
         }
     }
 
-    /// Records a use of `row`, whose meta is already updated.
-    pub(crate) fn used(&mut self, row: u32, meta: &[RowMeta], live: usize) {
-        let m = meta[row as usize];
-        match self {
-            Order::Recency(queue) => queue.push_back((m.call, row)),
-            Order::Frequency(heap, _) => heap.push(Reverse((m.count, m.call, m.key, row))),
+    /// Whether the order is by frequency, which needs a row's count once
+    /// the whole call is counted.
+    pub(crate) fn by_frequency(&self) -> bool {
+        matches!(self, Order::Frequency(..))
+    }
+
+    /// Records a use of `row`, whose meta (updated) is `m`; `meta` is every
+    /// row's, for dropping stale entries, and `live` the rows with a key.
+    #[inline]
+    pub(crate) fn used(&mut self, row: u32, m: RowMeta, meta: &[RowMeta], live: usize) {
+        let entries = match self {
+            Order::Recency(queue) => {
+                queue.push_back((m.call, row));
+                queue.len()
+            }
+            Order::Frequency(heap, _) => {
+                heap.push(Reverse((m.count, m.call, m.key, row)));
+                heap.len()
+            }
+        };
+        if entries > 2 * live + 64 {
+            self.compact(meta);
         }
-        self.compact(meta, live);
     }
 
     /// The next row to give up to a new key during step `now`, removed from
@@ -161,22 +179,54 @@ impl Order {
         }
     }
 
-    /// Drops the stale entries once they outnumber the live rows.
-    fn compact(&mut self, meta: &[RowMeta], live: usize) {
-        let current = |call: u64, row: u32| {
-            let m = meta[row as usize];
-            m.occupied() && m.call == call
-        };
+    /// Drops the stale entries, in one pass with each entry's row
+    /// prefetched a few entries ahead (the rows are scattered: without it
+    /// the pass waits on memory for every entry).
+    fn compact(&mut self, meta: &[RowMeta]) {
+        fn keep<T: Copy>(
+            items: &mut [T],
+            meta: &[RowMeta],
+            row: impl Fn(T) -> u32,
+            current: impl Fn(T, RowMeta) -> bool,
+        ) -> usize {
+            let mut kept = 0;
+            for i in 0..items.len() {
+                if let Some(&ahead) = items.get(i + COMPACT_AHEAD) {
+                    crate::kernels::prefetch(
+                        meta.as_ptr().wrapping_add(row(ahead) as usize).cast(),
+                    );
+                }
+                let item = items[i];
+                if current(item, meta[row(item) as usize]) {
+                    items[kept] = item;
+                    kept += 1;
+                }
+            }
+            kept
+        }
         match self {
-            Order::Recency(queue) if queue.len() > 2 * live + 64 => {
-                queue.retain(|&(call, row)| current(call, row));
+            Order::Recency(queue) => {
+                let kept = keep(
+                    queue.make_contiguous(),
+                    meta,
+                    |(_, row)| row,
+                    |(call, _), m| m.occupied() && m.call == call,
+                );
+                queue.truncate(kept);
             }
-            Order::Frequency(heap, _) if heap.len() > 2 * live + 64 => {
-                heap.retain(|Reverse((count, call, _, row))| {
-                    current(*call, *row) && meta[*row as usize].count == *count
-                });
+            Order::Frequency(heap, _) => {
+                let mut entries = std::mem::take(heap).into_vec();
+                let kept = keep(
+                    &mut entries,
+                    meta,
+                    |Reverse((.., row))| row,
+                    |Reverse((count, call, _, _)), m| {
+                        m.occupied() && m.call == call && m.count == count
+                    },
+                );
+                entries.truncate(kept);
+                *heap = BinaryHeap::from(entries);
             }
-            _ => {}
         }
     }
 

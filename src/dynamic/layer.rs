@@ -41,6 +41,8 @@ pub struct DynamicEmbedding<O> {
     table: DynamicTable,
     optimizer: O,
     grad: SparseGrad,
+    /// The rows of the last forward pass (a buffer reused across calls).
+    rows: Vec<u32>,
 }
 
 impl<O: SparseOptimizer> DynamicEmbedding<O> {
@@ -58,6 +60,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             table,
             optimizer,
             grad,
+            rows: Vec::new(),
         })
     }
 
@@ -122,7 +125,9 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         )?;
         let rows = self.translate(ids)?;
         self.catch_up(&rows)?;
-        self.table.weights.lookup(&rows, out)
+        let looked_up = self.table.weights.lookup(&rows, out);
+        self.rows = rows;
+        looked_up
     }
 
     /// Reads the rows of `ids` into `out` without admitting keys or
@@ -185,7 +190,10 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         let rows = self.translate(bags.ids())?;
         let row_bags = Bags::new(&rows, bags.offsets(), bags.weights())?;
         self.catch_up(&rows)?;
-        self.table.weights.pooled_lookup(&row_bags, pooling, out)
+        let pooled = self.table.weights.pooled_lookup(&row_bags, pooling, out);
+        drop(row_bags);
+        self.rows = rows;
+        pooled
     }
 
     /// Accumulates the gradient of [`forward_pooled`](Self::forward_pooled)
@@ -257,9 +265,9 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         self.table.export_changes()
     }
 
-    /// The rows of `ids`, admitting new keys.
+    /// The rows of `ids`, admitting new keys (in the reused buffer).
     fn translate<I: Index>(&mut self, ids: &[I]) -> Result<Vec<u32>> {
-        let mut rows = Vec::new();
+        let mut rows = std::mem::take(&mut self.rows);
         self.table
             .translate_into(ids, &mut self.optimizer, &mut rows)?;
         Ok(rows)

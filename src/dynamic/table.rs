@@ -442,8 +442,12 @@ impl DynamicTable {
         Ok(rows)
     }
 
-    /// [`translate`](Self::translate) into `rows`.
-    pub(crate) fn translate_into<I: Index>(
+    /// [`translate`](Self::translate) into `rows` (resized to `ids.len()`),
+    /// so that a training loop reuses one buffer.
+    ///
+    /// # Errors
+    /// As [`translate`](Self::translate).
+    pub fn translate_into<I: Index>(
         &mut self,
         ids: &[I],
         optimizer: &mut dyn SparseOptimizer,
@@ -479,13 +483,10 @@ impl DynamicTable {
         for &(j, k) in &scratch.positions {
             rows[j] = scratch.news[k].row;
         }
-        // Known keys count as used first, then the admitted ones.
+        // Known keys count as used first (`touch`), then the admitted ones.
         let live = map.len();
-        for &r in &scratch.touched {
-            order.used(r, meta, live);
-        }
         for &r in &scratch.fresh {
-            order.used(r as u32, meta, live);
+            order.used(r as u32, meta[r], meta, live);
         }
         order.settle();
         self.call = call;
@@ -520,7 +521,7 @@ impl DynamicTable {
         }
         let live = self.map.len();
         for r in used {
-            self.order.used(r, &self.meta, live);
+            self.order.used(r, self.meta[r as usize], &self.meta, live);
         }
         self.call = call;
         rows
@@ -616,12 +617,14 @@ impl DynamicTable {
     }
 
     /// Records the use of every row the batch names (`rows[j] != 0`), in
-    /// batch order; fills `scratch.touched` with the rows first used in
-    /// this call.
+    /// batch order, each row in the eviction order once (LFU: in
+    /// `scratch.touched`, entered once the call's counts are known).
     fn touch(&mut self, rows: &[u32], call: u64, now: u64) {
         let meta = &mut self.meta[..];
         let touched = &mut self.scratch.touched;
         touched.clear();
+        let by_frequency = self.order.by_frequency();
+        let live = self.map.len();
         for (j, &r) in rows.iter().enumerate() {
             if let Some(&ahead) = rows.get(j + META_AHEAD) {
                 kernels::prefetch(meta.as_ptr().wrapping_add(ahead as usize).cast());
@@ -630,12 +633,20 @@ impl DynamicTable {
                 continue;
             }
             let m = &mut meta[r as usize];
+            m.count += 1;
             if m.call != call {
                 m.call = call;
                 m.step = now;
-                touched.push(r);
+                if by_frequency {
+                    touched.push(r);
+                } else {
+                    let m = *m;
+                    self.order.used(r, m, meta, live);
+                }
             }
-            m.count += 1;
+        }
+        for &r in touched.iter() {
+            self.order.used(r, meta[r as usize], meta, live);
         }
     }
 
