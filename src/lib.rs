@@ -114,6 +114,7 @@ pub mod pool;
 mod similar;
 mod table;
 mod tensor;
+mod weight_grad;
 pub mod workloads;
 
 pub use aligned::AlignedBuf;
