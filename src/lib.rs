@@ -20,6 +20,11 @@
 //!   behind the [`SparseOptimizer`] trait, updating only the rows in the
 //!   batch, with Keras 3's formulas and defaults (and PyTorch presets),
 //!   [`Semantics::Lazy`] or [`Semantics::DenseExact`].
+//! * [`dynamic`]: tables keyed by any 64-bit id (hashed user and item
+//!   ids, no vocabulary), with admission of new keys, LRU / LFU / TTL
+//!   eviction under a capacity in rows or bytes, checkpoints and an
+//!   incremental export; [`EmbeddingLayer`] is the calls its layer shares
+//!   with [`Embedding`].
 //! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
 //!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
 //!   safetensors, and checkpoints that include the optimizer state.
