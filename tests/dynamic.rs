@@ -172,6 +172,53 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Evicting and reusing rows never touches another key: keys used in
+    /// every step (so never evicted) end with the same rows and optimizer
+    /// state, bitwise, in a table that evicts all the time as in one that
+    /// never does.
+    #[test]
+    fn eviction_leaves_the_other_keys_alone(
+        cfg in any_cfg(),
+        dim in 1..40usize,
+        hot in 1..20u64,
+        room in 1..10usize,
+        steps in proptest::collection::vec(proptest::collection::vec(0..1_000u64, 0..12), 1..12),
+        seed in any::<u64>(),
+    ) {
+        let bounded = DynamicConfig {
+            capacity: Capacity::Rows(hot as usize + room),
+            seed,
+            ..Default::default()
+        };
+        let unbounded = DynamicConfig { capacity: Capacity::Unbounded, ..bounded };
+        let mut a = dynamic(dim, bounded, &cfg);
+        let mut b = dynamic(dim, unbounded, &cfg);
+        for (t, cold) in steps.iter().enumerate() {
+            // The hot keys, then cold keys (1000 and up), some seen once.
+            let keys: Vec<u64> = (0..hot).chain(cold.iter().map(|k| 1_000 + k)).collect();
+            let g = values(t as u64, keys.len() * dim, -1.0, 1.0);
+            for layer in [&mut a, &mut b] {
+                layer.forward(&keys).unwrap();
+                layer.backward(&keys, &g).unwrap();
+                layer.step().unwrap();
+            }
+        }
+        prop_assert!(a.table().len() <= hot as usize + room);
+        let (sa, sb) = (a.optimizer().state(), b.optimizer().state());
+        for key in 0..hot {
+            let (ra, rb) = (a.table().row_of(key).unwrap(), b.table().row_of(key).unwrap());
+            assert_bits_eq(a.table().get(key).unwrap(), b.table().get(key).unwrap(), "row");
+            for (x, y) in sa.arrays.iter().zip(&sb.arrays) {
+                let w = if x.shape.len() == 2 { dim } else { 1 };
+                assert_bits_eq(&x.values[ra * w..][..w], &y.values[rb * w..][..w], &x.name);
+            }
+        }
+    }
+}
+
 #[test]
 fn step_lookup_is_translate_then_accumulate_then_step() {
     let dim = 24;
