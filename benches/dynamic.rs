@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable};
-use embtable::workloads::{BATCH, BIG_ROWS, uniform, values};
 use embtable::{
     Adagrad, AdagradConfig, AlignedBuf, EmbeddingTable, Init, Sgd, SgdConfig, SparseOptimizer,
 };
+use workloads::{BATCH, BIG_ROWS, uniform, values};
 
 const DIM: usize = 128;
 

@@ -26,10 +26,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable, Eviction};
-use embtable::workloads::{self, BATCH, BIG_ROWS};
 use embtable::{
     Adagrad, AdagradConfig, AlignedBuf, EmbeddingTable, Init, Sgd, SgdConfig, SparseOptimizer,
 };
+use workloads::{self, BATCH, BIG_ROWS};
 
 const DIM: usize = 128;
 /// One position in ten names a key the table has never seen.

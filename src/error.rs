@@ -87,9 +87,11 @@ pub enum Error {
     },
 }
 
-/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows".
-pub(crate) fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
+/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows". Every
+/// message that counts something says it through here.
+pub(crate) fn count(n: impl std::fmt::Display, noun: &str) -> String {
+    let n = n.to_string();
+    if n == "1" {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")

@@ -15,10 +15,8 @@ use rayon::prelude::*;
 use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result};
-
-/// Below this many contributed floats, accumulation runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Floats of gradient slots per parallel task.
 const TASK_FLOATS: usize = 1 << 15;
@@ -168,8 +166,8 @@ impl SparseGrad {
     pub fn row_grad(&self, k: usize) -> &[f32] {
         assert!(
             k < self.len(),
-            "slot {k} out of range for {} rows",
-            self.len()
+            "slot {k} out of range for {}",
+            crate::error::count(self.len(), "row")
         );
         &self.as_padded()[k * self.stride..][..self.dim]
     }
@@ -246,7 +244,8 @@ impl SparseGrad {
         for (k, &r) in self.rows.iter().enumerate() {
             assert!(
                 r < rows,
-                "row {r} has a gradient but the table has {rows} rows"
+                "row {r} has a gradient but the table has {}",
+                crate::error::count(rows, "row")
             );
             dense[r * self.dim..][..self.dim].copy_from_slice(self.row_grad(k));
         }

@@ -101,10 +101,11 @@
 //! so several DRAM fetches are in flight; the hot loop has no bounds checks.
 //! Results never depend on the thread count. The benchmarks in `benches/`
 //! measure the workloads of `WORKLOADS.md` against the machine's memory
-//! bandwidth; [`workloads`] generates them bit-exactly.
+//! bandwidth; the repository's `workloads` crate (bench support, not part
+//! of this library) generates them bit-exactly.
 #![deny(missing_docs)]
 
-pub mod aligned;
+mod aligned;
 pub mod dynamic;
 mod error;
 mod grad;
@@ -115,12 +116,12 @@ pub mod kernels;
 mod layer;
 mod layers;
 pub mod optim;
+mod parallel;
 pub mod pool;
 mod similar;
 mod table;
 mod tensor;
 mod weight_grad;
-pub mod workloads;
 
 pub use aligned::AlignedBuf;
 pub use error::{Error, Result};

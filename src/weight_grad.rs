@@ -33,8 +33,10 @@ impl EmbeddingTable {
     /// Writes into `out` (one float per id of `bags`) the gradient of a
     /// loss with respect to each per-sample weight, given `grad_out`, the
     /// gradient of [`pooled_lookup`](Self::pooled_lookup)'s output
-    /// (`bags.len() * dim` floats). See the [module docs](self) for the
-    /// formulas; the table must be the one of the forward pass.
+    /// (`bags.len() * dim` floats). With `s_j = e_j · g` for the row `e_j`
+    /// of id `j` and the bag's output gradient `g`: `Sum` gives `s_k`,
+    /// `Mean` and `SqrtN` the derivative of `Σ w_j e_j / d` through their
+    /// divisor `d` too. The table must be the one of the forward pass.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for [`Pooling::Max`];

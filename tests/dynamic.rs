@@ -13,12 +13,12 @@ use common::{assert_bits_eq, each_config};
 use embtable::dynamic::{
     Admission, Capacity, DynamicConfig, DynamicEmbedding, DynamicTable, Eviction,
 };
-use embtable::workloads::values;
 use embtable::{
     Adagrad, AdagradConfig, Bags, Embedding, EmbeddingTable, Error, Frozen, Init, Pooling,
     Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
 };
 use proptest::prelude::*;
+use workloads::values;
 
 type Layer = DynamicEmbedding<Box<dyn SparseOptimizer + Send>>;
 
@@ -480,7 +480,7 @@ fn busy_run(eviction: Eviction) -> (DynamicTable, Vec<f32>) {
     let mut layer = DynamicEmbedding::new(DynamicTable::new(dim, config).unwrap(), sgd).unwrap();
     let mut outputs = Vec::new();
     for t in 0..12u64 {
-        let keys: Vec<u64> = embtable::workloads::uniform(t, 20_000, 6_000)
+        let keys: Vec<u64> = workloads::uniform(t, 20_000, 6_000)
             .into_iter()
             .map(|k| (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();

@@ -9,11 +9,11 @@ use common::{Scratch, assert_bits_eq};
 use embtable::dynamic::{
     Admission, Capacity, DynamicConfig, DynamicEmbedding, DynamicTable, Eviction,
 };
-use embtable::workloads::{uniform, values};
 use embtable::{
     Adam, AdamConfig, Bags, EmbeddingTable, Error, Pooling, RmsProp, RmsPropConfig, Semantics,
     SparseOptimizer, io,
 };
+use workloads::{uniform, values};
 
 type Layer = DynamicEmbedding<Box<dyn SparseOptimizer>>;
 

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{assert_bits_eq, each_config, matmul, onehot, transpose};
-use embtable::workloads::values;
 use embtable::{EmbeddingTable, Error, Index, SparseGrad};
 use proptest::prelude::*;
+use workloads::values;
 
 /// Converts row numbers to the index type under test.
 trait FromRow: Index {
@@ -258,7 +258,7 @@ fn clear_forgets_everything_and_keeps_working() {
 #[test]
 fn large_gradients_are_summed_in_batch_order() {
     let (rows, dim, n) = (50_000, 128, 40_000);
-    let ids: Vec<usize> = embtable::workloads::uniform(7, n, rows)
+    let ids: Vec<usize> = workloads::uniform(7, n, rows)
         .into_iter()
         .map(|r| r as usize)
         .collect();

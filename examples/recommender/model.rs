@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::data::Dataset;
+use crate::data::{Dataset, Split};
 use crate::dense::Layout::{RowMajor, Transposed};
 use crate::dense::{matmul, transpose};
 use crate::rng::{Rng, Weighted};
@@ -132,7 +132,7 @@ struct Negatives {
 impl Negatives {
     fn new(data: &Dataset, power: f64) -> Self {
         let weights: Vec<f64> = data
-            .item_counts()
+            .item_counts(Split::Validation)
             .iter()
             .map(|&c| (f64::from(c) + 1.0).powf(power))
             .collect();
@@ -560,13 +560,13 @@ impl<O: SparseOptimizer + Send> Model<O> {
         })
     }
 
-    /// The vectors of `users` (`users.len() × dim`): the (weighted) mean of
-    /// each one's last `L` training items, a pooled lookup as in training,
-    /// plus its user-id row.
-    pub fn user_vectors(&self, data: &Dataset, users: &[usize]) -> Vec<f32> {
+    /// The vectors of `users` (`users.len() × dim`) for predicting their
+    /// held-out items of `split`: the (weighted) mean of each one's last `L`
+    /// known items, a pooled lookup as in training, plus its user-id row.
+    pub fn user_vectors(&self, data: &Dataset, users: &[usize], split: Split) -> Vec<f32> {
         let (mut ids, mut offsets, mut weights) = (Vec::new(), vec![0], Vec::new());
         for &u in users {
-            let h = data.history(u);
+            let h = data.known(u, split);
             let recent = &h[h.len().saturating_sub(self.cfg.history)..];
             ids.extend_from_slice(recent);
             offsets.push(ids.len());
@@ -603,10 +603,18 @@ impl<O: SparseOptimizer + Send> Model<O> {
         out
     }
 
-    /// Scores every item for each of `users`: `out` is `users.len() × items`,
-    /// row-major; `items_t` is [`items_transposed`](Self::items_transposed).
-    pub fn score_block(&self, data: &Dataset, users: &[usize], items_t: &[f32], out: &mut [f32]) {
-        let vecs = self.user_vectors(data, users);
+    /// Scores every item for each of `users` against their held-out items
+    /// of `split`: `out` is `users.len() × items`, row-major; `items_t` is
+    /// [`items_transposed`](Self::items_transposed).
+    pub fn score_block(
+        &self,
+        data: &Dataset,
+        users: &[usize],
+        split: Split,
+        items_t: &[f32],
+        out: &mut [f32],
+    ) {
+        let vecs = self.user_vectors(data, users, split);
         matmul(&vecs, RowMajor, items_t, self.cfg.dim, data.items, out);
     }
 }

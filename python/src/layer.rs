@@ -415,7 +415,7 @@ impl Layer {
             let mut this = slf.borrow_mut();
             let table = this.inner.table_mut();
             let (rows, dim, stride) = (table.rows(), table.dim(), table.stride());
-            (table.as_padded_mut().as_mut_ptr(), rows, dim, stride)
+            (table.as_mut_ptr(), rows, dim, stride)
         };
         // SAFETY: `ptr` points to `rows * stride` initialised floats, and
         // row r's first `dim` of them start at `r * stride`; the view
@@ -604,9 +604,8 @@ impl Layer {
         let layer = &mut self.inner;
         run(py, move || {
             let table = layer.table_mut();
-            let stride = table.stride();
             for (r, src) in values.chunks_exact(dim).enumerate() {
-                table.as_padded_mut()[r * stride..][..dim].copy_from_slice(src);
+                table.row_mut(r).copy_from_slice(src);
             }
             if let Some(p) = layer.options().padding_idx {
                 layer.table_mut().row_mut(p).fill(0.0);

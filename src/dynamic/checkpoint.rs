@@ -49,9 +49,9 @@ use super::eviction::{Eviction, Order, RowMeta};
 use super::keymap::KeyMap;
 use super::table::{DEFAULT_ROW, row_limit};
 use super::{Capacity, DynamicConfig, DynamicEmbedding, DynamicTable, Stats};
-use crate::io::checkpoint::{
-    Data, Parsed, Plan, Tensor, bad, check_dtype, check_state, matrix_shape, plan_state,
-    table_from_bytes,
+use crate::io::checkpoint::{check_state, plan_state};
+use crate::io::safetensors::{
+    Data, Parsed, Plan, Tensor, bad, check_dtype, matrix_shape, table_from_bytes,
 };
 use crate::io::{read_error, write_atomic};
 use crate::optim::{OptimizerState, SparseOptimizer};

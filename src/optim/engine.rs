@@ -37,11 +37,8 @@ use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
 use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
-
-/// Below this many floats of rows to update, a pass runs on the calling
-/// thread: waking rayon's workers would cost more than the work.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Floats (weights and state) per parallel task.
 const TASK_FLOATS: usize = 1 << 15;
@@ -1015,9 +1012,9 @@ impl Core {
                 return Err(Error::InvalidConfig {
                     field: "shape",
                     reason: format!(
-                        "a state without a table shape must be empty, got {} steps, {} arrays",
-                        state.steps,
-                        state.arrays.len()
+                        "a state without a table shape must be empty, got {} and {}",
+                        crate::error::count(state.steps, "step"),
+                        crate::error::count(state.arrays.len(), "array")
                     ),
                 });
             }
@@ -1120,7 +1117,10 @@ fn check_saved_counters(state: &OptimizerState, rows: usize, track: bool) -> Res
         if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
             return Err(Error::InvalidConfig {
                 field: "last_step",
-                reason: format!("a row has seen {bad} steps of {}", state.steps),
+                reason: format!(
+                    "a row's last step is {bad}, but the state has taken only {}",
+                    crate::error::count(state.steps, "step")
+                ),
             });
         }
     } else {

@@ -36,6 +36,7 @@ use crate::aligned::{LANES_PER_LINE, SendPtr};
 use crate::grad::{self, Line, ScanPart};
 use crate::index::{Index, row_unchecked};
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 
 /// "None": a row without a group yet, or a first position.
 pub(crate) const NONE: u32 = u32::MAX;
@@ -245,10 +246,6 @@ impl Groups {
         unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * LANES_PER_LINE) }
     }
 }
-
-/// Below this many gradient floats, [`Groups::copy_later`] runs on the
-/// calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Scratch rows are streamed past the caches for gradients of this size on.
 const STREAM_MIN_BYTES: usize = 16 << 20;
