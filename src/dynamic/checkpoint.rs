@@ -29,8 +29,8 @@
 //! `rows:n` or `bytes:n`), `dynamic.clock` (`step=S,call=C`),
 //! `dynamic.stats` (`lookups=…,admitted=…,evicted=…,expired=…,refused=…,grown=…`),
 //! `dynamic.state_bytes` (optimizer bytes per row counted in a byte
-//! capacity), and the optimizer's `dynamic.optim.*` keys as a checkpoint
-//! writes them (absent for a table saved without optimizer).
+//! capacity), and for a layer the optimizer's `dynamic.optim.*` keys as a
+//! checkpoint writes them and `dynamic.max_norm` (`none` or the bound).
 //!
 //! Loading checks everything a file could get wrong (shapes, dtypes, a key
 //! held by two rows, a row both free and held, counters from the future, a
@@ -136,7 +136,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
         }
         let state = self.optimizer().state();
         check_state(&state, self.table().weights())?;
-        save(self.table(), Some(&state), path.as_ref())
+        save(self.table(), Some((&state, self.max_norm())), path.as_ref())
     }
 
     /// Reads a layer written by [`save`](Self::save), loading the saved
@@ -150,7 +150,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
     /// saved without optimizer state.
     pub fn load(path: impl AsRef<Path>, mut optimizer: O) -> Result<Self> {
         let (table, state) = load(path.as_ref())?;
-        let Some(state) = state else {
+        let Some((state, max_norm)) = state else {
             return Err(Error::InvalidConfig {
                 field: "optimizer",
                 reason: "the file holds a table saved without optimizer state; use \
@@ -159,11 +159,20 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             });
         };
         optimizer.load_state(state)?;
-        Self::new(table, optimizer)
+        let mut layer = Self::new(table, optimizer)?;
+        layer.set_max_norm(max_norm)?;
+        Ok(layer)
     }
 }
 
-fn save(table: &DynamicTable, state: Option<&OptimizerState>, path: &Path) -> Result<()> {
+/// A layer's optimizer state and `max_norm`.
+type LayerState<T> = (T, Option<f32>);
+
+fn save(
+    table: &DynamicTable,
+    layer: Option<LayerState<&OptimizerState>>,
+    path: &Path,
+) -> Result<()> {
     let dim = table.dim();
     let rows: Vec<u64> = table
         .meta
@@ -240,14 +249,16 @@ fn save(table: &DynamicTable, state: Option<&OptimizerState>, path: &Path) -> Re
         ),
         (key("state_bytes"), table.state_bytes.to_string()),
     ];
-    if let Some(state) = state {
+    if let Some((state, max_norm)) = layer {
         plan_state(NAME, state, &mut metadata, &mut tensors);
+        let max_norm = max_norm.map_or("none".to_owned(), |m| format!("{m:?}"));
+        metadata.push((key("max_norm"), max_norm));
     }
     let plan = Plan::new(Some(metadata), tensors)?;
     write_atomic(path, |out| plan.write(out))
 }
 
-fn load(path: &Path) -> Result<(DynamicTable, Option<OptimizerState>)> {
+fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>)> {
     let bytes = std::fs::read(path).map_err(|e| read_error(path, e))?;
     let file = Parsed::parse(&bytes)?;
     match file.meta("embtable.format") {
@@ -439,7 +450,20 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<OptimizerState>)> {
     };
 
     let state = match file.meta(&format!("{NAME}.optim.kind")) {
-        Some(kind) => Some(file.state(NAME, kind, &weights, reader.used)?),
+        Some(kind) => {
+            let state = file.state(NAME, kind, &weights, reader.used)?;
+            let key = format!("{NAME}.max_norm");
+            let max_norm = match file.require(&key)? {
+                "none" => None,
+                text => Some(
+                    text.parse::<f32>()
+                        .ok()
+                        .filter(|m| m.is_finite() && *m > 0.0)
+                        .ok_or_else(|| bad(format!("{key} is {text:?}, not none or a norm")))?,
+                ),
+            };
+            Some((state, max_norm))
+        }
         None => None,
     };
     let mut unknown: Vec<String> = file

@@ -43,6 +43,8 @@ pub struct DynamicEmbedding<O> {
     grad: SparseGrad,
     /// The rows of the last forward pass (a buffer reused across calls).
     rows: Vec<u32>,
+    /// Rows updated by a step are rescaled to at most this L2 norm.
+    max_norm: Option<f32>,
 }
 
 impl<O: SparseOptimizer> DynamicEmbedding<O> {
@@ -61,7 +63,46 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             optimizer,
             grad,
             rows: Vec::new(),
+            max_norm: None,
         })
+    }
+
+    /// Rescales the rows each step updates to at most `max_norm` (L2),
+    /// after the step, as Keras' `MaxNorm` constraint and the fixed
+    /// layer's `EmbeddingOptions::max_norm` do; `None` turns it off.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `max_norm`) unless it is finite and
+    /// positive; nothing changes then.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::dynamic::{DynamicConfig, DynamicEmbedding, DynamicTable};
+    /// use embtable::{Sgd, SgdConfig};
+    /// let sgd = Sgd::new(SgdConfig { lr: 10.0, ..SgdConfig::keras() });
+    /// let mut layer = DynamicEmbedding::new(DynamicTable::new(2, DynamicConfig::default())?, sgd)?;
+    /// layer.set_max_norm(Some(1.0))?;
+    /// layer.forward(&[5u64])?;
+    /// layer.backward(&[5u64], &[3.0, 4.0])?;
+    /// layer.step()?;
+    /// let row = layer.table().get(5u64).unwrap();
+    /// assert!((row[0].hypot(row[1]) - 1.0).abs() < 1e-5);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    pub fn set_max_norm(&mut self, max_norm: Option<f32>) -> Result<()> {
+        if let Some(m) = max_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+            return Err(Error::InvalidConfig {
+                field: "max_norm",
+                reason: format!("{m} is not a finite positive number"),
+            });
+        }
+        self.max_norm = max_norm;
+        Ok(())
+    }
+
+    /// The bound [`set_max_norm`](Self::set_max_norm) set, if any.
+    pub fn max_norm(&self) -> Option<f32> {
+        self.max_norm
     }
 
     /// The table.
@@ -220,16 +261,18 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
             .accumulate_pooled(&self.table.weights, &row_bags, pooling, grad_out)
     }
 
-    /// Applies the accumulated gradient with the optimizer, clears it, and
-    /// ends the table's step ([`DynamicTable::step`]).
+    /// Applies the accumulated gradient with the optimizer, rescales the
+    /// updated rows to the [`max_norm`](Self::set_max_norm) if set, clears
+    /// the gradient, and ends the table's step ([`DynamicTable::step`]).
     ///
     /// # Errors
     /// As the optimizer's `step`; the table, the optimizer and the
     /// gradient are then unchanged (but for the default row's share).
     pub fn step(&mut self) -> Result<()> {
-        self.table.step(&mut self.optimizer, &mut self.grad)?;
+        self.table
+            .apply(&mut self.optimizer, &mut self.grad, self.max_norm)?;
         self.grad.clear();
-        Ok(())
+        self.table.advance(&mut self.optimizer)
     }
 
     /// Drops the gradient accumulated since the last step.

@@ -759,12 +759,28 @@ impl DynamicTable {
         optimizer: &mut dyn SparseOptimizer,
         grad: &mut SparseGrad,
     ) -> Result<()> {
+        self.apply(optimizer, grad, None)?;
+        self.advance(optimizer)
+    }
+
+    /// [`step`](Self::step) without ending the step, and with the rows it
+    /// updated rescaled to at most `max_norm` (as
+    /// [`EmbeddingTable::renorm_rows`]) if given.
+    pub(crate) fn apply(
+        &mut self,
+        optimizer: &mut dyn SparseOptimizer,
+        grad: &mut SparseGrad,
+        max_norm: Option<f32>,
+    ) -> Result<()> {
         grad.remove_row(DEFAULT_ROW as usize);
         optimizer.step(&mut self.weights, grad)?;
+        if let Some(max_norm) = max_norm {
+            self.weights.renorm_rows(grad.rows(), max_norm)?;
+        }
         if let Some(changes) = &mut self.changes {
             changes.mark(grad.rows().iter().copied());
         }
-        self.advance(optimizer)
+        Ok(())
     }
 
     /// One training step from a lookup's output gradient: translates `ids`
