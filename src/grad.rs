@@ -202,6 +202,25 @@ impl SparseGrad {
         }
     }
 
+    /// Drops row `row`'s gradient, if it has one, keeping the other rows in
+    /// their order: the default row of a dynamic table, which unknown keys
+    /// read and which is never trained. The magnitude bound stays valid (it
+    /// bounds every remaining slot).
+    pub(crate) fn remove_row(&mut self, row: usize) -> bool {
+        let Some(slot) = self.slot_of.remove(&row) else {
+            return false;
+        };
+        self.rows.remove(slot);
+        let lines = self.stride / LANES_PER_LINE;
+        self.grads.drain(slot * lines..(slot + 1) * lines);
+        for s in self.slot_of.values_mut() {
+            if *s > slot {
+                *s -= 1;
+            }
+        }
+        true
+    }
+
     /// Forgets every row, keeping the allocations for the next batch.
     pub fn clear(&mut self) {
         self.slot_of.clear();

@@ -747,7 +747,7 @@ pub fn load_checkpoint<O: SparseOptimizer + ?Sized>(
 /// loading both check a state with this, and only with this: whether it
 /// suits an optimizer (its kind, config, array names, values) is
 /// [`SparseOptimizer::load_state`]'s to check.
-fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
+pub(crate) fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
     check_name("kind", "optimizer kind", &state.kind)?;
     for (field, _) in &state.config {
         check_name("config", "config field", field)?;
@@ -818,7 +818,7 @@ fn check_state(state: &OptimizerState, table: &EmbeddingTable) -> Result<()> {
 }
 
 /// The metadata and tensors of `state`, saved for table `name`.
-fn plan_state<'s>(
+pub(crate) fn plan_state<'s>(
     name: &str,
     state: &'s OptimizerState,
     metadata: &mut Vec<(String, String)>,
@@ -957,7 +957,7 @@ impl Parsed<'_> {
     }
 
     /// The optimizer state saved with table `name`, which is `table`.
-    fn state(
+    pub(crate) fn state(
         &self,
         name: &str,
         kind: &str,

@@ -115,7 +115,7 @@ pub mod checkpoint;
 mod glove;
 mod npy;
 mod pretrained;
-mod safetensors;
+pub(crate) mod safetensors;
 mod text;
 mod vocab;
 mod word2vec;
