@@ -213,7 +213,7 @@ impl SparseGrad {
         self.rows.remove(slot);
         let lines = self.stride / LANES_PER_LINE;
         self.grads.drain(slot * lines..(slot + 1) * lines);
-        for s in self.slot_of.values_mut() {
+        for s in self.slot_of.tags_mut() {
             if *s > slot {
                 *s -= 1;
             }
