@@ -20,6 +20,11 @@
 //!   behind the [`SparseOptimizer`] trait, updating only the rows in the
 //!   batch, with Keras 3's formulas and defaults (and PyTorch presets),
 //!   [`Semantics::Lazy`] or [`Semantics::DenseExact`].
+//! * [`dynamic`]: tables keyed by any 64-bit id (hashed user and item
+//!   ids, no vocabulary), with admission of new keys, LRU / LFU / TTL
+//!   eviction under a capacity in rows or bytes, checkpoints and an
+//!   incremental export; [`EmbeddingLayer`] is the calls its layer shares
+//!   with [`Embedding`].
 //! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
 //!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
 //!   safetensors, and checkpoints that include the optimizer state.
@@ -104,13 +109,16 @@
 #![deny(missing_docs)]
 
 mod aligned;
+pub mod dynamic;
 mod error;
 mod grad;
+mod grouping;
 mod index;
 mod init;
 pub mod io;
 pub mod kernels;
 mod layer;
+mod layers;
 pub mod optim;
 mod parallel;
 pub mod pool;
@@ -127,6 +135,7 @@ pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
 pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
+pub use layers::EmbeddingLayer;
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
     FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,

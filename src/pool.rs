@@ -69,7 +69,7 @@ use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Floats of rows read per parallel task: large enough to amortise
 /// scheduling, small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// How the rows of a bag are reduced to one row.
 ///

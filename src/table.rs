@@ -10,7 +10,7 @@ use crate::{Error, Init, Result};
 
 /// Output floats per parallel task: large enough to amortise scheduling,
 /// small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// Bytes of rows that gathers keep prefetching ahead of the row in use.
 ///
@@ -391,6 +391,35 @@ impl EmbeddingTable {
     }
 }
 
+impl EmbeddingTable {
+    /// The rows of `ids` into `out` on the calling thread, with streaming
+    /// stores if `stream` (as [`streams_output`] decides for the whole
+    /// output this is part of): one task of a gather whose ids come from
+    /// elsewhere (a dynamic table's keys, translated in the same task).
+    ///
+    /// # Safety
+    /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
+    pub(crate) unsafe fn gather_serial<I: Index>(
+        &self,
+        tier: Tier,
+        ids: &[I],
+        out: &mut [f32],
+        stream: bool,
+    ) {
+        debug_assert_eq!(out.len(), ids.len() * self.dim);
+        kernels::dispatch(
+            tier,
+            Gather {
+                table: self,
+                ids,
+                first: 0,
+                out,
+                stream,
+            },
+        )
+    }
+}
+
 /// Outputs of at least this many bytes are written with non-temporal
 /// stores: far larger than a core's share of the L3, they would only evict
 /// the table's rows, and streaming skips reading each line before it is
@@ -401,7 +430,7 @@ const STREAM_MIN_BYTES: usize = 16 << 20;
 /// Whether a lookup streams `out`: large enough, and every row starts on a
 /// cache line, so each line is written whole by one non-temporal store.
 /// (Partial lines mixed with streamed ones were 2-3x slower on W2.)
-fn streams_output(out: &[f32], dim: usize) -> bool {
+pub(crate) fn streams_output(out: &[f32], dim: usize) -> bool {
     const LINE: usize = crate::aligned::LANES_PER_LINE * size_of::<f32>();
     size_of_val(out) >= STREAM_MIN_BYTES
         && (out.as_ptr() as usize).is_multiple_of(LINE)

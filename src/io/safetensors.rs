@@ -119,7 +119,7 @@ pub fn load_table_safetensors(path: impl AsRef<Path>, name: &str) -> Result<Embe
 }
 
 /// Checks a name that goes into tensor names or metadata lists.
-pub(super) fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
+pub(crate) fn check_name(field: &'static str, what: &str, name: &str) -> Result<()> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/');
     if !name.is_empty() && name.chars().all(ok) {
         return Ok(());
@@ -135,20 +135,24 @@ pub(super) fn check_name(field: &'static str, what: &str, name: &str) -> Result<
 // ---------------------------------------------------------------- writing
 
 /// A tensor to write.
-pub(super) struct Tensor<'s> {
-    pub(super) name: String,
-    pub(super) shape: Vec<usize>,
-    pub(super) data: Data<'s>,
+pub(crate) struct Tensor<'s> {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Data<'s>,
 }
 
 /// Where a tensor's values come from.
-pub(super) enum Data<'s> {
+pub(crate) enum Data<'s> {
     /// A table's rows, unpadded: `F32`.
     Table(&'s EmbeddingTable),
     /// `F32` values.
     F32(&'s [f32]),
     /// Step counts, checked to fit: `I64`.
     I64(&'s [u64]),
+    /// `U64` values (a dynamic table's keys and counters).
+    U64(&'s [u64]),
+    /// `U32` values (a dynamic table's rows).
+    U32(&'s [u32]),
 }
 
 impl Data<'_> {
@@ -156,13 +160,15 @@ impl Data<'_> {
         match self {
             Data::Table(_) | Data::F32(_) => "F32",
             Data::I64(_) => "I64",
+            Data::U64(_) => "U64",
+            Data::U32(_) => "U32",
         }
     }
 
     fn width(&self) -> usize {
         match self {
-            Data::Table(_) | Data::F32(_) => 4,
-            Data::I64(_) => 8,
+            Data::Table(_) | Data::F32(_) | Data::U32(_) => 4,
+            Data::I64(_) | Data::U64(_) => 8,
         }
     }
 
@@ -170,13 +176,14 @@ impl Data<'_> {
         match self {
             Data::Table(t) => t.rows() * t.dim(),
             Data::F32(v) => v.len(),
-            Data::I64(v) => v.len(),
+            Data::I64(v) | Data::U64(v) => v.len(),
+            Data::U32(v) => v.len(),
         }
     }
 }
 
 /// A file laid out: its header, then its tensors in order.
-pub(super) struct Plan<'s> {
+pub(crate) struct Plan<'s> {
     header: Vec<u8>,
     tensors: Vec<Tensor<'s>>,
 }
@@ -186,7 +193,7 @@ impl<'s> Plan<'s> {
     /// first, so every tensor is aligned to its element size when the file
     /// is mapped; then by name) and writes the header: the 8-byte length,
     /// then the JSON padded with spaces to a multiple of 8 bytes.
-    pub(super) fn new(
+    pub(crate) fn new(
         metadata: Option<Vec<(String, String)>>,
         mut tensors: Vec<Tensor<'s>>,
     ) -> Result<Self> {
@@ -255,7 +262,7 @@ impl<'s> Plan<'s> {
         Ok(Self { header, tensors })
     }
 
-    pub(super) fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
+    pub(crate) fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
         out.write_all(&self.header)?;
         let mut buf = Vec::with_capacity(CHUNK * 8);
         for t in &self.tensors {
@@ -285,6 +292,20 @@ impl<'s> Plan<'s> {
                         out.write_all(&buf)?;
                     }
                 }
+                Data::U64(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
+                Data::U32(values) => {
+                    for chunk in values.chunks(CHUNK) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        out.write_all(&buf)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -309,18 +330,18 @@ fn push_json_string(json: &mut String, s: &str) {
 // ---------------------------------------------------------------- reading
 
 /// `Error::Format` for a safetensors file, which has no lines.
-pub(super) fn bad(reason: impl Into<String>) -> Error {
+pub(crate) fn bad(reason: impl Into<String>) -> Error {
     format_error(0, reason)
 }
 
 /// A safetensors file read into memory, its header checked.
-pub(super) struct Parsed<'b> {
-    pub(super) meta: Metadata,
+pub(crate) struct Parsed<'b> {
+    pub(crate) meta: Metadata,
     data: &'b [u8],
 }
 
 impl<'b> Parsed<'b> {
-    pub(super) fn parse(bytes: &'b [u8]) -> Result<Self> {
+    pub(crate) fn parse(bytes: &'b [u8]) -> Result<Self> {
         let (n, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         // `read_metadata` checked that the header and the data fill the
@@ -332,7 +353,7 @@ impl<'b> Parsed<'b> {
     }
 
     /// The tensor `name` and its bytes.
-    pub(super) fn get(&self, name: &str) -> Result<(&TensorInfo, &'b [u8])> {
+    pub(crate) fn get(&self, name: &str) -> Result<(&TensorInfo, &'b [u8])> {
         let Some(info) = self.meta.info(name) else {
             let mut names = self.meta.offset_keys();
             names.sort();
@@ -355,8 +376,13 @@ impl<'b> Parsed<'b> {
         Ok((info, data))
     }
 
+    /// The names of every tensor in the file.
+    pub(crate) fn tensor_names(&self) -> Vec<String> {
+        self.meta.offset_keys()
+    }
+
     /// The metadata value of `key`.
-    pub(super) fn meta(&self, key: &str) -> Option<&str> {
+    pub(crate) fn meta(&self, key: &str) -> Option<&str> {
         self.meta
             .metadata()
             .as_ref()
@@ -364,13 +390,13 @@ impl<'b> Parsed<'b> {
             .map(String::as_str)
     }
 
-    pub(super) fn require(&self, key: &str) -> Result<&str> {
+    pub(crate) fn require(&self, key: &str) -> Result<&str> {
         self.meta(key)
             .ok_or_else(|| bad(format!("metadata {key:?} is missing")))
     }
 }
 
-pub(super) fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
+pub(crate) fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<()> {
     if info.dtype == want {
         Ok(())
     } else {
@@ -382,7 +408,7 @@ pub(super) fn check_dtype(name: &str, info: &TensorInfo, want: Dtype) -> Result<
 }
 
 /// `(rows, dim)` of a tensor that must be a non-empty matrix.
-pub(super) fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+pub(crate) fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
         [rows, dim] if rows > 0 && dim > 0 => Ok((rows, dim)),
         _ => Err(bad(format!(
@@ -394,7 +420,7 @@ pub(super) fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)
 /// A `rows × dim` table from `data`, `width` bytes per value, each
 /// converted by `read`. `data` holds exactly `rows * dim` values (checked
 /// by the `safetensors` crate against the dtype; checked again here).
-pub(super) fn table_from_bytes(
+pub(crate) fn table_from_bytes(
     name: &str,
     rows: usize,
     dim: usize,
