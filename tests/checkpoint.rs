@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use common::{Scratch, fixture};
 
 use embtable::io::{self, Checkpoint};
-use embtable::workloads::{uniform, values};
 use embtable::{
     Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, Error, Init, OptimizerState, RmsProp,
     RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle,
@@ -22,6 +21,7 @@ use embtable::{
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
+use workloads::{uniform, values};
 
 // ---------------------------------------------------------------- helpers
 
@@ -37,6 +37,7 @@ type StateBits = (
     Option<(usize, usize)>,
     Vec<(String, Vec<usize>, Vec<u32>)>,
     Vec<u64>,
+    Vec<(u64, u32)>,
 );
 
 fn state_bits(s: &OptimizerState) -> StateBits {
@@ -56,6 +57,10 @@ fn state_bits(s: &OptimizerState) -> StateBits {
             })
             .collect(),
         s.last_step.clone(),
+        s.lr_history
+            .iter()
+            .map(|&(u, lr)| (u, lr.to_bits()))
+            .collect(),
     )
 }
 
@@ -758,9 +763,12 @@ fn corrupt_checkpoints_are_format_errors_naming_the_problem() {
         ("no tensor \"a.optim.momentum\"", |r| {
             r.remove("a.optim.momentum")
         }),
-        ("a.optim.momentum\" has shape [3, 4]", |r| {
-            r.tensor("a.optim.momentum").2 = vec![3, 4];
-        }),
+        (
+            "state array \"momentum\" has shape [3, 4]; expected [4, 3] or [4]",
+            |r| {
+                r.tensor("a.optim.momentum").2 = vec![3, 4];
+            },
+        ),
         ("a.optim.steps\" is missing", |r| {
             r.meta.remove("a.optim.steps");
         }),
@@ -780,9 +788,12 @@ fn corrupt_checkpoints_are_format_errors_naming_the_problem() {
         ("a.optim.shape is \"4\"", |r| {
             r.meta.insert("a.optim.shape".into(), "4".into());
         }),
-        ("expected [4, 3] or [4] (a.optim.shape \"none\")", |r| {
-            r.meta.insert("a.optim.shape".into(), "none".into());
-        }),
+        (
+            "table \"a\": invalid shape: an optimizer state without a table shape",
+            |r| {
+                r.meta.insert("a.optim.shape".into(), "none".into());
+            },
+        ),
         ("lists \"momentum\" twice", |r| {
             r.meta
                 .insert("a.optim.arrays".into(), "momentum,momentum".into());
@@ -1223,7 +1234,13 @@ proptest! {
                 values: raw(rows * width, 1),
             }],
             last_step: if dense_exact { (0..rows as u64).map(|r| (seed >> 2) / (r + 1)).collect() } else { Vec::new() },
-            lr_history: Vec::new(),
+            // Any finite rate round-trips through its shortest decimal.
+            lr_history: raw(3, 3)
+                .into_iter()
+                .filter(|x| x.is_finite())
+                .enumerate()
+                .map(|(i, x)| (i as u64 + 1, x))
+                .collect(),
         };
         let table = EmbeddingTable::from_rows(rows, dim, &raw(rows * dim, 2)).unwrap();
         Checkpoint::new().with("t", &table, &Fake(state.clone())).save(&path).unwrap();

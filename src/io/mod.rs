@@ -115,14 +115,14 @@ pub mod checkpoint;
 mod glove;
 mod npy;
 mod pretrained;
+pub(crate) mod safetensors;
 mod text;
 mod vocab;
 mod word2vec;
 
+pub use self::safetensors::{load_table_safetensors, save_table_safetensors};
 pub(crate) use atomic::write_atomic;
-pub use checkpoint::{
-    Checkpoint, load_checkpoint, load_table_safetensors, save_checkpoint, save_table_safetensors,
-};
+pub use checkpoint::{Checkpoint, load_checkpoint, save_checkpoint};
 pub use glove::{read_glove, read_glove_with, write_glove};
 pub use npy::{load_npy, save_npy};
 pub use pretrained::{Coverage, Pretrained, TableOptions};

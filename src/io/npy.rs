@@ -333,7 +333,11 @@ impl Dtype {
 fn trailing(rows: usize, extra: u64) -> Error {
     format_error(
         rows + 2,
-        format!("{extra} bytes follow the data of the {rows} rows the shape declares"),
+        format!(
+            "{} after the data of the {} the shape declares",
+            crate::error::count(extra, "byte"),
+            crate::error::count(rows, "row")
+        ),
     )
 }
 

@@ -260,7 +260,8 @@ fn wrong_count(dim: usize, found: usize, word: &[u8], line: usize) -> crate::Err
     format_error(
         line,
         format!(
-            "expected {dim} values after word {}, found {found}{hint}",
+            "expected {} after word {}, found {found}{hint}",
+            crate::error::count(dim, "value"),
             show(word)
         ),
     )

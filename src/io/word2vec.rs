@@ -152,8 +152,11 @@ pub(crate) fn read(
                 return Err(format_error(
                     2,
                     format!(
-                        "the file ends before its first vector: a vector of {dim} values \
-                         needs at least {min_record} bytes, {remaining} remain"
+                        "the file ends before its first vector: a vector of {} needs \
+                         at least {}, and {} left",
+                        crate::error::count(dim, "value"),
+                        crate::error::count(min_record, "byte"),
+                        crate::error::count(remaining, "byte")
                     ),
                 ));
             }
@@ -317,7 +320,10 @@ fn parse_header(line: &[u8]) -> Result<(usize, usize)> {
 fn end_of_file(line: usize, read: usize, declared: usize) -> crate::Error {
     format_error(
         line,
-        format!("the file ends after {read} vectors, but its header declares {declared}"),
+        format!(
+            "the file ends after {}, but its header declares {declared}",
+            crate::error::count(read, "vector")
+        ),
     )
 }
 

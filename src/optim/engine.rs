@@ -37,11 +37,8 @@ use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
 use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
-
-/// Below this many floats of rows to update, a pass runs on the calling
-/// thread: waking rayon's workers would cost more than the work.
-const PARALLEL_MIN_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Floats (weights and state) per parallel task.
 const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
@@ -72,8 +69,9 @@ pub(crate) struct StateSpec {
     pub(crate) name: &'static str,
     /// Every real lane starts at this value.
     pub(crate) init: f32,
-    /// No update makes a value smaller (an accumulator never goes below its
-    /// start, a second moment below 0); a saved state below it is refused.
+    /// The least value a state may hold (0 for accumulators and second
+    /// moments, whose roots the updates take); a saved state below it is
+    /// refused.
     pub(crate) min: f32,
 }
 
@@ -460,6 +458,41 @@ impl StateTables {
         })
     }
 
+    /// The same state for a table of `rows >= self.rows` rows: the rows
+    /// added start fresh (initial values; under `DenseExact`, current at
+    /// step `now`). Allocates everything before changing anything.
+    fn grow<R: Rule>(&mut self, rule: &R, rows: usize, now: u64) -> Result<()> {
+        let mut grown = Self::new(rule, self.last.is_some(), rows, self.dim)?;
+        for (new, old) in grown.arrays.iter_mut().zip(&self.arrays) {
+            new.as_mut_slice()[..old.len()].copy_from_slice(old.as_slice());
+        }
+        if let (Some(new), Some(old)) = (&mut grown.last, &self.last) {
+            new[..old.len()].copy_from_slice(old);
+            new[old.len()..].fill(now);
+        }
+        *self = grown;
+        Ok(())
+    }
+
+    /// Gives `rows` (each `< self.rows`) their initial state; under
+    /// `DenseExact` they count as current at step `now`.
+    fn reset<R: Rule>(&mut self, rule: &R, rows: &[usize], now: u64) {
+        let width = if self.per_row { 1 } else { self.stride };
+        let real = width.min(self.dim);
+        for (spec, buf) in rule.arrays().iter().zip(&mut self.arrays) {
+            let buf = buf.as_mut_slice();
+            for &r in rows {
+                // Real lanes only: the pad lanes are zero and stay so.
+                buf[r * width..][..real].fill(spec.init);
+            }
+        }
+        if let Some(last) = &mut self.last {
+            for &r in rows {
+                last[r] = now;
+            }
+        }
+    }
+
     fn check_table(&self, table: &EmbeddingTable) -> Result<()> {
         Error::check_len(
             "table rows (the optimizer state's)",
@@ -716,19 +749,22 @@ impl Core {
         config: &mut C,
         table: &mut EmbeddingTable,
         grad_out: &[f32],
+        check: bool,
     ) -> Result<bool> {
         let next = self.prepare(config, table)?;
         let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
         let tier = kernels::current();
-        let scanned = self
+        let found = self
             .groups
-            .copy_later(tier, grad_out, dim, table.stride())
-            .finish("gradient", grad_out)?;
-        let bound = scanned.max_abs as f64 * ids as f64;
-        if !crate::grad::sums_proven_finite(bound, ids as u64) {
-            // Sums of huge values may overflow. (Rare: the sums are proven
-            // finite unless `max|g| · ids.len()` nears f32::MAX.)
-            return Ok(false);
+            .copy_later(tier, grad_out, dim, table.stride(), check);
+        if check {
+            let scanned = found.finish("gradient", grad_out)?;
+            let bound = scanned.max_abs as f64 * ids as f64;
+            if !crate::grad::sums_proven_finite(bound, ids as u64) {
+                // Sums of huge values may overflow. (Rare: the sums are
+                // proven finite unless `max|g| · ids.len()` nears f32::MAX.)
+                return Ok(false);
+            }
         }
         let groups = std::mem::take(&mut self.groups);
         let grads = Grouped {
@@ -866,6 +902,59 @@ impl Core {
         Ok(())
     }
 
+    /// Starts `rows` of `table` afresh (see
+    /// [`SparseOptimizer::reset_rows`]), growing the state first if the
+    /// table has more rows than it.
+    pub(crate) fn reset_rows<C: Config>(
+        &mut self,
+        config: &C,
+        table: &EmbeddingTable,
+        rows: &[usize],
+    ) -> Result<()> {
+        if let Some(position) = rows.iter().position(|&r| r >= table.rows()) {
+            return Err(Error::IndexOutOfRange {
+                position,
+                index: rows[position] as i128,
+                rows: table.rows(),
+            });
+        }
+        let Some(tables) = &mut self.tables else {
+            return Ok(()); // no state yet: the first step allocates it fresh
+        };
+        Error::check_len("table dim (the optimizer state's)", tables.dim, table.dim())?;
+        if table.rows() < tables.rows {
+            return Err(Error::ShapeMismatch {
+                what: "table rows (at least the optimizer state's)",
+                expected: tables.rows,
+                got: table.rows(),
+            });
+        }
+        let rule = config.rule();
+        if table.rows() > tables.rows {
+            tables.grow(&rule, table.rows(), self.steps)?;
+        }
+        tables.reset(&rule, rows, self.steps);
+        Ok(())
+    }
+
+    /// Bytes of state kept per table row of `dim` floats (the state
+    /// arrays, the `DenseExact` step counts and `step_lookup`'s grouping).
+    pub(crate) fn state_bytes_per_row<C: Config>(&self, config: &C, dim: usize) -> usize {
+        let rule = config.rule();
+        let width = if rule.per_row() {
+            1
+        } else {
+            checked_stride(dim).unwrap_or(usize::MAX)
+        };
+        let track = tracks_missed_steps(&rule, config.semantics());
+        rule.arrays()
+            .len()
+            .saturating_mul(width)
+            .saturating_mul(size_of::<f32>())
+            .saturating_add(if track { size_of::<u64>() } else { 0 })
+            .saturating_add(size_of::<u32>())
+    }
+
     /// The whole state, for a checkpoint.
     pub(crate) fn export<C: Config>(&self, config: &C) -> OptimizerState {
         let rule = config.rule();
@@ -927,9 +1016,9 @@ impl Core {
                 return Err(Error::InvalidConfig {
                     field: "shape",
                     reason: format!(
-                        "a state without a table shape must be empty, got {} steps, {} arrays",
-                        state.steps,
-                        state.arrays.len()
+                        "a state without a table shape must be empty, got {} and {}",
+                        crate::error::count(state.steps, "step"),
+                        crate::error::count(state.arrays.len(), "array")
                     ),
                 });
             }
@@ -1032,7 +1121,10 @@ fn check_saved_counters(state: &OptimizerState, rows: usize, track: bool) -> Res
         if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
             return Err(Error::InvalidConfig {
                 field: "last_step",
-                reason: format!("a row has seen {bad} steps of {}", state.steps),
+                reason: format!(
+                    "a row's last step is {bad}, but the state has taken only {}",
+                    crate::error::count(state.steps, "step")
+                ),
             });
         }
     } else {
@@ -1459,7 +1551,12 @@ pub(crate) trait Fused {
     fn groups(&mut self) -> &mut Groups;
     /// The rest of the step, once the ids are grouped (`Ok(false)`: step
     /// with a stored gradient instead; nothing was written).
-    fn step_grouped(&mut self, table: &mut EmbeddingTable, grad_out: &[f32]) -> Result<bool>;
+    fn step_grouped(
+        &mut self,
+        table: &mut EmbeddingTable,
+        grad_out: &[f32],
+        check: bool,
+    ) -> Result<bool>;
 }
 
 /// An optimizer's fused lookup step, handed to the provided
@@ -1478,11 +1575,15 @@ pub struct FusedStep<'a>(pub(crate) &'a mut dyn Fused);
 /// DenseExact: catch-up plan per row, as step
 /// update each row with 0 + its positions' gradient rows, in batch order
 /// ```
+///
+/// `check: false` ([`SparseOptimizer::step_lookup_finite`]) skips the
+/// check of `grad_out` and the proof that the sums stay finite.
 pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
     opt: &mut O,
     table: &mut EmbeddingTable,
     ids: &[I],
     grad_out: &[f32],
+    check: bool,
 ) -> Result<()> {
     if let Some(FusedStep(fused)) = opt.fused() {
         fused.check_lookup(table, ids.len(), grad_out.len())?;
@@ -1490,7 +1591,7 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
         if Groups::fits(ids.len()) {
             // SAFETY: ids were validated against `table.rows()` and fit.
             unsafe { fused.groups().build(ids, table.rows()) };
-            if fused.step_grouped(table, grad_out)? {
+            if fused.step_grouped(table, grad_out, check)? {
                 return Ok(());
             }
         }

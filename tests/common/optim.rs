@@ -5,13 +5,13 @@
 //! optimizer gives, so results that the design promises bitwise are
 //! compared bitwise.
 
-use embtable::workloads::values;
 use embtable::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EmbeddingTable,
     EpsPlacement, Ftrl, FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseGrad, SparseOptimizer,
 };
 use proptest::prelude::*;
+use workloads::values;
 
 use super::{assert_bits_eq, matmul, onehot, transpose};
 
@@ -984,6 +984,23 @@ impl Concrete {
             Concrete::Adam(o) => o.step_lookup(table, ids, grad_out),
             Concrete::AdamW(o) => o.step_lookup(table, ids, grad_out),
             Concrete::Ftrl(o) => o.step_lookup(table, ids, grad_out),
+        }
+    }
+
+    pub fn step_lookup_finite<I: embtable::Index>(
+        &mut self,
+        table: &mut EmbeddingTable,
+        ids: &[I],
+        grad_out: &[f32],
+    ) -> embtable::Result<()> {
+        match self {
+            Concrete::Sgd(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::RmsProp(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Adagrad(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::RowWise(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Adam(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::AdamW(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Ftrl(o) => o.step_lookup_finite(table, ids, grad_out),
         }
     }
 }
