@@ -10,8 +10,8 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use embtable::kernels::{Tier, with_tier};
-use embtable::workloads::{self, BATCH, BIG_ROWS, SMALL_ROWS};
 use embtable::{AlignedBuf, EmbeddingTable, Init};
+use workloads::{self, BATCH, BIG_ROWS, SMALL_ROWS};
 
 struct Workload {
     name: &'static str,

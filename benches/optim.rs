@@ -28,12 +28,12 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use embtable::kernels;
-use embtable::workloads::{BATCH, BIG_ROWS, uniform, update_bytes, values};
 use embtable::{
     Adagrad, AdagradConfig, Adam, AdamConfig, EmbeddingTable, EpsPlacement, Ftrl, FtrlConfig, Init,
     RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
     SparseGrad, SparseOptimizer,
 };
+use workloads::{BATCH, BIG_ROWS, uniform, update_bytes, values};
 
 const DIM: usize = 128;
 /// Distinct rows of W5's batch (WORKLOADS.md's checksum).

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use embtable::kernels::{self, Tier};
-use embtable::workloads::{self, BAG_LEN, BAGS, BIG_ROWS};
 use embtable::{Bags, EmbeddingTable, Pooling};
+use workloads::{self, BAG_LEN, BAGS, BIG_ROWS};
 
 const DIM: usize = 128;
 

@@ -27,21 +27,6 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// first touched in parallel (and so spread over the threads' memory nodes).
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// The padded row stride for rows of `dim` floats.
-///
-/// # Panics
-/// If `dim` is among the 15 largest `usize` values, whose stride does not
-/// fit a `usize` (no row that long can exist). Sizes that come from users
-/// go through [`checked_stride`] instead.
-#[inline]
-#[track_caller]
-pub const fn stride_for(dim: usize) -> usize {
-    match checked_stride(dim) {
-        Some(stride) => stride,
-        None => panic!("the stride of rows of this many floats does not fit a usize"),
-    }
-}
-
 /// The padded row stride for rows of `dim` floats, or `None` if it does
 /// not fit a `usize`. Never wraps: a wrapped stride of 0 would let a table
 /// of huge rows pass as an empty buffer.
@@ -66,13 +51,6 @@ pub(crate) fn padded_len(rows: usize, dim: usize, what: &'static str) -> Result<
         Some(len) if len.checked_mul(size_of::<f32>()).is_some() => Ok((stride, len)),
         _ => Err(too_large()),
     }
-}
-
-/// The flat offset of `row` in a buffer of the given stride, or `None` on
-/// overflow. Offsets are `usize`: tables beyond 2^31 elements are fine.
-#[inline]
-pub const fn row_offset(row: usize, stride: usize) -> Option<usize> {
-    row.checked_mul(stride)
 }
 
 /// A zero-initialised, 64-byte aligned buffer of `f32`.
@@ -242,7 +220,8 @@ impl SendPtr {
     }
 }
 
-#[cfg(target_os = "linux")]
+// Not under Miri, which has no `madvise`: the advice is only a hint.
+#[cfg(all(target_os = "linux", not(miri)))]
 fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     // SAFETY: the range is one live allocation of ours; MADV_HUGEPAGE only
     // changes how the kernel backs it, never its contents. Failure (no THP
@@ -252,7 +231,7 @@ fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), miri))]
 fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
 #[cfg(test)]
@@ -261,19 +240,35 @@ mod tests {
 
     #[test]
     fn stride_rounds_to_cache_lines() {
-        assert_eq!(stride_for(1), 16);
-        assert_eq!(stride_for(16), 16);
-        assert_eq!(stride_for(17), 32);
-        assert_eq!(stride_for(70), 80);
-        assert_eq!(stride_for(0), 0);
+        for (dim, stride) in [(1, 16), (16, 16), (17, 32), (70, 80), (0, 0)] {
+            assert_eq!(checked_stride(dim), Some(stride));
+        }
     }
 
+    /// The dims whose stride would not fit a `usize` (it once wrapped to
+    /// 0, and `EmbeddingTable::zeros(1, usize::MAX)` returned an empty
+    /// buffer that `renorm_rows` then read out of bounds), and those just
+    /// below.
     #[test]
-    fn offsets_beyond_i32_are_exact() {
-        // 40M rows of dim 128: 5.12e9 elements, more than 2^32.
-        let stride = stride_for(128);
-        assert_eq!(row_offset(40_000_000 - 1, stride), Some(5_119_999_872));
-        assert_eq!(row_offset(usize::MAX / 2, stride), None);
+    fn strides_never_wrap() {
+        let huge = (0..40).map(|k| usize::MAX - k).chain([
+            usize::MAX / 2,
+            usize::MAX / 4 + 1,
+            isize::MAX as usize / 4,
+            1 << 60,
+        ]);
+        for dim in huge {
+            match checked_stride(dim) {
+                Some(stride) => assert!(
+                    stride >= dim && stride.is_multiple_of(16) && stride - dim < 16,
+                    "{dim}"
+                ),
+                None => assert!(dim > usize::MAX - 15, "{dim}"),
+            }
+        }
+        assert_eq!(checked_stride(0), Some(0));
+        assert_eq!(checked_stride(usize::MAX - 15), Some(usize::MAX - 15));
+        assert_eq!(checked_stride(usize::MAX - 14), None);
     }
 
     #[test]

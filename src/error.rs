@@ -85,11 +85,22 @@ pub enum Error {
         /// What is wrong, naming the offending token.
         reason: String,
     },
+    /// An operation of a sharded table ([`crate::shard`]) failed on rank
+    /// `rank`: every rank of the communicator returns this same error.
+    #[error("on rank {rank}: {source}")]
+    Rank {
+        /// The first rank (the lowest) on which the operation failed.
+        rank: usize,
+        /// What failed there, with its position and value.
+        source: Box<Error>,
+    },
 }
 
-/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows".
-pub(crate) fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
+/// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows". Every
+/// message that counts something says it through here.
+pub(crate) fn count(n: impl std::fmt::Display, noun: &str) -> String {
+    let n = n.to_string();
+    if n == "1" {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")

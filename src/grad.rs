@@ -19,13 +19,11 @@ use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
 use crate::grouping::{Grouping, HashMaps};
 use crate::index::Index;
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result};
 
-/// Below this many contributed floats, accumulation runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
-
 /// Floats of gradient slots per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Slots this far ahead have their contributions prefetched.
 const PREFETCH_AHEAD: usize = 4;
@@ -178,8 +176,8 @@ impl SparseGrad {
     pub fn row_grad(&self, k: usize) -> &[f32] {
         assert!(
             k < self.len(),
-            "slot {k} out of range for {} rows",
-            self.len()
+            "slot {k} out of range for {}",
+            crate::error::count(self.len(), "row")
         );
         &self.as_padded()[k * self.stride..][..self.dim]
     }
@@ -202,6 +200,25 @@ impl SparseGrad {
         unsafe {
             std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * LANES_PER_LINE)
         }
+    }
+
+    /// Drops row `row`'s gradient, if it has one, keeping the other rows in
+    /// their order: the default row of a dynamic table, which unknown keys
+    /// read and which is never trained. The magnitude bound stays valid (it
+    /// bounds every remaining slot).
+    pub(crate) fn remove_row(&mut self, row: usize) -> bool {
+        let Some(slot) = self.slot_of.remove(&row) else {
+            return false;
+        };
+        self.rows.remove(slot);
+        let lines = self.stride / LANES_PER_LINE;
+        self.grads.drain(slot * lines..(slot + 1) * lines);
+        for s in self.slot_of.tags_mut() {
+            if *s > slot {
+                *s -= 1;
+            }
+        }
+        true
     }
 
     /// Forgets every row, keeping the allocations for the next batch.
@@ -237,7 +254,8 @@ impl SparseGrad {
         for (k, &r) in self.rows.iter().enumerate() {
             assert!(
                 r < rows,
-                "row {r} has a gradient but the table has {rows} rows"
+                "row {r} has a gradient but the table has {}",
+                crate::error::count(rows, "row")
             );
             dense[r * self.dim..][..self.dim].copy_from_slice(self.row_grad(k));
         }

@@ -748,6 +748,19 @@ impl HashMaps {
         self.maps[lane(row)].get(&row).map(|t| t.tag)
     }
 
+    /// Removes `row`'s entry between batches, returning its tag.
+    pub(crate) fn remove(&mut self, row: &usize) -> Option<usize> {
+        self.maps[lane(*row)].remove(row).map(|t| t.tag)
+    }
+
+    /// Every entry's tag, to renumber them between batches.
+    pub(crate) fn tags_mut(&mut self) -> impl Iterator<Item = &mut usize> {
+        self.maps
+            .iter_mut()
+            .flat_map(|map| map.values_mut())
+            .map(|entry| &mut entry.tag)
+    }
+
     /// Forgets every row, keeping the allocations.
     pub(crate) fn clear(&mut self) {
         for map in &mut self.maps {

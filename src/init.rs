@@ -103,7 +103,14 @@ impl Init {
 
     /// Fills `row` (the first `dim` floats of row `index`) from `seed`.
     pub(crate) fn fill_row(&self, seed: u64, index: usize, row: &mut [f32]) {
-        let mut rng = SplitMix64::for_row(seed, index as u64);
+        self.fill_key_row(seed, index as u64, row)
+    }
+
+    /// Fills `row` from `seed` and a 64-bit `key`: row `index` of a table
+    /// is the row of key `index`, so a dynamic table's row for key `k`
+    /// starts as row `k` of a fixed table with the same `Init` and seed.
+    pub(crate) fn fill_key_row(&self, seed: u64, key: u64, row: &mut [f32]) {
+        let mut rng = SplitMix64::for_row(seed, key);
         match *self {
             Init::Uniform { low, high } => {
                 for x in row {

@@ -20,9 +20,17 @@
 //!   behind the [`SparseOptimizer`] trait, updating only the rows in the
 //!   batch, with Keras 3's formulas and defaults (and PyTorch presets),
 //!   [`Semantics::Lazy`] or [`Semantics::DenseExact`].
+//! * [`dynamic`]: tables keyed by any 64-bit id (hashed user and item
+//!   ids, no vocabulary), with admission of new keys, LRU / LFU / TTL
+//!   eviction under a capacity in rows or bytes, checkpoints and an
+//!   incremental export; [`EmbeddingLayer`] is the calls its layer shares
+//!   with [`Embedding`].
 //! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
 //!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
 //!   safetensors, and checkpoints that include the optimizer state.
+//! * [`shard`]: one table split row-wise over the ranks of an MPI job
+//!   (feature `mpi`), equal bit for bit to one process on the ranks'
+//!   batches together, with checkpoints that load on any number of ranks.
 //!
 //! Everything is proven equal to the dense formulation, a one-hot matrix
 //! times the table, by property tests over random shapes, for every kernel
@@ -96,10 +104,12 @@
 //! so several DRAM fetches are in flight; the hot loop has no bounds checks.
 //! Results never depend on the thread count. The benchmarks in `benches/`
 //! measure the workloads of `WORKLOADS.md` against the machine's memory
-//! bandwidth; [`workloads`] generates them bit-exactly.
+//! bandwidth; the repository's `workloads` crate (bench support, not part
+//! of this library) generates them bit-exactly.
 #![deny(missing_docs)]
 
-pub mod aligned;
+mod aligned;
+pub mod dynamic;
 mod error;
 mod grad;
 mod grouping;
@@ -108,12 +118,15 @@ mod init;
 pub mod io;
 pub mod kernels;
 mod layer;
+mod layers;
 pub mod optim;
+mod parallel;
 pub mod pool;
+pub mod shard;
 mod similar;
 mod table;
 mod tensor;
-pub mod workloads;
+mod weight_grad;
 
 pub use aligned::AlignedBuf;
 pub use error::{Error, Result};
@@ -122,6 +135,7 @@ pub use index::Index;
 pub use init::Init;
 pub use io::Vocab;
 pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
+pub use layers::EmbeddingLayer;
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
     FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,

@@ -63,16 +63,13 @@ use rayon::prelude::*;
 use crate::grad::{Contribution, check_finite};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::table::prefetch_distance;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
-/// Below this many floats of work (rows read plus rows written), a pooled
-/// lookup runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
-
 /// Floats of rows read per parallel task: large enough to amortise
 /// scheduling, small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// How the rows of a bag are reduced to one row.
 ///
@@ -331,8 +328,8 @@ impl<'a, I: Index> Bags<'a, I> {
     pub fn range(&self, b: usize) -> Range<usize> {
         assert!(
             b < self.len(),
-            "bag {b} out of range for {} bags",
-            self.len()
+            "bag {b} out of range for {}",
+            crate::error::count(self.len(), "bag")
         );
         self.offsets[b]..self.offsets[b + 1]
     }
@@ -361,7 +358,7 @@ impl<'a, I: Index> Bags<'a, I> {
 
 /// The coefficient `c_j` of every position (module docs), for every
 /// pooling but Max.
-fn coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Vec<f32> {
+pub(crate) fn coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Vec<f32> {
     let mut coef = vec![0.0; bags.ids.len()];
     for window in bags.offsets.windows(2) {
         let range = window[0]..window[1];
@@ -445,7 +442,10 @@ fn fixed_offsets(ids: usize, bag_len: usize) -> Result<Vec<usize>> {
     if !ids.is_multiple_of(bag_len) {
         return Err(Error::InvalidConfig {
             field: "bag_len",
-            reason: format!("{ids} ids do not split into bags of {bag_len}"),
+            reason: format!(
+                "{} cannot be split into bags of {bag_len}",
+                crate::error::count(ids, "id")
+            ),
         });
     }
     Ok((0..=ids / bag_len).map(|b| b * bag_len).collect())
@@ -479,7 +479,7 @@ fn coefficient(w: f32, d: f64) -> f32 {
 }
 
 /// `Err` for Max pooling of weighted bags.
-fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
+pub(crate) fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
     if pooling == Pooling::Max && bags.weights.is_some() {
         return Err(Error::InvalidConfig {
             field: "pooling",
@@ -493,7 +493,7 @@ fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<(
 /// Mean can overflow (when a bag's weights nearly cancel): unweighted
 /// coefficients are 1, 1/L or 1/√L, Sum's are the weights (checked finite
 /// by the `Bags` constructors) and SqrtN's are at most 1 in magnitude.
-fn check_coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
+pub(crate) fn check_coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
     let (Some(weights), Pooling::Mean) = (bags.weights, pooling) else {
         return Ok(());
     };

@@ -35,7 +35,14 @@ impl EmbeddingTable {
     /// The `k` rows most similar to `query` by cosine similarity, best
     /// first, as `(row, cosine)`, leaving out the rows in `exclude`. Fewer
     /// than `k` when the table has fewer rows left. One parallel pass over
-    /// the table (see the [module docs](self) for the numbers).
+    /// the table.
+    ///
+    /// Each row's dot product with the query and its squared norm are
+    /// summed in `f32` over 16 partial sums in a fixed order, so a score has
+    /// the same bits on every kernel tier and thread count; the cosine is
+    /// `dot / (‖row‖ · ‖query‖)` in `f64`, rounded once. A row of zeros
+    /// scores 0, a row holding a NaN is never returned, and ties go to the
+    /// lower row.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `query.len() != dim`;
@@ -122,8 +129,8 @@ impl EmbeddingTable {
     fn padded_row(&self, i: usize) -> &[f32] {
         assert!(
             i < self.rows(),
-            "row {i} out of range for {} rows",
-            self.rows()
+            "row {i} out of range for {}",
+            crate::error::count(self.rows(), "row")
         );
         &self.as_padded()[i * self.stride()..][..self.stride()]
     }

@@ -5,15 +5,12 @@ use rayon::prelude::*;
 use crate::aligned::{AlignedBuf, SendPtr, padded_len};
 use crate::index::{Index, row_unchecked, validate_ids};
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Init, Result};
-
-/// Below this many output floats a lookup runs on the calling thread: the
-/// work is smaller than the cost of waking rayon's workers.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Output floats per parallel task: large enough to amortise scheduling,
 /// small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// Bytes of rows that gathers keep prefetching ahead of the row in use.
 ///
@@ -162,7 +159,11 @@ impl EmbeddingTable {
     #[inline]
     #[track_caller]
     pub fn row(&self, i: usize) -> &[f32] {
-        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        assert!(
+            i < self.rows,
+            "row {i} out of range for {}",
+            crate::error::count(self.rows, "row")
+        );
         &self.data.as_slice()[i * self.stride..][..self.dim]
     }
 
@@ -173,7 +174,11 @@ impl EmbeddingTable {
     #[inline]
     #[track_caller]
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
-        assert!(i < self.rows, "row {i} out of range for {} rows", self.rows);
+        assert!(
+            i < self.rows,
+            "row {i} out of range for {}",
+            crate::error::count(self.rows, "row")
+        );
         let (stride, dim) = (self.stride, self.dim);
         &mut self.data.as_mut_slice()[i * stride..][..dim]
     }
@@ -194,15 +199,52 @@ impl EmbeddingTable {
     }
 
     /// The whole storage: `rows * stride` floats, pad lanes included.
+    ///
+    /// It has no safe mutable twin: the pad lanes are zero and safe code
+    /// cannot change that (rows are written through
+    /// [`row_mut`](Self::row_mut), raw access is [`as_mut_ptr`](Self::as_mut_ptr)).
+    ///
+    /// ```compile_fail
+    /// let mut table = embtable::EmbeddingTable::zeros(1, 3).unwrap();
+    /// table.as_padded_mut()[5] = 1.0; // a pad lane: not reachable
+    /// ```
     #[inline]
     pub fn as_padded(&self) -> &[f32] {
         self.data.as_slice()
     }
 
-    /// The whole storage, mutably. Writers must keep the pad lanes zero.
+    /// The whole storage, mutably, for the crate's own writers, which keep
+    /// the pad lanes zero. Users write rows through [`row_mut`](Self::row_mut),
+    /// which cannot reach the pad lanes.
     #[inline]
-    pub fn as_padded_mut(&mut self) -> &mut [f32] {
+    pub(crate) fn as_padded_mut(&mut self) -> &mut [f32] {
         self.data.as_mut_slice()
+    }
+
+    /// A pointer to the first float of the storage, for code that must
+    /// address the rows itself (a NumPy array over the table, say): row `i`
+    /// starts `i * stride()` floats in, its `dim()` values followed by
+    /// `stride() - dim()` pad lanes. Valid until the table is moved,
+    /// dropped or next borrowed.
+    ///
+    /// Writing through it is `unsafe` code's business: it must write row
+    /// values only. The pad lanes must stay zero, since kernels read whole
+    /// strides (a non-zero pad lane would change norms, similarities and
+    /// pooled `Max` results); safe code cannot reach them.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::EmbeddingTable;
+    /// let mut table = EmbeddingTable::zeros(3, 2)?;
+    /// let (stride, ptr) = (table.stride(), table.as_mut_ptr());
+    /// // SAFETY: row 2, lane 1 is inside the storage and is a value lane.
+    /// unsafe { *ptr.add(2 * stride + 1) = 7.0 };
+    /// assert_eq!(table.row(2), &[0.0, 7.0]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    #[inline]
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.data.as_mut_slice().as_mut_ptr()
     }
 
     /// A dense row-major copy, `rows * dim` floats.
@@ -349,6 +391,35 @@ impl EmbeddingTable {
     }
 }
 
+impl EmbeddingTable {
+    /// The rows of `ids` into `out` on the calling thread, with streaming
+    /// stores if `stream` (as [`streams_output`] decides for the whole
+    /// output this is part of): one task of a gather whose ids come from
+    /// elsewhere (a dynamic table's keys, translated in the same task).
+    ///
+    /// # Safety
+    /// Every id names a row `< rows`, and `out.len() == ids.len() * dim`.
+    pub(crate) unsafe fn gather_serial<I: Index>(
+        &self,
+        tier: Tier,
+        ids: &[I],
+        out: &mut [f32],
+        stream: bool,
+    ) {
+        debug_assert_eq!(out.len(), ids.len() * self.dim);
+        kernels::dispatch(
+            tier,
+            Gather {
+                table: self,
+                ids,
+                first: 0,
+                out,
+                stream,
+            },
+        )
+    }
+}
+
 /// Outputs of at least this many bytes are written with non-temporal
 /// stores: far larger than a core's share of the L3, they would only evict
 /// the table's rows, and streaming skips reading each line before it is
@@ -359,7 +430,7 @@ const STREAM_MIN_BYTES: usize = 16 << 20;
 /// Whether a lookup streams `out`: large enough, and every row starts on a
 /// cache line, so each line is written whole by one non-temporal store.
 /// (Partial lines mixed with streamed ones were 2-3x slower on W2.)
-fn streams_output(out: &[f32], dim: usize) -> bool {
+pub(crate) fn streams_output(out: &[f32], dim: usize) -> bool {
     const LINE: usize = crate::aligned::LANES_PER_LINE * size_of::<f32>();
     size_of_val(out) >= STREAM_MIN_BYTES
         && (out.as_ptr() as usize).is_multiple_of(LINE)

@@ -147,9 +147,9 @@ impl<T: Clone> Tensor<T> {
                 return Err(Error::InvalidConfig {
                     field: "rows",
                     reason: format!(
-                        "row {k} holds {} values and row 0 holds {width}; pad the rows to \
+                        "row {k} holds {} and row 0 holds {width}; pad the rows to \
                          one length",
-                        row.len()
+                        crate::error::count(row.len(), "value")
                     ),
                 });
             }

@@ -5,9 +5,9 @@
 mod common;
 
 use common::{assert_bits_eq, each_config, matmul, onehot, transpose};
-use embtable::workloads::values;
 use embtable::{Error, SparseGrad};
 use proptest::prelude::*;
+use workloads::values;
 
 /// A lookup's gradient: `rows × dim` table, ids, and the output gradient.
 #[derive(Clone, Debug)]

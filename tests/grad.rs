@@ -4,9 +4,9 @@
 mod common;
 
 use common::{assert_bits_eq, each_config, matmul, onehot, transpose};
-use embtable::workloads::values;
 use embtable::{EmbeddingTable, Error, Index, SparseGrad};
 use proptest::prelude::*;
+use workloads::values;
 
 /// Converts row numbers to the index type under test.
 trait FromRow: Index {
@@ -127,7 +127,7 @@ fn sharded_batches() -> impl Strategy<Value = (usize, usize, Batches)> {
     (1usize..=200_000, 1usize..=6).prop_flat_map(|(rows, dim)| {
         let batch =
             (16_384usize..=40_000, 0u8..4, any::<u64>()).prop_map(move |(n, kind, seed)| {
-                let ids: Vec<usize> = embtable::workloads::uniform(seed, n, rows)
+                let ids: Vec<usize> = workloads::uniform(seed, n, rows)
                     .into_iter()
                     .enumerate()
                     .map(|(j, r)| {
@@ -326,7 +326,7 @@ fn clear_forgets_everything_and_keeps_working() {
 #[test]
 fn large_gradients_are_summed_in_batch_order() {
     let (rows, dim, n) = (50_000, 128, 40_000);
-    let ids: Vec<usize> = embtable::workloads::uniform(7, n, rows)
+    let ids: Vec<usize> = workloads::uniform(7, n, rows)
         .into_iter()
         .map(|r| r as usize)
         .collect();

@@ -428,7 +428,8 @@ fn malformed_text_files_name_the_line() {
             4,
             "ends after 2 vectors, but its header declares 3",
         ),
-        (b"3 2\na 1 2\nb 1 2", 4, "ends after 2 vectors"),
+        // No newline after the last line: it may have been cut inside a value.
+        (b"3 2\na 1 2\nb 1 2", 3, "may have been cut short"),
         (b"2 2\na 1 2\nb\xff 1 2\n", 3, "UTF-8"),
         (b"2 2\na 1 2\nb 1 2\xff\n", 3, "not a number"),
         (b"9 50\na 1\n", 2, "first vector"),
@@ -489,7 +490,7 @@ fn malformed_binary_files_name_the_record() {
         (
             binary_file(&[(b"a", &[1., 2.])], 2, 2),
             3,
-            "ends after 1 vectors",
+            "ends after 1 vector, but its header declares 2",
         ),
         (
             binary_file(&[(b"a", &[1., 2.]), (b"\xff", &[3., 4.])], 2, 2),
@@ -538,7 +539,7 @@ fn malformed_npy_files_name_the_problem() {
         (good[..100].to_vec(), 1, "ends inside the header"),
         // 3 rows and 2 bytes of the 4th: the 4th row (line 5) is cut.
         (good[..128 + 3 * 24 + 2].to_vec(), 5, "cut short"),
-        (extra, 9, "4 bytes follow the data"),
+        (extra, 9, "4 bytes after the data of the 7 rows"),
         (
             with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (7,), }"),
             1,

@@ -1,5 +1,5 @@
-//! The public kernel API: partial loads and stores of any length on every
-//! tier, and what `EMBTABLE_TIER` does when it names no tier this CPU runs.
+//! The public kernel API: a user's own kernel on every tier, and what
+//! `EMBTABLE_TIER` does when it names no tier this CPU runs.
 
 use std::process::Command;
 
@@ -8,65 +8,49 @@ use embtable::kernels::{self, Kernel, Simd, Tier};
 
 mod common;
 
-/// Loads `src` partially, stores the vector whole into `whole` and
-/// partially into `partial`.
-struct Partial<'a> {
-    src: &'a [f32],
-    whole: &'a mut [f32; 16],
-    partial: &'a mut [f32],
-}
+/// A loop of the user's own, run on every tier through the public
+/// interface: `Σ xᵢ·yᵢ` in lanes of `S::N`, reduced in a fixed order of
+/// 16 partial sums so that every tier gives the same bits.
+struct Dot<'a>(&'a [f32], &'a [f32]);
 
-impl Kernel for Partial<'_> {
-    type Output = usize;
+impl Kernel for Dot<'_> {
+    type Output = f32;
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) -> usize {
-        let v = s.load_partial(self.src);
-        s.store(v, &mut self.whole[..]);
-        s.store_partial(v, self.partial);
-        S::N
-    }
-}
-
-/// `load_partial` takes the first `min(len, N)` floats and zeros the other
-/// lanes; `store_partial` writes the first `min(len, N)` and nothing else.
-/// (AVX-512's mask was `(1 << len) - 1`: a shift overflow from 32 floats on.)
-fn check_partial(tier: Tier, run: impl Fn(Partial<'_>) -> usize) {
-    let src: Vec<f32> = (1..=48).map(|x| x as f32).collect();
-    for len in 0..=48 {
-        let mut whole = [-1.0; 16];
-        let mut partial = vec![-1.0; len];
-        let n = run(Partial {
-            src: &src[..len],
-            whole: &mut whole,
-            partial: &mut partial,
-        });
-        let k = len.min(n);
-        assert_eq!(&whole[..k], &src[..k], "{tier} load {len}");
-        assert!(whole[k..n].iter().all(|&x| x == 0.0), "{tier} load {len}");
-        assert_eq!(&partial[..k], &src[..k], "{tier} store {len}");
-        assert!(
-            partial[k..].iter().all(|&x| x == -1.0),
-            "{tier} store {len}"
-        );
+    fn run<S: Simd>(self, s: S) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        for (x, y) in self.0.chunks(16).zip(self.1.chunks(16)) {
+            for start in (0..x.len()).step_by(S::N) {
+                let end = (start + S::N).min(x.len());
+                let v = s.mul(
+                    s.load_partial(&x[start..end]),
+                    s.load_partial(&y[start..end]),
+                );
+                let mut out = [0.0f32; 16];
+                s.store(v, &mut out[..]);
+                for (acc, p) in lanes[start..end].iter_mut().zip(&out) {
+                    *acc += p;
+                }
+            }
+        }
+        lanes.iter().sum()
     }
 }
 
 #[test]
-fn partial_loads_and_stores_take_any_length_on_every_tier() {
+fn a_user_kernel_runs_on_every_tier_with_the_same_bits() {
+    let x: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
+    let y: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos()).collect();
+    let scalar = kernels::dispatch(Tier::Scalar, Dot(&x, &y));
+    let naive: f64 = x.iter().zip(&y).map(|(a, b)| f64::from(a * b)).sum();
+    assert!(
+        (f64::from(scalar) - naive).abs() < 1e-5,
+        "{scalar} vs {naive}"
+    );
     for tier in common::tiers() {
-        check_partial(tier, |p| kernels::dispatch(tier, p));
-    }
-    // The tokens' own methods, called outside `dispatch` as a user may.
-    check_partial(Tier::Scalar, |p| p.run(kernels::Scalar));
-    check_partial(Tier::Portable, |p| p.run(kernels::Portable));
-    #[cfg(target_arch = "x86_64")]
-    {
-        if let Some(avx2) = kernels::Avx2::detect() {
-            check_partial(Tier::Avx2, |p| p.run(avx2));
-        }
-        if let Some(avx512) = kernels::Avx512::detect() {
-            check_partial(Tier::Avx512, |p| p.run(avx512));
-        }
+        let got = kernels::dispatch(tier, Dot(&x, &y));
+        assert_eq!(got.to_bits(), scalar.to_bits(), "{tier}");
+        // with_tier makes the tier current for the calls inside it.
+        assert_eq!(kernels::with_tier(tier, kernels::current), tier);
     }
 }
 

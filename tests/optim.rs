@@ -18,12 +18,12 @@ mod common;
 use common::assert_bits_eq;
 use common::each_config;
 use common::optim::*;
-use embtable::workloads::values;
 use embtable::{
     Adagrad, AdagradConfig, EmbeddingTable, Error, OptimizerState, RmsPropConfig, SparseGrad,
     SparseOptimizer,
 };
 use proptest::prelude::*;
+use workloads::values;
 
 // ---------------------------------------------------------------- properties
 
@@ -352,7 +352,7 @@ fn step_lookup_of_every_kind_equals_accumulate_then_step() {
 #[test]
 fn step_lookup_on_a_large_batch_equals_accumulate_then_step() {
     let (rows, dim, n) = (60_000, 128, 40_000);
-    let ids = embtable::workloads::uniform(9, n, rows);
+    let ids = workloads::uniform(9, n, rows);
     let run = Run {
         rows,
         dim,

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use common::optim::*;
 use common::{Scratch, assert_bits_eq, assert_close};
 use embtable::optim::{ExponentialDecay, LrSchedule, StepLr};
-use embtable::workloads::values;
 use embtable::{
     AdagradConfig, Adam, AdamConfig, AdamStyle, AdamWConfig, EmbeddingTable, Error, FtrlConfig,
     OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig,
     SparseGrad, SparseOptimizer, StateArray, io,
 };
+use workloads::values;
 
 /// An optimizer of `cfg`'s kind with other settings: a state loaded into
 /// it brings its own config.

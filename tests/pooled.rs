@@ -6,10 +6,10 @@
 mod common;
 
 use common::{assert_bits_eq, each_config, matmul, onehot, transpose};
-use embtable::workloads::values;
 use embtable::{Bags, EmbeddingTable, Error, Pooling, SparseGrad};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
+use workloads::values;
 
 const WEIGHTED: [Pooling; 3] = [Pooling::Sum, Pooling::Mean, Pooling::SqrtN];
 

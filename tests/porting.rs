@@ -643,7 +643,7 @@ fn a_batch_by_seq_len_batch_keeps_its_shape() {
     let err = Tensor::from_rows(&[vec![1i64, 2], vec![3]]).unwrap_err();
     assert!(
         err.to_string()
-            .contains("row 1 holds 1 values and row 0 holds 2"),
+            .contains("row 1 holds 1 value and row 0 holds 2"),
         "{err}"
     );
 }

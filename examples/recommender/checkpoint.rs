@@ -2,9 +2,11 @@
 //! whole state, and where training stopped, in one embtable checkpoint
 //! (`embtable::io::Checkpoint`, a safetensors file PyTorch can read).
 //!
-//! Tables `items` and `users`; the run's position and settings are the
-//! checkpoint's own metadata (`epoch`, `data_fingerprint`, `seed`,
-//! `settings` as `name=value` pairs).
+//! Tables `items` and `users`, and `best_items` and `best_users`, the
+//! tables of the best validation epoch when it is an earlier one; the run's
+//! position and settings are the checkpoint's own metadata (`epoch`,
+//! `data_fingerprint`, `seed`, `best_epoch`, `best_ndcg`, `settings` as
+//! `name=value` pairs).
 
 use std::error::Error;
 use std::path::Path;
@@ -28,6 +30,12 @@ pub struct Checkpoint {
     pub tables: [EmbeddingTable; 2],
     /// Item and user optimizer states.
     pub states: [OptimizerState; 2],
+    /// The best validation epoch so far (0: none) and its NDCG@10.
+    pub best_epoch: u64,
+    /// The validation NDCG@10 of `best_epoch`.
+    pub best_ndcg: f64,
+    /// The item and user tables of `best_epoch` (`None` before any).
+    pub best_tables: Option<[EmbeddingTable; 2]>,
 }
 
 /// Where training stopped, saved beside the tables.
@@ -40,6 +48,10 @@ pub struct Position<'a> {
     pub seed: u64,
     /// The settings, as [`Checkpoint::settings`].
     pub settings: &'a [(String, f64)],
+    /// The best validation epoch so far and its NDCG@10.
+    pub best: (u64, f64),
+    /// Its item and user tables, if it is not `epoch`.
+    pub best_tables: Option<[&'a EmbeddingTable; 2]>,
 }
 
 /// Writes the model and `at` to `path` (atomically).
@@ -55,14 +67,21 @@ pub fn save<O: SparseOptimizer>(
         .iter()
         .map(|(n, v)| format!("{n}={v}"))
         .collect();
-    io::Checkpoint::new()
+    let mut file = io::Checkpoint::new()
         .with("items", items.table(), items.optimizer())
         .with("users", users.table(), users.optimizer())
         .with_metadata("epoch", at.epoch.to_string())
         .with_metadata("data_fingerprint", at.data_fingerprint.to_string())
         .with_metadata("seed", at.seed.to_string())
-        .with_metadata("settings", settings.join(","))
-        .save(path)
+        .with_metadata("best_epoch", at.best.0.to_string())
+        .with_metadata("best_ndcg", at.best.1.to_string())
+        .with_metadata("settings", settings.join(","));
+    if let Some([best_items, best_users]) = at.best_tables.filter(|_| at.best.0 != at.epoch) {
+        file = file
+            .with_table("best_items", best_items)
+            .with_table("best_users", best_users);
+    }
+    file.save(path)
 }
 
 /// Reads a checkpoint written by [`save`].
@@ -96,8 +115,25 @@ pub fn load(path: &Path) -> Result<Checkpoint, Box<dyn Error>> {
             .cloned()
             .ok_or(format!("table {name:?} has no optimizer state"))
     };
+    let best_epoch = number("best_epoch")?;
+    let best_ndcg = file.metadata("best_ndcg").ok_or("best_ndcg is missing")?;
+    let best_ndcg: f64 = best_ndcg
+        .parse()
+        .map_err(|e| format!("best_ndcg {best_ndcg:?}: {e}"))?;
     let states = [state("items")?, state("users")?];
     let tables = [file.take_table("items")?, file.take_table("users")?];
+    let best_tables = if best_epoch == 0 {
+        None
+    } else if best_epoch == epoch {
+        Some(tables.clone())
+    } else if best_epoch < epoch {
+        Some([
+            file.take_table("best_items")?,
+            file.take_table("best_users")?,
+        ])
+    } else {
+        return Err(format!("best_epoch {best_epoch} is after epoch {epoch}").into());
+    };
     Ok(Checkpoint {
         epoch,
         data_fingerprint,
@@ -105,5 +141,8 @@ pub fn load(path: &Path) -> Result<Checkpoint, Box<dyn Error>> {
         settings,
         tables,
         states,
+        best_epoch,
+        best_ndcg,
+        best_tables,
     })
 }

@@ -1,6 +1,17 @@
-//! Interaction data: a generated data set with planted structure, or a CSV
-//! of real interactions (MovieLens' `ratings.csv` layout), turned into
-//! per-user training sequences and one held-out item per user.
+//! Interaction data: a generated data set with planted structure, or a file
+//! of real interactions (`csv.rs`), split per user in time order into
+//! training items, one validation item and one test item.
+//!
+//! # The split
+//!
+//! Each user's interactions, oldest first: the last one is the user's test
+//! item, the one before it the validation item, the rest are for training
+//! (leave-one-out, as SASRec and RecBole evaluate). A user with two
+//! interactions has a test item and no validation item; a user with one is
+//! only trained on. Training never sees a validation or test item; early
+//! stopping watches the validation items, and only the final report uses
+//! the test items, with the validation item added to the user's history
+//! (it happened before the test item).
 //!
 //! # The generated data set
 //!
@@ -19,21 +30,30 @@
 //! A model has to discover the topics from co-occurrence alone; the
 //! most-popular baseline knows only the popularity.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::collections::HashSet;
-use std::fmt;
-use std::io::BufRead;
 
 use rayon::prelude::*;
 
 use crate::rng::{Rng, Weighted, mix};
 
-/// Interactions split for training and evaluation.
+/// Which held-out items an evaluation scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// The validation items, from the training items alone: what early
+    /// stopping watches.
+    Validation,
+    /// The test items, from the training items and the validation item:
+    /// the final report.
+    Test,
+}
+
+/// Interactions split for training, validation and test (see the
+/// [module docs](self)).
 ///
 /// User `u`'s training items, oldest first, are
-/// `train_items[train_offsets[u]..train_offsets[u + 1]]`; its held-out item
-/// (the most recent one, or a random one when there are no timestamps) is
-/// `test[u]`, `None` for users with fewer than two interactions.
+/// `train_items[train_offsets[u]..train_offsets[u + 1]]`; its validation
+/// and test items are `valid[u]` and `test[u]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     /// Number of users (dense ids `0..users`).
@@ -44,18 +64,49 @@ pub struct Dataset {
     pub train_offsets: Vec<usize>,
     /// Every user's training items in time order, concatenated.
     pub train_items: Vec<u32>,
-    /// The held-out item of each user.
+    /// The validation item of each user (`None` below three interactions).
+    pub valid: Vec<Option<u32>>,
+    /// The test item of each user (`None` below two interactions).
     pub test: Vec<Option<u32>>,
-    /// The raw id of each dense user id (identity for generated data).
-    pub user_ids: Vec<u64>,
-    /// The raw id of each dense item id (identity for generated data).
-    pub item_ids: Vec<u64>,
+    /// The id in the file of each dense user id (the number, for generated data).
+    pub user_ids: Vec<String>,
+    /// The id in the file of each dense item id (the number, for generated data).
+    pub item_ids: Vec<String>,
 }
 
 impl Dataset {
     /// User `u`'s training items, oldest first.
     pub fn history(&self, u: usize) -> &[u32] {
         &self.train_items[self.train_offsets[u]..self.train_offsets[u + 1]]
+    }
+
+    /// What the model knows of user `u` when it predicts the held-out item
+    /// of `split`, oldest first: the training items, and for the test the
+    /// validation item after them.
+    pub fn known(&self, u: usize, split: Split) -> Cow<'_, [u32]> {
+        match (split, self.valid[u]) {
+            (Split::Test, Some(v)) => {
+                let mut items = self.history(u).to_vec();
+                items.push(v);
+                Cow::Owned(items)
+            }
+            _ => Cow::Borrowed(self.history(u)),
+        }
+    }
+
+    /// User `u`'s held-out item of `split`.
+    pub fn held(&self, u: usize, split: Split) -> Option<u32> {
+        match split {
+            Split::Validation => self.valid[u],
+            Split::Test => self.test[u],
+        }
+    }
+
+    /// The users with a held-out item of `split`.
+    pub fn eval_users(&self, split: Split) -> Vec<usize> {
+        (0..self.users)
+            .filter(|&u| self.held(u, split).is_some())
+            .collect()
     }
 
     /// The user of each training interaction (`train_items.len()` entries).
@@ -72,18 +123,18 @@ impl Dataset {
         self.train_items.len()
     }
 
-    /// Users with a held-out item.
-    pub fn test_users(&self) -> Vec<usize> {
-        (0..self.users)
-            .filter(|&u| self.test[u].is_some())
-            .collect()
-    }
-
-    /// How often each item occurs in training (the most-popular baseline).
-    pub fn item_counts(&self) -> Vec<u32> {
+    /// How often each item occurs among what is known before `split`'s
+    /// held-out items (training items, and for the test the validation
+    /// items too): the most-popular baseline.
+    pub fn item_counts(&self, split: Split) -> Vec<u32> {
         let mut counts = vec![0u32; self.items];
         for &i in &self.train_items {
             counts[i as usize] += 1;
+        }
+        if split == Split::Test {
+            for &i in self.valid.iter().flatten() {
+                counts[i as usize] += 1;
+            }
         }
         counts
     }
@@ -99,19 +150,24 @@ impl Dataset {
         for &i in &self.train_items {
             feed(i as u64);
         }
-        for t in &self.test {
-            feed(t.map_or(u64::MAX, u64::from));
+        for held in [&self.valid, &self.test] {
+            for t in held {
+                feed(t.map_or(u64::MAX, u64::from));
+            }
         }
         h
     }
 
     /// Builds the split from per-user sequences in time order: the last
-    /// item of each sequence with at least two items is held out.
-    fn from_sequences(items: usize, mut seqs: Vec<Vec<u32>>) -> Dataset {
+    /// item of each sequence of two or more is the test item, the one
+    /// before it, in a sequence of three or more, the validation item.
+    /// Ids in the file are the dense ids' numbers.
+    pub fn from_sequences(items: usize, mut seqs: Vec<Vec<u32>>) -> Dataset {
         let users = seqs.len();
-        let mut test = Vec::with_capacity(users);
+        let (mut valid, mut test) = (Vec::with_capacity(users), Vec::with_capacity(users));
         for seq in &mut seqs {
             test.push(if seq.len() >= 2 { seq.pop() } else { None });
+            valid.push(if seq.len() >= 2 { seq.pop() } else { None });
         }
         let mut train_offsets = Vec::with_capacity(users + 1);
         train_offsets.push(0);
@@ -125,10 +181,25 @@ impl Dataset {
             items,
             train_offsets,
             train_items,
+            valid,
             test,
-            user_ids: (0..users as u64).collect(),
-            item_ids: (0..items as u64).collect(),
+            user_ids: (0..users).map(|u| u.to_string()).collect(),
+            item_ids: (0..items).map(|i| i.to_string()).collect(),
         }
+    }
+}
+
+/// For a sequence without timestamps: moves a random item to the end (the
+/// test item) and another random one before it (the validation item), so
+/// that [`Dataset::from_sequences`] holds out random items, not the last
+/// ones of the file.
+pub fn hold_out_at_random(seq: &mut Vec<u32>, rng: &mut Rng) {
+    for place in 0..2.min(seq.len().saturating_sub(1)) {
+        // place 0 picks among all items, place 1 among those before the test item.
+        let end = seq.len() - place;
+        let k = rng.below(end);
+        let item = seq.remove(k);
+        seq.insert(end - 1, item);
     }
 }
 
@@ -253,198 +324,9 @@ pub fn generate(cfg: &GenConfig, seed: u64) -> Dataset {
     Dataset::from_sequences(cfg.items, seqs)
 }
 
-/// A malformed interactions file: the 1-based line and what is wrong.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CsvError {
-    /// 1-based line number (0 when the problem is not one line's).
-    pub line: usize,
-    /// What is wrong, naming the offending text.
-    pub reason: String,
-}
-
-impl fmt::Display for CsvError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}", self.reason)
-        } else {
-            write!(f, "line {}: {}", self.line, self.reason)
-        }
-    }
-}
-
-impl std::error::Error for CsvError {}
-
-/// Options for reading interactions.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CsvOptions {
-    /// Keep only interactions rated at least this (needs a rating column).
-    pub min_rating: Option<f32>,
-}
-
-/// Reads interactions `user,item[,rating[,timestamp]]`, one per line, and
-/// splits them into a [`Dataset`].
-///
-/// * Fields are separated by `,`, a tab or `::` (MovieLens 1M's
-///   `ratings.dat`), chosen from the first line. Spaces around fields and
-///   `\r\n` line ends are fine; blank lines are skipped.
-/// * The first line is a header if its user field is not an integer
-///   (`userId,movieId,rating,timestamp`).
-/// * User and item ids are non-negative integers, mapped to dense ids in
-///   order of first appearance. The rating is a number; the timestamp a
-///   number (seconds, or anything that sorts in time order). Every line
-///   has as many fields as the first data line.
-/// * Each user's interactions are put in timestamp order (file order
-///   without timestamps, or for equal timestamps); a repeated
-///   `(user, item)` keeps its first occurrence. The most recent
-///   interaction of every user with at least two is held out, or, without
-///   timestamps, a random one drawn from `seed`.
-///
-/// # Errors
-/// A [`CsvError`] naming the line for a wrong field count, an id that is
-/// not an integer, a rating or timestamp that is not a number; for read
-/// failures; and when no interaction is left.
-pub fn read_interactions(
-    reader: impl BufRead,
-    opts: CsvOptions,
-    seed: u64,
-) -> Result<Dataset, CsvError> {
-    let mut users: HashMap<u64, u32> = HashMap::new();
-    let mut items: HashMap<u64, u32> = HashMap::new();
-    let mut user_ids = Vec::new();
-    let mut item_ids = Vec::new();
-    // (dense user, dense item, timestamp) per kept line, in file order.
-    let mut records: Vec<(u32, u32, f64)> = Vec::new();
-    let mut sep: Option<&'static str> = None;
-    let mut columns: Option<usize> = None;
-
-    for (n, line) in reader.lines().enumerate() {
-        let line_no = n + 1;
-        let err = |reason: String| CsvError {
-            line: line_no,
-            reason,
-        };
-        let line = line.map_err(|e| err(format!("cannot read: {e}")))?;
-        let line = line.trim_start_matches('\u{feff}').trim();
-        if line.is_empty() {
-            continue;
-        }
-        let sep = *sep.get_or_insert_with(|| {
-            if line.contains("::") {
-                "::"
-            } else if line.contains(',') {
-                ","
-            } else {
-                "\t"
-            }
-        });
-        let fields: Vec<&str> = line.split(sep).map(str::trim).collect();
-        if !(2..=4).contains(&fields.len()) {
-            return Err(err(format!(
-                "expected 2 to 4 fields `user,item[,rating[,timestamp]]`, found {} in `{line}`",
-                fields.len()
-            )));
-        }
-        if columns.is_none() && records.is_empty() && fields[0].parse::<u64>().is_err() {
-            // A header line: remember nothing but its presence.
-            if opts.min_rating.is_some() && fields.len() < 3 {
-                return Err(err(
-                    "--min-rating needs a rating column, the header has none".into(),
-                ));
-            }
-            columns = Some(fields.len());
-            continue;
-        }
-        let expected = *columns.get_or_insert(fields.len());
-        if fields.len() != expected {
-            return Err(err(format!(
-                "expected {expected} fields like the first line, found {} in `{line}`",
-                fields.len()
-            )));
-        }
-        let id = |what: &str, s: &str| {
-            s.parse::<u64>()
-                .map_err(|_| err(format!("{what} id `{s}` is not a non-negative integer")))
-        };
-        let user = id("user", fields[0])?;
-        let item = id("item", fields[1])?;
-        let number = |what: &str, s: &str| match s.parse::<f64>() {
-            Ok(x) if x.is_finite() => Ok(x),
-            _ => Err(err(format!("{what} `{s}` is not a finite number"))),
-        };
-        let rating = fields.get(2).map(|s| number("rating", s)).transpose()?;
-        let time = fields.get(3).map(|s| number("timestamp", s)).transpose()?;
-        match (opts.min_rating, rating) {
-            (Some(_), None) => {
-                return Err(err("--min-rating needs a rating column".into()));
-            }
-            (Some(min), Some(r)) if r < f64::from(min) => continue,
-            _ => {}
-        }
-        let next = user_ids.len() as u32;
-        let u = *users.entry(user).or_insert_with(|| {
-            user_ids.push(user);
-            next
-        });
-        let next = item_ids.len() as u32;
-        let i = *items.entry(item).or_insert_with(|| {
-            item_ids.push(item);
-            next
-        });
-        records.push((u, i, time.unwrap_or(0.0)));
-    }
-    if records.is_empty() {
-        return Err(CsvError {
-            line: 0,
-            reason: "no interactions found".into(),
-        });
-    }
-    let has_time = columns == Some(4);
-
-    // Group by user (a stable counting sort keeps file order), then order
-    // each user's interactions by time (stable) and drop repeats.
-    let mut start = vec![0usize; user_ids.len() + 1];
-    for &(u, _, _) in &records {
-        start[u as usize + 1] += 1;
-    }
-    for u in 0..user_ids.len() {
-        start[u + 1] += start[u];
-    }
-    let mut grouped = vec![(0u32, 0.0f64); records.len()];
-    let mut fill = start.clone();
-    for &(u, i, t) in &records {
-        grouped[fill[u as usize]] = (i, t);
-        fill[u as usize] += 1;
-    }
-    drop(records);
-    let seqs: Vec<Vec<u32>> = (0..user_ids.len())
-        .into_par_iter()
-        .map(|u| {
-            let mut xs = grouped[start[u]..start[u + 1]].to_vec();
-            xs.sort_by(|a, b| a.1.total_cmp(&b.1)); // stable
-            let mut seen = HashSet::with_capacity(xs.len());
-            let mut seq: Vec<u32> = xs.iter().map(|x| x.0).filter(|&i| seen.insert(i)).collect();
-            if !has_time && seq.len() >= 2 {
-                // Hold out a random interaction: move it to the end.
-                let k = Rng::derive(seed, &[2, u as u64]).below(seq.len());
-                let held = seq.remove(k);
-                seq.push(held);
-            }
-            seq
-        })
-        .collect();
-    let mut data = Dataset::from_sequences(item_ids.len(), seqs);
-    data.user_ids = user_ids;
-    data.item_ids = item_ids;
-    Ok(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn read(text: &str) -> Result<Dataset, CsvError> {
-        read_interactions(text.as_bytes(), CsvOptions::default(), 1)
-    }
 
     #[test]
     fn generation_is_deterministic_and_planted() {
@@ -462,82 +344,88 @@ mod tests {
         assert_eq!(a.train_offsets.len(), a.users + 1);
         for u in 0..a.users {
             let h = a.history(u);
-            let n = h.len() + usize::from(a.test[u].is_some());
-            assert!((cfg.min_len..=cfg.max_len).contains(&n));
-            // No repeats, and the held-out item is not among the training items.
+            // Every generated user has a validation and a test item.
+            let (v, t) = (a.valid[u].unwrap(), a.test[u].unwrap());
+            assert!((cfg.min_len..=cfg.max_len).contains(&(h.len() + 2)));
+            // No repeats: the held-out items are not among the training items.
             let set: HashSet<u32> = h.iter().copied().collect();
             assert_eq!(set.len(), h.len());
-            assert!(!a.test[u].is_some_and(|t| set.contains(&t)));
+            assert!(!set.contains(&v) && !set.contains(&t) && v != t);
         }
         // Popularity is skewed: the top 1% of items hold far more than 1%.
-        let mut counts = a.item_counts();
+        let mut counts = a.item_counts(Split::Validation);
         counts.sort_unstable_by(|x, y| y.cmp(x));
         let top: u32 = counts[..cfg.items / 100].iter().sum();
         assert!(top as f64 > 0.05 * a.train_len() as f64);
     }
 
+    /// Leave-one-out: the last item is the test item, the one before it
+    /// the validation item; what the model knows grows by the validation
+    /// item for the test; short sequences hold out less.
     #[test]
-    fn csv_with_header_and_four_columns_holds_out_the_latest() {
-        let text = "userId,movieId,rating,timestamp\r\n\
-                    10,500,4.0,300\n\
-                    10,501,3.5,100\n\
-                    \n\
-                    20,500,5,50\n\
-                    10,502,1,200\n";
-        let d = read(text).unwrap();
-        assert_eq!((d.users, d.items), (2, 3));
-        assert_eq!(d.user_ids, [10, 20]);
-        assert_eq!(d.item_ids, [500, 501, 502]);
-        // User 10 in time order: 501 (t=100), 502 (200), 500 (300, held out).
-        assert_eq!(d.history(0), &[1, 2]);
-        assert_eq!(d.test, [Some(0), None]);
-        assert_eq!(d.history(1), &[0]);
+    fn split_holds_out_the_last_two_items() {
+        let d = Dataset::from_sequences(
+            6,
+            vec![vec![0, 1, 2, 3], vec![4, 5], vec![5], vec![2, 0, 1]],
+        );
+        assert_eq!(d.history(0), &[0, 1]);
+        assert_eq!((d.valid[0], d.test[0]), (Some(2), Some(3)));
+        assert_eq!(d.history(1), &[4]);
+        assert_eq!((d.valid[1], d.test[1]), (None, Some(5)));
+        assert_eq!(d.history(2), &[5]);
+        assert_eq!((d.valid[2], d.test[2]), (None, None));
+        assert_eq!(
+            (d.history(3), d.valid[3], d.test[3]),
+            (&[2][..], Some(0), Some(1))
+        );
+
+        assert_eq!(&*d.known(0, Split::Validation), &[0, 1]);
+        assert_eq!(&*d.known(0, Split::Test), &[0, 1, 2]);
+        assert_eq!(&*d.known(1, Split::Test), &[4]);
+        assert_eq!(d.held(0, Split::Validation), Some(2));
+        assert_eq!(d.held(0, Split::Test), Some(3));
+        assert_eq!(d.eval_users(Split::Validation), [0, 3]);
+        assert_eq!(d.eval_users(Split::Test), [0, 1, 3]);
+        assert_eq!(d.owners(), [0, 0, 1, 2, 3]);
+        // Popularity before the validation items: training only; before the
+        // test items: the validation items too.
+        assert_eq!(d.item_counts(Split::Validation), [1, 1, 1, 0, 1, 1]);
+        assert_eq!(d.item_counts(Split::Test), [2, 1, 2, 0, 1, 1]);
+        assert_eq!(d.user_ids[3], "3");
+
+        let mut other = d.clone();
+        other.valid[3] = Some(4);
+        assert_ne!(
+            d.fingerprint(),
+            other.fingerprint(),
+            "the validation items count"
+        );
     }
 
+    /// Without times, two random items are held out: every item is as
+    /// likely, the validation item differs from the test item, and the
+    /// training items keep their order.
     #[test]
-    fn csv_without_header_in_two_and_three_columns() {
-        let d = read("1,2\n1,3\n1,2\n2,3\n").unwrap();
-        assert_eq!((d.users, d.items), (2, 2));
-        // User 1 has items 2 and 3 (the repeat of 2 is dropped); one is held out.
-        assert_eq!(d.history(0).len() + 1, 2);
-        assert!(d.test[0].is_some());
-        let d = read("7\t8\t1.5\n7\t9\t2\n").unwrap();
-        assert_eq!((d.users, d.items), (1, 2));
-        let d = read("1::1193::5::978300760\n1::661::3::978302109\n").unwrap();
-        assert_eq!(d.history(0), &[0]);
-        assert_eq!(d.test[0], Some(1));
-    }
-
-    #[test]
-    fn csv_min_rating_filters() {
-        let opts = CsvOptions {
-            min_rating: Some(4.0),
-        };
-        let d = read_interactions("1,2,5\n1,3,2\n1,4,4\n".as_bytes(), opts, 0).unwrap();
-        assert_eq!(d.item_ids, [2, 4]);
-        let e = read_interactions("1,2\n".as_bytes(), opts, 0).unwrap_err();
-        assert_eq!(e.line, 1);
-    }
-
-    #[test]
-    fn malformed_lines_name_their_line() {
-        let cases = [
-            ("1,2\n1,x\n", 2, "item id `x`"),
-            ("user,item\n1,2\n-3,4\n", 3, "user id `-3`"),
-            ("1,2,3.5\n1,2\n", 2, "expected 3 fields"),
-            ("1,2,3,4,5\n", 1, "found 5"),
-            ("1\n", 1, "found 1"),
-            ("1,2,good\n", 1, "rating `good`"),
-            ("1,2,3,yesterday\n", 1, "timestamp `yesterday`"),
-            ("1,2,nan\n", 1, "rating `nan`"),
-        ];
-        for (text, line, needle) in cases {
-            let e = read(text).unwrap_err();
-            assert_eq!(e.line, line, "{text:?}: {e}");
-            assert!(e.to_string().contains(needle), "{text:?}: {e}");
-            assert!(e.to_string().starts_with(&format!("line {line}: ")));
+    fn random_hold_out_draws_every_item() {
+        let mut tested = [0usize; 5];
+        let mut validated = [0usize; 5];
+        for draw in 0..5_000 {
+            let mut seq: Vec<u32> = (0..5).collect();
+            hold_out_at_random(&mut seq, &mut Rng::derive(9, &[draw]));
+            let (v, t) = (seq[3], seq[4]);
+            assert_ne!(v, t);
+            assert!(seq[..3].windows(2).all(|w| w[0] < w[1]), "{seq:?}");
+            tested[t as usize] += 1;
+            validated[v as usize] += 1;
         }
-        assert_eq!(read("").unwrap_err().line, 0);
-        assert_eq!(read("user,item\n").unwrap_err().line, 0);
+        for n in tested.iter().chain(&validated) {
+            assert!((850..=1150).contains(n), "{tested:?} {validated:?}");
+        }
+        let mut two = vec![7, 8];
+        hold_out_at_random(&mut two, &mut Rng::new(1));
+        assert!(two == [7, 8] || two == [8, 7]);
+        let mut one = vec![7];
+        hold_out_at_random(&mut one, &mut Rng::new(1));
+        assert_eq!(one, [7]);
     }
 }

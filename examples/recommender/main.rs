@@ -7,24 +7,32 @@
 //! ```
 //!
 //! By default it generates 20,000 users and 50,000 items with Zipf
-//! popularity and hidden topics (`data.rs`), trains a model whose only
-//! parameters are two embedding tables (`model.rs`: the user vector is the
-//! mean of the user's recent items plus a user-id embedding, the item
-//! vector a row of the same item table, a sampled softmax over negatives
-//! shared by the batch, or BPR), and after each epoch reports recall@10 and
-//! NDCG@10 on the users' held-out interactions beside a most-popular
-//! baseline (`metrics.rs`). The dense maths of a step is a few matrix
+//! popularity and hidden topics (`data.rs`); `--data` reads a file of real
+//! interactions instead (`csv.rs`: MovieLens, Amazon-style string ids, ISO
+//! dates). Each user's last interaction is held out for the test, the one
+//! before it for validation. It trains a model whose only parameters are
+//! two embedding tables (`model.rs`: the user vector is the mean of the
+//! user's recent items plus a user-id embedding, the item vector a row of
+//! the same item table, a sampled softmax over negatives shared by the
+//! batch, or BPR), after each epoch reports recall@10 and NDCG@10 on the
+//! validation items beside a most-popular baseline (`metrics.rs`), stops
+//! when they stop improving (`stopping.rs`) and scores the test items once,
+//! with the best epoch's tables. The dense maths of a step is a few matrix
 //! products (`dense.rs`); `--save`/`--resume` use `checkpoint.rs`.
 //!
-//! Run with `--help` for the options.
+//! Run with `--help` for the options, the file formats and the split.
 
 mod checkpoint;
+mod csv;
 mod data;
+mod date;
 mod dense;
 mod metrics;
 mod model;
 mod rng;
+mod stopping;
 
+use std::cell::RefCell;
 use std::error::Error;
 use std::fs::File;
 use std::io::BufReader;
@@ -34,16 +42,18 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use embtable::{
-    Adagrad, AdagradConfig, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Sgd, SgdConfig, SparseOptimizer,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::Checkpoint;
-use crate::data::{CsvOptions, Dataset, GenConfig};
+use crate::csv::{Columns, CsvOptions, FileInfo, Header};
+use crate::data::{Dataset, GenConfig, Split};
 use crate::metrics::Metrics;
 use crate::model::{BatchStats, Loss, Model, ModelConfig, Phases};
 use crate::rng::Rng;
+use crate::stopping::EarlyStop;
 
 /// Ranking cut-off of the reported metrics.
 const K: usize = 10;
@@ -54,7 +64,15 @@ const K: usize = 10;
 #[derive(Parser, Debug)]
 #[command(
     about = "Train a two-tower recommender whose only parameters are embtable embedding tables",
-    long_about = None
+    long_about = "Train a two-tower recommender whose only parameters are embtable \
+        embedding tables, on a generated data set or on a file of real interactions \
+        (--data).\n\n\
+        After each epoch it prints recall@10 and NDCG@10 on the validation items \
+        beside a most-popular baseline, and stops once validation NDCG@10 has not \
+        improved for --patience epochs (or after --epochs), keeping the tables of \
+        the best epoch: the number of epochs follows the data. The test items are \
+        scored once, at the end. -h gives a summary of the options.",
+    after_long_help = csv::FORMAT_HELP
 )]
 struct Args {
     /// Sparse optimizer of both tables [default: adagrad].
@@ -66,9 +84,15 @@ struct Args {
     /// Embedding dimension [default: 32].
     #[arg(long)]
     dim: Option<usize>,
-    /// Passes over the training interactions (in all, resumed ones included).
-    #[arg(long, default_value_t = 6)]
+    /// Most passes over the training interactions, resumed ones included;
+    /// early stopping (--patience) usually ends training sooner.
+    #[arg(long, default_value_t = 50)]
     epochs: u64,
+    /// Stop once validation NDCG@10 has not improved for this many epochs
+    /// and keep the tables of the best epoch (0: train all --epochs and
+    /// keep the last).
+    #[arg(long, default_value_t = 5)]
+    patience: u64,
     /// Training examples per step [default: 2048].
     #[arg(long)]
     batch: Option<usize>,
@@ -100,10 +124,19 @@ struct Args {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Interactions CSV `user,item[,rating[,timestamp]]` (MovieLens
-    /// `ratings.csv`) instead of the generated data.
+    /// A file of interactions, `user,item[,rating[,time]]` per line
+    /// (MovieLens, Amazon-style ids, ISO dates: see below), instead of the
+    /// generated data.
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// With --data: what each column holds, comma-separated, from user,
+    /// item, rating, time and _ (a column to skip), e.g.
+    /// item,user,rating,time [default: user,item[,rating[,time]]].
+    #[arg(long, value_name = "LIST", value_parser = Columns::parse)]
+    columns: Option<Columns>,
+    /// With --data: whether the first line is a header (auto: see below).
+    #[arg(long, value_enum, default_value_t = Header::Auto)]
+    header: Header,
     /// With --data: keep interactions rated at least this.
     #[arg(long)]
     min_rating: Option<f32>,
@@ -113,7 +146,8 @@ struct Args {
     /// Items of the generated data set.
     #[arg(long, default_value_t = 50_000)]
     items: usize,
-    /// Users evaluated after each epoch (a fixed random sample; 0: all).
+    /// Validation users scored after each epoch (a fixed random sample; 0:
+    /// all). The final test scores every user.
     #[arg(long, default_value_t = 5_000)]
     eval_users: usize,
     /// Write a checkpoint here after every epoch.
@@ -361,28 +395,31 @@ pub fn train_epoch<O: SparseOptimizer + Send>(
     Ok(total)
 }
 
-/// Recall@10 and NDCG@10 of `model` on the held-out items of `users`.
+/// Recall@10 and NDCG@10 of `model` on the held-out items of `split` of
+/// `users`.
 pub fn evaluate_model<O: SparseOptimizer + Send + Sync>(
     model: &Model<O>,
     data: &Dataset,
     users: &[usize],
+    split: Split,
 ) -> Metrics {
     let items_t = model.items_transposed();
     metrics::evaluate(
         users,
         data.items,
         K,
-        |block, out| model.score_block(data, block, &items_t, out),
-        |u| data.history(u),
-        |u| data.test[u].into_iter().collect(),
+        |block, out| model.score_block(data, block, split, &items_t, out),
+        |u| data.known(u, split),
+        |u| data.held(u, split).into_iter().collect(),
     )
 }
 
-/// The most-popular baseline: every user gets the items seen most often in
-/// training, minus its own training items. All users share one ranking, so
-/// each user's top 10 is read off it, skipping the user's items.
-pub fn evaluate_popular(data: &Dataset, users: &[usize]) -> Metrics {
-    let counts = data.item_counts();
+/// The most-popular baseline: every user gets the items seen most often
+/// before `split`'s held-out items, minus the user's own. All users share
+/// one ranking, so each user's top 10 is read off it, skipping the user's
+/// items.
+pub fn evaluate_popular(data: &Dataset, users: &[usize], split: Split) -> Metrics {
+    let counts = data.item_counts(split);
     let mut ranking: Vec<u32> = (0..data.items as u32).collect();
     // Most seen first; equal counts by id, as `top_k` breaks ties.
     ranking.sort_by_key(|&i| (std::cmp::Reverse(counts[i as usize]), i));
@@ -390,21 +427,109 @@ pub fn evaluate_popular(data: &Dataset, users: &[usize]) -> Metrics {
         users,
         &ranking,
         K,
-        |u| data.history(u),
-        |u| data.test[u].into_iter().collect(),
+        |u| data.known(u, split),
+        |u| data.held(u, split).into_iter().collect(),
     )
 }
 
-/// A fixed sample of `n` users with a held-out item (all of them if `n` is
-/// 0 or too large), drawn from `seed`.
+/// A fixed sample of `n` users with a validation item (all of them if `n`
+/// is 0 or too large), drawn from `seed`.
 fn eval_sample(data: &Dataset, n: usize, seed: u64) -> Vec<usize> {
-    let mut users = data.test_users();
+    let mut users = data.eval_users(Split::Validation);
     if n > 0 && n < users.len() {
         Rng::derive(seed, &[5]).shuffle(&mut users);
         users.truncate(n);
         users.sort_unstable();
     }
     users
+}
+
+/// What one epoch did, for the report.
+pub struct EpochReport {
+    /// The epoch, 1-based.
+    pub epoch: u64,
+    /// Its training stats.
+    pub stats: BatchStats,
+    /// Time spent training.
+    pub train_time: Duration,
+    /// Validation metrics after it.
+    pub valid: Metrics,
+    /// Time spent on the validation.
+    pub eval_time: Duration,
+    /// Whether its validation NDCG@10 is the best so far.
+    pub improved: bool,
+}
+
+/// Where training is: the model, the early-stopping state and the tables of
+/// the best validation epoch.
+pub struct Fit<O> {
+    /// The model as the last epoch left it.
+    pub model: Model<O>,
+    /// Epochs trained so far.
+    pub epoch: u64,
+    /// Early stopping.
+    pub stop: EarlyStop,
+    /// Item and user tables of `stop.best_epoch`.
+    pub best_tables: Option<[EmbeddingTable; 2]>,
+}
+
+impl<O: SparseOptimizer + Send + Sync> Fit<O> {
+    /// Trains epoch after epoch until `run.epochs` or early stopping,
+    /// scoring the validation items of `eval_users` after each epoch;
+    /// `progress` sees every batch and `after_epoch` every epoch (and may
+    /// save a checkpoint).
+    ///
+    /// # Errors
+    /// From [`train_epoch`] and `after_epoch`.
+    pub fn run(
+        &mut self,
+        data: &Dataset,
+        run: &RunConfig,
+        eval_users: &[usize],
+        mut progress: impl FnMut(u64, &BatchStats),
+        mut after_epoch: impl FnMut(&Self, &EpochReport) -> Result<(), Box<dyn Error>>,
+    ) -> Result<(), Box<dyn Error>> {
+        let owner = data.owners();
+        while self.epoch < run.epochs && !self.stop.should_stop(self.epoch) {
+            let t0 = Instant::now();
+            let epoch = self.epoch;
+            let stats = train_epoch(&mut self.model, data, &owner, run, epoch, |s| {
+                progress(epoch + 1, &s)
+            })?;
+            let train_time = t0.elapsed();
+            self.epoch += 1;
+            let t1 = Instant::now();
+            let valid = evaluate_model(&self.model, data, eval_users, Split::Validation);
+            let improved = self.stop.observe(self.epoch, valid.ndcg);
+            if improved {
+                self.best_tables = Some([
+                    self.model.items.table().clone(),
+                    self.model.users.table().clone(),
+                ]);
+            }
+            let report = EpochReport {
+                epoch: self.epoch,
+                stats,
+                train_time,
+                valid,
+                eval_time: t1.elapsed(),
+                improved,
+            };
+            after_epoch(self, &report)?;
+        }
+        Ok(())
+    }
+
+    /// The model to report: with early stopping, the one of the best
+    /// validation epoch; else the last.
+    pub fn into_final_model(self) -> Model<O> {
+        let mut model = self.model;
+        if let Some([items, users]) = self.best_tables.filter(|_| self.stop.keeps_best()) {
+            *model.items.table_mut() = items;
+            *model.users.table_mut() = users;
+        }
+        model
+    }
 }
 
 /// `1234567` → `"1,234,567"`.
@@ -468,50 +593,41 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let settings = Settings::resolve(&args, resumed.as_ref())?;
     let seed = settings.run.seed;
 
-    // Data.
-    let data = match &args.data {
-        Some(path) => {
-            let file =
-                File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let opts = CsvOptions {
-                min_rating: args.min_rating,
-            };
-            data::read_interactions(BufReader::new(file), opts, seed)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => {
-            if args.min_rating.is_some() {
-                return Err("--min-rating applies to --data only".into());
-            }
-            let cfg = GenConfig {
-                users: args.users,
-                items: args.items,
-                ..GenConfig::default()
-            };
-            if cfg.users == 0 || cfg.items <= cfg.max_len {
-                return Err(
-                    format!("--users must be positive and --items above {}", cfg.max_len).into(),
-                );
-            }
-            data::generate(&cfg, seed)
-        }
-    };
+    let (data, info) = load_data(&args, seed)?;
     let source = match &args.data {
         Some(p) => p.display().to_string(),
         None => format!("generated (seed {seed})"),
     };
     let eval_users = eval_sample(&data, args.eval_users, seed);
     println!(
-        "data: {source}: {} users, {} items, {} training interactions, {} held out ({} evaluated) [{:.1}s]",
-        thousands(data.users),
-        thousands(data.items),
-        thousands(data.train_len()),
-        thousands(data.test_users().len()),
-        thousands(eval_users.len()),
+        "data: {source}: {}, {}, {}, {} and {} (last two of each user{}) [{:.1}s]",
+        plural(thousands(data.users), "user"),
+        plural(thousands(data.items), "item"),
+        plural(thousands(data.train_len()), "training interaction"),
+        plural(
+            thousands(data.eval_users(Split::Validation).len()),
+            "validation item"
+        ),
+        plural(thousands(data.eval_users(Split::Test).len()), "test item"),
+        if args.data.is_some() && !info.has_time {
+            ", drawn at random: no time column"
+        } else {
+            ", in time order"
+        },
         started.elapsed().as_secs_f64()
     );
+    if let Some(header) = &info.header {
+        println!("  header: {header}");
+    }
+    if info.below_min_rating > 0 || info.repeats > 0 {
+        println!(
+            "  dropped {} rated below --min-rating and {}",
+            plural(thousands(info.below_min_rating), "interaction"),
+            plural(thousands(info.repeats), "repeated (user, item) pair")
+        );
+    }
     if eval_users.is_empty() {
-        return Err("no user has two interactions: nothing to hold out".into());
+        return Err("no user has three interactions: nothing to validate on".into());
     }
 
     let lr = settings.lr;
@@ -529,6 +645,34 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         OptName::Rmsprop => ctx.train(|| rmsprop(lr)),
         OptName::Sgd => ctx.train(|| sgd(lr)),
     }
+}
+
+/// The file of `--data`, or the generated data set.
+fn load_data(args: &Args, seed: u64) -> Result<(Dataset, FileInfo), Box<dyn Error>> {
+    let Some(path) = &args.data else {
+        if args.min_rating.is_some() || args.columns.is_some() || args.header != Header::Auto {
+            return Err("--min-rating, --columns and --header apply to --data only".into());
+        }
+        let cfg = GenConfig {
+            users: args.users,
+            items: args.items,
+            ..GenConfig::default()
+        };
+        if cfg.users == 0 || cfg.items <= cfg.max_len {
+            return Err(
+                format!("--users must be positive and --items above {}", cfg.max_len).into(),
+            );
+        }
+        return Ok((data::generate(&cfg, seed), FileInfo::default()));
+    };
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let opts = CsvOptions {
+        min_rating: args.min_rating,
+        columns: args.columns.clone(),
+        header: args.header,
+    };
+    Ok(csv::read_interactions(BufReader::new(file), &opts, seed)
+        .map_err(|e| format!("{}: {e}", path.display()))?)
 }
 
 /// Adagrad with PyTorch's accumulator start (0) and ε placement: the
@@ -567,8 +711,9 @@ fn sgd(lr: f32) -> Sgd {
     })
 }
 
-/// Rebuilds the model saved in `ckpt` (tables and optimizer states) and
-/// returns it with the number of epochs it had trained.
+/// Rebuilds the training state saved in `ckpt`: the model (tables and
+/// optimizer states), the epochs done, early stopping with `patience`, and
+/// the best epoch's tables.
 ///
 /// # Errors
 /// If the checkpoint was trained on other data, or a state does not load.
@@ -576,8 +721,9 @@ fn restore<O: SparseOptimizer + Send>(
     ckpt: Checkpoint,
     data: &Dataset,
     cfg: ModelConfig,
+    patience: u64,
     make: impl Fn() -> O,
-) -> Result<(Model<O>, u64), Box<dyn Error>> {
+) -> Result<Fit<O>, Box<dyn Error>> {
     if ckpt.data_fingerprint != data.fingerprint() {
         return Err("the checkpoint was trained on other data (or another --seed)".into());
     }
@@ -587,7 +733,17 @@ fn restore<O: SparseOptimizer + Send>(
     items_opt.load_state(items_state)?;
     users_opt.load_state(users_state)?;
     let model = Model::from_parts(data, items, items_opt, users, users_opt, cfg)?;
-    Ok((model, ckpt.epoch))
+    let stop = EarlyStop {
+        patience,
+        best_epoch: ckpt.best_epoch,
+        best: ckpt.best_ndcg,
+    };
+    Ok(Fit {
+        model,
+        epoch: ckpt.epoch,
+        stop,
+        best_tables: ckpt.best_tables,
+    })
 }
 
 /// Everything `train` needs besides the optimizer type.
@@ -615,22 +771,27 @@ impl Context<'_> {
         } = self;
         let (run, opt, lr) = (&settings.run, settings.opt, settings.lr);
         let fingerprint = data.fingerprint();
-        let (mut model, first_epoch) = match resumed {
+        let mut fit = match resumed {
             Some(c) => {
-                let (model, epoch) = restore(c, data, run.model, &make)?;
+                let fit = restore(c, data, run.model, args.patience, &make)?;
                 println!(
-                    "resumed from {} after epoch {epoch}",
+                    "resumed from {} after epoch {}",
                     args.resume.as_ref().expect("resumed").display(),
+                    fit.epoch
                 );
-                (model, epoch)
+                fit
             }
-            None => (Model::new(data, run.model, &make, run.seed)?, 0),
+            None => Fit {
+                model: Model::new(data, run.model, &make, run.seed)?,
+                epoch: 0,
+                stop: EarlyStop::new(args.patience),
+                best_tables: None,
+            },
         };
-        let owner = data.owners();
 
-        let popular = evaluate_popular(data, eval_users);
+        let popular = evaluate_popular(data, eval_users, Split::Validation);
         println!(
-            "model: dim {}, history {}, {} loss with {} shared negatives, optimizer {} (lr {lr}{}), batch {}, {} threads",
+            "model: dim {}, history {}, {} loss with {} shared negatives, optimizer {} (lr {lr}{}), batch {}, {}",
             run.model.dim,
             run.model.history,
             match run.model.loss {
@@ -643,13 +804,25 @@ impl Context<'_> {
                 .max_norm
                 .map_or(String::new(), |m| format!(", max_norm {m}")),
             run.batch,
-            rayon::current_num_threads()
+            plural(rayon::current_num_threads(), "thread")
         );
         println!(
-            "most-popular baseline on the {} evaluated users: recall@{K} {:.4}  NDCG@{K} {:.4}",
-            thousands(popular.users),
+            "most-popular on the validation items of {}: recall@{K} {:.4}  NDCG@{K} {:.4}",
+            plural(thousands(popular.users), "user"),
             popular.recall,
             popular.ndcg
+        );
+        println!(
+            "training up to {}{}",
+            plural(run.epochs, "epoch"),
+            if fit.stop.keeps_best() {
+                format!(
+                    ", stopping once validation NDCG@{K} has not improved for {} (*: best so far)",
+                    plural(fit.stop.patience, "epoch")
+                )
+            } else {
+                String::new()
+            }
         );
 
         let style = ProgressStyle::with_template(
@@ -660,70 +833,90 @@ impl Context<'_> {
         let mut train_time = Duration::ZERO;
         let mut trained = 0usize;
         let mut phases = Phases::default();
-        let mut last = None;
-        for epoch in first_epoch..run.epochs {
-            let bar = ProgressBar::new(data.train_len() as u64)
-                .with_style(style.clone())
-                .with_prefix(format!("{}/{}", epoch + 1, run.epochs));
-            let t0 = Instant::now();
-            let (mut loss, mut seen) = (0.0, 0usize);
-            let result = train_epoch(&mut model, data, &owner, run, epoch, |s| {
-                loss += s.loss_sum;
-                seen += s.examples;
+        // The epoch's bar, its start, loss sum and examples, shared by the
+        // two callbacks.
+        let bar: RefCell<Option<(ProgressBar, Instant, f64, usize)>> = RefCell::new(None);
+        fit.run(
+            data,
+            run,
+            eval_users,
+            |epoch, s| {
+                let mut bar = bar.borrow_mut();
+                let (bar, t0, loss, seen) = bar.get_or_insert_with(|| {
+                    let b = ProgressBar::new(data.train_len() as u64)
+                        .with_style(style.clone())
+                        .with_prefix(format!("{epoch}/{}", run.epochs));
+                    (b, Instant::now(), 0.0, 0)
+                });
+                *loss += s.loss_sum;
+                *seen += s.examples;
                 bar.inc(s.examples as u64);
                 bar.set_message(format!(
                     "loss {:.4}  {} ex/s",
-                    loss / seen as f64,
-                    rate(seen as f64 / t0.elapsed().as_secs_f64())
+                    *loss / *seen as f64,
+                    rate(*seen as f64 / t0.elapsed().as_secs_f64())
                 ));
-            });
-            let dt = t0.elapsed();
-            bar.finish_and_clear();
-            let stats = result?;
-            train_time += dt;
-            trained += stats.examples;
-            phases.add(&stats.time);
-            let t1 = Instant::now();
-            let m = evaluate_model(&model, data, eval_users);
+            },
+            |fit, r| {
+                if let Some((b, ..)) = bar.borrow_mut().take() {
+                    b.finish_and_clear();
+                }
+                train_time += r.train_time;
+                trained += r.stats.examples;
+                phases.add(&r.stats.time);
+                let dt = r.train_time.as_secs_f64();
+                println!(
+                    "epoch {:>2}/{}  loss {:.4}  {:>6} ex/s  {dt:.1}s | validation recall@{K} {:.4}  NDCG@{K} {:.4}  ({} / {} most-popular) [eval {:.1}s]{}",
+                    r.epoch,
+                    run.epochs,
+                    r.stats.loss_sum / r.stats.examples.max(1) as f64,
+                    rate(r.stats.examples as f64 / dt),
+                    r.valid.recall,
+                    r.valid.ndcg,
+                    times(r.valid.recall, popular.recall),
+                    times(r.valid.ndcg, popular.ndcg),
+                    r.eval_time.as_secs_f64(),
+                    if r.improved { " *" } else { "" },
+                );
+                if let Some(path) = &args.save {
+                    save(path, fit, settings, fingerprint)?;
+                }
+                Ok(())
+            },
+        )?;
+
+        let (epochs, stop) = (fit.epoch, fit.stop);
+        if stop.should_stop(epochs) {
             println!(
-                "epoch {:>2}/{}  loss {:.4}  {:>6} ex/s  {:.1}s | recall@{K} {:.4}  NDCG@{K} {:.4}  ({} / {} most-popular) [eval {:.1}s]",
-                epoch + 1,
-                run.epochs,
-                stats.loss_sum / stats.examples.max(1) as f64,
-                rate(stats.examples as f64 / dt.as_secs_f64()),
-                dt.as_secs_f64(),
-                m.recall,
-                m.ndcg,
-                times(m.recall, popular.recall),
-                times(m.ndcg, popular.ndcg),
-                t1.elapsed().as_secs_f64(),
+                "stopped after epoch {epochs}: validation NDCG@{K} has not improved for {}; keeping epoch {} ({:.4})",
+                plural(stop.patience, "epoch"),
+                stop.best_epoch,
+                stop.best
             );
-            last = Some(m);
-            if let Some(path) = &args.save {
-                save(path, &model, settings, epoch + 1, fingerprint)?;
-            }
+        } else if stop.keeps_best() && stop.best_epoch > 0 {
+            println!(
+                "trained {}; keeping epoch {}, the best on validation NDCG@{K} ({:.4})",
+                plural(epochs, "epoch"),
+                stop.best_epoch,
+                stop.best
+            );
         }
-        // The final numbers on every user with a held-out item.
-        let all_users = data.test_users();
-        let (m, popular) = if all_users.len() > eval_users.len() {
-            (
-                evaluate_model(&model, data, &all_users),
-                evaluate_popular(data, &all_users),
-            )
-        } else {
-            let m = last.unwrap_or_else(|| evaluate_model(&model, data, eval_users));
-            (m, popular)
-        };
+        let model = fit.into_final_model();
+
+        // The test items of every user, scored once.
+        let test_users = data.eval_users(Split::Test);
+        let m = evaluate_model(&model, data, &test_users, Split::Test);
+        let popular = evaluate_popular(data, &test_users, Split::Test);
         println!(
-            "done in {:.1}s: {} examples trained in {:.1}s ({} ex/s)",
+            "done in {:.1}s: {} trained in {:.1}s ({} ex/s)",
             started.elapsed().as_secs_f64(),
-            thousands(trained),
+            plural(thousands(trained), "example"),
             train_time.as_secs_f64(),
             rate(trained as f64 / train_time.as_secs_f64().max(1e-9)),
         );
         println!(
-            "held-out items of all {} users: recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
-            thousands(m.users),
+            "test items of {}: recall@{K} {:.4} vs {:.4} most-popular ({}), NDCG@{K} {:.4} vs {:.4} ({})",
+            plural(thousands(m.users), "user"),
             m.recall,
             popular.recall,
             times(m.recall, popular.recall),
@@ -748,21 +941,33 @@ impl Context<'_> {
     }
 }
 
-/// Writes a checkpoint (see [`checkpoint`]).
+/// `1 epoch`, `3 epochs`, `1,024 users`: `n` (a number, or one formatted
+/// by [`thousands`]) and `what`, plural unless `n` is 1.
+fn plural(n: impl std::fmt::Display, what: &str) -> String {
+    let n = n.to_string();
+    if n == "1" {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Writes a checkpoint of `fit` (see [`checkpoint`]).
 fn save<O: SparseOptimizer>(
     path: &Path,
-    model: &Model<O>,
+    fit: &Fit<O>,
     settings: &Settings,
-    epoch: u64,
     data_fingerprint: u64,
 ) -> Result<(), Box<dyn Error>> {
     let at = checkpoint::Position {
-        epoch,
+        epoch: fit.epoch,
         data_fingerprint,
         seed: settings.run.seed,
         settings: &settings.to_pairs(),
+        best: (fit.stop.best_epoch, fit.stop.best),
+        best_tables: fit.best_tables.as_ref().map(|[i, u]| [i, u]),
     };
-    checkpoint::save(path, &model.items, &model.users, &at)
+    checkpoint::save(path, &fit.model.items, &fit.model.users, &at)
         .map_err(|e| format!("cannot save {}: {e}", path.display()))?;
     Ok(())
 }
@@ -786,14 +991,29 @@ mod tests {
         (data, run)
     }
 
+    /// A fit of `epochs` epochs at most on the tiny data.
+    fn fit<O: SparseOptimizer + Send + Sync>(
+        data: &Dataset,
+        run: &RunConfig,
+        patience: u64,
+        make: impl Fn() -> O,
+    ) -> Fit<O> {
+        Fit {
+            model: Model::new(data, run.model, make, run.seed).unwrap(),
+            epoch: 0,
+            stop: EarlyStop::new(patience),
+            best_tables: None,
+        }
+    }
+
     /// The smoke test of the demo: a few epochs on a tiny data set lower
-    /// the loss and rank held-out items far above random and above the
+    /// the loss and rank the test items far above random and above the
     /// most-popular baseline.
     #[test]
     fn tiny_recommender_learns() {
         let (data, run) = tiny_run();
         let owner = data.owners();
-        let users = data.test_users();
+        let users = data.eval_users(Split::Test);
         let mut model = Model::new(&data, run.model, || adagrad(0.1), run.seed).unwrap();
         let mut losses = Vec::new();
         for epoch in 0..run.epochs {
@@ -801,44 +1021,115 @@ mod tests {
             losses.push(s.loss_sum / s.examples as f64);
         }
         assert!(losses[3] < 0.9 * losses[0], "{losses:?}");
-        let m = evaluate_model(&model, &data, &users);
+        let m = evaluate_model(&model, &data, &users, Split::Test);
         let random = K as f64 / data.items as f64;
-        let popular = evaluate_popular(&data, &users);
+        let popular = evaluate_popular(&data, &users, Split::Test);
         assert!(m.recall > 5.0 * random, "{m:?} vs random {random}");
         assert!(m.recall > popular.recall, "{m:?} vs {popular:?}");
         assert!(m.ndcg > 0.0 && m.ndcg <= m.recall);
     }
 
-    /// Training one epoch, saving, loading and training another gives the
-    /// tables of two uninterrupted epochs, bit for bit.
+    /// Early stopping ends training `patience` epochs after the best
+    /// validation epoch, each epoch reports the validation metrics of the
+    /// model it left, and the final model has the tables of the best epoch,
+    /// bit for bit those of a run that trains that many epochs.
+    #[test]
+    fn early_stopping_keeps_the_best_epoch() {
+        let (data, mut run) = tiny_run();
+        run.epochs = 60;
+        let make = || adagrad(0.3);
+        let users = data.eval_users(Split::Validation);
+        let mut fit = fit(&data, &run, 2, make);
+        let mut scores = Vec::new();
+        fit.run(
+            &data,
+            &run,
+            &users,
+            |_, _| {},
+            |fit, r| {
+                let again = evaluate_model(&fit.model, &data, &users, Split::Validation);
+                assert_eq!(r.valid, again, "epoch {}", r.epoch);
+                scores.push(r.valid.ndcg);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let (epochs, stop) = (fit.epoch, fit.stop);
+        assert!(epochs < run.epochs, "ran all {epochs} epochs: {scores:?}");
+        assert_eq!(epochs, stop.best_epoch + 2, "{scores:?}");
+        let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(scores[stop.best_epoch as usize - 1], best);
+        assert!(
+            scores[..stop.best_epoch as usize - 1]
+                .iter()
+                .all(|&s| s < best)
+        );
+
+        let kept = fit.into_final_model();
+        let mut again = Model::new(&data, run.model, make, run.seed).unwrap();
+        let owner = data.owners();
+        for epoch in 0..stop.best_epoch {
+            train_epoch(&mut again, &data, &owner, &run, epoch, |_| {}).unwrap();
+        }
+        assert_eq!(kept.items.table(), again.items.table());
+        assert_eq!(kept.users.table(), again.users.table());
+
+        // --patience 0: every epoch, the last tables.
+        run.epochs = 3;
+        let mut all = fit_with_patience_zero(&data, &run, make);
+        assert_eq!(all.epoch, 3);
+        let last = all.model.items.table().clone();
+        all.stop.best_epoch = 1; // whatever was best, the last is kept
+        assert_eq!(all.into_final_model().items.table(), &last);
+    }
+
+    fn fit_with_patience_zero<O: SparseOptimizer + Send + Sync>(
+        data: &Dataset,
+        run: &RunConfig,
+        make: impl Fn() -> O,
+    ) -> Fit<O> {
+        let users = data.eval_users(Split::Validation);
+        let mut f = fit(data, run, 0, make);
+        f.run(data, run, &users, |_, _| {}, |_, _| Ok(())).unwrap();
+        f
+    }
+
+    /// Training three epochs, saving after the first, loading and training
+    /// on gives the tables, optimizer states, early-stopping state and best
+    /// tables of the uninterrupted run, bit for bit.
     #[test]
     fn resume_equals_uninterrupted_training() {
-        let (data, run) = tiny_run();
-        let owner = data.owners();
+        let (data, mut run) = tiny_run();
+        run.epochs = 3;
         let make = || rmsprop(0.003);
-        let mut straight = Model::new(&data, run.model, make, run.seed).unwrap();
-        for epoch in 0..2 {
-            train_epoch(&mut straight, &data, &owner, &run, epoch, |_| {}).unwrap();
-        }
+        let users = data.eval_users(Split::Validation);
+        let mut straight = fit(&data, &run, 5, make);
+        straight
+            .run(&data, &run, &users, |_, _| {}, |_, _| Ok(()))
+            .unwrap();
 
-        let mut first = Model::new(&data, run.model, make, run.seed).unwrap();
-        train_epoch(&mut first, &data, &owner, &run, 0, |_| {}).unwrap();
         let path = std::env::temp_dir().join(format!("embtable-rec-{}.ckpt", std::process::id()));
         let settings = Settings {
             opt: OptName::Rmsprop,
             lr: 0.003,
             run: run.clone(),
         };
-        save(&path, &first, &settings, 1, data.fingerprint()).unwrap();
+        let mut one = run.clone();
+        one.epochs = 1;
+        let mut first = fit(&data, &one, 5, make);
+        first
+            .run(&data, &one, &users, |_, _| {}, |_, _| Ok(()))
+            .unwrap();
+        save(&path, &first, &settings, data.fingerprint()).unwrap();
         let ckpt = checkpoint::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
         assert_eq!(
-            (ckpt.seed, ckpt.settings.clone()),
-            (run.seed, settings.to_pairs())
+            (ckpt.seed, ckpt.settings.clone(), ckpt.best_epoch),
+            (run.seed, settings.to_pairs(), 1)
         );
 
         // The settings come back from the checkpoint; contradicting them is refused.
-        let args = Args::parse_from(["recommender", "--epochs", "2"]);
+        let args = Args::parse_from(["recommender", "--epochs", "3"]);
         let back = Settings::resolve(&args, Some(&ckpt)).unwrap();
         assert_eq!(
             (back.opt, back.lr, back.run.batch),
@@ -851,23 +1142,42 @@ mod tests {
             e.contains("--dim 8 differs from the checkpoint's 16"),
             "{e}"
         );
-        let (mut resumed, epoch) = restore(ckpt, &data, run.model, make).unwrap();
-        assert_eq!(epoch, 1);
-        train_epoch(&mut resumed, &data, &owner, &run, 1, |_| {}).unwrap();
+        let mut resumed = restore(ckpt, &data, run.model, 5, make).unwrap();
+        assert_eq!(resumed.epoch, 1);
+        resumed
+            .run(&data, &run, &users, |_, _| {}, |_, _| Ok(()))
+            .unwrap();
 
-        assert_eq!(resumed.items.table(), straight.items.table());
-        assert_eq!(resumed.users.table(), straight.users.table());
+        assert_eq!(resumed.epoch, 3);
+        assert_eq!(resumed.stop, straight.stop);
+        assert_eq!(resumed.best_tables, straight.best_tables);
+        assert_eq!(resumed.model.items.table(), straight.model.items.table());
+        assert_eq!(resumed.model.users.table(), straight.model.users.table());
         assert_eq!(
-            resumed.items.optimizer().state(),
-            straight.items.optimizer().state()
+            resumed.model.items.optimizer().state(),
+            straight.model.items.optimizer().state()
         );
+
+        // A checkpoint whose best epoch is an earlier one carries its tables.
+        let mut later = straight;
+        later.stop.best_epoch = 2;
+        let best = [
+            first.model.items.table().clone(),
+            first.model.users.table().clone(),
+        ];
+        later.best_tables = Some(best.clone());
+        save(&path, &later, &settings, data.fingerprint()).unwrap();
+        let ckpt = checkpoint::load(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!((ckpt.epoch, ckpt.best_epoch), (3, 2));
+        assert_eq!(ckpt.best_tables, Some(best));
 
         // Other data is refused.
         let other = data::generate(&GenConfig::tiny(), 12);
-        save(&path, &first, &settings, 1, data.fingerprint()).unwrap();
+        save(&path, &first, &settings, data.fingerprint()).unwrap();
         let ckpt = checkpoint::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
-        assert!(restore(ckpt, &other, run.model, make).is_err());
+        assert!(restore(ckpt, &other, run.model, 5, make).is_err());
     }
 
     /// Training gives the same tables bit for bit on any thread count.
@@ -905,7 +1215,12 @@ mod tests {
 
     #[test]
     fn settings_defaults_per_optimizer() {
-        let s = Settings::resolve(&Args::parse_from(["recommender"]), None).unwrap();
+        let args = Args::parse_from(["recommender"]);
+        assert_eq!(
+            (args.epochs, args.patience, args.header),
+            (50, 5, Header::Auto)
+        );
+        let s = Settings::resolve(&args, None).unwrap();
         assert_eq!(
             (s.opt, s.lr, s.run.model.max_norm),
             (OptName::Adagrad, 0.1, None)
@@ -934,5 +1249,109 @@ mod tests {
         assert_eq!(rate(456_789.0), "457k");
         assert_eq!(times(0.3, 0.2), "1.50x");
         assert_eq!(times(0.3, 0.0), "n/a");
+        assert_eq!(plural(1, "epoch"), "1 epoch");
+        assert_eq!(plural(5, "epoch"), "5 epochs");
+        assert_eq!(plural(thousands(1_024), "user"), "1,024 users");
+        assert_eq!(plural(thousands(1), "test item"), "1 test item");
+    }
+
+    /// `--help` gives every option with what it does, the file formats and
+    /// the split; --columns, --header and --min-rating need --data.
+    #[test]
+    fn help_documents_every_option_the_formats_and_the_split() {
+        use clap::CommandFactory;
+        let mut cmd = Args::command();
+        let help = cmd.render_long_help().to_string();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            assert!(help.contains(&format!("--{long}")), "--help lacks --{long}");
+            assert!(
+                arg.get_help().is_some_and(|h| h.to_string().len() > 20),
+                "--{long} has no description"
+            );
+        }
+        for needle in [
+            "ratings.csv",
+            "u.data",
+            "ratings.dat",
+            "Amazon",
+            "ISO 8601",
+            "2019-03-01T12:34:56Z",
+            "Header:",
+            "--header yes",
+            "Split:",
+            "the test item",
+            "validation item",
+            "--patience",
+            "keeping the tables of the best epoch",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+        }
+        for extra in [
+            ["--columns", "item,user"],
+            ["--header", "yes"],
+            ["--min-rating", "4"],
+        ] {
+            let args = Args::parse_from(["recommender", extra[0], extra[1]]);
+            let e = load_data(&args, 1).unwrap_err().to_string();
+            assert!(e.contains("apply to --data only"), "{e}");
+        }
+        assert!(Args::try_parse_from(["recommender", "--columns", "user,user"]).is_err());
+    }
+
+    /// The generated data written as a file of string ids and ISO dates,
+    /// lines shuffled, reads back as the same split; and the demo runs on
+    /// it end to end.
+    #[test]
+    fn demo_reads_string_ids_and_iso_dates_from_a_file() {
+        let data = data::generate(&GenConfig::tiny(), 3);
+        let mut lines = vec!["user_id,product,stars,when".to_owned()];
+        for u in 0..data.users {
+            let mut items: Vec<u32> = data.known(u, Split::Test).into_owned();
+            items.extend(data.test[u]);
+            for (t, i) in items.iter().enumerate() {
+                // One interaction a day from 2020-01-01, at 09:00 local, UTC+2.
+                let day = 1 + t % 28;
+                let month = 1 + t / 28;
+                lines.push(format!(
+                    "U{u:05}X,\"B{i:07}\",4.0,2020-{month:02}-{day:02}T09:00:00+02:00"
+                ));
+            }
+        }
+        Rng::new(5).shuffle(&mut lines[1..]);
+        let path = std::env::temp_dir().join(format!("embtable-rec-{}.csv", std::process::id()));
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let args = Args::parse_from([
+            "recommender".as_ref(),
+            "--data".as_ref(),
+            path.as_os_str(),
+            "--epochs".as_ref(),
+            "1".as_ref(),
+            "--dim".as_ref(),
+            "8".as_ref(),
+        ]);
+        let (back, info) = load_data(&args, 1).unwrap();
+        assert_eq!(info.header.as_deref(), Some("user_id,product,stars,when"));
+        assert!(info.has_time);
+        assert_eq!((back.users, back.items), (data.users, data.items));
+        let name = |d: &Dataset, u: usize| -> Vec<String> {
+            let mut items: Vec<u32> = d.known(u, Split::Test).into_owned();
+            items.extend(d.test[u]);
+            items
+                .iter()
+                .map(|&i| d.item_ids[i as usize].clone())
+                .collect()
+        };
+        for b in 0..back.users {
+            let u: usize = back.user_ids[b][1..6].parse().unwrap();
+            let want: Vec<String> = name(&data, u)
+                .iter()
+                .map(|i| format!("B{:07}", i.parse::<u32>().unwrap()))
+                .collect();
+            assert_eq!(name(&back, b), want, "user {}", back.user_ids[b]);
+            assert_eq!(back.valid[b].is_some(), data.valid[u].is_some());
+        }
+        run(args).unwrap();
+        std::fs::remove_file(&path).ok();
     }
 }

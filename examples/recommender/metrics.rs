@@ -68,12 +68,12 @@ pub const USER_BLOCK: usize = 32;
 /// scores of every item (`items` of them) for each user of `block`, row by
 /// row; `exclude(u)` are `u`'s training items and `held(u)` its held-out
 /// items.
-pub fn evaluate<'a>(
+pub fn evaluate<E: AsRef<[u32]>>(
     users: &[usize],
     items: usize,
     k: usize,
     score_block: impl Fn(&[usize], &mut [f32]) + Sync,
-    exclude: impl Fn(usize) -> &'a [u32] + Sync,
+    exclude: impl Fn(usize) -> E + Sync,
     held: impl Fn(usize) -> Vec<u32> + Sync,
 ) -> Metrics {
     let (recall, ndcg) = users
@@ -84,7 +84,7 @@ pub fn evaluate<'a>(
             block
                 .iter()
                 .zip(scores.chunks_exact(items))
-                .map(|(&u, s)| recall_ndcg(&top_k(s, exclude(u), k), &held(u)))
+                .map(|(&u, s)| recall_ndcg(&top_k(s, exclude(u).as_ref(), k), &held(u)))
                 .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
         })
         .collect::<Vec<_>>()
@@ -103,17 +103,17 @@ pub fn evaluate<'a>(
 /// ranking that are not among `exclude(u)`. Equal to [`evaluate`] with
 /// scores that order the items as `ranking` does, in `O(k + |exclude|)`
 /// per user instead of `O(items)`.
-pub fn evaluate_ranking<'a>(
+pub fn evaluate_ranking<E: AsRef<[u32]>>(
     users: &[usize],
     ranking: &[u32],
     k: usize,
-    exclude: impl Fn(usize) -> &'a [u32] + Sync,
+    exclude: impl Fn(usize) -> E + Sync,
     held: impl Fn(usize) -> Vec<u32> + Sync,
 ) -> Metrics {
     let (recall, ndcg) = users
         .par_iter()
         .map(|&u| {
-            let mut excluded = exclude(u).to_vec();
+            let mut excluded = exclude(u).as_ref().to_vec();
             excluded.sort_unstable();
             let top: Vec<u32> = ranking
                 .iter()

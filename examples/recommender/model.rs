@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::data::Dataset;
+use crate::data::{Dataset, Split};
 use crate::dense::Layout::{RowMajor, Transposed};
 use crate::dense::{matmul, transpose};
 use crate::rng::{Rng, Weighted};
@@ -117,22 +117,24 @@ pub struct Model<O> {
     /// Settings.
     pub cfg: ModelConfig,
     negatives: Negatives,
-    scratch: Scratch,
+    ids: StepIds,
+    rows: StepRows,
 }
 
 /// The distribution negatives are drawn from, and `log q` of every item
 /// for the softmax's correction (`s − log q`: sampled softmax then
 /// estimates the full softmax whatever the proposal).
 #[derive(Clone, Debug)]
-struct Negatives {
+pub struct Negatives {
     sampler: Weighted,
     log_q: Vec<f32>,
 }
 
 impl Negatives {
-    fn new(data: &Dataset, power: f64) -> Self {
+    /// Negatives for `data`, drawn ∝ `(training count + 1)^power`.
+    pub fn new(data: &Dataset, power: f64) -> Self {
         let weights: Vec<f64> = data
-            .item_counts()
+            .item_counts(Split::Validation)
             .iter()
             .map(|&c| (f64::from(c) + 1.0).powf(power))
             .collect();
@@ -144,20 +146,39 @@ impl Negatives {
     }
 }
 
-/// Buffers reused from batch to batch.
+/// The ids of one step, reused from batch to batch: what the model looks
+/// up, whatever holds its tables (layers here, tables sharded over MPI
+/// ranks in the `sharded_recommender` example).
 #[derive(Clone, Debug, Default)]
-struct Scratch {
-    hist_ids: Vec<u32>,
-    hist_offsets: Vec<usize>,
-    hist_weights: Vec<f32>,
-    user_ids: Vec<u32>,
-    cand_ids: Vec<u32>,
-    pooled: Vec<f32>,
-    user_rows: Vec<f32>,
-    cand_rows: Vec<f32>,
+pub struct StepIds {
+    /// History items of every example, bag after bag.
+    pub hist_ids: Vec<u32>,
+    /// CSR offsets of the history bags.
+    pub hist_offsets: Vec<usize>,
+    /// Recency weights of the history items (empty when `recency` is 1).
+    pub hist_weights: Vec<f32>,
+    /// The user of every example.
+    pub user_ids: Vec<u32>,
+    /// Every example's positive, then the `K` shared negatives.
+    pub cand_ids: Vec<u32>,
+}
+
+/// The rows and gradients of one step, reused from batch to batch.
+#[derive(Clone, Debug, Default)]
+pub struct StepRows {
+    /// The pooled histories (`batch × dim`); the user vectors once
+    /// [`gradients`](Self::gradients) has added the user rows.
+    pub pooled: Vec<f32>,
+    /// The user-id rows (`batch × dim`).
+    pub user_rows: Vec<f32>,
+    /// The candidates' rows (`(batch + K) × dim`).
+    pub cand_rows: Vec<f32>,
     scores: Vec<f32>,
-    grad_user: Vec<f32>,
-    grad_cand: Vec<f32>,
+    /// Gradient of the user vectors: of the pooled histories and of the
+    /// user rows alike (`batch × dim`).
+    pub grad_user: Vec<f32>,
+    /// Gradient of the candidates' rows (`(batch + K) × dim`).
+    pub grad_cand: Vec<f32>,
     loss: Vec<f32>,
 }
 
@@ -352,6 +373,153 @@ fn bpr_coefficients(s_pos: f32, scores: &mut [f32], hits: &[usize]) -> (f32, f32
     (loss / used, g0)
 }
 
+impl StepIds {
+    /// The ids of one step on the training examples `batch` (indices into
+    /// `data.train_items`, whose owners are `owner`): history bags (CSR),
+    /// users, then the candidates: every example's positive followed by
+    /// the K shared negatives, drawn from `rng`.
+    pub fn assemble(
+        &mut self,
+        cfg: &ModelConfig,
+        negatives: &Negatives,
+        data: &Dataset,
+        owner: &[u32],
+        batch: &[u32],
+        rng: &mut Rng,
+    ) {
+        self.hist_ids.clear();
+        self.hist_offsets.clear();
+        self.hist_offsets.push(0);
+        self.hist_weights.clear();
+        self.user_ids.clear();
+        self.cand_ids.clear();
+        for &j in batch {
+            let j = j as usize;
+            let u = owner[j] as usize;
+            let from = data.train_offsets[u].max(j.saturating_sub(cfg.history));
+            self.hist_ids.extend_from_slice(&data.train_items[from..j]);
+            self.hist_offsets.push(self.hist_ids.len());
+            if cfg.recency != 1.0 {
+                push_recency_weights(&mut self.hist_weights, j - from, cfg.recency);
+            }
+            self.user_ids.push(u as u32);
+            self.cand_ids.push(data.train_items[j]);
+        }
+        for _ in 0..cfg.negatives {
+            self.cand_ids.push(negatives.sampler.sample(rng) as u32);
+        }
+    }
+
+    /// The history bags, weighted when `recency` is below 1.
+    ///
+    /// # Errors
+    /// A bug if it happens: [`assemble`](Self::assemble) makes valid bags.
+    pub fn bags(&self, cfg: &ModelConfig) -> Result<Bags<'_, u32>> {
+        let weights = (cfg.recency != 1.0).then_some(self.hist_weights.as_slice());
+        Bags::new(&self.hist_ids, &self.hist_offsets, weights)
+    }
+}
+
+impl StepRows {
+    /// Sizes the buffers for `n` examples.
+    pub fn resize(&mut self, cfg: &ModelConfig, n: usize) {
+        let (d, k) = (cfg.dim, cfg.negatives);
+        self.pooled.resize(n * d, 0.0);
+        self.user_rows.resize(n * d, 0.0);
+        self.cand_rows.resize((n + k) * d, 0.0);
+    }
+
+    /// From the forward rows (`pooled`, `user_rows`, `cand_rows`, the
+    /// candidates being `cand_ids`) to the gradients `grad_user` and
+    /// `grad_cand`: scores, losses and their derivatives by hand (module
+    /// docs). Returns the sum of the examples' losses.
+    pub fn gradients(&mut self, cfg: &ModelConfig, negatives: &Negatives, cand_ids: &[u32]) -> f64 {
+        let ModelConfig {
+            dim: d,
+            negatives: k,
+            loss: loss_kind,
+            ..
+        } = *cfg;
+        let n = cand_ids.len() - k;
+        let s = self;
+        // u = pooled history + user row (kept in `pooled`).
+        for (p, e) in s.pooled.iter_mut().zip(&s.user_rows) {
+            *p += e;
+        }
+        let u_rows = &s.pooled;
+        let (pos_rows, neg_rows) = s.cand_rows.split_at(n * d);
+
+        // Scores of the shared negatives: S = U · Nᵀ (batch × K).
+        s.scores.resize(n * k, 0.0);
+        matmul(
+            u_rows,
+            RowMajor,
+            &transpose(neg_rows, k, d),
+            d,
+            k,
+            &mut s.scores,
+        );
+
+        // Per example, in parallel: the positive's score, the loss, and the
+        // coefficients g₀ (into `g0`) and p_k (over the scores, so `coef`
+        // below is the batch × K matrix P). The softmax scores the logits
+        // minus log q, the log-probability that the proposal draws the item.
+        let neg_ids = &cand_ids[n..];
+        let pos_ids = &cand_ids[..n];
+        let log_q = &negatives.log_q;
+        let neg_log_q: Vec<f32> = neg_ids.iter().map(|&i| log_q[i as usize]).collect();
+        // Where each negative item sits among the negatives (accidental hits).
+        let mut slots: HashMap<u32, Vec<usize>> = HashMap::with_capacity(k);
+        for (q, &i) in neg_ids.iter().enumerate() {
+            slots.entry(i).or_default().push(q);
+        }
+        s.loss.resize(n, 0.0);
+        let mut g0 = vec![0.0f32; n];
+        s.scores
+            .par_chunks_mut(k)
+            .zip(s.loss.par_iter_mut())
+            .zip(g0.par_iter_mut())
+            .enumerate()
+            .with_min_len(32)
+            .for_each(|(b, ((p, loss), g0))| {
+                let s_pos = dot(&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
+                let hits = slots.get(&pos_ids[b]).map_or(&[][..], Vec::as_slice);
+                (*loss, *g0) = match loss_kind {
+                    Loss::Softmax => {
+                        for (x, lq) in p.iter_mut().zip(&neg_log_q) {
+                            *x -= lq;
+                        }
+                        let z_pos = s_pos - log_q[pos_ids[b] as usize];
+                        softmax_coefficients(z_pos, p, hits)
+                    }
+                    Loss::Bpr => bpr_coefficients(s_pos, p, hits),
+                };
+            });
+        let coef = &s.scores;
+
+        // Gradients: G_U = g₀ ∘ E[pos] + P · N;  G_pos = g₀ ∘ U;  G_N = Pᵀ · U.
+        s.grad_user.resize(n * d, 0.0);
+        matmul(coef, RowMajor, neg_rows, k, d, &mut s.grad_user);
+        s.grad_cand.resize((n + k) * d, 0.0);
+        let (grad_pos, grad_neg) = s.grad_cand.split_at_mut(n * d);
+        s.grad_user
+            .par_chunks_mut(d)
+            .zip(grad_pos.par_chunks_mut(d))
+            .enumerate()
+            .with_min_len(256)
+            .for_each(|(b, (gu, gp))| {
+                let (u, pos) = (&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
+                let g = g0[b];
+                for l in 0..d {
+                    gu[l] += g * pos[l];
+                    gp[l] = g * u[l];
+                }
+            });
+        matmul(coef, Transposed, u_rows, n, d, grad_neg);
+        s.loss.iter().map(|&l| f64::from(l)).sum()
+    }
+}
+
 impl<O: SparseOptimizer + Send> Model<O> {
     /// A model for `data` with freshly initialised tables; `make_optimizer`
     /// gives each table its own optimizer.
@@ -402,7 +570,8 @@ impl<O: SparseOptimizer + Send> Model<O> {
             users: Embedding::with_options(users, users_optimizer, options)?,
             cfg,
             negatives: Negatives::new(data, cfg.negative_power),
-            scratch: Scratch::default(),
+            ids: StepIds::default(),
+            rows: StepRows::default(),
         })
     }
 
@@ -419,154 +588,49 @@ impl<O: SparseOptimizer + Send> Model<O> {
         batch: &[u32],
         rng: &mut Rng,
     ) -> Result<BatchStats> {
-        let ModelConfig {
-            dim: d,
-            history,
-            negatives: k,
-            loss: loss_kind,
-            ..
-        } = self.cfg;
-        let n = batch.len();
-        let s = &mut self.scratch;
+        let (cfg, ids, rows) = (&self.cfg, &mut self.ids, &mut self.rows);
         let mut time = Phases::default();
         let mut clock = Laps(Instant::now());
-
-        // Ids: history bags (CSR), users, then the candidates: every
-        // example's positive followed by the K shared negatives.
-        s.hist_ids.clear();
-        s.hist_offsets.clear();
-        s.hist_offsets.push(0);
-        s.hist_weights.clear();
-        s.user_ids.clear();
-        s.cand_ids.clear();
-        for &j in batch {
-            let j = j as usize;
-            let u = owner[j] as usize;
-            let from = data.train_offsets[u].max(j.saturating_sub(history));
-            s.hist_ids.extend_from_slice(&data.train_items[from..j]);
-            s.hist_offsets.push(s.hist_ids.len());
-            if self.cfg.recency != 1.0 {
-                push_recency_weights(&mut s.hist_weights, j - from, self.cfg.recency);
-            }
-            s.user_ids.push(u as u32);
-            s.cand_ids.push(data.train_items[j]);
-        }
-        for _ in 0..k {
-            s.cand_ids.push(self.negatives.sampler.sample(rng) as u32);
-        }
-        let weights = (self.cfg.recency != 1.0).then_some(s.hist_weights.as_slice());
-        let bags = Bags::new(&s.hist_ids, &s.hist_offsets, weights)?;
+        ids.assemble(cfg, &self.negatives, data, owner, batch, rng);
+        rows.resize(cfg, batch.len());
+        let bags = ids.bags(cfg)?;
         time.batch = clock.lap();
 
         // Forward: the two towers (the item table is read twice).
-        s.pooled.resize(n * d, 0.0);
-        s.user_rows.resize(n * d, 0.0);
-        s.cand_rows.resize((n + k) * d, 0.0);
         self.items
-            .forward_pooled(&bags, Pooling::Mean, &mut s.pooled)?;
-        self.users.forward_into(&s.user_ids, &mut s.user_rows)?;
-        self.items.forward_into(&s.cand_ids, &mut s.cand_rows)?;
+            .forward_pooled(&bags, Pooling::Mean, &mut rows.pooled)?;
+        self.users
+            .forward_into(&ids.user_ids, &mut rows.user_rows)?;
+        self.items
+            .forward_into(&ids.cand_ids, &mut rows.cand_rows)?;
         time.forward = clock.lap();
-        // u = pooled history + user row (kept in `pooled`).
-        for (p, e) in s.pooled.iter_mut().zip(&s.user_rows) {
-            *p += e;
-        }
-        let u_rows = &s.pooled;
-        let (pos_rows, neg_rows) = s.cand_rows.split_at(n * d);
-
-        // Scores of the shared negatives: S = U · Nᵀ (batch × K).
-        s.scores.resize(n * k, 0.0);
-        matmul(
-            u_rows,
-            RowMajor,
-            &transpose(neg_rows, k, d),
-            d,
-            k,
-            &mut s.scores,
-        );
-
-        // Per example, in parallel: the positive's score, the loss, and the
-        // coefficients g₀ (into `g0`) and p_k (over the scores, so `coef`
-        // below is the batch × K matrix P). The softmax scores the logits
-        // minus log q, the log-probability that the proposal draws the item.
-        let neg_ids = &s.cand_ids[n..];
-        let pos_ids = &s.cand_ids[..n];
-        let log_q = &self.negatives.log_q;
-        let neg_log_q: Vec<f32> = neg_ids.iter().map(|&i| log_q[i as usize]).collect();
-        // Where each negative item sits among the negatives (accidental hits).
-        let mut slots: HashMap<u32, Vec<usize>> = HashMap::with_capacity(k);
-        for (q, &i) in neg_ids.iter().enumerate() {
-            slots.entry(i).or_default().push(q);
-        }
-        s.loss.resize(n, 0.0);
-        let mut g0 = vec![0.0f32; n];
-        s.scores
-            .par_chunks_mut(k)
-            .zip(s.loss.par_iter_mut())
-            .zip(g0.par_iter_mut())
-            .enumerate()
-            .with_min_len(32)
-            .for_each(|(b, ((p, loss), g0))| {
-                let s_pos = dot(&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
-                let hits = slots.get(&pos_ids[b]).map_or(&[][..], Vec::as_slice);
-                (*loss, *g0) = match loss_kind {
-                    Loss::Softmax => {
-                        for (x, lq) in p.iter_mut().zip(&neg_log_q) {
-                            *x -= lq;
-                        }
-                        let z_pos = s_pos - log_q[pos_ids[b] as usize];
-                        softmax_coefficients(z_pos, p, hits)
-                    }
-                    Loss::Bpr => bpr_coefficients(s_pos, p, hits),
-                };
-            });
-        let coef = &s.scores;
-
-        // Gradients: G_U = g₀ ∘ E[pos] + P · N;  G_pos = g₀ ∘ U;  G_N = Pᵀ · U.
-        s.grad_user.resize(n * d, 0.0);
-        matmul(coef, RowMajor, neg_rows, k, d, &mut s.grad_user);
-        s.grad_cand.resize((n + k) * d, 0.0);
-        let (grad_pos, grad_neg) = s.grad_cand.split_at_mut(n * d);
-        s.grad_user
-            .par_chunks_mut(d)
-            .zip(grad_pos.par_chunks_mut(d))
-            .enumerate()
-            .with_min_len(256)
-            .for_each(|(b, (gu, gp))| {
-                let (u, pos) = (&u_rows[b * d..][..d], &pos_rows[b * d..][..d]);
-                let g = g0[b];
-                for l in 0..d {
-                    gu[l] += g * pos[l];
-                    gp[l] = g * u[l];
-                }
-            });
-        matmul(coef, Transposed, u_rows, n, d, grad_neg);
+        let loss_sum = rows.gradients(cfg, &self.negatives, &ids.cand_ids);
         time.dense = clock.lap();
 
         // Backward: two passes into the item table's one gradient, one step per table.
         self.items
-            .backward_pooled(&bags, Pooling::Mean, &s.grad_user)?;
-        self.items.backward(&s.cand_ids, &s.grad_cand)?;
-        self.users.backward(&s.user_ids, &s.grad_user)?;
+            .backward_pooled(&bags, Pooling::Mean, &rows.grad_user)?;
+        self.items.backward(&ids.cand_ids, &rows.grad_cand)?;
+        self.users.backward(&ids.user_ids, &rows.grad_user)?;
         time.backward = clock.lap();
         self.items.step()?;
         self.users.step()?;
         time.step = clock.lap();
 
         Ok(BatchStats {
-            loss_sum: s.loss.iter().map(|&l| f64::from(l)).sum(),
-            examples: n,
+            loss_sum,
+            examples: batch.len(),
             time,
         })
     }
 
-    /// The vectors of `users` (`users.len() × dim`): the (weighted) mean of
-    /// each one's last `L` training items, a pooled lookup as in training,
-    /// plus its user-id row.
-    pub fn user_vectors(&self, data: &Dataset, users: &[usize]) -> Vec<f32> {
+    /// The vectors of `users` (`users.len() × dim`) for predicting their
+    /// held-out items of `split`: the (weighted) mean of each one's last `L`
+    /// known items, a pooled lookup as in training, plus its user-id row.
+    pub fn user_vectors(&self, data: &Dataset, users: &[usize], split: Split) -> Vec<f32> {
         let (mut ids, mut offsets, mut weights) = (Vec::new(), vec![0], Vec::new());
         for &u in users {
-            let h = data.history(u);
+            let h = data.known(u, split);
             let recent = &h[h.len().saturating_sub(self.cfg.history)..];
             ids.extend_from_slice(recent);
             offsets.push(ids.len());
@@ -603,10 +667,18 @@ impl<O: SparseOptimizer + Send> Model<O> {
         out
     }
 
-    /// Scores every item for each of `users`: `out` is `users.len() × items`,
-    /// row-major; `items_t` is [`items_transposed`](Self::items_transposed).
-    pub fn score_block(&self, data: &Dataset, users: &[usize], items_t: &[f32], out: &mut [f32]) {
-        let vecs = self.user_vectors(data, users);
+    /// Scores every item for each of `users` against their held-out items
+    /// of `split`: `out` is `users.len() × items`, row-major; `items_t` is
+    /// [`items_transposed`](Self::items_transposed).
+    pub fn score_block(
+        &self,
+        data: &Dataset,
+        users: &[usize],
+        split: Split,
+        items_t: &[f32],
+        out: &mut [f32],
+    ) {
+        let vecs = self.user_vectors(data, users, split);
         matmul(&vecs, RowMajor, items_t, self.cfg.dim, data.items, out);
     }
 }

@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use embtable::io::{self, Word2VecFormat};
+use embtable::io::{self, Pretrained, Word2VecFormat};
 use embtable::{Adagrad, AdagradConfig, EpsPlacement, Sgd, SgdConfig, SparseOptimizer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -282,6 +282,7 @@ fn train<O: SparseOptimizer + Send>(
     started: Instant,
     out: &mut Out<impl Write>,
 ) -> Result<(), Box<dyn Error>> {
+    let queries = query_words(args, corpus)?;
     let threads = rayon::current_num_threads();
     let cfg = SgnsConfig {
         dim: args.dim,
@@ -323,13 +324,22 @@ fn train<O: SparseOptimizer + Send>(
     let mut model = Sgns::new(corpus, cfg, make, args.seed)?;
     say!(
         out,
-        "skip-gram: dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step, {} shards, {threads} threads",
+        "skip-gram: dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step, {}, {}",
         cfg.dim,
         cfg.window,
         cfg.negatives,
         cfg.subsample,
         args.batch,
-        cfg.shards,
+        if cfg.shards == 1 {
+            "1 shard".to_owned()
+        } else {
+            format!("{} shards", cfg.shards)
+        },
+        if threads == 1 {
+            "1 thread".to_owned()
+        } else {
+            format!("{threads} threads")
+        },
     );
 
     let style = ProgressStyle::with_template(
@@ -388,44 +398,29 @@ fn train<O: SparseOptimizer + Send>(
         );
     }
 
-    // Nearest neighbours of a few words.
-    let queries: Vec<usize> = if args.words.is_empty() {
-        default_queries(corpus)
-    } else {
-        args.words
-            .iter()
-            .map(|w| {
-                corpus
-                    .vocab
-                    .get(w)
-                    .ok_or_else(|| format!("--words: `{w}` is not in the vocabulary"))
-            })
-            .collect::<Result<_, _>>()?
-    };
-    let table = &model.input;
-    let unit = sgns::normalized(table);
-    for &q in &queries {
-        let near = sgns::nearest(&unit, table.dim(), q, 8);
-        let list: Vec<String> = near
-            .iter()
-            .map(|&(w, sim)| format!("{} {sim:.2}", corpus.vocab.words()[w]))
-            .collect();
-        say!(
-            out,
-            "  {:>10}: {}",
-            corpus.vocab.words()[q],
-            list.join(", ")
-        );
-    }
     if let Some(clusters) = &corpus.clusters {
-        let (fraction, chance) = sgns::cluster_fraction(table, clusters, 10);
+        let (fraction, chance) = sgns::cluster_fraction(&model.input, clusters, 10);
         say!(
             out,
             "same-cluster share of the 10 nearest neighbours: {:.1}% (chance: {:.1}%); same-cluster pairs ranked above others (AUC): {:.3}",
             100.0 * fraction,
             100.0 * chance,
-            sgns::pair_auc(table, clusters, 20_000, 1)
+            sgns::pair_auc(&model.input, clusters, 20_000, 1)
         );
+    }
+
+    // Nearest neighbours of a few words, as gensim's `most_similar` gives them.
+    let vectors = Pretrained::new(corpus.vocab.clone(), model.input)?;
+    for word in &queries {
+        let near = match vectors.most_similar(&[word], &[], 8) {
+            Ok(near) => near
+                .iter()
+                .map(|(w, sim)| format!("{w} {sim:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => e.to_string(),
+        };
+        say!(out, "  {word:>10}: {near}");
     }
 
     let (format, ext) = if args.binary {
@@ -442,7 +437,7 @@ fn train<O: SparseOptimizer + Send>(
             std::env::temp_dir().join(name)
         }
     });
-    io::write_word2vec(&output, &corpus.vocab, table, format)?;
+    io::write_word2vec(&output, &vectors.vocab, &vectors.table, format)?;
     say!(
         out,
         "done in {:.1}s: {} words trained in {:.1}s ({:.0}k effective words/s, {:.0}k raw){}; vectors written to {} (gensim: KeyedVectors.load_word2vec_format(path, binary={}))",
@@ -485,18 +480,27 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// Query words when none are given: the most frequent word of the first
-/// four planted clusters, or words of ranks 100, 200, 400 and 800.
-fn default_queries(corpus: &Corpus) -> Vec<usize> {
-    match &corpus.clusters {
+/// The words of `--words`, each checked against the vocabulary before
+/// training starts; without `--words`, the most frequent word of the first
+/// four planted clusters, or the words of ranks 100, 200, 400 and 800.
+fn query_words(args: &Args, corpus: &Corpus) -> Result<Vec<String>, String> {
+    let words = corpus.vocab.words();
+    if let Some(w) = args.words.iter().find(|w| corpus.vocab.get(w).is_none()) {
+        return Err(format!("--words: `{w}` is not in the vocabulary"));
+    }
+    if !args.words.is_empty() {
+        return Ok(args.words.clone());
+    }
+    let ranks: Vec<usize> = match &corpus.clusters {
         Some(clusters) => (0..4)
             .filter_map(|t| clusters.iter().position(|c| *c == Some(t)))
             .collect(),
         None => [100, 200, 400, 800]
             .into_iter()
-            .filter(|&r| r < corpus.vocab.len())
+            .filter(|&r| r < words.len())
             .collect(),
-    }
+    };
+    Ok(ranks.into_iter().map(|r| words[r].clone()).collect())
 }
 
 #[cfg(test)]
@@ -621,6 +625,28 @@ mod tests {
         assert!(err.contains("--optimizer sgd"), "{err}");
     }
 
+    /// A `--words` word outside the vocabulary is refused before training.
+    #[test]
+    fn unknown_query_word_is_refused_before_training() {
+        let args =
+            Args::try_parse_from(["word2vec", "--sentences", "50", "--words", "zebra"]).unwrap();
+        let corpus = load_corpus(&args).unwrap();
+        let mut out = Out::new(Vec::new());
+        let lr = (0.1, LrDecay::None);
+        let err = train(
+            &args,
+            &corpus,
+            || adagrad(0.1),
+            lr,
+            Instant::now(),
+            &mut out,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`zebra` is not in the vocabulary"), "{err}");
+        assert!(out.into_inner().is_empty(), "nothing trained or printed");
+    }
+
     /// A whole run on a small text file with the tokeniser writes binary
     /// vectors that read back with the file's cleaned words.
     #[test]
@@ -647,6 +673,8 @@ mod tests {
             "1".as_ref(),
             "--dim".as_ref(),
             "8".as_ref(),
+            "--words".as_ref(),
+            "cat,red".as_ref(),
         ])
         .unwrap();
         let mut out = Out::new(Vec::new());
@@ -668,6 +696,17 @@ mod tests {
         assert_eq!(back.table.dim(), 8);
         let printed = String::from_utf8(out.into_inner()).unwrap();
         assert!(printed.contains("effective words/s"), "{printed}");
+        // The neighbours of each --words word, from Pretrained::most_similar:
+        // the other five words, the query itself left out.
+        for query in ["cat", "red"] {
+            let line = printed
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{query}: ")))
+                .unwrap_or_else(|| panic!("no neighbours of {query} in {printed}"));
+            let listed = line.split(": ").nth(1).unwrap().split(", ").count();
+            assert_eq!(listed, 5, "{line}");
+            assert!(!line.split(": ").nth(1).unwrap().contains(query), "{line}");
+        }
         std::fs::remove_file(&text).ok();
         std::fs::remove_file(&vectors).ok();
     }

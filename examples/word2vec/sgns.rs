@@ -451,7 +451,7 @@ impl Shard {
             }
         }
         for &t in &self.targets {
-            kernels::prefetch_row(sh.output.row(t as usize).as_ptr(), dim);
+            prefetch(sh.output.row(t as usize));
             self.slots.push(self.output.slot(t, dim) as u32);
         }
         let c = self.kept[i];
@@ -546,6 +546,23 @@ fn update<S: Simd>(s: S, g: f32, o: &[f32], v: &[f32], grad_in: &mut [f32], grad
     }
 }
 
+/// Asks the CPU to start loading `row` into the caches: a step's target
+/// rows are scattered over the output table, each a DRAM round trip
+/// unless it is on its way before the dot products need it. Table rows
+/// start on cache lines, so 16 floats apart is one prefetch a line.
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is a hint that never faults, whatever the
+        // address, and SSE is part of the x86-64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 /// [`dot`] on the given tier (for tests).
 #[cfg(test)]
 fn dot_on(tier: kernels::Tier, a: &[f32], b: &[f32]) -> f32 {
@@ -574,36 +591,6 @@ fn update_on(tier: kernels::Tier, g: f32, o: &[f32], v: &[f32], gi: &mut [f32], 
     kernels::dispatch(tier, Update(g, o, v, gi, go))
 }
 
-/// The rows of `table` scaled to unit length (zero rows stay zero), row-major.
-pub fn normalized(table: &EmbeddingTable) -> Vec<f32> {
-    let mut out = Vec::with_capacity(table.rows() * table.dim());
-    for r in 0..table.rows() {
-        let row = table.row(r);
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-        out.extend(row.iter().map(|x| x * inv));
-    }
-    out
-}
-
-/// Cosine similarity of rows `a` and `b` of [`normalized`] vectors.
-fn cosine(unit: &[f32], dim: usize, a: usize, b: usize) -> f32 {
-    let (x, y) = (&unit[a * dim..][..dim], &unit[b * dim..][..dim]);
-    x.iter().zip(y).map(|(p, q)| p * q).sum()
-}
-
-/// The `n` nearest words of `word` by cosine similarity, best first,
-/// `word` itself left out; `unit` is [`normalized`] of the table.
-pub fn nearest(unit: &[f32], dim: usize, word: usize, n: usize) -> Vec<(usize, f32)> {
-    let mut sims: Vec<(usize, f32)> = (0..unit.len() / dim.max(1))
-        .filter(|&r| r != word)
-        .map(|r| (r, cosine(unit, dim, word, r)))
-        .collect();
-    sims.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    sims.truncate(n);
-    sims
-}
-
 /// How well the vectors recover planted clusters: over every word that has
 /// a cluster, the share of its `n` nearest neighbours from the same
 /// cluster, and the share expected by chance (a random neighbour).
@@ -612,7 +599,6 @@ pub fn cluster_fraction(
     clusters: &[Option<usize>],
     n: usize,
 ) -> (f64, f64) {
-    let unit = normalized(table);
     let words: Vec<usize> = (0..clusters.len())
         .filter(|&w| clusters[w].is_some())
         .collect();
@@ -620,7 +606,11 @@ pub fn cluster_fraction(
     let (same, total, chance) = words
         .par_iter()
         .map(|&w| {
-            let near = nearest(&unit, table.dim(), w, n);
+            // A word whose vector is all zeros has no direction, so no
+            // neighbours: it counts as no hit.
+            let near = table
+                .most_similar_rows(table.row(w), n, &[w])
+                .unwrap_or_default();
             let same = near
                 .iter()
                 .filter(|(o, _)| clusters[*o] == clusters[w])
@@ -650,8 +640,6 @@ pub fn pair_auc(
     pairs: usize,
     seed: u64,
 ) -> f64 {
-    let unit = normalized(table);
-    let dim = table.dim();
     let words: Vec<usize> = (0..clusters.len())
         .filter(|&w| clusters[w].is_some())
         .collect();
@@ -663,7 +651,7 @@ pub fn pair_auc(
         if a == b {
             continue;
         }
-        let sim = cosine(&unit, dim, a, b);
+        let sim = table.cosine(a, b);
         if clusters[a] == clusters[b] {
             if same.len() < pairs {
                 same.push(sim);

@@ -32,12 +32,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use embtable::kernels::{self, Tier};
-use embtable::workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
 use embtable::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AlignedBuf, Bags, EmbeddingTable, EpsPlacement, Ftrl,
     FtrlConfig, Init, Pooling, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
     Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
 };
+use workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
 
 struct Args {
     workload: String,

@@ -1,4 +1,13 @@
-//! SIMD kernels, chosen once at run time.
+//! SIMD kernels, chosen once at run time, and the control over which tier
+//! runs them.
+//!
+//! Public here is what a user controls or builds on: the [`Tier`] in use
+//! ([`current`], [`default_tier`], [`tier_from_env`], [`with_tier`]), and the
+//! interface that runs a loop of the user's own on the tier embtable chose
+//! ([`Kernel`], [`Simd`], [`dispatch`]): the dense maths of a model beside
+//! its tables, as the examples' word2vec trainer and recommender matrix
+//! product do. The kernels themselves, the tier tokens and the prefetch
+//! helpers are the crate's own.
 //!
 //! Every operation is written once, as a generic `#[inline(always)]` body over
 //! the [`Simd`] trait, and run through [`dispatch`], which instantiates the body
@@ -34,7 +43,7 @@ mod x86_64;
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-pub use ops::{add_scaled, copy_row, copy_row_streaming, scale};
+pub(crate) use ops::{add_scaled, copy_row, copy_row_streaming, scale};
 
 /// Vectors a row kernel holds in registers at once, its loads issued
 /// together: 8 is a 128-float row with AVX-512 and leaves registers free for
@@ -42,10 +51,10 @@ pub use ops::{add_scaled, copy_row, copy_row_streaming, scale};
 /// and 1 vectors; a loop of one vector at a time kept far fewer row misses
 /// in flight (W1 25-40% slower, W4 30% slower).
 pub(crate) const BLOCK_VECTORS: usize = 8;
-pub use portable::Portable;
-pub use scalar::Scalar;
+pub(crate) use portable::Portable;
+pub(crate) use scalar::Scalar;
 #[cfg(target_arch = "x86_64")]
-pub use x86_64::{Avx2, Avx512};
+pub(crate) use x86_64::{Avx2, Avx512};
 
 /// An instruction-set tier of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -227,11 +236,13 @@ pub fn with_tier<R>(tier: Tier, f: impl FnOnce() -> R) -> R {
 
 /// A vector instruction set, as a zero-sized token.
 ///
-/// A token of a tier can only be obtained on a CPU that runs it (see
-/// `detect`), which is what makes the safe methods sound. Methods are
+/// A [`Kernel`] receives the token of the tier [`dispatch`] runs it on;
+/// there is no other way to get one, so a token is only ever held on a CPU
+/// that runs its tier, which is what makes the safe methods sound. The
+/// trait is sealed: the four tiers are embtable's. Methods are
 /// `#[inline(always)]`, so inside a `#[target_feature]` wrapper they compile
 /// to single instructions.
-pub trait Simd: Copy + Send + Sync + 'static {
+pub trait Simd: sealed::Sealed + Copy + Send + Sync + 'static {
     /// A vector of `N` floats.
     type V: Copy;
     /// Floats per vector. Divides 16, so every row stride is whole vectors.
@@ -288,6 +299,18 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn min(self, a: Self::V, b: Self::V) -> Self::V;
 }
 
+/// Keeps [`Simd`] to embtable's four tokens.
+mod sealed {
+    /// Implemented by the tier tokens only.
+    pub trait Sealed {}
+    impl Sealed for super::Scalar {}
+    impl Sealed for super::Portable {}
+    #[cfg(target_arch = "x86_64")]
+    impl Sealed for super::Avx2 {}
+    #[cfg(target_arch = "x86_64")]
+    impl Sealed for super::Avx512 {}
+}
+
 /// An operation with one generic body for every tier.
 ///
 /// Implementations must mark `run` `#[inline(always)]`: that is what makes
@@ -320,11 +343,20 @@ pub fn dispatch<K: Kernel>(tier: Tier, kernel: K) -> K::Output {
     }
 }
 
+/// A size of work, in floats, at which an operation goes parallel (or the
+/// size of its tasks): `floats`, divided by 1024 under Miri, whose
+/// interpreter is thousands of times slower, so that its runs reach the
+/// parallel paths at sizes it can afford. Results never depend on these
+/// sizes.
+pub(crate) const fn parallel_size(floats: usize) -> usize {
+    if cfg!(miri) { floats >> 10 } else { floats }
+}
+
 /// Asks the CPU to start loading the cache line at `p` into all cache levels.
 ///
 /// A hint only: it never faults, whatever `p` is.
 #[inline(always)]
-pub fn prefetch(p: *const f32) {
+pub(crate) fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
@@ -334,15 +366,6 @@ pub fn prefetch(p: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
-}
-
-/// Prefetches every cache line of the `len` floats from `p`.
-///
-/// `p` need not start a cache line: a row of a caller's buffer often does
-/// not, and then spans one line more than its length suggests.
-#[inline(always)]
-pub fn prefetch_row(p: *const f32, len: usize) {
-    for_each_line(p, len, prefetch);
 }
 
 /// Calls `f` with a pointer into every 64-byte cache line that the `len`
@@ -372,7 +395,7 @@ fn for_each_line(p: *const f32, len: usize, mut f: impl FnMut(*const f32)) {
 /// faster than [`prefetch`] at the same distance. A hint only: it never
 /// faults, whatever `p` is.
 #[inline(always)]
-pub fn prefetch_l2(p: *const f32) {
+pub(crate) fn prefetch_l2(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
@@ -385,9 +408,11 @@ pub fn prefetch_l2(p: *const f32) {
 }
 
 /// Prefetches every cache line of the `len` floats from `p` into L2 (see
-/// [`prefetch_l2`] and [`prefetch_row`]).
+/// [`prefetch_l2`]). `p` need not start a cache line: a row of a caller's
+/// buffer often does not, and then spans one line more than its length
+/// suggests.
 #[inline(always)]
-pub fn prefetch_row_l2(p: *const f32, len: usize) {
+pub(crate) fn prefetch_row_l2(p: *const f32, len: usize) {
     for_each_line(p, len, prefetch_l2);
 }
 
@@ -399,7 +424,7 @@ pub fn prefetch_row_l2(p: *const f32, len: usize) {
 /// Unrolled eight lines at a time: in the W5 update this was 2.4 ms (12%)
 /// faster than [`prefetch_row_l2`], whose loop also fetches that last line.
 #[inline(always)]
-pub fn prefetch_lines_l2(p: *const f32, len: usize) {
+pub(crate) fn prefetch_lines_l2(p: *const f32, len: usize) {
     const LINE: usize = crate::aligned::LANES_PER_LINE;
     const UNROLL: usize = 8;
     let mut at = 0;
@@ -418,6 +443,68 @@ pub fn prefetch_lines_l2(p: *const f32, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loads `src` partially, stores the vector whole into `whole` and
+    /// partially into `partial`.
+    struct Partial<'a> {
+        src: &'a [f32],
+        whole: &'a mut [f32; 16],
+        partial: &'a mut [f32],
+    }
+
+    impl Kernel for Partial<'_> {
+        type Output = usize;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> usize {
+            let v = s.load_partial(self.src);
+            s.store(v, &mut self.whole[..]);
+            s.store_partial(v, self.partial);
+            S::N
+        }
+    }
+
+    /// `load_partial` takes the first `min(len, N)` floats and zeros the other
+    /// lanes; `store_partial` writes the first `min(len, N)` and nothing else.
+    /// (AVX-512's mask was `(1 << len) - 1`: a shift overflow from 32 floats on.)
+    fn check_partial(tier: Tier, run: impl Fn(Partial<'_>) -> usize) {
+        let src: Vec<f32> = (1..=48).map(|x| x as f32).collect();
+        for len in 0..=48 {
+            let mut whole = [-1.0; 16];
+            let mut partial = vec![-1.0; len];
+            let n = run(Partial {
+                src: &src[..len],
+                whole: &mut whole,
+                partial: &mut partial,
+            });
+            let k = len.min(n);
+            assert_eq!(&whole[..k], &src[..k], "{tier} load {len}");
+            assert!(whole[k..n].iter().all(|&x| x == 0.0), "{tier} load {len}");
+            assert_eq!(&partial[..k], &src[..k], "{tier} store {len}");
+            assert!(
+                partial[k..].iter().all(|&x| x == -1.0),
+                "{tier} store {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn partial_loads_and_stores_take_any_length_on_every_tier() {
+        for tier in Tier::available() {
+            check_partial(tier, |p| dispatch(tier, p));
+        }
+        // The tokens' own methods, called outside `dispatch` as the crate may.
+        check_partial(Tier::Scalar, |p| p.run(Scalar));
+        check_partial(Tier::Portable, |p| p.run(Portable));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(avx2) = Avx2::detect() {
+                check_partial(Tier::Avx2, |p| p.run(avx2));
+            }
+            if let Some(avx512) = Avx512::detect() {
+                check_partial(Tier::Avx512, |p| p.run(avx512));
+            }
+        }
+    }
 
     /// The lines `for_each_line` visits, as byte offsets from `base`.
     fn lines(base: *const f32, start: usize, len: usize) -> Vec<usize> {

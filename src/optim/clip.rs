@@ -7,10 +7,8 @@
 use rayon::prelude::*;
 
 use super::engine::check_finite;
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result, SparseGrad};
-
-/// Rows (or floats) below which clipping runs on the calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 fn positive(what: &'static str, v: f32) -> Result<()> {
     if v.is_finite() && v > 0.0 {

@@ -37,14 +37,11 @@ use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
 use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
-/// Below this many floats of rows to update, a pass runs on the calling
-/// thread: waking rayon's workers would cost more than the work.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
-
 /// Floats (weights and state) per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Rows prefetched ahead of the one being updated: rows are scattered over
 /// the table, and each costs a DRAM round trip without a prefetch. They
@@ -461,6 +458,41 @@ impl StateTables {
         })
     }
 
+    /// The same state for a table of `rows >= self.rows` rows: the rows
+    /// added start fresh (initial values; under `DenseExact`, current at
+    /// step `now`). Allocates everything before changing anything.
+    fn grow<R: Rule>(&mut self, rule: &R, rows: usize, now: u64) -> Result<()> {
+        let mut grown = Self::new(rule, self.last.is_some(), rows, self.dim)?;
+        for (new, old) in grown.arrays.iter_mut().zip(&self.arrays) {
+            new.as_mut_slice()[..old.len()].copy_from_slice(old.as_slice());
+        }
+        if let (Some(new), Some(old)) = (&mut grown.last, &self.last) {
+            new[..old.len()].copy_from_slice(old);
+            new[old.len()..].fill(now);
+        }
+        *self = grown;
+        Ok(())
+    }
+
+    /// Gives `rows` (each `< self.rows`) their initial state; under
+    /// `DenseExact` they count as current at step `now`.
+    fn reset<R: Rule>(&mut self, rule: &R, rows: &[usize], now: u64) {
+        let width = if self.per_row { 1 } else { self.stride };
+        let real = width.min(self.dim);
+        for (spec, buf) in rule.arrays().iter().zip(&mut self.arrays) {
+            let buf = buf.as_mut_slice();
+            for &r in rows {
+                // Real lanes only: the pad lanes are zero and stay so.
+                buf[r * width..][..real].fill(spec.init);
+            }
+        }
+        if let Some(last) = &mut self.last {
+            for &r in rows {
+                last[r] = now;
+            }
+        }
+    }
+
     fn check_table(&self, table: &EmbeddingTable) -> Result<()> {
         Error::check_len(
             "table rows (the optimizer state's)",
@@ -870,6 +902,59 @@ impl Core {
         Ok(())
     }
 
+    /// Starts `rows` of `table` afresh (see
+    /// [`SparseOptimizer::reset_rows`]), growing the state first if the
+    /// table has more rows than it.
+    pub(crate) fn reset_rows<C: Config>(
+        &mut self,
+        config: &C,
+        table: &EmbeddingTable,
+        rows: &[usize],
+    ) -> Result<()> {
+        if let Some(position) = rows.iter().position(|&r| r >= table.rows()) {
+            return Err(Error::IndexOutOfRange {
+                position,
+                index: rows[position] as i128,
+                rows: table.rows(),
+            });
+        }
+        let Some(tables) = &mut self.tables else {
+            return Ok(()); // no state yet: the first step allocates it fresh
+        };
+        Error::check_len("table dim (the optimizer state's)", tables.dim, table.dim())?;
+        if table.rows() < tables.rows {
+            return Err(Error::ShapeMismatch {
+                what: "table rows (at least the optimizer state's)",
+                expected: tables.rows,
+                got: table.rows(),
+            });
+        }
+        let rule = config.rule();
+        if table.rows() > tables.rows {
+            tables.grow(&rule, table.rows(), self.steps)?;
+        }
+        tables.reset(&rule, rows, self.steps);
+        Ok(())
+    }
+
+    /// Bytes of state kept per table row of `dim` floats (the state
+    /// arrays, the `DenseExact` step counts and `step_lookup`'s grouping).
+    pub(crate) fn state_bytes_per_row<C: Config>(&self, config: &C, dim: usize) -> usize {
+        let rule = config.rule();
+        let width = if rule.per_row() {
+            1
+        } else {
+            checked_stride(dim).unwrap_or(usize::MAX)
+        };
+        let track = tracks_missed_steps(&rule, config.semantics());
+        rule.arrays()
+            .len()
+            .saturating_mul(width)
+            .saturating_mul(size_of::<f32>())
+            .saturating_add(if track { size_of::<u64>() } else { 0 })
+            .saturating_add(size_of::<u32>())
+    }
+
     /// The whole state, for a checkpoint.
     pub(crate) fn export<C: Config>(&self, config: &C) -> OptimizerState {
         let rule = config.rule();
@@ -931,9 +1016,9 @@ impl Core {
                 return Err(Error::InvalidConfig {
                     field: "shape",
                     reason: format!(
-                        "a state without a table shape must be empty, got {} steps, {} arrays",
-                        state.steps,
-                        state.arrays.len()
+                        "a state without a table shape must be empty, got {} and {}",
+                        crate::error::count(state.steps, "step"),
+                        crate::error::count(state.arrays.len(), "array")
                     ),
                 });
             }
@@ -1036,7 +1121,10 @@ fn check_saved_counters(state: &OptimizerState, rows: usize, track: bool) -> Res
         if let Some(bad) = state.last_step.iter().find(|&&l| l > state.steps) {
             return Err(Error::InvalidConfig {
                 field: "last_step",
-                reason: format!("a row has seen {bad} steps of {}", state.steps),
+                reason: format!(
+                    "a row's last step is {bad}, but the state has taken only {}",
+                    crate::error::count(state.steps, "step")
+                ),
             });
         }
     } else {

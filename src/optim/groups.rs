@@ -30,6 +30,7 @@ use crate::grad::{self, Line, ScanPart};
 use crate::grouping::{DirectMaps, Grouping};
 use crate::index::Index;
 use crate::kernels::{self, Kernel, Simd, Tier};
+use crate::parallel::PARALLEL_MIN_FLOATS;
 
 /// Positions ahead whose later occurrence is prefetched by [`Groups::copy_later`]
 /// (about one in eight positions is a later occurrence).
@@ -176,10 +177,6 @@ impl Groups {
         unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * LANES_PER_LINE) }
     }
 }
-
-/// Below this many gradient floats, [`Groups::copy_later`] runs on the
-/// calling thread.
-const PARALLEL_MIN_FLOATS: usize = 1 << 15;
 
 /// Scratch rows are streamed past the caches for gradients of this size on.
 const STREAM_MIN_BYTES: usize = 16 << 20;

@@ -274,6 +274,18 @@ macro_rules! sparse_optimizer {
             fn fused(&mut self) -> Option<$crate::optim::engine::FusedStep<'_>> {
                 Some($crate::optim::engine::FusedStep(self))
             }
+
+            fn reset_rows(
+                &mut self,
+                table: &$crate::EmbeddingTable,
+                rows: &[usize],
+            ) -> $crate::Result<()> {
+                self.core.reset_rows(&self.config, table, rows)
+            }
+
+            fn state_bytes_per_row(&self, dim: usize) -> usize {
+                self.core.state_bytes_per_row(&self.config, dim)
+            }
         }
     };
 }
@@ -535,6 +547,69 @@ pub trait SparseOptimizer {
     /// for a NaN or infinite state value; [`Error::Alloc`](crate::Error::Alloc).
     /// On error the optimizer is unchanged.
     fn load_state(&mut self, state: OptimizerState) -> Result<()>;
+
+    /// Starts `rows` of `table` afresh: their state goes back to its
+    /// initial values and, under [`Semantics::DenseExact`], they count as
+    /// current (they missed no step). If `table` has more rows than the
+    /// state (it grew), the state grows with it, the new rows fresh. Other
+    /// rows keep their state bit for bit. Before the first step there is
+    /// no state, and nothing to do.
+    ///
+    /// A table whose rows change meaning calls this: the
+    /// [`DynamicTable`](crate::dynamic::DynamicTable) gives a row freed by
+    /// an evicted key to a new key, whose training starts from nothing.
+    ///
+    /// The provided method accepts an optimizer whose
+    /// [`state`](Self::state) holds no arrays and no step counts (nothing
+    /// to reset) and refuses any other: an optimizer of another crate that
+    /// keeps per-row state must implement this to serve a dynamic table.
+    ///
+    /// # Errors
+    /// [`Error::IndexOutOfRange`](crate::Error::IndexOutOfRange) for a row
+    /// `>= table.rows()` (`position` in `rows`);
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) if the state
+    /// belongs to a table of another dim or of more rows;
+    /// [`Error::Alloc`](crate::Error::Alloc) if the grown state does not
+    /// fit; [`Error::InvalidConfig`](crate::Error::InvalidConfig) (field
+    /// `optimizer`) from the provided method. Nothing changes on error.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{Adagrad, AdagradConfig, EmbeddingTable, SparseGrad, SparseOptimizer};
+    /// let mut table = EmbeddingTable::zeros(2, 1)?;
+    /// let mut opt = Adagrad::new(AdagradConfig { initial_accumulator_value: 0.5, ..AdagradConfig::keras() });
+    /// let mut grad = SparseGrad::new(1);
+    /// grad.accumulate_lookup(&[0u32, 1], &[1.0, 2.0])?;
+    /// opt.step(&mut table, &grad)?;
+    /// opt.reset_rows(&table, &[1])?;
+    /// assert_eq!(opt.state().arrays[0].values, [1.5, 0.5]); // row 1 starts again from 0.5
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    fn reset_rows(&mut self, table: &EmbeddingTable, rows: &[usize]) -> Result<()> {
+        let _ = table;
+        let state = self.state();
+        if rows.is_empty() || (state.arrays.is_empty() && state.last_step.is_empty()) {
+            return Ok(());
+        }
+        Err(crate::Error::InvalidConfig {
+            field: "optimizer",
+            reason: format!(
+                "optimizer {:?} keeps per-row state but does not implement reset_rows, which a \
+                 table that reuses rows needs",
+                state.kind
+            ),
+        })
+    }
+
+    /// Bytes of state this optimizer keeps per table row of `dim` floats
+    /// once it has stepped (state arrays, per-row step counts, scratch
+    /// sized by the table), so a memory bound can count them: Adagrad on
+    /// rows of 128 floats keeps 516 (a 512-byte accumulator row and 4
+    /// bytes of `step_lookup` grouping). The provided method says 0.
+    fn state_bytes_per_row(&self, dim: usize) -> usize {
+        let _ = dim;
+        0
+    }
 }
 
 /// A boxed optimizer is an optimizer, so the choice can be made at run time
@@ -572,6 +647,12 @@ impl<O: SparseOptimizer + ?Sized> SparseOptimizer for Box<O> {
     }
     fn fused(&mut self) -> Option<engine::FusedStep<'_>> {
         (**self).fused()
+    }
+    fn reset_rows(&mut self, table: &EmbeddingTable, rows: &[usize]) -> Result<()> {
+        (**self).reset_rows(table, rows)
+    }
+    fn state_bytes_per_row(&self, dim: usize) -> usize {
+        (**self).state_bytes_per_row(dim)
     }
 }
 

@@ -5,13 +5,13 @@
 //! optimizer gives, so results that the design promises bitwise are
 //! compared bitwise.
 
-use embtable::workloads::values;
 use embtable::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EmbeddingTable,
     EpsPlacement, Ftrl, FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseGrad, SparseOptimizer,
 };
 use proptest::prelude::*;
+use workloads::values;
 
 use super::{assert_bits_eq, matmul, onehot, transpose};
 
