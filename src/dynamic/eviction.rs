@@ -159,6 +159,15 @@ impl Order {
         }
     }
 
+    /// The row of the LRU entry `ahead` places from the front (stale or
+    /// not), to prefetch what evicting it will touch.
+    pub(crate) fn upcoming(&self, ahead: usize) -> Option<u32> {
+        match self {
+            Order::Recency(queue) => queue.get(ahead).map(|&(_, row)| row),
+            Order::Frequency(..) => None,
+        }
+    }
+
     /// The next row whose last use was before step `before`, removed from
     /// the order (TTL's expiry).
     pub(crate) fn expired(&mut self, meta: &[RowMeta], before: u64) -> Option<u32> {
