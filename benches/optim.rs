@@ -9,6 +9,9 @@
 //! - `fused_<optimizer>`: the same step through `SparseOptimizer::step_lookup`,
 //!   which sums each row's gradient right before updating it (bitwise the
 //!   same result): the figure to set beside the peers in WORKLOADS.md;
+//! - `finite_sgd`, `finite_adagrad`: the fused step through
+//!   `SparseOptimizer::step_lookup_finite`, without the check that the
+//!   gradient is finite;
 //! - `step_<optimizer>`: the step alone, on an already coalesced gradient.
 //!
 //! Maths as WORKLOADS.md: lr 0.01, ε 1e-10, state from 0; Adagrad and
@@ -156,6 +159,17 @@ fn w5(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(format!("fused_{name}"), &config), |b| {
                 b.iter(|| pool.install(|| fused(&mut opt)))
             });
+            if ["sgd", "adagrad"].contains(&name) {
+                let id = BenchmarkId::new(format!("finite_{name}"), &config);
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            opt.step_lookup_finite(&mut table, &ids, &grad_out)
+                                .expect("step_lookup_finite")
+                        })
+                    })
+                });
+            }
             pool.install(|| coalesce(&mut grad));
             group.bench_function(BenchmarkId::new(format!("step_{name}"), &config), |b| {
                 b.iter(|| pool.install(|| opt.step(&mut table, &grad).expect("step")))

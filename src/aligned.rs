@@ -220,7 +220,8 @@ impl SendPtr {
     }
 }
 
-#[cfg(target_os = "linux")]
+// Not under Miri, which has no `madvise`: the advice is only a hint.
+#[cfg(all(target_os = "linux", not(miri)))]
 fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     // SAFETY: the range is one live allocation of ours; MADV_HUGEPAGE only
     // changes how the kernel backs it, never its contents. Failure (no THP
@@ -230,7 +231,7 @@ fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), miri))]
 fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
 #[cfg(test)]

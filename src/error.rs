@@ -85,6 +85,15 @@ pub enum Error {
         /// What is wrong, naming the offending token.
         reason: String,
     },
+    /// An operation of a sharded table ([`crate::shard`]) failed on rank
+    /// `rank`: every rank of the communicator returns this same error.
+    #[error("on rank {rank}: {source}")]
+    Rank {
+        /// The first rank (the lowest) on which the operation failed.
+        rank: usize,
+        /// What failed there, with its position and value.
+        source: Box<Error>,
+    },
 }
 
 /// `n` and `noun`, plural unless `n` is 1: "1 row", "3 rows". Every

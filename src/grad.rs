@@ -1,25 +1,29 @@
 //! `SparseGrad`: the gradient of a table, kept as coalesced `(row, gradient)` pairs.
 //!
 //! The gradient of a lookup touches only the looked-up rows. `SparseGrad`
-//! keeps one slot per distinct row (a `hashbrown` map from row to slot) and
+//! keeps one slot per distinct row (`hashbrown` maps from row to slot) and
 //! sums every contribution to a row into its slot. Memory and time are
 //! proportional to the batch, never to the table.
+//!
+//! A batch is first grouped by row ([`Grouping`], in parallel for large
+//! batches): new rows take slots in the order they first appear. Then
+//! each slot sums its positions' contributions.
 //!
 //! **Determinism.** Each slot's sum is taken in batch order (and across
 //! calls, in call order), whatever the thread count: accumulation is
 //! parallel over slots, never over the contributions to one slot.
 
-use hashbrown::HashMap;
 use rayon::prelude::*;
 
 use crate::aligned::{LANES_PER_LINE, SendPtr, checked_stride};
-use crate::index::{Index, row_unchecked};
+use crate::grouping::{Grouping, HashMaps};
+use crate::index::Index;
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{Error, Result};
 
 /// Floats of gradient slots per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Slots this far ahead have their contributions prefetched.
 const PREFETCH_AHEAD: usize = 4;
@@ -48,7 +52,8 @@ pub struct SparseGrad {
     /// Row count of the table this gradient is for, when known: ids are
     /// then checked against it as lookups check them.
     row_bound: Option<usize>,
-    slot_of: HashMap<usize, usize>,
+    /// Row -> slot (the maps' tags).
+    slot_of: HashMaps,
     /// Slot -> row, in the order rows were first seen.
     rows: Vec<usize>,
     /// Slot `k`'s gradient is `floats(grads)[k * stride..][..dim]`; pad
@@ -74,12 +79,17 @@ impl Line {
 /// Per-call working memory, kept between calls to avoid reallocating.
 #[derive(Clone, Debug, Default)]
 struct Scratch {
-    /// Slot of each position of the current batch.
-    slot_of_position: Vec<usize>,
-    /// CSR over slots: positions of slot `k` are `order[start[k]..start[k + 1]]`.
+    grouping: Grouping,
+    /// Per group of the batch: its slot.
+    slot_of_group: Vec<usize>,
+    /// CSR over groups: positions of group `k` are `order[start[k]..start[k + 1]]`.
     start: Vec<usize>,
-    order: Vec<usize>,
+    order: Vec<u32>,
 }
+
+/// Positions grouped at once: a longer batch is accumulated in parts (the
+/// same sums: a part continues its slots' sums in batch order).
+const MAX_PART: usize = 1 << 31;
 
 /// What position `j` of a batch adds to its row's gradient.
 ///
@@ -203,7 +213,7 @@ impl SparseGrad {
         self.rows.remove(slot);
         let lines = self.stride / LANES_PER_LINE;
         self.grads.drain(slot * lines..(slot + 1) * lines);
-        for s in self.slot_of.values_mut() {
+        for s in self.slot_of.tags_mut() {
             if *s > slot {
                 *s -= 1;
             }
@@ -317,28 +327,49 @@ impl SparseGrad {
     ) {
         // Callers that track magnitudes (see `is_proven_finite`) restore this.
         self.magnitude = f64::INFINITY;
-        // Slots first, serially: a slot's number depends on first-seen order.
-        let old_slots = self.rows.len();
+        for (p, part) in ids.chunks(MAX_PART).enumerate() {
+            let offset = p * MAX_PART;
+            // SAFETY: as the caller promises.
+            unsafe { self.accumulate_part(tier, part, &Offset(offset, contribution)) };
+        }
+    }
+
+    /// [`accumulate_unchecked`](Self::accumulate_unchecked) for a batch
+    /// whose positions fit [`Grouping`].
+    ///
+    /// # Safety
+    /// As [`accumulate_unchecked`](Self::accumulate_unchecked).
+    unsafe fn accumulate_part<I: Index, C: Contribution>(
+        &mut self,
+        tier: Tier,
+        ids: &[I],
+        contribution: &C,
+    ) {
         let Scratch {
-            slot_of_position,
+            grouping,
+            slot_of_group,
             start,
             order,
         } = &mut self.scratch;
-        slot_of_position.clear();
-        self.slot_of.reserve(ids.len());
-        for &id in ids {
-            // SAFETY: the caller validated every id.
-            let row = unsafe { row_unchecked(id) };
-            let next = self.rows.len();
-            let slot = *self.slot_of.entry(row).or_insert_with(|| {
+        // SAFETY: the caller validated every id; parts fit.
+        unsafe { grouping.build(ids, &mut self.slot_of) };
+        // A row seen before keeps its slot (its tag); new rows take the next
+        // slots in first-seen order.
+        let old_slots = self.rows.len();
+        slot_of_group.clear();
+        for (&row, &tag) in grouping.rows().iter().zip(grouping.tags()) {
+            if tag == usize::MAX {
+                slot_of_group.push(self.rows.len());
                 self.rows.push(row);
-                next
-            });
-            slot_of_position.push(slot);
+            } else {
+                slot_of_group.push(tag);
+            }
         }
+        grouping.release(&mut self.slot_of, |k| slot_of_group[k]);
         let slots = self.rows.len();
 
         let (dim, stride) = (self.dim, self.stride);
+        let (group_at, rank_at) = (grouping.group_at(), grouping.rank_at());
         if ids.len() * dim < PARALLEL_MIN_FLOATS {
             // Serial: visiting positions in order sums each slot in batch order.
             self.grads
@@ -354,7 +385,8 @@ impl SparseGrad {
             kernels::dispatch(
                 tier,
                 AddSerial {
-                    slots: slot_of_position,
+                    group_at,
+                    slot_of_group: &slot_of_group[..],
                     grads,
                     dim,
                     stride,
@@ -363,24 +395,31 @@ impl SparseGrad {
             );
             return;
         }
-        // Parallel over slots: group positions by slot (a stable counting
-        // sort, so each group stays in batch order), then each slot sums its
-        // own group. No two tasks write the same slot.
+        // Parallel over groups: each group's positions, in batch order
+        // (position j is number `rank_at[j]` of its group), then each
+        // group sums its own into its slot. No two tasks write one slot.
         start.clear();
-        start.resize(slots + 1, 0);
-        for &s in slot_of_position.iter() {
-            start[s + 1] += 1;
+        let mut total = 0;
+        for &size in grouping.sizes() {
+            start.push(total);
+            total += size as usize;
         }
-        for k in 0..slots {
-            start[k + 1] += start[k];
-        }
-        order.clear();
+        start.push(total);
         order.resize(ids.len(), 0);
-        let mut fill = start[..slots].to_vec();
-        for (j, &s) in slot_of_position.iter().enumerate() {
-            order[fill[s]] = j;
-            fill[s] += 1;
-        }
+        let place = Place(order.as_mut_ptr());
+        let start = &start[..];
+        group_at
+            .par_chunks(PLACE_CHUNK)
+            .zip(rank_at.par_chunks(PLACE_CHUNK))
+            .enumerate()
+            .for_each(|(c, (groups, ranks))| {
+                for (j, (&k, &rank)) in (c * PLACE_CHUNK..).zip(groups.iter().zip(ranks)) {
+                    // SAFETY: `start[k] + rank < start[k + 1] <= order.len()`,
+                    // and (group, rank) pairs are distinct, so only position
+                    // `j` writes there; `order` outlives the loop.
+                    unsafe { place.at(start[k as usize] + rank as usize).write(j as u32) };
+                }
+            });
         // New slots are written whole by the tasks below, never zero-filled
         // first: each task sums a slot in a local buffer (starting from the
         // slot's value, or +0.0 for a new slot, as a zero-filled slot
@@ -390,41 +429,80 @@ impl SparseGrad {
         self.grads.reserve(lines - self.grads.len());
         let grads = SendPtr(self.grads.as_mut_ptr().cast());
         let stream = slots * stride * size_of::<f32>() >= STREAM_MIN_BYTES;
-        let (start, order) = (&*start, &*order);
+        let groups = slot_of_group.len();
+        let (order, slot_of_group) = (&order[..], &slot_of_group[..]);
         let per_task = (TASK_FLOATS / stride.max(1)).max(1);
-        (0..slots.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let first = t * per_task;
-            let slots = first..(first + per_task).min(slots);
-            kernels::dispatch(
-                tier,
-                SumSlots {
-                    slots,
-                    old_slots,
-                    start,
-                    order,
-                    grads,
-                    dim,
-                    stride,
-                    stream,
-                    contribution,
-                },
-            );
-        });
+        (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let first = t * per_task;
+                kernels::dispatch(
+                    tier,
+                    SumSlots {
+                        groups: first..(first + per_task).min(groups),
+                        slot_of_group,
+                        old_slots,
+                        start,
+                        order,
+                        grads,
+                        dim,
+                        stride,
+                        stream,
+                        contribution,
+                    },
+                );
+            });
         // SAFETY: every slot below `slots` is initialised: the old ones
         // were, and each new one was written whole (all `stride` floats)
-        // by exactly one task above, within the capacity reserved.
+        // by exactly one task above (one group has it), within the
+        // capacity reserved.
         unsafe { self.grads.set_len(lines) };
     }
 }
 
-/// Sums the contributions of a run of slots (see `accumulate_unchecked`).
+/// Positions per task placing positions in [`Scratch::order`].
+const PLACE_CHUNK: usize = 1 << 14;
+
+/// [`Scratch::order`], written by parallel tasks at distinct indices.
+#[derive(Clone, Copy)]
+struct Place(*mut u32);
+// SAFETY: tasks write distinct elements, as the use says.
+unsafe impl Send for Place {}
+// SAFETY: as above.
+unsafe impl Sync for Place {}
+
+impl Place {
+    /// The element at `i` (a method, so closures capture the whole `Place`).
+    #[inline(always)]
+    fn at(self, i: usize) -> *mut u32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A contribution whose positions start at an offset of the whole batch.
+struct Offset<'a, C>(usize, &'a C);
+
+impl<C: Contribution> Contribution for Offset<'_, C> {
+    #[inline(always)]
+    fn add<S: Simd>(&self, s: S, j: usize, row: &mut [f32]) {
+        self.1.add(s, self.0 + j, row);
+    }
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        self.1.prefetch(self.0 + j);
+    }
+}
+
+/// Sums the contributions of a run of groups into their slots (see
+/// `accumulate_part`).
 struct SumSlots<'a, C> {
-    slots: std::ops::Range<usize>,
+    groups: std::ops::Range<usize>,
+    slot_of_group: &'a [usize],
     /// Slots below this held a value before this call.
     old_slots: usize,
-    /// CSR: the positions of slot `k` are `order[start[k]..start[k + 1]]`.
+    /// CSR: the positions of group `k` are `order[start[k]..start[k + 1]]`.
     start: &'a [usize],
-    order: &'a [usize],
+    order: &'a [u32],
     /// The gradient buffer, with capacity for every slot.
     grads: SendPtr,
     dim: usize,
@@ -439,7 +517,8 @@ impl<C: Contribution> Kernel for SumSlots<'_, C> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let Self {
-            slots,
+            groups,
+            slot_of_group,
             old_slots,
             start,
             order,
@@ -450,32 +529,34 @@ impl<C: Contribution> Kernel for SumSlots<'_, C> {
             contribution,
         } = self;
         let mut buf = vec![0.0f32; stride];
-        let end = slots.end;
-        for k in slots {
-            // Positions after the first of each slot lie anywhere in the
-            // batch: start loading them a few slots ahead.
+        let end = groups.end;
+        for k in groups {
+            // Positions after the first of each group lie anywhere in the
+            // batch: start loading them a few groups ahead.
             if k + PREFETCH_AHEAD < end {
                 for &j in &order[start[k + PREFETCH_AHEAD]..start[k + PREFETCH_AHEAD + 1]] {
-                    contribution.prefetch(j);
+                    contribution.prefetch(j as usize);
                 }
             }
-            // SAFETY: slot `k` lies within the capacity reserved for every
-            // slot, and `k` belongs to this task only (tasks get disjoint
-            // runs of slots), so nothing else reads or writes it now.
-            let slot =
-                unsafe { std::slice::from_raw_parts_mut(grads.get().add(k * stride), stride) };
-            if k < old_slots {
-                buf.copy_from_slice(slot);
+            let slot = slot_of_group[k];
+            // SAFETY: `slot` lies within the capacity reserved for every
+            // slot, and group `k`, the only one with this slot, belongs to
+            // this task only (tasks get disjoint runs of groups), so
+            // nothing else reads or writes it now.
+            let slot_row =
+                unsafe { std::slice::from_raw_parts_mut(grads.get().add(slot * stride), stride) };
+            if slot < old_slots {
+                buf.copy_from_slice(slot_row);
             } else {
                 buf.fill(0.0);
             }
             for &j in &order[start[k]..start[k + 1]] {
-                contribution.add(s, j, &mut buf[..dim]);
+                contribution.add(s, j as usize, &mut buf[..dim]);
             }
             if stream {
-                kernels::copy_row_streaming(s, &buf, slot);
+                kernels::copy_row_streaming(s, &buf, slot_row);
             } else {
-                kernels::copy_row(s, &buf, slot);
+                kernels::copy_row(s, &buf, slot_row);
             }
         }
         if stream {
@@ -487,7 +568,8 @@ impl<C: Contribution> Kernel for SumSlots<'_, C> {
 
 /// Adds each position's contribution to its slot, positions in order.
 struct AddSerial<'a, C> {
-    slots: &'a [usize],
+    group_at: &'a [u32],
+    slot_of_group: &'a [usize],
     grads: &'a mut [f32],
     dim: usize,
     stride: usize,
@@ -498,7 +580,8 @@ impl<C: Contribution> Kernel for AddSerial<'_, C> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        for (j, &slot) in self.slots.iter().enumerate() {
+        for (j, &k) in self.group_at.iter().enumerate() {
+            let slot = self.slot_of_group[k as usize];
             let row = &mut self.grads[slot * self.stride..][..self.dim];
             self.contribution.add(s, j, row);
         }

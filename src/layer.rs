@@ -654,8 +654,10 @@ impl<O: SparseOptimizer> Embedding<O> {
     ///
     /// Only an optimizer whose rows can lag (`Semantics::DenseExact`) moves
     /// a row it is not given a gradient for, so only its state is zeroed;
-    /// other optimizers' state (an Adagrad accumulator, which must stay at
-    /// least its initial value) is left as it is.
+    /// other optimizers' state (an Adagrad accumulator) is left as it is, so
+    /// the row trains as before if it stops being padding. (FTRL's zeroed
+    /// accumulators give a zero weight: its formula sets a lane whose `z`
+    /// is within the L1 strength, here 0, to exactly 0.)
     fn zero_row_and_state(&mut self, p: usize) -> Result<()> {
         if self.optimizer.has_lagging_rows() {
             self.optimizer.flush(&mut self.table)?;

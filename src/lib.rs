@@ -28,6 +28,9 @@
 //! * [`io`]: word2vec, GloVe and fastText vectors (with gensim's
 //!   `most_similar` and friends on [`io::Pretrained`]), `.npy`,
 //!   safetensors, and checkpoints that include the optimizer state.
+//! * [`shard`]: one table split row-wise over the ranks of an MPI job
+//!   (feature `mpi`), equal bit for bit to one process on the ranks'
+//!   batches together, with checkpoints that load on any number of ranks.
 //!
 //! Everything is proven equal to the dense formulation, a one-hot matrix
 //! times the table, by property tests over random shapes, for every kernel
@@ -109,6 +112,7 @@ mod aligned;
 pub mod dynamic;
 mod error;
 mod grad;
+mod grouping;
 mod index;
 mod init;
 pub mod io;
@@ -118,6 +122,7 @@ mod layers;
 pub mod optim;
 mod parallel;
 pub mod pool;
+pub mod shard;
 mod similar;
 mod table;
 mod tensor;

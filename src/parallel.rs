@@ -10,4 +10,7 @@
 /// clipping the floats it scales. One threshold for all of them, so that
 /// results never depend on which side of it a call falls (every parallel
 /// path computes the serial path's bits) and tuning it is one edit.
-pub(crate) const PARALLEL_MIN_FLOATS: usize = 1 << 15;
+///
+/// Under Miri the threshold shrinks (see `kernels::parallel_size`), so
+/// that its runs reach the parallel paths at sizes it can afford.
+pub(crate) const PARALLEL_MIN_FLOATS: usize = crate::kernels::parallel_size(1 << 15);

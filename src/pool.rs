@@ -69,7 +69,7 @@ use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Floats of rows read per parallel task: large enough to amortise
 /// scheduling, small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// How the rows of a bag are reduced to one row.
 ///
@@ -358,7 +358,7 @@ impl<'a, I: Index> Bags<'a, I> {
 
 /// The coefficient `c_j` of every position (module docs), for every
 /// pooling but Max.
-fn coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Vec<f32> {
+pub(crate) fn coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Vec<f32> {
     let mut coef = vec![0.0; bags.ids.len()];
     for window in bags.offsets.windows(2) {
         let range = window[0]..window[1];
@@ -479,7 +479,7 @@ fn coefficient(w: f32, d: f64) -> f32 {
 }
 
 /// `Err` for Max pooling of weighted bags.
-fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
+pub(crate) fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
     if pooling == Pooling::Max && bags.weights.is_some() {
         return Err(Error::InvalidConfig {
             field: "pooling",
@@ -493,7 +493,7 @@ fn check_max_weights<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<(
 /// Mean can overflow (when a bag's weights nearly cancel): unweighted
 /// coefficients are 1, 1/L or 1/√L, Sum's are the weights (checked finite
 /// by the `Bags` constructors) and SqrtN's are at most 1 in magnitude.
-fn check_coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
+pub(crate) fn check_coefficients<I: Index>(bags: &Bags<'_, I>, pooling: Pooling) -> Result<()> {
     let (Some(weights), Pooling::Mean) = (bags.weights, pooling) else {
         return Ok(());
     };

@@ -10,7 +10,7 @@ use crate::{Error, Init, Result};
 
 /// Output floats per parallel task: large enough to amortise scheduling,
 /// small enough that two threads finish together.
-const TASK_FLOATS: usize = 1 << 16;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 16);
 
 /// Bytes of rows that gathers keep prefetching ahead of the row in use.
 ///

@@ -37,6 +37,7 @@ type StateBits = (
     Option<(usize, usize)>,
     Vec<(String, Vec<usize>, Vec<u32>)>,
     Vec<u64>,
+    Vec<(u64, u32)>,
 );
 
 fn state_bits(s: &OptimizerState) -> StateBits {
@@ -56,6 +57,10 @@ fn state_bits(s: &OptimizerState) -> StateBits {
             })
             .collect(),
         s.last_step.clone(),
+        s.lr_history
+            .iter()
+            .map(|&(u, lr)| (u, lr.to_bits()))
+            .collect(),
     )
 }
 
@@ -1225,7 +1230,13 @@ proptest! {
                 values: raw(rows * width, 1),
             }],
             last_step: if dense_exact { (0..rows as u64).map(|r| (seed >> 2) / (r + 1)).collect() } else { Vec::new() },
-            lr_history: Vec::new(),
+            // Any finite rate round-trips through its shortest decimal.
+            lr_history: raw(3, 3)
+                .into_iter()
+                .filter(|x| x.is_finite())
+                .enumerate()
+                .map(|(i, x)| (i as u64 + 1, x))
+                .collect(),
         };
         let table = EmbeddingTable::from_rows(rows, dim, &raw(rows * dim, 2)).unwrap();
         Checkpoint::new().with("t", &table, &Fake(state.clone())).save(&path).unwrap();

@@ -41,9 +41,10 @@ fn sparse<I: FromRow>(rows: usize, dim: usize, batches: &[(Vec<usize>, Vec<f32>)
         grad.accumulate_lookup(&ids, g).expect("valid batch");
     }
     let mut first_seen = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (ids, _) in batches {
         for &r in ids {
-            if !first_seen.contains(&r) {
+            if seen.insert(r) {
                 first_seen.push(r);
             }
         }
@@ -115,6 +116,73 @@ proptest! {
     #[test]
     fn large_batches_are_bitwise_equal_too((rows, dim, batches) in batches(1500, 40..=70)) {
         check_all_configs(rows, dim, &batches);
+    }
+}
+
+/// `(rows, dim, batches)` above the size where ids are grouped by row in
+/// parallel shards: many distinct rows (up to 200,000), runs of
+/// neighbouring rows, rows 64 and 4,096 apart (which share low bits), and
+/// hot rows repeated thousands of times.
+fn sharded_batches() -> impl Strategy<Value = (usize, usize, Batches)> {
+    (1usize..=200_000, 1usize..=6).prop_flat_map(|(rows, dim)| {
+        let batch =
+            (16_384usize..=40_000, 0u8..4, any::<u64>()).prop_map(move |(n, kind, seed)| {
+                let ids: Vec<usize> = workloads::uniform(seed, n, rows)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, r)| {
+                        let r = r as usize;
+                        match kind {
+                            0 => r,
+                            1 => (r / 64 * 64 + j % 64) % rows,
+                            2 => r / 64 * 64,
+                            _ => [r % 7, r / 4096 * 4096][j % 2],
+                        }
+                    })
+                    .collect();
+                let g = values(seed ^ 7, ids.len() * dim, -1.0, 1.0);
+                (ids, g)
+            });
+        (
+            Just(rows),
+            Just(dim),
+            proptest::collection::vec(batch, 1..=2),
+        )
+    })
+}
+
+/// The dense gradient summed by a plain loop over positions in batch
+/// order: `onehot(ids)ᵀ · G` without the matrices, for batches too large
+/// for them.
+fn summed_reference(rows: usize, dim: usize, batches: &[(Vec<usize>, Vec<f32>)]) -> Vec<f32> {
+    let mut dense = vec![0.0f32; rows * dim];
+    for (ids, g) in batches {
+        for (&r, g) in ids.iter().zip(g.chunks(dim)) {
+            for (d, &x) in dense[r * dim..][..dim].iter_mut().zip(g) {
+                *d += x;
+            }
+        }
+    }
+    dense
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Batches grouped in parallel shards (on four threads) give
+    /// the same slots, in first-seen order, and the same bits.
+    #[test]
+    fn sharded_batches_are_bitwise_equal((rows, dim, batches) in sharded_batches()) {
+        let want = summed_reference(rows, dim, &batches);
+        for (tier, threads, (a, b)) in each_config(|| {
+            (
+                sparse::<u32>(rows, dim, &batches),
+                sparse::<i64>(rows, dim, &batches),
+            )
+        }) {
+            assert_bits_eq(&a, &want, &format!("u32 ids, {tier}, {threads} threads"));
+            assert_bits_eq(&b, &want, &format!("i64 ids, {tier}, {threads} threads"));
+        }
     }
 }
 

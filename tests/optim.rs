@@ -149,16 +149,26 @@ proptest! {
 
 impl Run {
     /// Step `t` through `step_lookup`, with u32 ids at even steps and i64
-    /// at odd ones (as `sparse_grad`).
+    /// at odd ones (as `sparse_grad`); every third step through
+    /// `step_lookup_finite` (all gradients here are finite).
     fn step_lookup(&self, opt: &mut Concrete, table: &mut EmbeddingTable, t: usize) {
         let ids = &self.steps[t].0;
         let g = self.grad_out(t);
+        let trust = t % 3 == 2;
         if t.is_multiple_of(2) {
             let ids: Vec<u32> = ids.iter().map(|&r| r as u32).collect();
-            opt.step_lookup(table, &ids, &g).unwrap();
+            if trust {
+                opt.step_lookup_finite(table, &ids, &g).unwrap();
+            } else {
+                opt.step_lookup(table, &ids, &g).unwrap();
+            }
         } else {
             let ids: Vec<i64> = ids.iter().map(|&r| r as i64).collect();
-            opt.step_lookup(table, &ids, &g).unwrap();
+            if trust {
+                opt.step_lookup_finite(table, &ids, &g).unwrap();
+            } else {
+                opt.step_lookup(table, &ids, &g).unwrap();
+            }
         }
     }
 
@@ -234,6 +244,97 @@ proptest! {
         pattern in any::<u8>(),
     ) {
         check_step_lookup(cfg, &run, pattern);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Batches whose ids are grouped in parallel shards on four threads
+    /// (16,384 ids and up), over tables of up to 50,000 rows.
+    #[test]
+    fn step_lookup_equals_accumulate_then_step_on_sharded_batches(
+        cfg in any_cfg(),
+        run in run_with_lr_changes(1..=50_000, 1..=20, 1..=3, 40_000),
+        pattern in any::<u8>(),
+    ) {
+        check_step_lookup(cfg, &run, pattern);
+    }
+}
+
+/// `step_lookup_finite` given NaN, infinite and overflowing gradients:
+/// `Ok`, no NaN or infinity stored anywhere, and every row those values
+/// do not reach exactly as if the positions reaching the bad rows were
+/// not in the batch.
+#[test]
+fn step_lookup_finite_confines_bad_gradients_to_their_rows() {
+    let (rows, dim) = (40, 21);
+    let ids: Vec<u32> = (0..300).map(|j| (j * 7) % rows as u32).collect();
+    let mut g = values(5, ids.len() * dim, -1.0, 1.0);
+    // Row 7 gets a NaN, row 14 an infinity, row 21 two values whose sum overflows.
+    let bad = |r: u32| [7, 14, 21].contains(&r);
+    let at = |r: u32, k: usize| {
+        ids.iter()
+            .enumerate()
+            .filter(|&(_, &x)| x == r)
+            .nth(k)
+            .unwrap()
+            .0
+    };
+    g[at(7, 1) * dim + 3] = f32::NAN;
+    g[at(14, 0) * dim] = f32::NEG_INFINITY;
+    g[at(21, 0) * dim + 20] = 3e38;
+    g[at(21, 2) * dim + 20] = 3e38;
+    let (good_ids, good_g): (Vec<u32>, Vec<f32>) = {
+        let keep: Vec<usize> = (0..ids.len()).filter(|&j| !bad(ids[j])).collect();
+        (
+            keep.iter().map(|&j| ids[j]).collect(),
+            keep.iter()
+                .flat_map(|&j| g[j * dim..][..dim].to_vec())
+                .collect(),
+        )
+    };
+    let start = values(6, rows * dim, -1.0, 1.0);
+    for cfg in every_kind() {
+        for (tier, threads, (got, want)) in each_config(|| {
+            let run = |ids: &[u32], g: &[f32], trust: bool| {
+                let mut table = EmbeddingTable::from_rows(rows, dim, &start).unwrap();
+                let mut opt = Concrete::new(cfg);
+                for _ in 0..3 {
+                    if trust {
+                        opt.step_lookup_finite(&mut table, ids, g).unwrap();
+                    } else {
+                        opt.step_lookup(&mut table, ids, g).unwrap();
+                    }
+                }
+                opt.get().flush(&mut table).unwrap();
+                (table.to_vec(), opt.get().state())
+            };
+            (run(&ids, &g, true), run(&good_ids, &good_g, false))
+        }) {
+            let what = format!("{cfg:?}, {tier}/{threads}");
+            assert!(got.0.iter().all(|x| x.is_finite()), "{what}: weights");
+            for (a, b) in got.1.arrays.iter().zip(&want.1.arrays) {
+                assert!(a.values.iter().all(|x| x.is_finite()), "{what}: {}", a.name);
+                let width = a.values.len() / rows;
+                for r in (0..rows).filter(|&r| !bad(r as u32)) {
+                    let row = r * width..(r + 1) * width;
+                    assert_bits_eq(
+                        &a.values[row.clone()],
+                        &b.values[row],
+                        &format!("{what}: {} row {r}", a.name),
+                    );
+                }
+            }
+            for r in (0..rows).filter(|&r| !bad(r as u32)) {
+                let row = r * dim..(r + 1) * dim;
+                assert_bits_eq(
+                    &got.0[row.clone()],
+                    &want.0[row],
+                    &format!("{what}: row {r}"),
+                );
+            }
+        }
     }
 }
 

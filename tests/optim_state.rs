@@ -678,17 +678,30 @@ fn step_counters_stop_at_their_limit() {
 }
 
 /// Issue 18: `load_state` accepted a negative Adagrad accumulator, and the
-/// next step gave NaN weights with `Ok`. Values no step can produce (an
-/// accumulator below its start, a negative second moment) are refused.
+/// next step gave NaN weights with `Ok`. Values no step produces and whose
+/// roots the updates take (negative accumulators and second moments) are
+/// refused. (Zero is accepted: a layer zeroes a new padding row's state.)
 #[test]
 fn load_state_refuses_values_no_step_produces() {
     let run = example_run();
-    let cases: [(Cfg, &str, f32); 5] = [
+    let cases: [(Cfg, &str, f32); 6] = [
         (Cfg::Adagrad(AdagradConfig::torch()), "accumulator", -1.0),
-        (Cfg::Adagrad(AdagradConfig::keras()), "accumulator", 0.05), // below 0.1
+        (
+            Cfg::RowWise(RowWiseAdagradConfig::default()),
+            "accumulator",
+            -0.5,
+        ),
         (Cfg::Adam(AdamConfig::keras()), "velocity", -1e-30),
+        (
+            Cfg::AdamW(AdamWConfig {
+                amsgrad: true,
+                ..AdamWConfig::keras()
+            }),
+            "velocity_hat",
+            -2.0,
+        ),
         (Cfg::RmsProp(RmsPropConfig::keras()), "square_avg", -0.5),
-        (Cfg::Ftrl(FtrlConfig::keras()), "accumulator", 0.0), // below 0.1
+        (Cfg::Ftrl(FtrlConfig::keras()), "accumulator", -0.1),
     ];
     for (cfg, array, value) in cases {
         let mut table = run.table();

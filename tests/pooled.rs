@@ -281,13 +281,8 @@ fn grad_everywhere(
 
 /// The distinct ids in order of first appearance.
 fn first_seen(ids: &[usize]) -> Vec<usize> {
-    let mut seen = Vec::new();
-    for &id in ids {
-        if !seen.contains(&id) {
-            seen.push(id);
-        }
-    }
-    seen
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().copied().filter(|&id| seen.insert(id)).collect()
 }
 
 /// Checks the gradient of every weighted-sum pooling.
@@ -400,6 +395,27 @@ proptest! {
         check_max_forward(&c);
         check_backward(&c);
         check_max_backward(&c);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(6))]
+
+    /// Batches whose ids are grouped in parallel shards on four threads:
+    /// every configuration gives the one-thread gradient bitwise,
+    /// slots in first-seen order. (The one-thread path is checked against
+    /// the dense formulation above.)
+    #[test]
+    fn sharded_gradients_equal_the_serial_ones(c in case(1500, 40, 5)
+        .prop_filter("above the sharding threshold", |c| c.ids.len() >= 16_384)) {
+        let table = c.table();
+        let ids = c.ids_i64();
+        let g = c.grad_out();
+        for pooling in [Pooling::Sum, Pooling::Mean, Pooling::SqrtN, Pooling::Max] {
+            let bags = Bags::new(&ids, &c.offsets, c.weights(pooling != Pooling::Max)).unwrap();
+            let (_, slots) = grad_everywhere(&table, &bags, pooling, &g);
+            assert_eq!(slots, first_seen(&c.ids), "{pooling:?}: slots");
+        }
     }
 }
 

@@ -203,6 +203,61 @@ fn a_row_made_padding_stays_zero_under_dense_exact_momentum() {
     assert_bits_eq(layer.table().row(2), &[0.0; 3], "padding row after flush");
 }
 
+/// Every optimizer whose rows lag: the row made padding stays exactly zero
+/// through later steps and the catch-up (FTRL recomputes a row from its
+/// accumulators, so its padding state must be the state that gives 0).
+#[test]
+fn a_row_made_padding_stays_zero_under_every_lagging_optimizer() {
+    use embtable::{
+        Adam, AdamConfig, AdamW, AdamWConfig, Ftrl, FtrlConfig, RmsProp, RmsPropConfig,
+        SparseOptimizer,
+    };
+    let optimizers: Vec<(&str, Box<dyn SparseOptimizer>)> = vec![
+        ("adam", Box::new(Adam::new(AdamConfig::keras()))),
+        ("adamw", Box::new(AdamW::new(AdamWConfig::keras()))),
+        (
+            "rmsprop",
+            Box::new(RmsProp::new(RmsPropConfig {
+                momentum: 0.9,
+                centered: true,
+                ..RmsPropConfig::keras()
+            })),
+        ),
+        ("ftrl", Box::new(Ftrl::new(FtrlConfig::keras()))),
+        (
+            "ftrl shrinkage",
+            Box::new(Ftrl::new(FtrlConfig {
+                l2_shrinkage_regularization_strength: 0.1,
+                l1_regularization_strength: 0.01,
+                ..FtrlConfig::keras()
+            })),
+        ),
+    ];
+    for (name, optimizer) in optimizers {
+        let mut layer = Embedding::new(table(6, 3), optimizer);
+        layer.backward(&[2u32, 4], &[1.0; 6]).unwrap();
+        layer.step().unwrap();
+        layer.backward(&[4u32], &[1.0; 3]).unwrap();
+        layer.step().unwrap(); // row 2 has state and lags one step
+        layer
+            .set_options(EmbeddingOptions {
+                padding_idx: Some(2),
+                ..Default::default()
+            })
+            .unwrap();
+        for _ in 0..3 {
+            layer.backward(&[4u32, 2], &[1.0; 6]).unwrap();
+            layer.step().unwrap();
+        }
+        layer.flush().unwrap();
+        assert_bits_eq(layer.table().row(2), &[0.0; 3], name);
+        assert!(
+            layer.table().to_vec().iter().all(|x| x.is_finite()),
+            "{name}"
+        );
+    }
+}
+
 // ------------------------------------------------- a layer without optimizer
 
 #[test]

@@ -42,7 +42,9 @@ fn a_gradient_for_a_dim_no_table_has_never_panics() {
     for dim in huge_dims() {
         let mut grad = SparseGrad::new(dim);
         assert_eq!(grad.dim(), dim);
+        // Never wrapped below the row (it once wrapped to 0).
         assert!(grad.stride().is_multiple_of(16));
+        assert!(grad.stride() >= dim.min(usize::MAX - 15), "{dim}");
         // An empty batch adds nothing; any other cannot match its length.
         grad.accumulate_lookup::<u32>(&[], &[]).unwrap();
         let err = grad.accumulate_lookup(&[0u32], &[1.0; 4]).unwrap_err();

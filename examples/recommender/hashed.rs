@@ -6,7 +6,8 @@
 use embtable::dynamic::{Capacity, DynamicConfig, DynamicEmbedding, DynamicTable, Eviction};
 use embtable::{Bags, EmbeddingLayer, Index, Init, Pooling, Result, SparseOptimizer};
 
-use crate::model::Tower;
+use crate::data::Dataset;
+use crate::model::{Model, ModelConfig, Tower, user_init};
 
 /// A [`DynamicEmbedding`] whose ids are hashed (with its own salt, so the
 /// item and user tables hash alike ids differently) to keys.
@@ -154,5 +155,32 @@ impl<O: SparseOptimizer + Clone + Send + Sync> Tower for Hashed<O> {
             s.evicted,
             t.memory().bounded() as f64 / (1 << 20) as f64
         ))
+    }
+}
+
+impl<O: SparseOptimizer + Clone + Send + Sync> Model<Hashed<O>> {
+    /// A model for `data` whose tables are dynamic: rows for the hashes of
+    /// the item and user ids, created as the ids arrive, at most `capacity`
+    /// each; no table is told how many items or users there are.
+    ///
+    /// # Errors
+    /// As [`Hashed::new`].
+    pub fn new_dynamic(
+        data: &Dataset,
+        cfg: ModelConfig,
+        make_optimizer: impl Fn() -> O,
+        seed: u64,
+        capacity: Capacity,
+    ) -> Result<Self> {
+        let init = Init::Normal {
+            mean: 0.0,
+            std: cfg.init_std,
+        };
+        let mut items = Hashed::new(cfg.dim, init, seed, capacity, make_optimizer(), 1)?;
+        let user = user_init(&cfg);
+        let mut users = Hashed::new(cfg.dim, user, seed ^ 0x5eed, capacity, make_optimizer(), 2)?;
+        items.set_max_norm(cfg.max_norm)?;
+        users.set_max_norm(cfg.max_norm)?;
+        Ok(Model::from_layers(data, items, users, cfg))
     }
 }

@@ -415,7 +415,7 @@ pub fn evaluate_model<L: Tower>(
     users: &[usize],
     split: Split,
 ) -> Metrics {
-    let items_t = model.items_transposed(data.items);
+    let items_t = model.items_transposed();
     metrics::evaluate(
         users,
         data.items,

@@ -39,7 +39,6 @@
 //! it are the history. Evaluation scores every item against the user vector
 //! built from the last `L` training items.
 
-use embtable::dynamic::Capacity;
 use embtable::{
     Bags, Embedding, EmbeddingLayer, EmbeddingOptions, EmbeddingTable, Init, Pooling, Result,
     SparseOptimizer,
@@ -52,7 +51,6 @@ use rayon::prelude::*;
 use crate::data::{Dataset, Split};
 use crate::dense::Layout::{RowMajor, Transposed};
 use crate::dense::{matmul, transpose};
-use crate::hashed::Hashed;
 use crate::rng::{Rng, Weighted};
 
 /// The training loss.
@@ -112,8 +110,8 @@ impl Default for ModelConfig {
 /// What the model needs of its two embedding layers: embtable's
 /// [`EmbeddingLayer`] calls to train, read-only lookups by id to evaluate,
 /// and a copy of the weights to keep the best epoch's. Implemented by the
-/// fixed [`Embedding`] (an id is a row) and by [`Hashed`] (an id is hashed
-/// to a key of a dynamic table, which has no vocabulary).
+/// fixed [`Embedding`] (an id is a row) and by the recommender's `Hashed`
+/// (an id is hashed to a key of a dynamic table, which has no vocabulary).
 pub trait Tower: EmbeddingLayer + Clone + Send + Sync {
     /// What [`snapshot`](Self::snapshot) keeps.
     type Snapshot: Clone + Send + Sync;
@@ -168,20 +166,22 @@ pub struct Model<L> {
     /// Settings.
     pub cfg: ModelConfig,
     negatives: Negatives,
-    scratch: Scratch,
+    ids: StepIds,
+    rows: StepRows,
 }
 
 /// The distribution negatives are drawn from, and `log q` of every item
 /// for the softmax's correction (`s − log q`: sampled softmax then
 /// estimates the full softmax whatever the proposal).
 #[derive(Clone, Debug)]
-struct Negatives {
+pub struct Negatives {
     sampler: Weighted,
     log_q: Vec<f32>,
 }
 
 impl Negatives {
-    fn new(data: &Dataset, power: f64) -> Self {
+    /// Negatives for `data`, drawn ∝ `(training count + 1)^power`.
+    pub fn new(data: &Dataset, power: f64) -> Self {
         let weights: Vec<f64> = data
             .item_counts(Split::Validation)
             .iter()
@@ -195,20 +195,39 @@ impl Negatives {
     }
 }
 
-/// Buffers reused from batch to batch.
+/// The ids of one step, reused from batch to batch: what the model looks
+/// up, whatever holds its tables (layers here, tables sharded over MPI
+/// ranks in the `sharded_recommender` example).
 #[derive(Clone, Debug, Default)]
-struct Scratch {
-    hist_ids: Vec<u32>,
-    hist_offsets: Vec<usize>,
-    hist_weights: Vec<f32>,
-    user_ids: Vec<u32>,
-    cand_ids: Vec<u32>,
-    pooled: Vec<f32>,
-    user_rows: Vec<f32>,
-    cand_rows: Vec<f32>,
+pub struct StepIds {
+    /// History items of every example, bag after bag.
+    pub hist_ids: Vec<u32>,
+    /// CSR offsets of the history bags.
+    pub hist_offsets: Vec<usize>,
+    /// Recency weights of the history items (empty when `recency` is 1).
+    pub hist_weights: Vec<f32>,
+    /// The user of every example.
+    pub user_ids: Vec<u32>,
+    /// Every example's positive, then the `K` shared negatives.
+    pub cand_ids: Vec<u32>,
+}
+
+/// The rows and gradients of one step, reused from batch to batch.
+#[derive(Clone, Debug, Default)]
+pub struct StepRows {
+    /// The pooled histories (`batch × dim`); the user vectors once
+    /// [`gradients`](Self::gradients) has added the user rows.
+    pub pooled: Vec<f32>,
+    /// The user-id rows (`batch × dim`).
+    pub user_rows: Vec<f32>,
+    /// The candidates' rows (`(batch + K) × dim`).
+    pub cand_rows: Vec<f32>,
     scores: Vec<f32>,
-    grad_user: Vec<f32>,
-    grad_cand: Vec<f32>,
+    /// Gradient of the user vectors: of the pooled histories and of the
+    /// user rows alike (`batch × dim`).
+    pub grad_user: Vec<f32>,
+    /// Gradient of the candidates' rows (`(batch + K) × dim`).
+    pub grad_cand: Vec<f32>,
     loss: Vec<f32>,
 }
 
@@ -403,167 +422,75 @@ fn bpr_coefficients(s_pos: f32, scores: &mut [f32], hits: &[usize]) -> (f32, f32
     (loss / used, g0)
 }
 
-/// The initialiser of the user table: normal, or zeros.
-fn user_init(cfg: &ModelConfig) -> Init {
-    if cfg.user_init_std > 0.0 {
-        Init::Normal {
-            mean: 0.0,
-            std: cfg.user_init_std,
-        }
-    } else {
-        Init::Zeros
-    }
-}
-
-impl<O: SparseOptimizer + Clone + Send + Sync> Model<Embedding<O>> {
-    /// A model for `data` with freshly initialised tables; `make_optimizer`
-    /// gives each table its own optimizer.
-    ///
-    /// # Errors
-    /// As [`EmbeddingTable::new`].
-    pub fn new(
-        data: &Dataset,
-        cfg: ModelConfig,
-        make_optimizer: impl Fn() -> O,
-        seed: u64,
-    ) -> Result<Self> {
-        let init = Init::Normal {
-            mean: 0.0,
-            std: cfg.init_std,
-        };
-        let items = EmbeddingTable::new(data.items, cfg.dim, init, seed)?;
-        let users = EmbeddingTable::new(data.users, cfg.dim, user_init(&cfg), seed ^ 0x5eed)?;
-        Self::from_parts(data, items, make_optimizer(), users, make_optimizer(), cfg)
-    }
-
-    /// A model from tables and optimizers (e.g. a checkpoint's).
-    ///
-    /// # Errors
-    /// [`embtable::Error::InvalidConfig`] for a bad `max_norm`.
-    pub fn from_parts(
-        data: &Dataset,
-        items: EmbeddingTable,
-        items_optimizer: O,
-        users: EmbeddingTable,
-        users_optimizer: O,
-        cfg: ModelConfig,
-    ) -> Result<Self> {
-        let options = EmbeddingOptions {
-            max_norm: cfg.max_norm,
-            ..EmbeddingOptions::default()
-        };
-        Ok(Model {
-            items: Embedding::with_options(items, items_optimizer, options)?,
-            users: Embedding::with_options(users, users_optimizer, options)?,
-            cfg,
-            negatives: Negatives::new(data, cfg.negative_power),
-            scratch: Scratch::default(),
-        })
-    }
-}
-
-impl<O: SparseOptimizer + Clone + Send + Sync> Model<Hashed<O>> {
-    /// A model for `data` whose tables are dynamic: rows for the hashes of
-    /// the item and user ids, created as the ids arrive, at most `capacity`
-    /// each; no table is told how many items or users there are.
-    ///
-    /// # Errors
-    /// As [`Hashed::new`].
-    pub fn new_dynamic(
-        data: &Dataset,
-        cfg: ModelConfig,
-        make_optimizer: impl Fn() -> O,
-        seed: u64,
-        capacity: Capacity,
-    ) -> Result<Self> {
-        let init = Init::Normal {
-            mean: 0.0,
-            std: cfg.init_std,
-        };
-        let items = Hashed::new(cfg.dim, init, seed, capacity, make_optimizer(), 1)?;
-        let users = Hashed::new(
-            cfg.dim,
-            user_init(&cfg),
-            seed ^ 0x5eed,
-            capacity,
-            make_optimizer(),
-            2,
-        )?;
-        let mut model = Model {
-            items,
-            users,
-            cfg,
-            negatives: Negatives::new(data, cfg.negative_power),
-            scratch: Scratch::default(),
-        };
-        model.items.set_max_norm(cfg.max_norm)?;
-        model.users.set_max_norm(cfg.max_norm)?;
-        Ok(model)
-    }
-}
-
-impl<L: Tower> Model<L> {
-    /// One step on the training examples `batch` (indices into
-    /// `data.train_items`, whose owners are `owner`), with the negatives
-    /// drawn from `rng`.
-    ///
-    /// # Errors
-    /// From the layers (a bug if it happens: every id comes from `data`).
-    pub fn train_batch(
+impl StepIds {
+    /// The ids of one step on the training examples `batch` (indices into
+    /// `data.train_items`, whose owners are `owner`): history bags (CSR),
+    /// users, then the candidates: every example's positive followed by
+    /// the K shared negatives, drawn from `rng`.
+    pub fn assemble(
         &mut self,
+        cfg: &ModelConfig,
+        negatives: &Negatives,
         data: &Dataset,
         owner: &[u32],
         batch: &[u32],
         rng: &mut Rng,
-    ) -> Result<BatchStats> {
-        let ModelConfig {
-            dim: d,
-            history,
-            negatives: k,
-            loss: loss_kind,
-            ..
-        } = self.cfg;
-        let n = batch.len();
-        let s = &mut self.scratch;
-        let mut time = Phases::default();
-        let mut clock = Laps(Instant::now());
-
-        // Ids: history bags (CSR), users, then the candidates: every
-        // example's positive followed by the K shared negatives.
-        s.hist_ids.clear();
-        s.hist_offsets.clear();
-        s.hist_offsets.push(0);
-        s.hist_weights.clear();
-        s.user_ids.clear();
-        s.cand_ids.clear();
+    ) {
+        self.hist_ids.clear();
+        self.hist_offsets.clear();
+        self.hist_offsets.push(0);
+        self.hist_weights.clear();
+        self.user_ids.clear();
+        self.cand_ids.clear();
         for &j in batch {
             let j = j as usize;
             let u = owner[j] as usize;
-            let from = data.train_offsets[u].max(j.saturating_sub(history));
-            s.hist_ids.extend_from_slice(&data.train_items[from..j]);
-            s.hist_offsets.push(s.hist_ids.len());
-            if self.cfg.recency != 1.0 {
-                push_recency_weights(&mut s.hist_weights, j - from, self.cfg.recency);
+            let from = data.train_offsets[u].max(j.saturating_sub(cfg.history));
+            self.hist_ids.extend_from_slice(&data.train_items[from..j]);
+            self.hist_offsets.push(self.hist_ids.len());
+            if cfg.recency != 1.0 {
+                push_recency_weights(&mut self.hist_weights, j - from, cfg.recency);
             }
-            s.user_ids.push(u as u32);
-            s.cand_ids.push(data.train_items[j]);
+            self.user_ids.push(u as u32);
+            self.cand_ids.push(data.train_items[j]);
         }
-        for _ in 0..k {
-            s.cand_ids.push(self.negatives.sampler.sample(rng) as u32);
+        for _ in 0..cfg.negatives {
+            self.cand_ids.push(negatives.sampler.sample(rng) as u32);
         }
-        let weights = (self.cfg.recency != 1.0).then_some(s.hist_weights.as_slice());
-        let bags = Bags::new(&s.hist_ids, &s.hist_offsets, weights)?;
-        time.batch = clock.lap();
+    }
 
-        // Forward: the two towers (the item table is read twice).
-        s.pooled.resize(n * d, 0.0);
-        s.user_rows.resize(n * d, 0.0);
-        s.cand_rows.resize((n + k) * d, 0.0);
-        self.items
-            .forward_pooled(&bags, Pooling::Mean, &mut s.pooled)?;
-        self.users.forward_into(&s.user_ids, &mut s.user_rows)?;
-        self.items.forward_into(&s.cand_ids, &mut s.cand_rows)?;
-        time.forward = clock.lap();
+    /// The history bags, weighted when `recency` is below 1.
+    ///
+    /// # Errors
+    /// A bug if it happens: [`assemble`](Self::assemble) makes valid bags.
+    pub fn bags(&self, cfg: &ModelConfig) -> Result<Bags<'_, u32>> {
+        let weights = (cfg.recency != 1.0).then_some(self.hist_weights.as_slice());
+        Bags::new(&self.hist_ids, &self.hist_offsets, weights)
+    }
+}
+
+impl StepRows {
+    /// Sizes the buffers for `n` examples.
+    pub fn resize(&mut self, cfg: &ModelConfig, n: usize) {
+        let (d, k) = (cfg.dim, cfg.negatives);
+        self.pooled.resize(n * d, 0.0);
+        self.user_rows.resize(n * d, 0.0);
+        self.cand_rows.resize((n + k) * d, 0.0);
+    }
+
+    /// From the forward rows (`pooled`, `user_rows`, `cand_rows`, the
+    /// candidates being `cand_ids`) to the gradients `grad_user` and
+    /// `grad_cand`: scores, losses and their derivatives by hand (module
+    /// docs). Returns the sum of the examples' losses.
+    pub fn gradients(&mut self, cfg: &ModelConfig, negatives: &Negatives, cand_ids: &[u32]) -> f64 {
+        let ModelConfig {
+            dim: d,
+            negatives: k,
+            loss: loss_kind,
+            ..
+        } = *cfg;
+        let n = cand_ids.len() - k;
+        let s = self;
         // u = pooled history + user row (kept in `pooled`).
         for (p, e) in s.pooled.iter_mut().zip(&s.user_rows) {
             *p += e;
@@ -586,9 +513,9 @@ impl<L: Tower> Model<L> {
         // coefficients g₀ (into `g0`) and p_k (over the scores, so `coef`
         // below is the batch × K matrix P). The softmax scores the logits
         // minus log q, the log-probability that the proposal draws the item.
-        let neg_ids = &s.cand_ids[n..];
-        let pos_ids = &s.cand_ids[..n];
-        let log_q = &self.negatives.log_q;
+        let neg_ids = &cand_ids[n..];
+        let pos_ids = &cand_ids[..n];
+        let log_q = &negatives.log_q;
         let neg_log_q: Vec<f32> = neg_ids.iter().map(|&i| log_q[i as usize]).collect();
         // Where each negative item sits among the negatives (accidental hits).
         let mut slots: HashMap<u32, Vec<usize>> = HashMap::with_capacity(k);
@@ -638,21 +565,126 @@ impl<L: Tower> Model<L> {
                 }
             });
         matmul(coef, Transposed, u_rows, n, d, grad_neg);
+        s.loss.iter().map(|&l| f64::from(l)).sum()
+    }
+}
+
+/// The initialiser of the user table: normal, or zeros.
+pub fn user_init(cfg: &ModelConfig) -> Init {
+    if cfg.user_init_std > 0.0 {
+        Init::Normal {
+            mean: 0.0,
+            std: cfg.user_init_std,
+        }
+    } else {
+        Init::Zeros
+    }
+}
+
+impl<O: SparseOptimizer + Clone + Send + Sync> Model<Embedding<O>> {
+    /// A model for `data` with freshly initialised tables; `make_optimizer`
+    /// gives each table its own optimizer.
+    ///
+    /// # Errors
+    /// As [`EmbeddingTable::new`].
+    pub fn new(
+        data: &Dataset,
+        cfg: ModelConfig,
+        make_optimizer: impl Fn() -> O,
+        seed: u64,
+    ) -> Result<Self> {
+        let init = Init::Normal {
+            mean: 0.0,
+            std: cfg.init_std,
+        };
+        let items = EmbeddingTable::new(data.items, cfg.dim, init, seed)?;
+        let users = EmbeddingTable::new(data.users, cfg.dim, user_init(&cfg), seed ^ 0x5eed)?;
+        Self::from_parts(data, items, make_optimizer(), users, make_optimizer(), cfg)
+    }
+
+    /// A model from tables and optimizers (e.g. a checkpoint's).
+    ///
+    /// # Errors
+    /// [`embtable::Error::InvalidConfig`] for a bad `max_norm`.
+    pub fn from_parts(
+        data: &Dataset,
+        items: EmbeddingTable,
+        items_optimizer: O,
+        users: EmbeddingTable,
+        users_optimizer: O,
+        cfg: ModelConfig,
+    ) -> Result<Self> {
+        let options = EmbeddingOptions {
+            max_norm: cfg.max_norm,
+            ..EmbeddingOptions::default()
+        };
+        Ok(Model::from_layers(
+            data,
+            Embedding::with_options(items, items_optimizer, options)?,
+            Embedding::with_options(users, users_optimizer, options)?,
+            cfg,
+        ))
+    }
+}
+
+impl<L: Tower> Model<L> {
+    /// A model for `data` over two layers.
+    pub fn from_layers(data: &Dataset, items: L, users: L, cfg: ModelConfig) -> Self {
+        Model {
+            items,
+            users,
+            cfg,
+            negatives: Negatives::new(data, cfg.negative_power),
+            ids: StepIds::default(),
+            rows: StepRows::default(),
+        }
+    }
+
+    /// One step on the training examples `batch` (indices into
+    /// `data.train_items`, whose owners are `owner`), with the negatives
+    /// drawn from `rng`.
+    ///
+    /// # Errors
+    /// From the layers (a bug if it happens: every id comes from `data`).
+    pub fn train_batch(
+        &mut self,
+        data: &Dataset,
+        owner: &[u32],
+        batch: &[u32],
+        rng: &mut Rng,
+    ) -> Result<BatchStats> {
+        let (cfg, ids, rows) = (&self.cfg, &mut self.ids, &mut self.rows);
+        let mut time = Phases::default();
+        let mut clock = Laps(Instant::now());
+        ids.assemble(cfg, &self.negatives, data, owner, batch, rng);
+        rows.resize(cfg, batch.len());
+        let bags = ids.bags(cfg)?;
+        time.batch = clock.lap();
+
+        // Forward: the two towers (the item table is read twice).
+        self.items
+            .forward_pooled(&bags, Pooling::Mean, &mut rows.pooled)?;
+        self.users
+            .forward_into(&ids.user_ids, &mut rows.user_rows)?;
+        self.items
+            .forward_into(&ids.cand_ids, &mut rows.cand_rows)?;
+        time.forward = clock.lap();
+        let loss_sum = rows.gradients(cfg, &self.negatives, &ids.cand_ids);
         time.dense = clock.lap();
 
         // Backward: two passes into the item table's one gradient, one step per table.
         self.items
-            .backward_pooled(&bags, Pooling::Mean, &s.grad_user)?;
-        self.items.backward(&s.cand_ids, &s.grad_cand)?;
-        self.users.backward(&s.user_ids, &s.grad_user)?;
+            .backward_pooled(&bags, Pooling::Mean, &rows.grad_user)?;
+        self.items.backward(&ids.cand_ids, &rows.grad_cand)?;
+        self.users.backward(&ids.user_ids, &rows.grad_user)?;
         time.backward = clock.lap();
         self.items.step()?;
         self.users.step()?;
         time.step = clock.lap();
 
         Ok(BatchStats {
-            loss_sum: s.loss.iter().map(|&l| f64::from(l)).sum(),
-            examples: n,
+            loss_sum,
+            examples: batch.len(),
             time,
         })
     }
@@ -672,9 +704,8 @@ impl<L: Tower> Model<L> {
         let weights = (self.cfg.recency != 1.0).then_some(weights.as_slice());
         let bags = Bags::new(&ids, &offsets, weights).expect("offsets and weights are consistent");
         let mut out = self.items.read_mean(&bags);
-        let d = self.cfg.dim;
         let user_ids: Vec<u32> = users.iter().map(|&u| u as u32).collect();
-        let mut user_rows = vec![0.0; users.len() * d];
+        let mut user_rows = vec![0.0; users.len() * self.cfg.dim];
         self.users.read(&user_ids, &mut user_rows);
         for (x, e) in out.iter_mut().zip(&user_rows) {
             *x += e;
@@ -682,9 +713,10 @@ impl<L: Tower> Model<L> {
         out
     }
 
-    /// The vectors of all `items` items transposed (`dim × items`), the
+    /// The vectors of every item transposed (`dim × items`), the
     /// right-hand side of [`score_block`](Self::score_block).
-    pub fn items_transposed(&self, items: usize) -> Vec<f32> {
+    pub fn items_transposed(&self) -> Vec<f32> {
+        let items = self.negatives.log_q.len(); // one per item of the data
         let ids: Vec<u32> = (0..items as u32).collect();
         let mut rows = vec![0.0; items * self.cfg.dim];
         self.items.read(&ids, &mut rows);

@@ -24,11 +24,12 @@
 //! | `embtable.format` | `embtable-checkpoint` |
 //! | `embtable.version` | `1` |
 //! | `embtable.tables` | the table names, comma-separated, in the order they were added |
-//! | `{name}.optim.kind` | `sgd`, `rmsprop`, `adagrad` or `rowwise_adagrad` (absent for a table saved without optimizer) |
+//! | `{name}.optim.kind` | `sgd`, `rmsprop`, `adagrad`, `rowwise_adagrad`, `adam`, `adamw` or `ftrl` (absent for a table saved without optimizer) |
 //! | `{name}.optim.steps` | steps taken, in decimal |
 //! | `{name}.optim.config` | `field=value` pairs, comma-separated, e.g. `lr=0.009999999776482582,momentum=0.8999999761581421,…`: every config field as an `f64` in the shortest decimal that parses back to the same value (see [`OptimizerState`] for the encoding of booleans and enums) |
 //! | `{name}.optim.shape` | `rows,dim`, or `none` for an optimizer that has not stepped yet |
 //! | `{name}.optim.arrays` | the state array names, comma-separated, in the optimizer's order (empty when it keeps none) |
+//! | `{name}.optim.lr_history` | `until:lr` pairs, comma-separated, the rate as the shortest decimal that parses back to the same `f32`: the earlier learning rates rows that lag will catch up with ([`OptimizerState::lr_history`]); absent when there are none |
 //! | `{name}.layer` | for a layer saved with [`Checkpoint::with_layer`] or [`Embedding::save`](crate::Embedding::save): its options, `padding_idx=none,out_of_range=error,trainable=1,max_norm=none,max_norm_at=step` (`padding_idx` a row or `none`; `out_of_range` one of `error`, `zero`, `modulo`, `default_row:R`; `max_norm` a number or `none`; `max_norm_at` `step` or `lookup`) |
 //! | `user:{key}` | a value given to [`Checkpoint::with_metadata`] (the `:` keeps these apart from table keys) |
 //!

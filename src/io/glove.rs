@@ -116,6 +116,8 @@ pub(crate) fn read(
     let mut lines = Lines::new(BufReader::with_capacity(1 << 20, file), path);
     // The first non-blank line gives the dimension.
     let mut builder = loop {
+        // Bytes read before this line.
+        let before = lines.consumed();
         let Some((n, line)) = lines.next_line()? else {
             return Err(no_vectors());
         };
@@ -123,12 +125,23 @@ pub(crate) fn read(
             continue;
         }
         let dim = first_line_dim(line, n)?;
-        let mut builder = match count {
-            Some(count) => Builder::with_table(count, dim, None, options.unicode_errors)?,
-            None => Builder::growing(dim, options.unicode_errors),
+        let mut builder = match (count, file_len) {
+            (Some(count), Some(len)) => {
+                // Lines after this one hold vectors of `dim` values, each a
+                // word then a separator and a character per value at least:
+                // more lines than that are junk, and cost no memory.
+                let left = len.saturating_sub(before);
+                let fit = left / (dim as u64).saturating_mul(2).saturating_add(1);
+                let cap = count.min(usize::try_from(fit).unwrap_or(usize::MAX).max(1));
+                let budget = left.saturating_mul(2);
+                Builder::with_table(cap, dim, None, options.unicode_errors, budget)?
+            }
+            _ => Builder::growing(dim, None, options.unicode_errors),
         };
         let (word, values) = split_word(line, dim, options.words_with_spaces);
-        builder.record(word, n, |row| parse_values(values, row, word, n))?;
+        builder.record(word, n, Some(values), |row| {
+            parse_values(values, row, word, n)
+        })?;
         break builder;
     };
     let stop = count.unwrap_or(limit);

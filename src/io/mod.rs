@@ -14,11 +14,24 @@
 //!
 //! # Reading
 //! Files are streamed through a buffered reader straight into the rows of
-//! the table: the vectors are never held twice. word2vec and fastText files
-//! declare their size in the header; a GloVe file is counted in a first
-//! cheap pass over its bytes, as gensim does. A table of `count × dim` is
-//! allocated once, capped by what the file's size can hold, so a corrupt
-//! header cannot ask for terabytes. Text is parsed in batches of a few MiB:
+//! the table. word2vec and fastText files declare their size in the
+//! header; a GloVe file is counted in a first cheap pass over its bytes, as
+//! gensim does.
+//!
+//! **Memory follows the bytes, never a claim.** A corrupt header cannot ask
+//! for terabytes: the table is capped at the vectors the file's size can
+//! hold, starts with the rows that twice the bytes left to read would take,
+//! and doubles only as vectors are read. (In practice a table is allocated
+//! once and the vectors are never held twice: a value takes four bytes in
+//! the table and a binary file, and a few characters in a text file; only
+//! files of very short vectors, whose rows are padded to a cache line,
+//! grow.) A text line too short for the declared number of
+//! values is refused before a row is set aside for it. A stream whose size
+//! is unknown (a pipe) is gathered as it is read: rows as they are parsed,
+//! `.npy` data in chunks before the header's shape is allocated. So junk
+//! after a header promising millions of vectors costs what the junk's
+//! bytes cost; `tests/io_memory.rs` bounds the peak on mangled files of
+//! every format. Text is parsed in batches of a few MiB:
 //! the words of a batch are resolved in file order, then its values are
 //! parsed in parallel (rayon) straight into their rows; the result, errors
 //! included, does not depend on the thread count.
@@ -37,7 +50,10 @@
 //! and a UTF-8 byte order mark at the start is ignored. Values are parsed
 //! with Rust's correctly rounded `f32` parser (`nan` and `inf` are
 //! accepted). Data after the vectors a header declares is ignored, as gensim
-//! and fastText do.
+//! and fastText do. Every line must end with a newline, as every writer
+//! ends them: a file whose last line does not may have been cut inside its
+//! last number, which would read as a shorter one (`0.125` as `0.12`), so
+//! it is an [`Error::Format`] naming the line.
 //!
 //! # Errors and line numbers
 //! A malformed file gives [`Error::Format`] with the line at fault and what
@@ -51,7 +67,13 @@
 //! # Writing
 //! Every writer writes to a temporary file in the target's directory,
 //! flushes and syncs it to disk, then renames it over the target: a crash
-//! mid-write leaves the previous file intact. Text formats write each `f32`
+//! mid-write leaves the previous file intact. A target that is a symbolic
+//! link is followed, so the file it names is replaced and the link stays;
+//! the new file keeps the permissions of the one it replaces. Temporary
+//! names (`.{name}.embtable-{pid}-{n}.tmp`) are cut to fit the 255-byte
+//! limit on names. A save holds a lock on its temporary file; the next
+//! save to the same file removes the temporary files nobody holds, those
+//! of saves that were killed. Text formats write each `f32`
 //! in the shortest decimal that parses back to the same value, so a
 //! write–read round trip is exact (NaN payloads aside); binary formats and
 //! `.npy` are bit for bit.

@@ -148,7 +148,10 @@ pub fn load_npy(path: impl AsRef<Path>) -> Result<EmbeddingTable> {
         .and_then(|n| n.checked_mul(size))
         .ok_or_else(|| format_error(1, format!("shape ({rows}, {dim}) is too large")))?
         as u64;
-    if let Some(len) = file_len {
+    let Some(len) = file_len else {
+        return load_stream(reader, path, &header, bytes);
+    };
+    {
         let have = len.saturating_sub(data_start);
         if have < bytes {
             let line = if fortran_order {
@@ -200,15 +203,82 @@ pub fn load_npy(path: impl AsRef<Path>) -> Result<EmbeddingTable> {
             i += n;
         }
     }
-    // A stream whose length was unknown: check nothing follows the data.
-    if file_len.is_none() {
-        let extra = reader
-            .bytes()
-            .take(1 << 20)
-            .try_fold(0u64, |n, b| b.map(|_| n + 1))
+    Ok(table)
+}
+
+/// Bytes of a stream's data read per chunk (a multiple of every element
+/// size, so no element straddles two chunks).
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// Loads the data of a stream whose length is unknown (a pipe): the
+/// header's shape is not trusted with an allocation until the data is
+/// there. The data is read into chunks as it arrives (at most the
+/// shape's byte count and one byte more, to see whether anything
+/// follows), its length checked, and only then is the table allocated and
+/// filled; this briefly needs the data's size on top of the table.
+fn load_stream(
+    mut reader: BufReader<File>,
+    path: &Path,
+    header: &Header,
+    bytes: u64,
+) -> Result<EmbeddingTable> {
+    let &Header {
+        dtype,
+        fortran_order,
+        rows,
+        dim,
+    } = header;
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut have = 0u64;
+    loop {
+        let want = (bytes.saturating_add(1) - have).min(STREAM_CHUNK as u64);
+        let mut chunk = Vec::new();
+        let got = (&mut reader)
+            .take(want)
+            .read_to_end(&mut chunk)
             .map_err(|e| read_error(path, e))?;
-        if extra > 0 {
-            return Err(trailing(rows, extra));
+        have += got as u64;
+        chunks.push(chunk);
+        if (got as u64) < want || have > bytes {
+            break;
+        }
+    }
+    if have < bytes {
+        let line = if fortran_order {
+            2
+        } else {
+            2 + (have / (dim * dtype.size()) as u64) as usize
+        };
+        return Err(format_error(
+            line,
+            format!("the data is cut short: {have} of {bytes} bytes for shape ({rows}, {dim})"),
+        ));
+    }
+    if have > bytes {
+        // Count what follows, up to 1 MiB, to say how much.
+        let extra = (&mut reader)
+            .take(1 << 20)
+            .bytes()
+            .try_fold(have - bytes, |n, b| b.map(|_| n + 1))
+            .map_err(|e| read_error(path, e))?;
+        return Err(trailing(rows, extra));
+    }
+    let size = dtype.size();
+    let element = |e: usize| {
+        let at = e * size;
+        &chunks[at / STREAM_CHUNK][at % STREAM_CHUNK..][..size]
+    };
+    let mut table = EmbeddingTable::zeros(rows, dim)?;
+    let stride = table.stride();
+    for (i, row) in table.as_padded_mut().chunks_exact_mut(stride).enumerate() {
+        for (j, x) in row[..dim].iter_mut().enumerate() {
+            // Column j holds element (i, j) for every i, in row order.
+            let e = if fortran_order {
+                j * rows + i
+            } else {
+                i * dim + j
+            };
+            *x = dtype.decode(element(e));
         }
     }
     Ok(table)

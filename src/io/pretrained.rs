@@ -6,6 +6,7 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
+use super::text::check_room;
 use super::{Duplicate, LoadReport, UnicodeErrors, Vocab, format_error, show};
 use crate::{EmbeddingTable, Error, Init, Result};
 
@@ -282,15 +283,18 @@ impl Pretrained {
 
 /// Where the vectors of a file being read go.
 enum Storage {
-    /// A table sized before reading (from a header, or a first pass).
-    Table(EmbeddingTable),
+    /// A table for a file whose size is known. It starts with the rows the
+    /// caller's byte budget holds and doubles as vectors arrive, up to
+    /// `cap` rows (what the header and the file's size allow).
+    Table { table: EmbeddingTable, cap: usize },
     /// Rows gathered in chunks, for a stream whose size is unknown; copied
     /// into a table at the end.
     Chunks { dim: usize, chunks: Vec<Vec<f32>> },
 }
 
-/// Rows per chunk of [`Storage::Chunks`].
-const CHUNK_ROWS: usize = 1 << 14;
+/// Floats per chunk of [`Storage::Chunks`] (at least one row). Chunks grow
+/// as rows arrive, never ahead of them.
+const CHUNK_FLOATS: usize = 1 << 20;
 
 /// Builds a [`Pretrained`] record by record (or batch by batch), in file
 /// order: decodes the word, parses the vector straight into the next free
@@ -305,16 +309,31 @@ pub(crate) struct Builder {
 }
 
 impl Builder {
-    /// A builder writing into a table of `rows × dim`.
+    /// A builder writing into a table of at most `cap × dim`, for a file
+    /// whose size is known. The table starts with the rows `budget` bytes
+    /// hold (at least one; the caller passes a small multiple of the bytes
+    /// left to read) and doubles as vectors are read, so that a header or
+    /// a line count promising more vectors than the file holds costs no
+    /// more than the file's size.
     pub(crate) fn with_table(
-        rows: usize,
+        cap: usize,
         dim: usize,
         declared: Option<usize>,
         unicode: UnicodeErrors,
+        budget: u64,
     ) -> Result<Self> {
+        let row_bytes = crate::aligned::checked_stride(dim)
+            .and_then(|s| s.checked_mul(size_of::<f32>()))
+            .unwrap_or(usize::MAX);
+        let first = usize::try_from(budget / row_bytes as u64)
+            .unwrap_or(usize::MAX)
+            .clamp(1, cap.max(1));
         Ok(Self {
-            vocab: Vocab::with_capacity(rows),
-            storage: Storage::Table(EmbeddingTable::zeros(rows, dim)?),
+            vocab: Vocab::with_capacity(first),
+            storage: Storage::Table {
+                table: EmbeddingTable::zeros(first, dim)?,
+                cap,
+            },
             report: LoadReport {
                 declared,
                 ..LoadReport::default()
@@ -325,14 +344,17 @@ impl Builder {
     }
 
     /// A builder for a stream of unknown length.
-    pub(crate) fn growing(dim: usize, unicode: UnicodeErrors) -> Self {
+    pub(crate) fn growing(dim: usize, declared: Option<usize>, unicode: UnicodeErrors) -> Self {
         Self {
             vocab: Vocab::new(),
             storage: Storage::Chunks {
                 dim,
                 chunks: Vec::new(),
             },
-            report: LoadReport::default(),
+            report: LoadReport {
+                declared,
+                ..LoadReport::default()
+            },
             unicode,
             scratch: Vec::new(),
         }
@@ -341,7 +363,7 @@ impl Builder {
     /// Floats per vector.
     pub(crate) fn dim(&self) -> usize {
         match &self.storage {
-            Storage::Table(table) => table.dim(),
+            Storage::Table { table, .. } => table.dim(),
             Storage::Chunks { dim, .. } => *dim,
         }
     }
@@ -352,34 +374,47 @@ impl Builder {
     }
 
     /// Adds the vector of `word`, read at `line`: `fill` writes its `dim`
-    /// values into the row it is given (and may fail).
+    /// values into the row it is given (and may fail). `values`, the text of
+    /// the values in a text file, is first checked to be long enough for
+    /// `dim` values, so that a short line never costs a row.
     pub(crate) fn record(
         &mut self,
         word: &[u8],
         line: usize,
+        values: Option<&[u8]>,
         fill: impl FnOnce(&mut [f32]) -> Result<()>,
     ) -> Result<()> {
-        let word = decode(word, line, self.unicode, &mut self.report)?;
+        let dim = self.dim();
+        let decoded = decode(word, line, self.unicode, &mut self.report)?;
+        if let Some(values) = values {
+            check_room(values, dim, word, line)?;
+        }
+        let word = decoded;
         let row = self.vocab.len();
         // A duplicate's values are parsed too (a malformed one is an error,
         // as in gensim) into the next free row, which the next new word
         // overwrites.
         let mut overflow = false;
         let slot = match &mut self.storage {
-            Storage::Table(table) if row < table.rows() => table.row_mut(row),
-            Storage::Table(table) => {
-                // The table was sized to what the file can hold, so only a
-                // malformed or changing file gets here: parse into scratch
+            Storage::Table { table, cap } if row < *cap => {
+                if row == table.rows() {
+                    grow(table, *cap, row + 1)?;
+                }
+                table.row_mut(row)
+            }
+            Storage::Table { .. } => {
+                // The table may hold what the file's size can hold, so only
+                // a malformed or changing file gets here: parse into scratch
                 // space to report what is wrong with this record.
                 overflow = true;
-                self.scratch.resize(table.dim(), 0.0);
+                self.scratch.resize(dim, 0.0);
                 &mut self.scratch[..]
             }
-            Storage::Chunks { dim, chunks } => {
-                let dim = *dim;
-                let (c, within) = (row / CHUNK_ROWS, row % CHUNK_ROWS);
+            Storage::Chunks { chunks, .. } => {
+                let rows_per_chunk = (CHUNK_FLOATS / dim.max(1)).max(1);
+                let (c, within) = (row / rows_per_chunk, row % rows_per_chunk);
                 if c == chunks.len() {
-                    chunks.push(Vec::with_capacity(CHUNK_ROWS * dim));
+                    chunks.push(Vec::new());
                 }
                 let chunk = &mut chunks[c];
                 chunk.resize((within + 1) * dim, 0.0);
@@ -411,26 +446,31 @@ impl Builder {
     where
         P: Fn(&[u8], &mut [f32], &[u8], usize) -> Result<()> + Sync,
     {
-        let table = match &mut self.storage {
-            Storage::Table(table) => table,
+        let (table, cap) = match &mut self.storage {
+            Storage::Table { table, cap } => (table, *cap),
             Storage::Chunks { .. } => {
                 for r in records {
-                    self.record(r.word, r.line, |row| parse(r.values, row, r.word, r.line))?;
+                    self.record(r.word, r.line, Some(r.values), |row| {
+                        parse(r.values, row, r.word, r.line)
+                    })?;
                 }
                 return Ok(());
             }
         };
-        let (rows, dim, stride) = (table.rows(), table.dim(), table.stride());
+        let dim = table.dim();
 
         // Words, in file order. Record `new[k]` holds the word of row
-        // `base + k`. Resolution stops at the first bad word, or at the first
-        // new word with no row left (`overflow`, see `record`).
+        // `base + k`. Resolution stops at the first bad word or line too
+        // short for `dim` values (so no row is set aside for it), or at the
+        // first new word with no row left (`overflow`, see `record`).
         let base = self.vocab.len();
         let mut new = Vec::with_capacity(records.len());
         let mut dups = Vec::new();
         let mut stop = None;
         for (i, r) in records.iter().enumerate() {
-            let word = match decode(r.word, r.line, self.unicode, &mut self.report) {
+            let checked = decode(r.word, r.line, self.unicode, &mut self.report)
+                .and_then(|word| check_room(r.values, dim, r.word, r.line).map(|()| word));
+            let word = match checked {
                 Ok(word) => word,
                 Err(e) => {
                     stop = Some((i, Some(e)));
@@ -446,7 +486,7 @@ impl Builder {
                         first_row,
                     },
                 )),
-                None if self.vocab.len() >= rows => {
+                None if self.vocab.len() >= cap => {
                     stop = Some((i, None));
                     break;
                 }
@@ -456,6 +496,13 @@ impl Builder {
                 }
             }
         }
+
+        // Rows for the new words: each was checked to have the bytes of
+        // `dim` values, so growing here follows what was read.
+        if self.vocab.len() > table.rows() {
+            grow(table, cap, self.vocab.len())?;
+        }
+        let stride = table.stride();
 
         // Values, in parallel. Rows of distinct records are disjoint chunks
         // of the table; duplicates are parsed into scratch space (checked,
@@ -485,7 +532,7 @@ impl Builder {
                 let r = &records[i];
                 self.scratch.resize(dim, 0.0);
                 parse(r.values, &mut self.scratch, r.word, r.line)?;
-                return Err(no_row_left(r.line, rows));
+                return Err(no_row_left(r.line, cap));
             }
             None => {}
         }
@@ -506,9 +553,10 @@ impl Builder {
             return Err(format_error(line, "the file holds no vectors"));
         }
         let table = match self.storage {
-            Storage::Table(table) if table.rows() == n => table,
-            Storage::Table(table) => {
-                // Duplicates left rows unused: copy into a table of `n` rows.
+            Storage::Table { table, .. } if table.rows() == n => table,
+            Storage::Table { table, .. } => {
+                // Duplicates (or doubling) left rows unused: copy into a
+                // table of `n` rows.
                 let mut small = EmbeddingTable::zeros(n, table.dim())?;
                 let len = small.as_padded().len();
                 small
@@ -579,6 +627,18 @@ fn decode(
     }
 }
 
+/// Grows `table` to hold at least `rows` rows (at most `cap`): to twice its
+/// rows, so that a file read row by row is copied a bounded number of
+/// times, but never beyond `cap`. The rows kept are copied whole.
+fn grow(table: &mut EmbeddingTable, cap: usize, rows: usize) -> Result<()> {
+    let rows = table.rows().saturating_mul(2).clamp(rows, cap.max(rows));
+    let mut bigger = EmbeddingTable::zeros(rows, table.dim())?;
+    let kept = table.as_padded();
+    bigger.as_padded_mut()[..kept.len()].copy_from_slice(kept);
+    *table = bigger;
+    Ok(())
+}
+
 /// A new word at `line` found every one of the `rows` rows taken: the
 /// table was sized to what the file could hold, so the file changed.
 fn no_row_left(line: usize, rows: usize) -> Error {
@@ -605,13 +665,14 @@ mod tests {
     #[test]
     fn duplicates_keep_the_first_and_shrink_the_table() {
         for mut b in [
-            Builder::with_table(4, 3, Some(4), UnicodeErrors::Strict).unwrap(),
-            Builder::growing(3, UnicodeErrors::Strict),
+            Builder::with_table(4, 3, Some(4), UnicodeErrors::Strict, 0).unwrap(),
+            Builder::with_table(4, 3, Some(4), UnicodeErrors::Strict, 1 << 20).unwrap(),
+            Builder::growing(3, Some(4), UnicodeErrors::Strict),
         ] {
-            b.record(b"a", 2, fill_with(1.0)).unwrap();
-            b.record(b"b", 3, fill_with(2.0)).unwrap();
-            b.record(b"a", 4, fill_with(9.0)).unwrap();
-            b.record(b"c", 5, fill_with(3.0)).unwrap();
+            b.record(b"a", 2, None, fill_with(1.0)).unwrap();
+            b.record(b"b", 3, None, fill_with(2.0)).unwrap();
+            b.record(b"a", 4, None, fill_with(9.0)).unwrap();
+            b.record(b"c", 5, None, fill_with(3.0)).unwrap();
             assert_eq!(b.records(), 4);
             let (p, report) = b.finish(6).unwrap();
             assert_eq!(p.vocab.words(), ["a", "b", "c"]);
@@ -629,24 +690,45 @@ mod tests {
 
     #[test]
     fn growing_storage_spans_chunks() {
-        let mut b = Builder::growing(2, UnicodeErrors::Strict);
-        let n = CHUNK_ROWS * 2 + 5;
-        for i in 0..n {
-            b.record(format!("w{i}").as_bytes(), i + 1, fill_with(i as f32))
-                .unwrap();
-        }
-        let (p, _) = b.finish(n + 1).unwrap();
-        assert_eq!(p.table.rows(), n);
-        for i in [0, CHUNK_ROWS - 1, CHUNK_ROWS, n - 1] {
-            assert_eq!(p.table.row(i), [i as f32; 2]);
+        let per_chunk = CHUNK_FLOATS / 2;
+        let n = per_chunk * 2 + 5;
+        for mut b in [
+            Builder::growing(2, None, UnicodeErrors::Strict),
+            Builder::with_table(n, 2, None, UnicodeErrors::Strict, 0).unwrap(),
+        ] {
+            for i in 0..n {
+                b.record(format!("w{i}").as_bytes(), i + 1, None, fill_with(i as f32))
+                    .unwrap();
+            }
+            let (p, _) = b.finish(n + 1).unwrap();
+            assert_eq!(p.table.rows(), n);
+            for i in [0, per_chunk - 1, per_chunk, n - 1] {
+                assert_eq!(p.table.row(i), [i as f32; 2]);
+            }
         }
     }
 
     #[test]
     fn more_records_than_rows_is_an_error() {
-        let mut b = Builder::with_table(1, 2, Some(1), UnicodeErrors::Strict).unwrap();
-        b.record(b"a", 2, fill_with(0.0)).unwrap();
-        let err = b.record(b"b", 3, fill_with(0.0)).unwrap_err();
+        let mut b = Builder::with_table(1, 2, Some(1), UnicodeErrors::Strict, 1 << 20).unwrap();
+        b.record(b"a", 2, None, fill_with(0.0)).unwrap();
+        let err = b.record(b"b", 3, None, fill_with(0.0)).unwrap_err();
         assert!(matches!(err, Error::Format { line: 3, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_line_too_short_for_its_values_costs_no_row() {
+        let mut b = Builder::with_table(100, 1000, None, UnicodeErrors::Strict, 0).unwrap();
+        b.record(b"a", 1, Some(&[b' '; 2000]), fill_with(0.0))
+            .unwrap();
+        // 1999 bytes cannot hold 1000 values: refused before a row is taken.
+        let err = b
+            .record(b"b", 2, Some(&[b' '; 1999]), fill_with(0.0))
+            .unwrap_err();
+        assert!(err.to_string().contains("expected 1000 values"), "{err}");
+        match &b.storage {
+            Storage::Table { table, .. } => assert_eq!(table.rows(), 1),
+            Storage::Chunks { .. } => unreachable!(),
+        }
     }
 }

@@ -67,22 +67,41 @@ impl<'p, R: BufRead> Lines<'p, R> {
         self.line += 1;
         self.consumed += n as u64;
         let mut line = &self.buf[..];
-        if let Some(rest) = line.strip_suffix(b"\n") {
-            line = rest;
-        } else if n as u64 > MAX_LINE_BYTES {
-            return Err(format_error(
-                self.line,
-                format!(
-                    "line is longer than {MAX_LINE_BYTES} bytes, starting {}",
-                    show(line)
-                ),
-            ));
-        }
+        let terminated = match line.strip_suffix(b"\n") {
+            Some(rest) => {
+                line = rest;
+                true
+            }
+            None if n as u64 > MAX_LINE_BYTES => {
+                return Err(format_error(
+                    self.line,
+                    format!(
+                        "line is longer than {MAX_LINE_BYTES} bytes, starting {}",
+                        show(line)
+                    ),
+                ));
+            }
+            None => false,
+        };
         if let Some(rest) = line.strip_suffix(b"\r") {
             line = rest;
         }
         if self.line == 1 {
             line = line.strip_prefix(BOM).unwrap_or(line);
+        }
+        // Every writer (gensim, fastText, GloVe, the C tool, this crate)
+        // ends each line with a newline. Without one, the file may have
+        // been cut inside its last number, which would then parse as a
+        // shorter one: `0.123` cut to `0.12`.
+        if !terminated && !is_blank(line) {
+            return Err(format_error(
+                self.line,
+                format!(
+                    "the file ends inside this line (no newline after {}): it may have \
+                     been cut short; if the file is complete, end it with a newline",
+                    show(line.rsplit(|&b| is_separator(b)).next().unwrap_or(line))
+                ),
+            ));
         }
         Ok(Some((self.line, line)))
     }
@@ -176,6 +195,18 @@ pub(crate) fn count_lines(reader: &mut impl BufRead, limit: usize) -> io::Result
     Ok((count + usize::from(content)).min(limit))
 }
 
+/// `Err`, the count error [`parse_values`] would give, if `values` is too
+/// short to hold `dim` values: each takes a separator and a character at
+/// least. Checked before a row is set aside for a record, so that short
+/// lines (junk after a header that promises long ones) never cost memory.
+pub(crate) fn check_room(values: &[u8], dim: usize, word: &[u8], line: usize) -> Result<()> {
+    if values.len() / 2 >= dim {
+        Ok(())
+    } else {
+        Err(wrong_count(dim, tokens(values).count(), word, line))
+    }
+}
+
 /// Parses exactly `row.len()` values from the tokens of `values` into `row`.
 ///
 /// # Errors
@@ -266,7 +297,9 @@ pub(crate) fn read_vector_lines<R: BufRead>(
                 continue;
             }
             let (word, values) = split_word(line, dim, words_with_spaces);
-            builder.record(word, n, |row| parse_values(values, row, word, n))?;
+            builder.record(word, n, Some(values), |row| {
+                parse_values(values, row, word, n)
+            })?;
         }
         return Ok(false);
     }
@@ -411,7 +444,7 @@ mod tests {
 
     #[test]
     fn lines_strip_ends_and_bom() {
-        let data = b"\xEF\xBB\xBFa 1\r\nb 2\n\nc 3";
+        let data = b"\xEF\xBB\xBFa 1\r\nb 2\n\nc 3\n \t";
         let mut lines = Lines::new(&data[..], Path::new("mem"));
         let mut got = Vec::new();
         while let Some((n, l)) = lines.next_line().unwrap() {
@@ -423,10 +456,17 @@ mod tests {
                 (1, b"a 1".to_vec()),
                 (2, b"b 2".to_vec()),
                 (3, b"".to_vec()),
-                (4, b"c 3".to_vec())
+                (4, b"c 3".to_vec()),
+                (5, b" \t".to_vec())
             ]
         );
         assert_eq!(lines.consumed(), data.len() as u64);
+        // A last line without its newline may have been cut short.
+        let mut lines = Lines::new(&b"a 1.25\nb 0.12"[..], Path::new("mem"));
+        lines.next_line().unwrap();
+        let err = lines.next_line().unwrap_err();
+        assert!(matches!(err, crate::Error::Format { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("\"0.12\""), "{err}");
         assert_eq!(count_lines(&mut &data[..], usize::MAX).unwrap(), 3);
         assert_eq!(count_lines(&mut &data[..], 2).unwrap(), 2);
         assert_eq!(count_lines(&mut &b"\xEF\xBB\xBF\n \r\n"[..], 9).unwrap(), 0);

@@ -141,9 +141,11 @@ pub(crate) fn read(
         Word2VecFormat::Binary => (dim as u64).saturating_mul(4).saturating_add(2),
     };
     // Trust the size only if it is consistent with what was read (files in
-    // /proc report 0).
+    // /proc report 0). A table starts with at most twice the bytes left and
+    // grows as vectors are read, up to what those bytes can hold; from a
+    // stream of unknown size, rows are gathered as they are read.
     let remaining = file_len.and_then(|len| len.checked_sub(lines.consumed()));
-    let rows = match remaining {
+    let mut builder = match remaining {
         Some(remaining) => {
             let fit = remaining / min_record;
             if fit == 0 {
@@ -158,11 +160,12 @@ pub(crate) fn read(
                     ),
                 ));
             }
-            needed.min(usize::try_from(fit).unwrap_or(usize::MAX))
+            let cap = needed.min(usize::try_from(fit).unwrap_or(usize::MAX));
+            let budget = remaining.saturating_mul(2);
+            Builder::with_table(cap, dim, Some(count), options.unicode_errors, budget)?
         }
-        None => needed,
+        None => Builder::growing(dim, Some(count), options.unicode_errors),
     };
-    let mut builder = Builder::with_table(rows, dim, Some(count), options.unicode_errors)?;
     match format {
         Word2VecFormat::Text => read_text(
             &mut lines,
@@ -376,21 +379,24 @@ fn read_binary<R: BufRead>(
             return Err(format_error(line, reason));
         }
         word.pop();
-        builder.record(&word, line, |row| {
-            vector.clear();
-            let got = (&mut reader)
-                .take(bytes as u64)
-                .read_to_end(&mut vector)
-                .map_err(|e| read_error(path, e))?;
-            if got < bytes {
-                return Err(format_error(
-                    line,
-                    format!(
-                        "the vector of word {} is cut short: {got} of {bytes} bytes",
-                        show(&word)
-                    ),
-                ));
-            }
+        // The vector's bytes are read before a row is set aside for it, so
+        // a header promising long vectors costs only what the file holds.
+        // (`read_to_end` grows the buffer as bytes arrive.)
+        vector.clear();
+        let got = (&mut reader)
+            .take(bytes as u64)
+            .read_to_end(&mut vector)
+            .map_err(|e| read_error(path, e))?;
+        if got < bytes {
+            return Err(format_error(
+                line,
+                format!(
+                    "the vector of word {} is cut short: {got} of {bytes} bytes",
+                    show(&word)
+                ),
+            ));
+        }
+        builder.record(&word, line, None, |row| {
             for (x, b) in row.iter_mut().zip(vector.chunks_exact(4)) {
                 *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }

@@ -343,6 +343,15 @@ pub fn dispatch<K: Kernel>(tier: Tier, kernel: K) -> K::Output {
     }
 }
 
+/// A size of work, in floats, at which an operation goes parallel (or the
+/// size of its tasks): `floats`, divided by 1024 under Miri, whose
+/// interpreter is thousands of times slower, so that its runs reach the
+/// parallel paths at sizes it can afford. Results never depend on these
+/// sizes.
+pub(crate) const fn parallel_size(floats: usize) -> usize {
+    if cfg!(miri) { floats >> 10 } else { floats }
+}
+
 /// Asks the CPU to start loading the cache line at `p` into all cache levels.
 ///
 /// A hint only: it never faults, whatever `p` is.

@@ -179,7 +179,7 @@ impl Config for AdagradConfig {
             lr_decay: self.lr_decay,
             weight_decay: self.weight_decay,
             outside: self.eps_placement == EpsPlacement::OutsideSqrt,
-            arrays: [StateSpec::at_least("accumulator", a0, a0)],
+            arrays: [StateSpec::at_least("accumulator", a0, 0.0)],
         }
     }
 

@@ -41,7 +41,7 @@ use crate::parallel::PARALLEL_MIN_FLOATS;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Floats (weights and state) per parallel task.
-const TASK_FLOATS: usize = 1 << 15;
+const TASK_FLOATS: usize = kernels::parallel_size(1 << 15);
 
 /// Rows prefetched ahead of the one being updated: rows are scattered over
 /// the table, and each costs a DRAM round trip without a prefetch. They
@@ -69,8 +69,9 @@ pub(crate) struct StateSpec {
     pub(crate) name: &'static str,
     /// Every real lane starts at this value.
     pub(crate) init: f32,
-    /// No update makes a value smaller (an accumulator never goes below its
-    /// start, a second moment below 0); a saved state below it is refused.
+    /// The least value a state may hold (0 for accumulators and second
+    /// moments, whose roots the updates take); a saved state below it is
+    /// refused.
     pub(crate) min: f32,
 }
 
@@ -748,19 +749,22 @@ impl Core {
         config: &mut C,
         table: &mut EmbeddingTable,
         grad_out: &[f32],
+        check: bool,
     ) -> Result<bool> {
         let next = self.prepare(config, table)?;
         let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
         let tier = kernels::current();
-        let scanned = self
+        let found = self
             .groups
-            .copy_later(tier, grad_out, dim, table.stride())
-            .finish("gradient", grad_out)?;
-        let bound = scanned.max_abs as f64 * ids as f64;
-        if !crate::grad::sums_proven_finite(bound, ids as u64) {
-            // Sums of huge values may overflow. (Rare: the sums are proven
-            // finite unless `max|g| · ids.len()` nears f32::MAX.)
-            return Ok(false);
+            .copy_later(tier, grad_out, dim, table.stride(), check);
+        if check {
+            let scanned = found.finish("gradient", grad_out)?;
+            let bound = scanned.max_abs as f64 * ids as f64;
+            if !crate::grad::sums_proven_finite(bound, ids as u64) {
+                // Sums of huge values may overflow. (Rare: the sums are
+                // proven finite unless `max|g| · ids.len()` nears f32::MAX.)
+                return Ok(false);
+            }
         }
         let groups = std::mem::take(&mut self.groups);
         let grads = Grouped {
@@ -1547,7 +1551,12 @@ pub(crate) trait Fused {
     fn groups(&mut self) -> &mut Groups;
     /// The rest of the step, once the ids are grouped (`Ok(false)`: step
     /// with a stored gradient instead; nothing was written).
-    fn step_grouped(&mut self, table: &mut EmbeddingTable, grad_out: &[f32]) -> Result<bool>;
+    fn step_grouped(
+        &mut self,
+        table: &mut EmbeddingTable,
+        grad_out: &[f32],
+        check: bool,
+    ) -> Result<bool>;
 }
 
 /// An optimizer's fused lookup step, handed to the provided
@@ -1566,11 +1575,15 @@ pub struct FusedStep<'a>(pub(crate) &'a mut dyn Fused);
 /// DenseExact: catch-up plan per row, as step
 /// update each row with 0 + its positions' gradient rows, in batch order
 /// ```
+///
+/// `check: false` ([`SparseOptimizer::step_lookup_finite`]) skips the
+/// check of `grad_out` and the proof that the sums stay finite.
 pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
     opt: &mut O,
     table: &mut EmbeddingTable,
     ids: &[I],
     grad_out: &[f32],
+    check: bool,
 ) -> Result<()> {
     if let Some(FusedStep(fused)) = opt.fused() {
         fused.check_lookup(table, ids.len(), grad_out.len())?;
@@ -1578,7 +1591,7 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
         if Groups::fits(ids.len()) {
             // SAFETY: ids were validated against `table.rows()` and fit.
             unsafe { fused.groups().build(ids, table.rows()) };
-            if fused.step_grouped(table, grad_out)? {
+            if fused.step_grouped(table, grad_out, check)? {
                 return Ok(());
             }
         }

@@ -216,7 +216,7 @@ impl Config for FtrlConfig {
             shrinkage: (2.0 * self.l2_shrinkage_regularization_strength as f64) as f32,
             beta: self.beta,
             arrays: [
-                StateSpec::at_least("accumulator", n0, n0),
+                StateSpec::at_least("accumulator", n0, 0.0),
                 StateSpec::signed("linear"),
             ],
         }

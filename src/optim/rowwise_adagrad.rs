@@ -120,7 +120,7 @@ impl Config for RowWiseAdagradConfig {
         let h0 = self.initial_accumulator_value;
         RowWiseAdagradRule {
             epsilon: self.epsilon,
-            arrays: [StateSpec::at_least("accumulator", h0, h0)],
+            arrays: [StateSpec::at_least("accumulator", h0, 0.0)],
         }
     }
 

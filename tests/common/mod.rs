@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: every kernel tier × 1 and 2
-//! threads, and the plain dense reference (one-hot matrices; the
+//! Helpers shared by the integration tests: every kernel tier × 1, 2, 3
+//! and 4 threads, and the plain dense reference (one-hot matrices; the
 //! optimizers' in `optim`).
 #![allow(dead_code)]
 
@@ -9,8 +9,10 @@ use std::sync::OnceLock;
 
 use embtable::kernels::{self, Tier};
 
-/// The thread counts every property is checked at.
-pub const THREADS: [usize; 2] = [1, 2];
+/// The thread counts every property is checked at: one (the serial
+/// paths), two, an odd count whose tasks split work unevenly, and four
+/// (from which large batches' ids are grouped in parallel shards).
+pub const THREADS: [usize; 4] = [1, 2, 3, 4];
 
 fn pools() -> &'static [rayon::ThreadPool] {
     static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();

@@ -986,6 +986,23 @@ impl Concrete {
             Concrete::Ftrl(o) => o.step_lookup(table, ids, grad_out),
         }
     }
+
+    pub fn step_lookup_finite<I: embtable::Index>(
+        &mut self,
+        table: &mut EmbeddingTable,
+        ids: &[I],
+        grad_out: &[f32],
+    ) -> embtable::Result<()> {
+        match self {
+            Concrete::Sgd(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::RmsProp(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Adagrad(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::RowWise(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Adam(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::AdamW(o) => o.step_lookup_finite(table, ids, grad_out),
+            Concrete::Ftrl(o) => o.step_lookup_finite(table, ids, grad_out),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- "nothing written"

@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""W5 of WORKLOADS.md with PyTorch's SparseAdam, to set beside embtable's
-`W5-adam` (the `workloads` example) in the same run:
+"""W5 of WORKLOADS.md with PyTorch's sparse optimizers, to set beside
+embtable's `W5-adam` and `W5-adagrad` (the `workloads` example) in the same
+run:
 
-    /tmp/tv/bin/python scripts/w5_torch_sparse_adam.py --threads 1
+    python scripts/w5_torch.py --optimizer sparse_adam --threads 1
     cargo run --release --example workloads -- W5-adam --threads 1
 
-One step of `torch.optim.SparseAdam(lr=0.01)` on a 1,000,000 x 128 float32
-table, with the gradient a `sparse=True` `nn.Embedding` hands it for a
-lookup of WORKLOADS.md's 262,144 `uniform(seed=5)` ids and a dense output
-gradient of `values(50, ...)` in [-0.01, 0.01): uncoalesced (SparseAdam
-coalesces it, summing duplicate ids, as embtable does). The gradient is
-made outside the timed region; the step (coalesce included) is timed.
-Prints `W5-adam-torch threads=<N> median_ms=<x>` after 3 warm-up steps
-and 15 timed ones (median), as the workloads example does.
+One step of `torch.optim.SparseAdam(lr=0.01)` (`--optimizer sparse_adam`,
+the default) or `torch.optim.Adagrad(lr=0.01)` (`--optimizer adagrad`,
+WORKLOADS.md's W5 Adagrad: initial accumulator 0, eps 1e-10) on a
+1,000,000 x 128 float32 table, with the gradient a `sparse=True`
+`nn.Embedding` hands it for a lookup of WORKLOADS.md's 262,144
+`uniform(seed=5)` ids and a dense output gradient of `values(50, ...)` in
+[-0.01, 0.01): uncoalesced (both optimizers coalesce it, summing duplicate
+ids, as embtable does). The gradient is made outside the timed region; the
+step (coalesce included) is timed. Prints `W5-<optimizer>-torch
+threads=<N> median_ms=<x>` after 3 warm-up steps and 15 timed ones
+(median), as the workloads example does.
 """
 
 import argparse
@@ -49,6 +53,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--optimizer", choices=["sparse_adam", "adagrad"], default="sparse_adam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -59,7 +64,12 @@ def main():
     table = torch.nn.Parameter(
         torch.from_numpy(values(51, ROWS * DIM, -0.05, 0.05).reshape(ROWS, DIM))
     )
-    opt = torch.optim.SparseAdam([table], lr=0.01)
+    if args.optimizer == "sparse_adam":
+        opt = torch.optim.SparseAdam([table], lr=0.01)
+        name = "W5-adam-torch"
+    else:
+        opt = torch.optim.Adagrad([table], lr=0.01, eps=1e-10)
+        name = "W5-adagrad-torch"
     grad = torch.sparse_coo_tensor(torch.from_numpy(ids)[None, :], grad_out, (ROWS, DIM))
 
     def step():
@@ -74,7 +84,7 @@ def main():
         step()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    print(f"W5-adam-torch threads={args.threads} median_ms={times[len(times) // 2]:.2f}")
+    print(f"{name} threads={args.threads} median_ms={times[len(times) // 2]:.2f}")
 
 
 if __name__ == "__main__":
