@@ -341,8 +341,9 @@ fn word2vec_header_promising_more_than_the_junk_after_it() {
         bytes.extend(b"x\n".repeat(2_000_000));
         for result in check_both(Format::Word2VecText, &bytes, header) {
             let err = result.unwrap_err();
+            let values = if dim == 1 { "value" } else { "values" };
             assert!(
-                err.starts_with(&format!("line 3: expected {dim} values")),
+                err.starts_with(&format!("line 3: expected {dim} {values}")),
                 "{err}"
             );
         }

@@ -281,6 +281,35 @@ fn split<T>(
     }
 }
 
+/// The checks of a pooled call, made before its ranks vote, then its bags
+/// split by owner (`Ok`) or, when pooled on the caller, its ids grouped by
+/// owner (`Err`).
+fn checked_split<I: Index>(
+    layout: &ShardLayout,
+    rows: usize,
+    bags: &Bags<'_, I>,
+    pooling: Pooling,
+    on_caller: bool,
+) -> Result<std::result::Result<SubBags, Plan>> {
+    check_max_weights(bags, pooling)?;
+    validate_ids(bags.ids(), rows)?;
+    check_coefficients(bags, pooling)?;
+    check_batch(bags.ids().len(), layout.world())?;
+    Ok(if on_caller {
+        Err(Plan::new(layout, bags.ids()))
+    } else {
+        Ok(SubBags::new(layout, bags, &coefficients(bags, pooling)))
+    })
+}
+
+/// The header announcing a [`checked_split`] result.
+fn bags_header(split: &std::result::Result<SubBags, Plan>, dim: usize, me: usize) -> Outgoing {
+    match split {
+        Err(plan) => Outgoing::counts(plan.counts.clone()),
+        Ok(sub) => sub.header(dim, me),
+    }
+}
+
 impl<O: SparseOptimizer> ShardedTable<O> {
     /// A table of `rows × dim` split over the ranks of `comm` by
     /// `sharding`, drawn by `init` from `seed`: row `r` holds the values it
@@ -608,20 +637,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                 bags.len().saturating_mul(dim),
                 out.len(),
             )?;
-            check_max_weights(bags, pooling)?;
-            validate_ids(bags.ids(), self.rows())?;
-            check_coefficients(bags, pooling)?;
-            check_batch(bags.ids().len(), layout.world())?;
-            Ok(if on_caller {
-                Err(Plan::new(&layout, bags.ids()))
-            } else {
-                Ok(SubBags::new(&layout, bags, &coefficients(bags, pooling)))
-            })
+            checked_split(&layout, self.rows(), bags, pooling, on_caller)
         })();
-        let (split_bags, header) = split(local, |split| match split {
-            Err(plan) => Outgoing::counts(plan.counts.clone()),
-            Ok(sub) => sub.header(dim, me),
-        });
+        let (split_bags, header) = split(local, |split| bags_header(split, dim, me));
         let incoming = begin(&self.comm, Call::Pooled(pooling, self.pool_on), header)?;
         let owners_pool = match self.pool_on {
             _ if on_caller => false,
@@ -811,20 +829,9 @@ impl<O: SparseOptimizer> ShardedTable<O> {
                 grad_out.len(),
             )?;
             crate::grad::check_finite("gradient", grad_out)?;
-            check_max_weights(bags, pooling)?;
-            validate_ids(bags.ids(), self.rows())?;
-            check_coefficients(bags, pooling)?;
-            check_batch(bags.ids().len(), layout.world())?;
-            Ok(if pooling == Pooling::Max {
-                Err(Plan::new(&layout, bags.ids()))
-            } else {
-                Ok(SubBags::new(&layout, bags, &coefficients(bags, pooling)))
-            })
+            checked_split(&layout, self.rows(), bags, pooling, pooling == Pooling::Max)
         })();
-        let (split_bags, header) = split(local, |split| match split {
-            Err(plan) => Outgoing::counts(plan.counts.clone()),
-            Ok(sub) => sub.header(dim, me),
-        });
+        let (split_bags, header) = split(local, |split| bags_header(split, dim, me));
         let incoming = begin(&self.comm, Call::BackwardPooled(pooling), header)?;
         let sub = match split_bags.expect("every rank agreed that its split exists") {
             Err(plan) => {
