@@ -339,14 +339,16 @@ pub struct Batch {
     len: usize,
     /// Lines of a text source, one after the other (newlines included).
     text: String,
-    /// Line `i` is `text[ends[i]..ends[i + 1]]`.
+    /// Line `i` is `text[ends[i]..ends[i + 1]]`; for sentences of ids,
+    /// `ends[i]` counts the words before sentence `i` (for [`Batch::shard`]).
     ends: Vec<usize>,
 }
 
 impl Batch {
     /// The sentences of shard `k` of `shards`: consecutive runs of about
-    /// equal size (in bytes for text, in sentences otherwise), the same for
-    /// any thread count.
+    /// equal size (in bytes for text, in words for ids, in sentences for a
+    /// generated corpus), the same for any thread count. Every shard waits
+    /// for the slowest, so sizes closer to the work balance the threads.
     pub fn shard(&self, k: usize, shards: usize) -> std::ops::Range<usize> {
         let start = |k: usize| {
             if k >= shards {
@@ -381,7 +383,17 @@ impl Reader<'_> {
         batch.ends.push(0);
         let left = self.corpus.sentences - self.next;
         batch.len = match &mut self.lines {
-            None => left.min(n as u64) as usize,
+            None => {
+                let len = left.min(n as u64) as usize;
+                if let Source::Ids(sentences) = &self.corpus.source {
+                    let mut words = 0;
+                    for s in &sentences[self.next as usize..][..len] {
+                        words += s.len();
+                        batch.ends.push(words);
+                    }
+                }
+                len
+            }
             Some(lines) => {
                 let mut len = 0;
                 while len < n {
@@ -560,6 +572,25 @@ mod tests {
             .max()
             .unwrap();
         assert!(top * 2 >= topics.len(), "{topics:?}");
+    }
+
+    /// Shards of sentences of ids hold about equal numbers of words, and
+    /// together every sentence once.
+    #[test]
+    fn shards_of_ids_split_by_words() {
+        let words: Vec<String> = ["a", "b"].map(String::from).into();
+        let long = vec![0u32; 12];
+        let sentences = [vec![long], vec![vec![1u32, 0]; 6]].concat();
+        let c = Corpus::from_sentences(&words, &sentences, 1);
+        let mut reader = c.reader().unwrap();
+        let mut batch = Batch::default();
+        assert!(reader.fill(&mut batch, 7).unwrap());
+        // 24 words: the long sentence alone is half of them.
+        assert_eq!(batch.shard(0, 2), 0..1);
+        assert_eq!(batch.shard(1, 2), 1..7);
+        let thirds: Vec<_> = (0..3).map(|k| batch.shard(k, 3)).collect();
+        // A shard starts at the first sentence at or past its share of words.
+        assert_eq!(thirds, [0..1, 1..3, 3..7]);
     }
 
     #[test]

@@ -95,9 +95,13 @@ struct Args {
     /// Passes over the corpus.
     #[arg(long, default_value_t = 5)]
     epochs: u64,
-    /// Sentences per step.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Sentences per step [default: 256 with Adagrad, 64 with SGD]. Threads
+    /// meet once or twice a step, so larger steps waste less of a second
+    /// thread; SGD puts all of a step's gradient of a word into one update,
+    /// so frequent words take larger steps, which diverge sooner (at 512 on
+    /// the generated corpus).
+    #[arg(long)]
+    batch: Option<usize>,
     /// The optimizer of both tables.
     #[arg(long, value_enum, default_value_t = Optimizer::Adagrad)]
     optimizer: Optimizer,
@@ -284,6 +288,10 @@ fn train<O: SparseOptimizer + Send>(
 ) -> Result<(), Box<dyn Error>> {
     let queries = query_words(args, corpus)?;
     let threads = rayon::current_num_threads();
+    let batch = args.batch.unwrap_or(match args.optimizer {
+        Optimizer::Adagrad => 256,
+        Optimizer::Sgd => 64,
+    });
     let cfg = SgnsConfig {
         dim: args.dim,
         window: args.window,
@@ -308,13 +316,13 @@ fn train<O: SparseOptimizer + Send>(
             cfg.window,
             cfg.negatives,
             cfg.subsample,
-            args.batch
+            batch
         );
         let bench = BenchConfig {
             threads: args.bench_threads.clone(),
             rounds: args.bench_rounds,
             shards: args.shards,
-            batch: args.batch,
+            batch,
             decay,
             classic_lr: 0.025,
             seed: args.seed,
@@ -329,7 +337,7 @@ fn train<O: SparseOptimizer + Send>(
         cfg.window,
         cfg.negatives,
         cfg.subsample,
-        args.batch,
+        batch,
         if cfg.shards == 1 {
             "1 shard".to_owned()
         } else {
@@ -359,7 +367,7 @@ fn train<O: SparseOptimizer + Send>(
         let result = model.train_epoch(
             corpus,
             epoch,
-            args.batch,
+            batch,
             args.seed,
             (decay, total.words, all_words),
             |s| {

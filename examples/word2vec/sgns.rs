@@ -23,16 +23,16 @@
 //! copies), computes the `1 + K` dot products and adds the gradients into
 //! the shard's [`Accumulator`]s, one per table: one gradient row per
 //! distinct word, so a shard's memory is bounded by the vocabulary and the
-//! batch's pairs and per-pair gradients are never stored. Then each table
-//! takes one fused optimizer step ([`SparseOptimizer::step_lookup`]) with
-//! the shards' rows as the ids and their gradient rows as the lookup's
-//! gradient: the optimizer sums a word's rows from different shards and
-//! updates it once.
+//! batch's pairs and per-pair gradients are never stored. Then the later
+//! shards' rows are added into the first shard's (in parallel, row by row),
+//! and each table takes one fused optimizer step
+//! ([`SparseOptimizer::step_lookup`]) with those rows as the ids and their
+//! gradient rows as the lookup's gradient: one row per distinct word.
 //!
 //! Every random draw of a sentence comes from a stream derived from
-//! `(seed, epoch, sentence)`, and the shards' rows are handed over in shard
-//! order, so the vectors depend on the number of shards, never on the
-//! number of threads that run them.
+//! `(seed, epoch, sentence)`, and a word's rows are added in shard order,
+//! so the vectors depend on the number of shards, never on the number of
+//! threads that run them.
 
 use embtable::kernels::{self, Kernel, Simd};
 use embtable::{EmbeddingTable, Init, Result, SparseOptimizer};
@@ -105,16 +105,6 @@ pub struct Sgns<O> {
     keep: Keep,
     logistic: Logistic,
     shards: Vec<Shard>,
-    /// Per table, the shards' ids and gradient rows one after the other
-    /// (with more than one shard).
-    merged: [Merged; 2],
-}
-
-/// Several shards' rows, placed one after the other.
-#[derive(Clone, Debug, Default)]
-struct Merged {
-    ids: Vec<u32>,
-    grads: Vec<f32>,
 }
 
 /// What training did.
@@ -180,7 +170,44 @@ impl Accumulator {
         self.grads.resize(self.grads.len() + dim, 0.0);
         slot
     }
+
+    /// Adds the rows of the later shards `rest` into this one, shard after
+    /// shard: a word new to this shard gets a row after the existing ones,
+    /// in order of first appearance. Every row is then summed from its own
+    /// shards in shard order, so the sums depend on the shards alone; the
+    /// rows are split across threads.
+    fn absorb(&mut self, rest: &[&Accumulator], dim: usize) {
+        if rest.is_empty() {
+            return;
+        }
+        for part in rest {
+            for &word in &part.rows {
+                self.slot(word, dim);
+            }
+        }
+        let rows = &self.rows;
+        self.grads
+            .par_chunks_mut(ABSORB_ROWS * dim)
+            .enumerate()
+            .for_each(|(chunk, grads)| {
+                let words = &rows[chunk * ABSORB_ROWS..];
+                for (&word, sum) in words.iter().zip(grads.chunks_exact_mut(dim)) {
+                    for part in rest {
+                        let slot = part.slot_of[word as usize];
+                        if slot != NONE {
+                            let row = &part.grads[slot as usize * dim..][..dim];
+                            for (s, g) in sum.iter_mut().zip(row) {
+                                *s += g;
+                            }
+                        }
+                    }
+                }
+            });
+    }
 }
+
+/// Rows per task of [`Accumulator::absorb`]: 16 KiB of a 64-float gradient.
+const ABSORB_ROWS: usize = 64;
 
 /// A worker's state, kept from step to step.
 #[derive(Clone, Debug, Default)]
@@ -249,7 +276,6 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             keep: Keep::new(&corpus.counts, cfg.subsample),
             logistic: Logistic::new(),
             shards: vec![Shard::default(); cfg.shards.max(1)],
-            merged: Default::default(),
         })
     }
 
@@ -303,7 +329,6 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             keep,
             logistic,
             shards,
-            merged: [in_merged, out_merged],
         } = self;
         let shared = Shared {
             corpus,
@@ -338,48 +363,26 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         for s in shards.iter() {
             stats += s.stats;
         }
-        // The two tables' steps are independent: one fork for both.
-        let in_parts: Vec<&Accumulator> = shards.iter().map(|s| &s.input).collect();
-        let out_parts: Vec<&Accumulator> = shards.iter().map(|s| &s.output).collect();
+        // The later shards' rows are added into the first shard's, so each
+        // table steps once with one row per word. The two tables' steps are
+        // independent: one fork for both.
+        let (first, rest) = shards.split_first_mut().expect("at least one shard");
+        let in_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.input).collect();
+        let out_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.output).collect();
+        let dim = cfg.dim;
         let (a, b) = rayon::join(
-            || apply(input, in_opt, &in_parts, in_merged),
-            || apply(output, out_opt, &out_parts, out_merged),
+            || {
+                first.input.absorb(&in_rest, dim);
+                in_opt.step_lookup(input, &first.input.rows, &first.input.grads)
+            },
+            || {
+                first.output.absorb(&out_rest, dim);
+                out_opt.step_lookup(output, &first.output.rows, &first.output.grads)
+            },
         );
         a.and(b)?;
         Ok(stats)
     }
-}
-
-/// One optimizer step on `table` with the shards' gradients `parts`, summed
-/// per row in shard order by the optimizer. One shard's rows are handed
-/// over as they lie; several are first placed one after the other (in
-/// parallel), since `step_lookup` takes one gradient slice.
-fn apply<O: SparseOptimizer>(
-    table: &mut EmbeddingTable,
-    opt: &mut O,
-    parts: &[&Accumulator],
-    merged: &mut Merged,
-) -> Result<()> {
-    if let [one] = parts {
-        return opt.step_lookup(table, &one.rows, &one.grads);
-    }
-    let Merged { ids, grads } = merged;
-    ids.clear();
-    for p in parts {
-        ids.extend_from_slice(&p.rows);
-    }
-    // Only a longer batch than any before fills new floats with zeros.
-    grads.resize(ids.len() * table.dim(), 0.0);
-    let mut jobs = Vec::with_capacity(parts.len());
-    let mut rest = &mut grads[..];
-    for p in parts {
-        let (dst, tail) = rest.split_at_mut(p.grads.len());
-        jobs.push((dst, &p.grads[..]));
-        rest = tail;
-    }
-    jobs.into_par_iter()
-        .for_each(|(dst, src)| dst.copy_from_slice(src));
-    opt.step_lookup(table, ids, grads)
 }
 
 /// A shard's work on `sentences` of the batch, compiled for each kernel tier.
