@@ -7,7 +7,9 @@
 //! (a W5 loop applies each position's gradient row as it comes), software
 //! prefetch of upcoming rows and, for outputs larger than the cache,
 //! non-temporal stores. With AVX-512F they use 16-lane vectors; elsewhere
-//! plain loops the compiler vectorises. Several threads split the work as
+//! plain loops the compiler vectorises, except the pooled loop, which with
+//! AVX2 (and no AVX-512F) keeps a block of up to 16 `ymm` accumulators per
+//! bag, as FBGEMM's AVX2 kernel does. Several threads split the work as
 //! embtable does: gathers and bags by position, updates by row (a row's
 //! positions all go to one thread, so no row is written by two).
 
@@ -18,6 +20,23 @@ use rayon::prelude::*;
 const AHEAD: usize = 8;
 /// Positions per parallel task.
 const TASK: usize = 2048;
+
+/// Rows prefetched ahead by the AVX2 pooled loop: 8 KiB of 128-float rows,
+/// as embtable's kernels (on the 2-core Zen 3, 10 to 24 rows ran within
+/// noise of each other, 6 and 40 slower).
+const POOL_AHEAD: usize = 16;
+
+/// Whether the AVX2 (with FMA) loops can run here.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Whether the AVX-512F loops can run here.
 fn avx512() -> bool {
@@ -125,6 +144,14 @@ pub fn bag_sum(
         .enumerate()
         .for_each(|(t, (out, ids))| {
             let first = t * bags_per_task * bag;
+            #[cfg(target_arch = "x86_64")]
+            if avx2() && !avx512() {
+                let weights = weights.map(|w| &w[first..first + ids.len()]);
+                // SAFETY: AVX2 and FMA were detected; every id's row lies
+                // in the table (checked above); `dim` is a multiple of 16
+                // and every bag has its `dim` floats of `out`.
+                return unsafe { x86::bags_avx2(table, ids, bag, weights, scale, out) };
+            }
             let mut acc = [0.0f32; 512];
             for (b, out) in out.chunks_exact_mut(dim).enumerate() {
                 let acc = &mut acc[..dim];
@@ -274,10 +301,104 @@ fn two_states(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
     }
 }
 
-/// The same loops in 16-lane AVX-512 vectors (lengths are multiples of 16).
+/// The same loops in 16-lane AVX-512 vectors (lengths are multiples of 16),
+/// and the pooled loop in AVX2.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::{POOL_AHEAD, Rows};
+
+    /// Bags of `bag` ids, each reduced to its `dim` floats of `out`: a
+    /// block of columns at a time in `ymm` registers, 16 of them for a
+    /// plain sum (a whole 128-float row: one walk over the bag), 8 when
+    /// each row is multiplied by its weight (the weight takes a register),
+    /// then times `scale`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; every id's row lies in `table`;
+    /// `table.dim` is a multiple of 16; `out` holds `ids.len() / bag` rows
+    /// of `dim`; `weights`, if any, holds one weight per id.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bags_avx2(
+        table: Rows<'_>,
+        ids: &[i64],
+        bag: usize,
+        weights: Option<&[f32]>,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let dim = table.dim;
+        let base = table.values.as_ptr();
+        let row = |i: usize| base.wrapping_add(ids[i] as usize * table.stride);
+        for i in 0..POOL_AHEAD.min(ids.len()) {
+            table.prefetch(ids[i]);
+        }
+        for (b, out) in out.chunks_exact_mut(dim).enumerate() {
+            let bag = b * bag..(b + 1) * bag;
+            let mut col = 0;
+            while col < dim {
+                let first = col == 0;
+                let args = (bag.clone(), col, first);
+                // SAFETY: as this function's contract; blocks stay below `dim`.
+                col += unsafe {
+                    match ((dim - col) / 8, weights) {
+                        (16.., None) => block::<16>(table, ids, &row, None, scale, out, args),
+                        (8.., w) => block::<8>(table, ids, &row, w, scale, out, args),
+                        (4.., w) => block::<4>(table, ids, &row, w, scale, out, args),
+                        (_, w) => block::<2>(table, ids, &row, w, scale, out, args),
+                    }
+                };
+            }
+        }
+    }
+
+    /// Columns `col..col + 8 * V` of one bag; returns how many.
+    ///
+    /// # Safety
+    /// As [`bags_avx2`], and `col + 8 * V <= dim`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block<const V: usize>(
+        table: Rows<'_>,
+        ids: &[i64],
+        row: &impl Fn(usize) -> *const f32,
+        weights: Option<&[f32]>,
+        scale: f32,
+        out: &mut [f32],
+        (bag, col, prefetch): (std::ops::Range<usize>, usize, bool),
+    ) -> usize {
+        let mut acc = [_mm256_setzero_ps(); V];
+        for i in bag {
+            if prefetch && let Some(&ahead) = ids.get(i + POOL_AHEAD) {
+                table.prefetch(ahead);
+            }
+            let r = row(i).wrapping_add(col);
+            // SAFETY: `col + 8 * V <= dim` floats of a row in the table.
+            unsafe {
+                match weights {
+                    None => {
+                        for (v, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(r.add(8 * v)));
+                        }
+                    }
+                    Some(w) => {
+                        let w = _mm256_set1_ps(w[i]);
+                        for (v, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * v)), *acc);
+                        }
+                    }
+                }
+            }
+        }
+        let scale = _mm256_set1_ps(scale);
+        for (v, acc) in acc.into_iter().enumerate() {
+            let dst = &mut out[col + 8 * v..col + 8 * v + 8];
+            // SAFETY: `dst` holds 8 floats.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_mul_ps(acc, scale)) };
+        }
+        8 * V
+    }
 
     /// # Safety
     /// AVX-512F is available; `dst` is 64-byte aligned when `stream`.
