@@ -331,8 +331,8 @@ mod x86 {
         let dim = table.dim;
         let base = table.values.as_ptr();
         let row = |i: usize| base.wrapping_add(ids[i] as usize * table.stride);
-        for i in 0..POOL_AHEAD.min(ids.len()) {
-            table.prefetch(ids[i]);
+        for &id in ids.iter().take(POOL_AHEAD) {
+            table.prefetch(id);
         }
         for (b, out) in out.chunks_exact_mut(dim).enumerate() {
             let bag = b * bag..(b + 1) * bag;
