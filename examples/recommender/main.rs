@@ -27,6 +27,7 @@ mod csv;
 mod data;
 mod date;
 mod dense;
+mod hashed;
 mod metrics;
 mod model;
 mod rng;
@@ -41,8 +42,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use embtable::dynamic::Capacity;
 use embtable::{
-    Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
+    Adagrad, AdagradConfig, Embedding, EpsPlacement, RmsProp, RmsPropConfig, RowWiseAdagrad,
     RowWiseAdagradConfig, Sgd, SgdConfig, SparseOptimizer,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,8 +52,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::Checkpoint;
 use crate::csv::{Columns, CsvOptions, FileInfo, Header};
 use crate::data::{Dataset, GenConfig, Split};
+use crate::hashed::Hashed;
 use crate::metrics::Metrics;
-use crate::model::{BatchStats, Loss, Model, ModelConfig, Phases};
+use crate::model::{BatchStats, Loss, Model, ModelConfig, Phases, Tower};
 use crate::rng::Rng;
 use crate::stopping::EarlyStop;
 
@@ -157,6 +160,15 @@ struct Args {
     /// settings, on the same data, up to --epochs.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
+    /// Dynamic tables keyed by 64-bit hashes of the user and item ids:
+    /// no table is sized by the data, rows are created as ids arrive
+    /// (embtable::dynamic). Not with --save / --resume.
+    #[arg(long)]
+    dynamic: bool,
+    /// With --dynamic: each table keeps at most this many ids, evicting
+    /// the least recently used [default: unbounded].
+    #[arg(long, value_name = "ROWS")]
+    capacity: Option<usize>,
 }
 
 /// The `--loss` choices.
@@ -359,8 +371,8 @@ impl Settings {
 /// # Errors
 /// From the layers (a summed gradient that overflowed, say), and when the
 /// loss stops being finite: the learning rate is too high.
-pub fn train_epoch<O: SparseOptimizer + Send>(
-    model: &mut Model<O>,
+pub fn train_epoch<L: Tower>(
+    model: &mut Model<L>,
     data: &Dataset,
     owner: &[u32],
     run: &RunConfig,
@@ -397,8 +409,8 @@ pub fn train_epoch<O: SparseOptimizer + Send>(
 
 /// Recall@10 and NDCG@10 of `model` on the held-out items of `split` of
 /// `users`.
-pub fn evaluate_model<O: SparseOptimizer + Send + Sync>(
-    model: &Model<O>,
+pub fn evaluate_model<L: Tower>(
+    model: &Model<L>,
     data: &Dataset,
     users: &[usize],
     split: Split,
@@ -462,18 +474,18 @@ pub struct EpochReport {
 
 /// Where training is: the model, the early-stopping state and the tables of
 /// the best validation epoch.
-pub struct Fit<O> {
+pub struct Fit<L: Tower> {
     /// The model as the last epoch left it.
-    pub model: Model<O>,
+    pub model: Model<L>,
     /// Epochs trained so far.
     pub epoch: u64,
     /// Early stopping.
     pub stop: EarlyStop,
     /// Item and user tables of `stop.best_epoch`.
-    pub best_tables: Option<[EmbeddingTable; 2]>,
+    pub best_tables: Option<[L::Snapshot; 2]>,
 }
 
-impl<O: SparseOptimizer + Send + Sync> Fit<O> {
+impl<L: Tower> Fit<L> {
     /// Trains epoch after epoch until `run.epochs` or early stopping,
     /// scoring the validation items of `eval_users` after each epoch;
     /// `progress` sees every batch and `after_epoch` every epoch (and may
@@ -502,10 +514,7 @@ impl<O: SparseOptimizer + Send + Sync> Fit<O> {
             let valid = evaluate_model(&self.model, data, eval_users, Split::Validation);
             let improved = self.stop.observe(self.epoch, valid.ndcg);
             if improved {
-                self.best_tables = Some([
-                    self.model.items.table().clone(),
-                    self.model.users.table().clone(),
-                ]);
+                self.best_tables = Some([self.model.items.snapshot(), self.model.users.snapshot()]);
             }
             let report = EpochReport {
                 epoch: self.epoch,
@@ -522,11 +531,11 @@ impl<O: SparseOptimizer + Send + Sync> Fit<O> {
 
     /// The model to report: with early stopping, the one of the best
     /// validation epoch; else the last.
-    pub fn into_final_model(self) -> Model<O> {
+    pub fn into_final_model(self) -> Model<L> {
         let mut model = self.model;
         if let Some([items, users]) = self.best_tables.filter(|_| self.stop.keeps_best()) {
-            *model.items.table_mut() = items;
-            *model.users.table_mut() = users;
+            model.items.restore(items);
+            model.users.restore(users);
         }
         model
     }
@@ -581,6 +590,12 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             .build_global()?;
     }
     let started = Instant::now();
+    if args.dynamic && (args.save.is_some() || args.resume.is_some()) {
+        return Err("--save and --resume are not available with --dynamic".into());
+    }
+    if args.capacity.is_some() && !args.dynamic {
+        return Err("--capacity applies to --dynamic only".into());
+    }
 
     // Settings, from the options or the checkpoint being resumed.
     let resumed = match &args.resume {
@@ -717,13 +732,13 @@ fn sgd(lr: f32) -> Sgd {
 ///
 /// # Errors
 /// If the checkpoint was trained on other data, or a state does not load.
-fn restore<O: SparseOptimizer + Send>(
+fn restore<O: SparseOptimizer + Clone + Send + Sync>(
     ckpt: Checkpoint,
     data: &Dataset,
     cfg: ModelConfig,
     patience: u64,
     make: impl Fn() -> O,
-) -> Result<Fit<O>, Box<dyn Error>> {
+) -> Result<Fit<Embedding<O>>, Box<dyn Error>> {
     if ckpt.data_fingerprint != data.fingerprint() {
         return Err("the checkpoint was trained on other data (or another --seed)".into());
     }
@@ -757,37 +772,70 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn train<O: SparseOptimizer + Send + Sync>(
-        self,
+    /// Builds the model (the fixed tables, resumed from a checkpoint if
+    /// asked, or `--dynamic` ones) and trains it.
+    fn train<O: SparseOptimizer + Clone + Send + Sync>(
+        mut self,
         make: impl Fn() -> O,
+    ) -> Result<(), Box<dyn Error>> {
+        let settings = self.settings;
+        let run = &settings.run;
+        if self.args.dynamic {
+            let capacity = self
+                .args
+                .capacity
+                .map_or(Capacity::Unbounded, Capacity::Rows);
+            let model = Model::new_dynamic(self.data, run.model, &make, run.seed, capacity)?;
+            let fit = Fit {
+                model,
+                epoch: 0,
+                stop: EarlyStop::new(self.args.patience),
+                best_tables: None,
+            };
+            return self.fit_and_report(fit, |_: &Path, _: &Fit<Hashed<O>>| {
+                Err("--save is not available with --dynamic".into())
+            });
+        }
+        let fit = match self.resumed.take() {
+            Some(c) => {
+                let fit = restore(c, self.data, run.model, self.args.patience, &make)?;
+                println!(
+                    "resumed from {} after epoch {}",
+                    self.args.resume.as_ref().expect("resumed").display(),
+                    fit.epoch
+                );
+                fit
+            }
+            None => Fit {
+                model: Model::new(self.data, run.model, &make, run.seed)?,
+                epoch: 0,
+                stop: EarlyStop::new(self.args.patience),
+                best_tables: None,
+            },
+        };
+        let fingerprint = self.data.fingerprint();
+        self.fit_and_report(fit, |path: &Path, fit: &Fit<Embedding<O>>| {
+            save(path, fit, settings, fingerprint)
+        })
+    }
+
+    /// Trains `fit` epoch after epoch with the progress and the reports,
+    /// `save` writing the checkpoint of `--save` after each epoch, then
+    /// scores the test items.
+    fn fit_and_report<L: Tower>(
+        self,
+        mut fit: Fit<L>,
+        save: impl Fn(&Path, &Fit<L>) -> Result<(), Box<dyn Error>>,
     ) -> Result<(), Box<dyn Error>> {
         let Context {
             args,
             data,
             eval_users,
             settings,
-            resumed,
             started,
+            ..
         } = self;
         let (run, opt, lr) = (&settings.run, settings.opt, settings.lr);
-        let fingerprint = data.fingerprint();
-        let mut fit = match resumed {
-            Some(c) => {
-                let fit = restore(c, data, run.model, args.patience, &make)?;
-                println!(
-                    "resumed from {} after epoch {}",
-                    args.resume.as_ref().expect("resumed").display(),
-                    fit.epoch
-                );
-                fit
-            }
-            None => Fit {
-                model: Model::new(data, run.model, &make, run.seed)?,
-                epoch: 0,
-                stop: EarlyStop::new(args.patience),
-                best_tables: None,
-            },
-        };
 
         let popular = evaluate_popular(data, eval_users, Split::Validation);
         println!(
@@ -806,6 +854,15 @@ impl Context<'_> {
             run.batch,
             plural(rayon::current_num_threads(), "thread")
         );
+        if args.dynamic {
+            println!(
+                "tables: dynamic, keyed by 64-bit hashes of the ids, no vocabulary{}",
+                args.capacity.map_or(String::new(), |c| format!(
+                    ", at most {} each (LRU)",
+                    plural(thousands(c), "id")
+                ))
+            );
+        }
         println!(
             "most-popular on the validation items of {}: recall@{K} {:.4}  NDCG@{K} {:.4}",
             plural(thousands(popular.users), "user"),
@@ -879,7 +936,7 @@ impl Context<'_> {
                     if r.improved { " *" } else { "" },
                 );
                 if let Some(path) = &args.save {
-                    save(path, fit, settings, fingerprint)?;
+                    save(path, fit)?;
                 }
                 Ok(())
             },
@@ -902,6 +959,11 @@ impl Context<'_> {
             );
         }
         let model = fit.into_final_model();
+        for (name, tower) in [("items", &model.items), ("users", &model.users)] {
+            if let Some(summary) = tower.summary() {
+                println!("{name} table: {summary}");
+            }
+        }
 
         // The test items of every user, scored once.
         let test_users = data.eval_users(Split::Test);
@@ -953,9 +1015,9 @@ fn plural(n: impl std::fmt::Display, what: &str) -> String {
 }
 
 /// Writes a checkpoint of `fit` (see [`checkpoint`]).
-fn save<O: SparseOptimizer>(
+fn save<O: SparseOptimizer + Clone + Send + Sync>(
     path: &Path,
-    fit: &Fit<O>,
+    fit: &Fit<Embedding<O>>,
     settings: &Settings,
     data_fingerprint: u64,
 ) -> Result<(), Box<dyn Error>> {
@@ -992,12 +1054,12 @@ mod tests {
     }
 
     /// A fit of `epochs` epochs at most on the tiny data.
-    fn fit<O: SparseOptimizer + Send + Sync>(
+    fn fit<O: SparseOptimizer + Clone + Send + Sync>(
         data: &Dataset,
         run: &RunConfig,
         patience: u64,
         make: impl Fn() -> O,
-    ) -> Fit<O> {
+    ) -> Fit<Embedding<O>> {
         Fit {
             model: Model::new(data, run.model, make, run.seed).unwrap(),
             epoch: 0,
@@ -1027,6 +1089,45 @@ mod tests {
         assert!(m.recall > 5.0 * random, "{m:?} vs random {random}");
         assert!(m.recall > popular.recall, "{m:?} vs {popular:?}");
         assert!(m.ndcg > 0.0 && m.ndcg <= m.recall);
+    }
+
+    /// `--dynamic`: tables keyed by hashed ids, sized by nothing, learn as
+    /// well as the fixed ones (the same data, settings and seed; only the
+    /// rows' initial draws differ, being drawn from the hashes), and hold
+    /// a row per id met; with a capacity they hold no more.
+    #[test]
+    fn dynamic_tables_learn_like_fixed_ones() {
+        let (data, run) = tiny_run();
+        let users = data.eval_users(Split::Test);
+        fn train<L: Tower>(model: &mut Model<L>, data: &Dataset, run: &RunConfig) {
+            let owner = data.owners();
+            for epoch in 0..run.epochs {
+                train_epoch(model, data, &owner, run, epoch, |_| {}).unwrap();
+            }
+        }
+        let mut fixed = Model::new(&data, run.model, || adagrad(0.1), run.seed).unwrap();
+        train(&mut fixed, &data, &run);
+        let fixed = evaluate_model(&fixed, &data, &users, Split::Test);
+        let unbounded = Capacity::Unbounded;
+        let mut dynamic =
+            Model::new_dynamic(&data, run.model, || adagrad(0.1), run.seed, unbounded).unwrap();
+        train(&mut dynamic, &data, &run);
+        let m = evaluate_model(&dynamic, &data, &users, Split::Test);
+        let popular = evaluate_popular(&data, &users, Split::Test);
+        assert!(m.recall > popular.recall, "{m:?} vs {popular:?}");
+        assert!(
+            (0.8..1.25).contains(&(m.recall / fixed.recall)),
+            "dynamic {m:?} vs fixed {fixed:?}"
+        );
+        // Items get a row as positives, history or sampled negatives.
+        let seen: std::collections::HashSet<u32> = data.train_items.iter().copied().collect();
+        assert!((seen.len()..=data.items).contains(&dynamic.items.table().len()));
+        let cap = Capacity::Rows(100);
+        let mut small =
+            Model::new_dynamic(&data, run.model, || adagrad(0.1), run.seed, cap).unwrap();
+        train(&mut small, &data, &run);
+        assert_eq!(small.items.table().len(), 100);
+        assert!(small.items.table().stats().evicted > 0);
     }
 
     /// Early stopping ends training `patience` epochs after the best
@@ -1083,11 +1184,11 @@ mod tests {
         assert_eq!(all.into_final_model().items.table(), &last);
     }
 
-    fn fit_with_patience_zero<O: SparseOptimizer + Send + Sync>(
+    fn fit_with_patience_zero<O: SparseOptimizer + Clone + Send + Sync>(
         data: &Dataset,
         run: &RunConfig,
         make: impl Fn() -> O,
-    ) -> Fit<O> {
+    ) -> Fit<Embedding<O>> {
         let users = data.eval_users(Split::Validation);
         let mut f = fit(data, run, 0, make);
         f.run(data, run, &users, |_, _| {}, |_, _| Ok(())).unwrap();

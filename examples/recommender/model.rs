@@ -40,7 +40,8 @@
 //! built from the last `L` training items.
 
 use embtable::{
-    Bags, Embedding, EmbeddingOptions, EmbeddingTable, Init, Pooling, Result, SparseOptimizer,
+    Bags, Embedding, EmbeddingLayer, EmbeddingOptions, EmbeddingTable, Init, Pooling, Result,
+    SparseOptimizer,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -106,14 +107,62 @@ impl Default for ModelConfig {
     }
 }
 
+/// What the model needs of its two embedding layers: embtable's
+/// [`EmbeddingLayer`] calls to train, read-only lookups by id to evaluate,
+/// and a copy of the weights to keep the best epoch's. Implemented by the
+/// fixed [`Embedding`] (an id is a row) and by the recommender's `Hashed`
+/// (an id is hashed to a key of a dynamic table, which has no vocabulary).
+pub trait Tower: EmbeddingLayer + Clone + Send + Sync {
+    /// What [`snapshot`](Self::snapshot) keeps.
+    type Snapshot: Clone + Send + Sync;
+    /// The rows of `ids` into `out` (`ids.len() × dim`), changing nothing.
+    fn read(&self, ids: &[u32], out: &mut [f32]);
+    /// The mean of each bag's rows (`bags.len() × dim`), changing nothing.
+    fn read_mean(&self, bags: &Bags<'_, u32>) -> Vec<f32>;
+    /// The weights as they are now.
+    fn snapshot(&self) -> Self::Snapshot;
+    /// Puts back weights from [`snapshot`](Self::snapshot), to evaluate
+    /// them (training need not go on from there).
+    fn restore(&mut self, snapshot: Self::Snapshot);
+    /// A line about the table worth printing, if any.
+    fn summary(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<O: SparseOptimizer + Clone + Send + Sync> Tower for Embedding<O> {
+    type Snapshot = EmbeddingTable;
+
+    fn read(&self, ids: &[u32], out: &mut [f32]) {
+        self.table()
+            .lookup(ids, out)
+            .expect("ids come from the data set, which sized the table");
+    }
+
+    fn read_mean(&self, bags: &Bags<'_, u32>) -> Vec<f32> {
+        self.table()
+            .pooled_lookup_vec(bags, Pooling::Mean)
+            .expect("ids come from the data set, which sized the table")
+    }
+
+    fn snapshot(&self) -> EmbeddingTable {
+        self.table().clone()
+    }
+
+    fn restore(&mut self, table: EmbeddingTable) {
+        *self.table_mut() = table;
+    }
+}
+
 /// The model: an item table shared by the history and the candidates, and
-/// a user-id table, each in an [`Embedding`] layer with its own optimizer.
+/// a user-id table, each in an embedding layer (a [`Tower`]) with its own
+/// optimizer.
 #[derive(Clone, Debug)]
-pub struct Model<O> {
-    /// Item embeddings `E` (`items × dim`).
-    pub items: Embedding<O>,
-    /// User-id embeddings `U` (`users × dim`).
-    pub users: Embedding<O>,
+pub struct Model<L> {
+    /// Item embeddings `E` (a row per item).
+    pub items: L,
+    /// User-id embeddings `U` (a row per user).
+    pub users: L,
     /// Settings.
     pub cfg: ModelConfig,
     negatives: Negatives,
@@ -520,7 +569,19 @@ impl StepRows {
     }
 }
 
-impl<O: SparseOptimizer + Send> Model<O> {
+/// The initialiser of the user table: normal, or zeros.
+pub fn user_init(cfg: &ModelConfig) -> Init {
+    if cfg.user_init_std > 0.0 {
+        Init::Normal {
+            mean: 0.0,
+            std: cfg.user_init_std,
+        }
+    } else {
+        Init::Zeros
+    }
+}
+
+impl<O: SparseOptimizer + Clone + Send + Sync> Model<Embedding<O>> {
     /// A model for `data` with freshly initialised tables; `make_optimizer`
     /// gives each table its own optimizer.
     ///
@@ -537,15 +598,7 @@ impl<O: SparseOptimizer + Send> Model<O> {
             std: cfg.init_std,
         };
         let items = EmbeddingTable::new(data.items, cfg.dim, init, seed)?;
-        let user_init = if cfg.user_init_std > 0.0 {
-            Init::Normal {
-                mean: 0.0,
-                std: cfg.user_init_std,
-            }
-        } else {
-            Init::Zeros
-        };
-        let users = EmbeddingTable::new(data.users, cfg.dim, user_init, seed ^ 0x5eed)?;
+        let users = EmbeddingTable::new(data.users, cfg.dim, user_init(&cfg), seed ^ 0x5eed)?;
         Self::from_parts(data, items, make_optimizer(), users, make_optimizer(), cfg)
     }
 
@@ -565,14 +618,26 @@ impl<O: SparseOptimizer + Send> Model<O> {
             max_norm: cfg.max_norm,
             ..EmbeddingOptions::default()
         };
-        Ok(Model {
-            items: Embedding::with_options(items, items_optimizer, options)?,
-            users: Embedding::with_options(users, users_optimizer, options)?,
+        Ok(Model::from_layers(
+            data,
+            Embedding::with_options(items, items_optimizer, options)?,
+            Embedding::with_options(users, users_optimizer, options)?,
+            cfg,
+        ))
+    }
+}
+
+impl<L: Tower> Model<L> {
+    /// A model for `data` over two layers.
+    pub fn from_layers(data: &Dataset, items: L, users: L, cfg: ModelConfig) -> Self {
+        Model {
+            items,
+            users,
             cfg,
             negatives: Negatives::new(data, cfg.negative_power),
             ids: StepIds::default(),
             rows: StepRows::default(),
-        })
+        }
     }
 
     /// One step on the training examples `batch` (indices into
@@ -638,33 +703,24 @@ impl<O: SparseOptimizer + Send> Model<O> {
         }
         let weights = (self.cfg.recency != 1.0).then_some(weights.as_slice());
         let bags = Bags::new(&ids, &offsets, weights).expect("offsets and weights are consistent");
-        let mut out = self
-            .items
-            .table()
-            .pooled_lookup_vec(&bags, Pooling::Mean)
-            .expect("history items are rows of the item table");
-        let d = self.cfg.dim;
-        for (v, &u) in out.chunks_exact_mut(d).zip(users) {
-            for (x, e) in v.iter_mut().zip(self.users.table().row(u)) {
-                *x += e;
-            }
+        let mut out = self.items.read_mean(&bags);
+        let user_ids: Vec<u32> = users.iter().map(|&u| u as u32).collect();
+        let mut user_rows = vec![0.0; users.len() * self.cfg.dim];
+        self.users.read(&user_ids, &mut user_rows);
+        for (x, e) in out.iter_mut().zip(&user_rows) {
+            *x += e;
         }
         out
     }
 
-    /// The item table transposed (`dim × items`), the right-hand side of
-    /// [`score_block`](Self::score_block).
+    /// The vectors of every item transposed (`dim × items`), the
+    /// right-hand side of [`score_block`](Self::score_block).
     pub fn items_transposed(&self) -> Vec<f32> {
-        let t = self.items.table();
-        let (n, d, stride) = (t.rows(), t.dim(), t.stride());
-        let rows = t.as_padded();
-        let mut out = vec![0.0; d * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(l, col)| {
-            for (i, x) in col.iter_mut().enumerate() {
-                *x = rows[i * stride + l];
-            }
-        });
-        out
+        let items = self.negatives.log_q.len(); // one per item of the data
+        let ids: Vec<u32> = (0..items as u32).collect();
+        let mut rows = vec![0.0; items * self.cfg.dim];
+        self.items.read(&ids, &mut rows);
+        transpose(&rows, items, self.cfg.dim)
     }
 
     /// Scores every item for each of `users` against their held-out items
@@ -736,7 +792,7 @@ mod tests {
         };
         let batch = [40u32, 41, 300];
         let model = Model::new(&data, cfg, sgd, 9).unwrap();
-        let loss_at = |m: &Model<Sgd>| {
+        let loss_at = |m: &Model<Embedding<Sgd>>| {
             let mut m = m.clone();
             m.train_batch(&data, &owner, &batch, &mut Rng::new(1))
                 .unwrap()

@@ -20,12 +20,19 @@ use std::collections::{BinaryHeap, VecDeque};
 use crate::{Error, Result};
 
 /// Which key gives up its row when the table is full.
+///
+/// A *use* of a key is a translating call that names it (a forward pass, a
+/// [`translate`](super::DynamicTable::translate)): calls are numbered, and
+/// within one call the keys that already had a row count as used first,
+/// in the order of their first position in the batch, then the keys the
+/// call admitted, in the same order. A key used in the current step is
+/// never evicted: its gradient may still be on its way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Eviction {
     /// The least recently used key (TensorFlow Recommenders-Addons'
     /// timestamp restriction, with uses counted in calls rather than
     /// seconds). Ties (keys last used in the same call) go in the order of
-    /// use described in the [module docs](self).
+    /// use above.
     #[default]
     Lru,
     /// The least frequently used key: the fewest positions naming it since
@@ -156,6 +163,15 @@ impl Order {
                 }
                 None
             }
+        }
+    }
+
+    /// The row of the LRU entry `ahead` places from the front (stale or
+    /// not), to prefetch what evicting it will touch.
+    pub(crate) fn upcoming(&self, ahead: usize) -> Option<u32> {
+        match self {
+            Order::Recency(queue) => queue.get(ahead).map(|&(_, row)| row),
+            Order::Frequency(..) => None,
         }
     }
 

@@ -51,7 +51,7 @@
 //! Row 0 of the storage is the *default row*: what a key without a row
 //! reads (zeros, or [`DynamicTable::set_default_row`]); it receives no
 //! gradient. A key's row is created when the key is admitted and filled by
-//! the table's [`Init`](crate::Init) from its seed and the key, so a key
+//! the table's [`Init`] from its seed and the key, so a key
 //! starts with the same values whatever the order of arrival, the batch
 //! it arrives in or the thread count (key `k` starts as row `k` of
 //! `EmbeddingTable::new(rows, dim, init, seed)`). Its optimizer state

@@ -33,6 +33,10 @@ const PROBE_AHEAD: usize = 16;
 /// Positions this far ahead have their row's bookkeeping prefetched.
 const META_AHEAD: usize = 16;
 
+/// Admissions this far ahead have their map slot (and their victim's
+/// bookkeeping and slot) prefetched.
+const ADMIT_AHEAD: usize = 8;
+
 /// Below this many ids, a batch is translated on the calling thread.
 const PARALLEL_MIN_IDS: usize = 1 << 12;
 
@@ -664,7 +668,20 @@ impl DynamicTable {
         } = &mut self.scratch;
         fresh.clear();
         evicted.clear();
-        for new in news.iter_mut() {
+        for i in 0..news.len() {
+            // Each admission probes the map where its key goes, and each
+            // eviction reads the victim's bookkeeping and probes the map
+            // for its key: start those loads a few admissions ahead.
+            if let Some(ahead) = news.get(i + ADMIT_AHEAD) {
+                self.map.prefetch(ahead.key);
+            }
+            if let Some(r) = self.order.upcoming(2 * ADMIT_AHEAD) {
+                kernels::prefetch(self.meta.as_ptr().wrapping_add(r as usize).cast());
+            }
+            if let Some(r) = self.order.upcoming(ADMIT_AHEAD) {
+                self.map.prefetch(self.meta[r as usize].key);
+            }
+            let new = &mut news[i];
             if !new.admit {
                 if counting {
                     self.pending
