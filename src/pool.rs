@@ -611,10 +611,10 @@ impl EmbeddingTable {
         pooling: Pooling,
         out: &mut [f32],
     ) {
-        let (dim, stride) = (self.dim(), self.stride());
+        let dim = self.dim();
         debug_assert_eq!(out.len(), bags.len() * dim);
         let offsets = bags.offsets();
-        let run = |first_bag: usize, out: &mut [f32], scratch: &mut [f32]| {
+        let run = |first_bag: usize, out: &mut [f32]| {
             let count = out.len() / dim;
             kernels::dispatch(
                 tier,
@@ -625,7 +625,6 @@ impl EmbeddingTable {
                     weights: bags.weights,
                     pooling,
                     out,
-                    scratch,
                 },
             )
         };
@@ -635,7 +634,7 @@ impl EmbeddingTable {
             .saturating_add(bags.len())
             .saturating_mul(dim);
         if work < PARALLEL_MIN_FLOATS {
-            run(0, out, &mut vec![0.0; stride]);
+            run(0, out);
         } else {
             // Tasks of whole bags, about TASK_FLOATS floats of rows each;
             // every bag is computed by one task, so the thread count cannot
@@ -644,10 +643,7 @@ impl EmbeddingTable {
             let bags_per_task = (TASK_FLOATS / mean_len.saturating_mul(dim)).max(1);
             out.par_chunks_mut(bags_per_task * dim)
                 .enumerate()
-                .for_each_init(
-                    || vec![0.0; stride],
-                    |scratch, (task, out)| run(task * bags_per_task, out, scratch),
-                );
+                .for_each(|(task, out)| run(task * bags_per_task, out));
         }
     }
 }
@@ -655,9 +651,8 @@ impl EmbeddingTable {
 /// Pools consecutive bags into consecutive `dim`-float rows of `out`.
 ///
 /// A bag's rows are reduced a block of columns at a time, the block's
-/// accumulators held in registers ([`reduce_block`]); the padded row is
-/// then copied out of `scratch` (one stride: whole vectors, no tail; the pad
-/// lanes of table rows are zero):
+/// accumulators held in registers ([`reduce_block`]) and stored straight
+/// into the bag's output row:
 ///
 /// ```text
 /// for each bag b:                     (ids ids[offsets[b]..offsets[b+1]])
@@ -667,15 +662,14 @@ impl EmbeddingTable {
 ///         acc = 0                     (Max: acc = e_first)
 ///         for j in the bag:
 ///             (first block) prefetch the row of ids[j + ahead] into L2
-///             acc += c_j * e_j        (Max: acc = max(e_j, acc))
-///         scratch[block] = acc
-///     out_b = scratch[..dim]
+///             acc += c_j * e_j        (Sum without weights: acc += e_j;
+///                                      Max: acc = max(e_j, acc))
+///         out_b[block] = acc
 /// ```
 ///
 /// Invariants: every id was validated against `table.rows`; `offsets` is
 /// this task's slice of valid CSR offsets (`out.len() / dim + 1` entries,
-/// indexing the whole `ids` and `weights`); `scratch.len() == stride`;
-/// `check_pooled` passed.
+/// indexing the whole `ids` and `weights`); `check_pooled` passed.
 struct PoolBags<'a, I> {
     table: &'a EmbeddingTable,
     ids: &'a [I],
@@ -683,7 +677,6 @@ struct PoolBags<'a, I> {
     weights: Option<&'a [f32]>,
     pooling: Pooling,
     out: &'a mut [f32],
-    scratch: &'a mut [f32],
 }
 
 impl<I: Index> Kernel for PoolBags<'_, I> {
@@ -698,38 +691,29 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
             weights,
             pooling,
             out,
-            scratch,
         } = self;
         let (dim, stride) = (table.dim(), table.stride());
-        let padded = table.as_padded();
-        let base = padded.as_ptr();
+        let base = table.as_padded().as_ptr();
         let ahead = prefetch_distance(stride);
-        // The whole padded row of `ids[j]`, after prefetching (when asked)
-        // the row `ahead` positions on, past this task's ids too, into L2:
-        // prefetching into L1 holds the L1's few miss buffers and was about
-        // 25% slower on W4.
-        let row = |j: usize, prefetch: bool| -> &[f32] {
-            if prefetch && let Some(&next) = ids.get(j + ahead) {
-                // SAFETY: every id was validated (struct invariant).
-                let r = unsafe { row_unchecked(next) };
-                kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
-            }
-            // SAFETY: j < ids.len() (the bags index `ids`), and the id was
-            // validated, so r < rows and the stride r*stride.. lies in the
-            // rows*stride buffer.
-            unsafe {
-                let r = row_unchecked(*ids.get_unchecked(j));
-                padded.get_unchecked(r * stride..r * stride + stride)
-            }
+        let prefetch = |id: I| {
+            // SAFETY: every id was validated (struct invariant).
+            let r = unsafe { row_unchecked(id) };
+            kernels::prefetch_lines_l2(base.wrapping_add(r * stride), dim);
+        };
+        let rows = Rows {
+            base,
+            stride,
+            ids,
+            ahead,
+            prefetch: &prefetch,
         };
         // Start the task's first rows together rather than one miss at a
-        // time; `row` then keeps `ahead` rows in flight.
+        // time; `Rows::get` then keeps `ahead` rows in flight.
         let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
-        for &id in &ids[start..end.min(start + ahead)] {
-            // SAFETY: a validated id (struct invariant).
-            let r = unsafe { row_unchecked(id) };
-            kernels::prefetch_row_l2(base.wrapping_add(r * stride), dim);
-        }
+        ids[start..end.min(start + ahead)]
+            .iter()
+            .copied()
+            .for_each(prefetch);
         for (b, dst) in out.chunks_exact_mut(dim).enumerate() {
             let bag = offsets[b]..offsets[b + 1];
             if bag.is_empty() {
@@ -737,87 +721,152 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
                 continue;
             }
             if pooling == Pooling::Max {
-                reduce_row(s, bag, &row, |_| 0.0, Reduce::Max, scratch);
-            } else {
-                let w = weights.map(|w| &w[bag.clone()]);
-                let d = normaliser(pooling, bag.len(), w);
-                if d == 0.0 {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let unit = coefficient(1.0, d);
-                let lo = bag.start;
-                let coef = |j: usize| w.map_or(unit, |w| coefficient(w[j - lo], d));
-                reduce_row(s, bag, &row, coef, Reduce::WeightedSum, scratch);
+                reduce_row(s, bag, &rows, |_| 0.0, Fold::Max, dst);
+                continue;
             }
-            kernels::copy_row(s, &scratch[..dim], dst);
+            let w = weights.map(|w| &w[bag.clone()]);
+            let d = normaliser(pooling, bag.len(), w);
+            if d == 0.0 {
+                dst.fill(0.0);
+                continue;
+            }
+            let unit = coefficient(1.0, d);
+            match w {
+                // `1 * e == e` bit for bit (NaN, infinities and -0 included),
+                // so the multiply by a unit coefficient can go.
+                None if unit == 1.0 => reduce_row(s, bag, &rows, |_| 1.0, Fold::Sum, dst),
+                None => reduce_row(s, bag, &rows, |_| unit, Fold::Scaled, dst),
+                Some(w) => {
+                    let lo = bag.start;
+                    let coef = |j: usize| coefficient(w[j - lo], d);
+                    reduce_row(s, bag, &rows, coef, Fold::Scaled, dst)
+                }
+            }
+        }
+    }
+}
+
+/// The padded table rows of a task's ids, prefetching `ahead` positions on.
+struct Rows<'a, I, P> {
+    base: *const f32,
+    stride: usize,
+    ids: &'a [I],
+    ahead: usize,
+    prefetch: &'a P,
+}
+
+impl<I: Index, P: Fn(I)> Rows<'_, I, P> {
+    /// The padded row of position `j`, after prefetching (when asked) the
+    /// row `ahead` positions on, past this task's ids too, into L2.
+    #[inline(always)]
+    fn get(&self, j: usize, prefetch: bool) -> *const f32 {
+        if prefetch && let Some(&next) = self.ids.get(j + self.ahead) {
+            (self.prefetch)(next);
+        }
+        // SAFETY: j < ids.len() (the bags index `ids`), and the id was
+        // validated (PoolBags invariant), so r < rows and the row's
+        // `stride` floats lie in the table's rows * stride buffer.
+        unsafe {
+            let r = row_unchecked(*self.ids.get_unchecked(j));
+            self.base.add(r * self.stride)
         }
     }
 }
 
 /// How [`reduce_block`] folds a bag's rows.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Reduce {
+enum Fold {
+    /// `acc = 0; acc += e_j`: a sum whose coefficients are all 1.
+    Sum,
     /// `acc = 0; acc += c_j * e_j`, each product rounded before its sum.
-    WeightedSum,
+    Scaled,
     /// `acc = e_first; acc = max(e_j, acc)`, as [`Simd::max`] breaks ties.
     Max,
 }
 
-/// Reduces the bag's padded rows into `scratch` (one stride), a block of up
-/// to [`BLOCK_VECTORS`] vectors of columns at a time.
+/// Accumulator vectors [`reduce_row`] keeps in registers per pass over a
+/// bag, by tier and fold.
 ///
-/// `row(j, prefetch)` returns the padded row of position `j`; only the first
-/// block asks it to prefetch, since later blocks read rows already fetched.
+/// AVX2 has 16 `ymm` registers: a plain sum (`vaddps` from memory) holds a
+/// whole 128-float row in all 16 and walks the bag's rows once, as FBGEMM's
+/// AVX2 kernel does. With this, direct stores to the output and no multiply
+/// by 1, W4-sum went from 39.8 to 32.4 ms of CPU on one thread of the 2-core
+/// Zen 3 (torch's `embedding_bag` 39.2 in the same run); the walk count
+/// alone was within noise there. A scaled sum needs two more (the coefficient and the
+/// product) and Max one (`maxps` keeps its second operand, the
+/// accumulator, so the row must be loaded first), so with 16 they spill,
+/// and they keep 8 and walk the bag twice for such a row. The AVX-512 tier
+/// keeps [`BLOCK_VECTORS`] (8 × 16 floats: one pass for a 128-float row),
+/// as tuned on a Zen 4; no AVX-512 machine was at hand to re-measure it.
+const fn block_vectors(tier: Tier, fold: Fold) -> usize {
+    match (tier, fold) {
+        (Tier::Avx2, Fold::Sum) => 16,
+        _ => BLOCK_VECTORS,
+    }
+}
+
+/// Reduces the bag's rows into `dst` (`dim` floats), a block of up to
+/// [`block_vectors`] vectors of columns at a time.
+///
+/// Only the first block prefetches, since later blocks read rows already
+/// fetched.
 #[inline(always)]
-fn reduce_row<'t, S: Simd>(
+fn reduce_row<S: Simd, I: Index, P: Fn(I)>(
     s: S,
     bag: Range<usize>,
-    row: &impl Fn(usize, bool) -> &'t [f32],
+    rows: &Rows<'_, I, P>,
     coef: impl Fn(usize) -> f32 + Copy,
-    op: Reduce,
-    scratch: &mut [f32],
+    fold: Fold,
+    dst: &mut [f32],
 ) {
-    let vectors = scratch.len() / S::N;
+    // Vectors covering `dim`: whole vectors of the padded row (the stride
+    // is a multiple of 16 floats, and `S::N` divides 16).
+    let vectors = dst.len().div_ceil(S::N);
+    let most = block_vectors(S::TIER, fold);
     let mut done = 0;
     while done < vectors {
         let (first, col) = (done == 0, done * S::N);
-        let block = &mut scratch[col..];
+        let bag = bag.clone();
         done += match vectors - done {
-            n if n >= BLOCK_VECTORS => {
-                reduce_block::<S, BLOCK_VECTORS>(s, bag.clone(), row, coef, op, first, col, block)
+            n if n >= 16 && most >= 16 => {
+                reduce_block::<S, I, P, 16>(s, bag, rows, coef, fold, first, col, dst)
             }
-            n if n >= 4 => reduce_block::<S, 4>(s, bag.clone(), row, coef, op, first, col, block),
-            n if n >= 2 => reduce_block::<S, 2>(s, bag.clone(), row, coef, op, first, col, block),
-            _ => reduce_block::<S, 1>(s, bag.clone(), row, coef, op, first, col, block),
+            n if n >= 8 => reduce_block::<S, I, P, 8>(s, bag, rows, coef, fold, first, col, dst),
+            n if n >= 4 => reduce_block::<S, I, P, 4>(s, bag, rows, coef, fold, first, col, dst),
+            n if n >= 2 => reduce_block::<S, I, P, 2>(s, bag, rows, coef, fold, first, col, dst),
+            _ => reduce_block::<S, I, P, 1>(s, bag, rows, coef, fold, first, col, dst),
         };
     }
 }
 
-/// Reduces columns `col..col + V * S::N` of the bag's rows into `dst[..V * S::N]`
-/// with the accumulators in registers, and returns `V`.
+/// Reduces columns `col..col + V * S::N` of the bag's padded rows with the
+/// accumulators in registers, stores the ones below `dst.len()` into `dst`
+/// (the pad columns are computed and dropped), and returns `V`.
 ///
 /// Lane by lane this is the order of the module's contract: sums start at
-/// zero and add `c_j * e_j` in bag order; Max starts from the first row.
+/// zero and add `c_j * e_j` (or `e_j`) in bag order; Max starts from the
+/// first row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn reduce_block<'t, S: Simd, const V: usize>(
+fn reduce_block<S: Simd, I: Index, P: Fn(I), const V: usize>(
     s: S,
     bag: Range<usize>,
-    row: &impl Fn(usize, bool) -> &'t [f32],
+    rows: &Rows<'_, I, P>,
     coef: impl Fn(usize) -> f32,
-    op: Reduce,
+    fold: Fold,
     prefetch: bool,
     col: usize,
     dst: &mut [f32],
 ) -> usize {
-    let width = V * S::N;
-    let block = |j: usize| -> &[f32] { &row(j, prefetch)[col..col + width] };
-    let load = |r: &[f32], v: usize| s.load(&r[v * S::N..]);
-    let (mut acc, rest) = match op {
-        Reduce::WeightedSum => ([s.splat(0.0); V], bag),
-        Reduce::Max => {
-            let first = block(bag.start);
+    // SAFETY: `col + V * S::N` floats lie within the padded row (reduce_row
+    // only asks for vectors covering `dim`, and the stride is whole vectors).
+    let load = |row: *const f32, v: usize| unsafe {
+        s.load(std::slice::from_raw_parts(row.add(col + v * S::N), S::N))
+    };
+    let (mut acc, rest) = match fold {
+        Fold::Sum | Fold::Scaled => ([s.splat(0.0); V], bag),
+        Fold::Max => {
+            let first = rows.get(bag.start, prefetch);
             (
                 std::array::from_fn(|v| load(first, v)),
                 bag.start + 1..bag.end,
@@ -825,20 +874,34 @@ fn reduce_block<'t, S: Simd, const V: usize>(
         }
     };
     for j in rest {
-        let r = block(j);
-        if op == Reduce::Max {
-            for (v, acc) in acc.iter_mut().enumerate() {
-                *acc = s.max(load(r, v), *acc);
+        let row = rows.get(j, prefetch);
+        match fold {
+            Fold::Sum => {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = s.add(*acc, load(row, v));
+                }
             }
-        } else {
-            let c = s.splat(coef(j));
-            for (v, acc) in acc.iter_mut().enumerate() {
-                *acc = s.add(*acc, s.mul(c, load(r, v)));
+            Fold::Scaled => {
+                let c = s.splat(coef(j));
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = s.add(*acc, s.mul(c, load(row, v)));
+                }
+            }
+            Fold::Max => {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = s.max(load(row, v), *acc);
+                }
             }
         }
     }
+    let dim = dst.len();
     for (v, acc) in acc.into_iter().enumerate() {
-        s.store(acc, &mut dst[..width][v * S::N..]);
+        let at = col + v * S::N;
+        if at + S::N <= dim {
+            s.store(acc, &mut dst[at..at + S::N]);
+        } else if at < dim {
+            s.store_partial(acc, &mut dst[at..]);
+        }
     }
     V
 }

@@ -356,6 +356,39 @@ fn check_max_backward(c: &Case) {
     assert_bits_eq(&got, &want, "max gradient");
 }
 
+/// The dims at which the kernels change how they block a row's columns
+/// (AVX2 sums hold 16 vectors, 128 floats, in registers; other folds and
+/// tiers 8), with bags of 0, 1, 2 and many ids and NaN-free values of
+/// every sign: every pooling equals the in-order dense product bit for bit
+/// on every tier and thread count, large batches included (parallel path).
+#[test]
+fn block_boundary_dims_match_dense() {
+    for dim in [8, 120, 127, 128, 129, 136, 248, 255, 256, 257] {
+        for bags in [5, 400] {
+            let lens = [0usize, 1, 2, 33, 7];
+            let offsets: Vec<usize> = std::iter::once(0)
+                .chain((0..bags).scan(0, |acc, b| {
+                    *acc += lens[b % lens.len()];
+                    Some(*acc)
+                }))
+                .collect();
+            let n = *offsets.last().unwrap();
+            let rows = 97;
+            let case = Case {
+                rows,
+                dim,
+                seed: dim as u64,
+                coarse: false,
+                ids: (0..n).map(|j| (j * 31 + dim) % rows).collect(),
+                offsets,
+                weights: values(dim as u64 + 1, n, -2.0, 2.0),
+            };
+            check_forward(&case);
+            check_max_forward(&case);
+        }
+    }
+}
+
 /// `cases` cases; failures are saved where an integration test can find them.
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
