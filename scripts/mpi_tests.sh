@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The sharded table (feature `mpi`) under mpirun on one machine: the test
 # program tests/sharded.rs on 1, 2, 3 and 4 ranks (equivalence with one
-# process, error propagation, N -> M checkpoints), then the sharded
-# recommender on 2 ranks against the one-process recall.
+# process, error propagation, N -> M checkpoints), the doctests with the
+# feature, then the sharded recommender on 2 ranks against the one-process
+# recall.
 #
 #   scripts/mpi_tests.sh            # all of it
 #   MPI_RANKS="2 4" scripts/mpi_tests.sh
@@ -24,6 +25,9 @@ if [ ! -x "$test_program" ]; then
   exit 1
 fi
 cargo build --release --features mpi --example sharded_recommender
+# The doctests with the feature on: the README's sharded example is compiled
+# (no_run; without the feature it is an empty program).
+cargo test --release --features mpi --doc
 
 for n in ${MPI_RANKS:-1 2 3 4}; do
   echo "== tests/sharded.rs on $n ranks"
