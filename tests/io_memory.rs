@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use embtable::dynamic::{Admission, Capacity, DynamicConfig, DynamicEmbedding, DynamicTable};
 use embtable::io::{self, Word2VecFormat};
 use embtable::{Adagrad, EmbeddingTable, Init, SparseGrad, SparseOptimizer, Vocab};
 use proptest::prelude::*;
@@ -158,15 +159,18 @@ enum Format {
     Npy,
     Safetensors,
     Checkpoint,
+    /// A dynamic layer's checkpoint (`DynamicEmbedding::save`).
+    Dynamic,
 }
 
-const FORMATS: [Format; 6] = [
+const FORMATS: [Format; 7] = [
     Format::Word2VecText,
     Format::Word2VecBinary,
     Format::Glove,
     Format::Npy,
     Format::Safetensors,
     Format::Checkpoint,
+    Format::Dynamic,
 ];
 
 /// Reads `path` as `format`, as `Ok(rows)` or the error's text.
@@ -178,6 +182,12 @@ fn read(format: Format, path: &std::path::Path) -> Result<usize, String> {
         Format::Npy => io::load_npy(path),
         Format::Safetensors => io::load_table_safetensors(path, "weight"),
         Format::Checkpoint => io::load_checkpoint(path, &mut Adagrad::default()),
+        Format::Dynamic => {
+            // The keys held stand for the rows.
+            return DynamicEmbedding::load(path, Adagrad::default())
+                .map(|layer| layer.table().len())
+                .map_err(|e| e.to_string());
+        }
     };
     rows.map(|t| t.rows()).map_err(|e| e.to_string())
 }
@@ -214,6 +224,7 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
             opt.step(&mut table, &grad).unwrap();
             io::save_checkpoint(&path, &table, &opt).unwrap();
         }
+        Format::Dynamic => dynamic_layer(rows, dim, seed).save(&path).unwrap(),
     }
     let mut bytes = std::fs::read(&path).unwrap();
     if let Format::Glove = format {
@@ -222,6 +233,35 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
         bytes.drain(..=end);
     }
     bytes
+}
+
+/// A trained dynamic layer holding `keys` keys of `dim` floats, with every
+/// part a checkpoint can hold: free rows, sighting counts, a change log
+/// with evicted keys and their values, Adagrad's state.
+fn dynamic_layer(keys: usize, dim: usize, seed: u64) -> DynamicEmbedding<Adagrad> {
+    let config = DynamicConfig {
+        admission: Admission::AfterSightings(2),
+        capacity: Capacity::Rows(keys),
+        track_changes: true,
+        seed,
+        ..Default::default()
+    };
+    let table = DynamicTable::new(dim, config).unwrap();
+    let mut layer = DynamicEmbedding::new(table, Adagrad::default()).unwrap();
+    let twice =
+        |first: u64| -> Vec<u64> { (first..first + keys as u64).flat_map(|k| [k; 2]).collect() };
+    // The first keys, then as many others evicting them, then one sighting.
+    for batch in [
+        twice(seed),
+        twice(seed + keys as u64),
+        vec![seed + 2 * keys as u64],
+    ] {
+        let out = layer.forward(&batch).unwrap();
+        layer.backward(&batch, &vec![0.5; out.len()]).unwrap();
+        layer.step().unwrap();
+    }
+    assert_eq!(layer.table().len(), keys);
+    layer
 }
 
 /// The dimension `bytes` declares (header, shape, first line), if any.
@@ -236,7 +276,7 @@ fn declared_dim(format: Format, bytes: &[u8]) -> Option<usize> {
             let shape = text.split("'shape': (").nth(1)?;
             shape.split([',', ')']).nth(1)?.trim().parse().ok()
         }
-        Format::Safetensors | Format::Checkpoint => None,
+        Format::Safetensors | Format::Checkpoint | Format::Dynamic => None,
     }
 }
 
@@ -252,7 +292,7 @@ fn max_records(format: Format, bytes: &[u8]) -> usize {
         Format::Word2VecBinary => bytes.len() / dim.saturating_mul(4).saturating_add(2) + 1,
         Format::Npy => bytes.len() / dim.saturating_mul(4) + 1,
         // A 2-byte (F16) value per row of one column at least.
-        Format::Safetensors | Format::Checkpoint => bytes.len() / 2 + 1,
+        Format::Safetensors | Format::Checkpoint | Format::Dynamic => bytes.len() / 2 + 1,
     }
 }
 
@@ -442,7 +482,7 @@ fn apply(format: Format, bytes: &mut Vec<u8>, m: &Mutation) {
                 };
                 bytes.splice(..end, claim.into_bytes());
             }
-            Format::Safetensors | Format::Checkpoint => {
+            Format::Safetensors | Format::Checkpoint | Format::Dynamic => {
                 // The header's length, the first 8 bytes.
                 if bytes.len() >= 8 {
                     bytes[..8].copy_from_slice(&count.to_le_bytes());
@@ -500,5 +540,77 @@ fn valid_files_stay_within_the_bound_too() {
                 assert_eq!(result, Ok(rows), "{format:?} {rows}x{dim}");
             }
         }
+    }
+}
+
+/// `bytes` (a safetensors file) with `from` replaced by `to` in its JSON
+/// header, the header's length updated: a file whose header lies.
+fn with_header_edit(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + len]).unwrap();
+    assert!(header.contains(from), "{from} not in {header}");
+    let header = header.replacen(from, to, 1);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    out
+}
+
+#[test]
+fn dynamic_checkpoint_headers_are_not_trusted() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let good = valid_file(Format::Dynamic, 50, 3, 9);
+    let len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&good[8..8 + len]).unwrap().to_owned();
+    // The weight's shape as saved: the storage grew by doubling past 50 keys.
+    let rows_shape = |name: &str| {
+        let entry = &header[header.find(&format!("\"{name}\"")).unwrap()..];
+        let shape = &entry[entry.find("\"shape\":[").unwrap() + 9..];
+        shape[..shape.find(']').unwrap()].to_owned()
+    };
+    let weight = rows_shape("dynamic.weight");
+    let cases = [
+        // A config promising huge rows: the weight tensor does not hold them.
+        (
+            "dim=3,",
+            "dim=1099511627776,",
+            "dynamic.weight has 3 columns",
+        ),
+        // A capacity the rows held exceed.
+        (
+            "capacity=rows:50",
+            "capacity=rows:10",
+            "beyond the capacity of 10 keys",
+        ),
+        // Shapes claiming more than the data holds.
+        (
+            &format!("\"shape\":[{weight}]"),
+            "\"shape\":[4294967295,3]",
+            "safetensors",
+        ),
+        (
+            &format!("\"shape\":[{}]", rows_shape("dynamic.pending")),
+            "\"shape\":[1152921504606846975,3]",
+            "safetensors",
+        ),
+        // Sighting counts for a table that counts none.
+        (
+            "admission=after_sightings:2",
+            "admission=always",
+            "dynamic.pending",
+        ),
+        // A clock before the rows' last use.
+        ("step=3,", "step=0,", "after the clock"),
+    ];
+    for (from, to, want) in cases {
+        let bytes = with_header_edit(&good, from, to);
+        for result in check_both(Format::Dynamic, &bytes, to) {
+            let err = result.unwrap_err();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+    // The same file unedited still reads.
+    for result in check_both(Format::Dynamic, &good, "unedited") {
+        assert_eq!(result, Ok(50));
     }
 }
