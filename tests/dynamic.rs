@@ -760,3 +760,64 @@ fn evicted_rows_are_logged_with_their_values_and_changes_exported() {
     assert_eq!(changes.updated, [3]);
     assert_eq!(changes.updated_values, layer.table().initial_row(3u64));
 }
+
+/// A non-finite gradient is refused naming its position and value: the
+/// layer's backward passes accumulate nothing and touch no key; the fused
+/// `step_lookup` leaves the table as its translation alone would (the
+/// forward half of the call: keys admitted, uses recorded), with no row
+/// trained and the step not ended.
+#[test]
+fn non_finite_gradients_are_refused_and_nothing_trains() {
+    let dim = 3;
+    let config = DynamicConfig {
+        capacity: Capacity::Rows(4),
+        ..Default::default()
+    };
+    let mut layer =
+        DynamicEmbedding::new(DynamicTable::new(dim, config).unwrap(), Sgd::default()).unwrap();
+    let keys = [7u64, 8, 9];
+    let out = layer.forward(&keys).unwrap();
+    let before = layer.table().clone();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut g = vec![0.5; out.len()];
+        g[4] = bad;
+        let err = layer.backward(&keys, &g).unwrap_err();
+        assert!(
+            matches!(err, Error::NonFinite { position: 4, value, .. } if value.to_bits() == bad.to_bits()),
+            "{err}"
+        );
+        assert!(err.to_string().contains('4'), "{err}");
+        let bags = Bags::new(&[10u64, 11], &[0, 2], None).unwrap();
+        let mut g = vec![0.5; dim];
+        g[2] = bad;
+        let err = layer.backward_pooled(&bags, Pooling::Sum, &g).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { position: 2, .. }), "{err}");
+        assert!(layer.grad().is_empty());
+        assert_eq!(layer.table().weights(), before.weights());
+        assert_eq!(layer.table().stats(), before.stats());
+        assert_eq!(
+            layer.table().keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>()
+        );
+    }
+    layer.step().unwrap();
+
+    // The fused step: 7 and 8 known, 12 new (evicting 9).
+    let (mut table, mut sgd, _) = layer.into_parts();
+    let mut translated = table.clone();
+    let mut sgd_translated = sgd.clone();
+    let batch = [7u64, 12, 8];
+    let mut g = vec![0.25; batch.len() * dim];
+    g[7] = f32::NAN;
+    let err = table.step_lookup(&mut sgd, &batch, &g).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { position: 7, .. }), "{err}");
+    translated.translate(&batch, &mut sgd_translated).unwrap();
+    assert_eq!(table.weights(), translated.weights(), "no row trained");
+    assert_eq!(table.stats(), translated.stats());
+    assert_eq!(table.steps(), translated.steps(), "the step did not end");
+    assert_eq!(
+        table.keys().collect::<Vec<_>>(),
+        translated.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(sgd.state(), sgd_translated.state());
+}
