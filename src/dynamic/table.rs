@@ -605,6 +605,7 @@ impl DynamicTable {
             optimizer.catch_up(&mut weights, &[])?;
             let more = grown - rows;
             try_reserve(&mut self.meta, more, "dynamic table row bookkeeping")?;
+            super::advise_huge(&mut self.meta);
             let free_more = grown - self.free.len();
             try_reserve(&mut self.free, free_more, "dynamic table free rows")?;
             if let Some(changes) = &mut self.changes {
