@@ -868,6 +868,10 @@ fn states_the_optimizer_refuses_are_errors_at_restore() {
         ("last_step", |r| {
             r.meta.insert("a.optim.steps".into(), "1".into());
         }),
+        // Issue 18: a counter the next step would overflow.
+        ("18446744073709551615 is above the limit", |r| {
+            r.meta.insert("a.optim.steps".into(), u64::MAX.to_string());
+        }),
         ("optimizer state", |r| {
             r.tensor("a.optim.momentum").3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
         }),

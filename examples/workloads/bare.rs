@@ -3,27 +3,29 @@
 //! yardstick embtable is measured against in the same run (`--bound`).
 //!
 //! Each is the loop a careful C programmer writes for one workload and
-//! nothing else: no validation, no dispatch, no coalescing of repeated ids
-//! (a W5 loop applies each position's gradient row as it comes), software
-//! prefetch of upcoming rows and, for outputs larger than the cache,
-//! non-temporal stores. With AVX-512F they use 16-lane vectors; elsewhere
-//! plain loops the compiler vectorises. Several threads split the work as
-//! embtable does: gathers and bags by position, updates by row (a row's
-//! positions all go to one thread, so no row is written by two).
+//! nothing else: inputs checked once up front, then no bounds checks, no
+//! validation of values, no coalescing of repeated ids (a W5 loop applies
+//! each position's gradient row as it comes, as TensorFlow's raw sparse
+//! ops do), software prefetch of upcoming rows into L2, and non-temporal
+//! stores for outputs larger than the cache. With AVX2 and FMA the whole
+//! loop is compiled for them, 8 lanes a vector; elsewhere plain loops the
+//! compiler vectorises. Several threads split the work as embtable does:
+//! gathers and bags by position, updates by row (a row's positions all go
+//! to one thread, so no row is written by two).
 
 use embtable::AlignedBuf;
 use rayon::prelude::*;
 
-/// Rows prefetched ahead (into L2) of the one being read.
+/// Rows prefetched ahead of the one being read.
 const AHEAD: usize = 8;
 /// Positions per parallel task.
 const TASK: usize = 2048;
 
-/// Whether the AVX-512F loops can run here.
-fn avx512() -> bool {
+/// Whether the AVX2+FMA loops can run here.
+fn fast_isa() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -31,17 +33,21 @@ fn avx512() -> bool {
     }
 }
 
-/// Prefetches the `len` floats from `p` into L2 (a hint: never faults).
-#[inline(always)]
-fn prefetch(p: *const f32, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for line in (0..len).step_by(16) {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        // SAFETY: a prefetch is a hint that cannot fault, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast()) };
+/// A table's rows: `dim` floats each (a multiple of 16), `stride` apart.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub values: &'a [f32],
+    pub stride: usize,
+    pub dim: usize,
+}
+
+impl Rows<'_> {
+    /// Checks that every id names a whole row, so the loops need not.
+    fn check(&self, ids: &[i64]) {
+        assert!(self.dim.is_multiple_of(16) && self.dim <= self.stride);
+        let fits = |&r: &i64| r >= 0 && (r as usize + 1) * self.stride <= self.values.len();
+        assert!(ids.iter().all(fits), "an id beyond the table");
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
 }
 
 /// A pointer that parallel tasks use at disjoint rows.
@@ -59,55 +65,30 @@ impl Shared {
     }
 }
 
-/// A table's rows: `dim` floats each, `stride` apart in `values`.
-#[derive(Clone, Copy)]
-pub struct Rows<'a> {
-    pub values: &'a [f32],
-    pub stride: usize,
-    pub dim: usize,
-}
-
-impl Rows<'_> {
-    fn check(&self, ids: &[i64]) {
-        assert!(self.dim.is_multiple_of(16) && self.dim <= self.stride);
-        let fits = |&r: &i64| (r as usize + 1) * self.stride <= self.values.len();
-        assert!(ids.iter().all(fits));
-    }
-
-    fn row(&self, r: i64) -> &[f32] {
-        &self.values[r as usize * self.stride..][..self.dim]
-    }
-
-    fn prefetch(&self, r: i64) {
-        let start = self.values.as_ptr().wrapping_add(r as usize * self.stride);
-        prefetch(start, self.dim);
-    }
-}
-
 /// `out[j] = table[ids[j]]`, streamed past the caches when `out` is large
 /// and 64-byte aligned.
 pub fn gather(table: Rows<'_>, ids: &[i64], out: &mut [f32]) {
     table.check(ids);
-    let dim = table.dim;
-    assert_eq!(out.len(), ids.len() * dim);
+    assert_eq!(out.len(), ids.len() * table.dim);
     let stream = out.len() * 4 >= 16 << 20 && (out.as_ptr() as usize).is_multiple_of(64);
-    let out = Shared(out.as_mut_ptr());
+    let (out, fast) = (Shared(out.as_mut_ptr()), fast_isa());
     ids.par_chunks(TASK).enumerate().for_each(|(t, ids)| {
-        for (i, &r) in ids.iter().enumerate() {
-            if let Some(&ahead) = ids.get(i + AHEAD) {
-                table.prefetch(ahead);
+        let out = out.at(t * TASK * table.dim);
+        // SAFETY: the ids were checked; this task's `ids.len()` rows of
+        // `out` are its own; AVX2+FMA was detected where it is used.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                return x86::gather(table, ids, out, stream);
             }
-            // SAFETY: position `t * TASK + i` is this task's alone, and its
-            // `dim` floats lie in `out` (checked above).
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.at((t * TASK + i) * dim), dim) };
-            copy(table.row(r), dst, stream);
+            let _ = (fast, stream);
+            portable::gather(table, ids, out)
         }
-        fence(stream);
     });
 }
 
-/// Bag `b` of `bag` ids: `out[b] = Σ w[i]·table[ids[i]]` (weights 1 if
-/// `None`), times `scale` (1/len for a mean).
+/// Bag `b` of `bag` ids: `out[b] = scale · Σ w[i]·table[ids[i]]` (weights 1
+/// if `None`; `scale` is 1/len for a mean).
 pub fn bag_sum(
     table: Rows<'_>,
     ids: &[i64],
@@ -117,30 +98,44 @@ pub fn bag_sum(
     out: &mut [f32],
 ) {
     table.check(ids);
-    let dim = table.dim;
-    assert!(dim <= 512 && out.len() * bag == ids.len() * dim);
+    assert!(table.dim <= 512 && out.len() * bag == ids.len() * table.dim);
+    assert!(weights.is_none_or(|w| w.len() == ids.len()));
     let bags_per_task = (TASK / bag).max(1);
-    out.par_chunks_mut(dim * bags_per_task)
+    let fast = fast_isa();
+    out.par_chunks_mut(table.dim * bags_per_task)
         .zip(ids.par_chunks(bags_per_task * bag))
         .enumerate()
         .for_each(|(t, (out, ids))| {
             let first = t * bags_per_task * bag;
-            let mut acc = [0.0f32; 512];
-            for (b, out) in out.chunks_exact_mut(dim).enumerate() {
-                let acc = &mut acc[..dim];
-                acc.fill(0.0);
-                for i in b * bag..(b + 1) * bag {
-                    if let Some(&ahead) = ids.get(i + AHEAD) {
-                        table.prefetch(ahead);
-                    }
-                    let w = weights.map_or(1.0, |w| w[first + i]);
-                    add_scaled(acc, table.row(ids[i]), w);
+            let weights = weights.map(|w| &w[first..first + ids.len()]);
+            let task = BagTask {
+                table,
+                ids,
+                bag,
+                weights,
+                scale,
+            };
+            // SAFETY: the ids were checked, `out` holds this task's bags,
+            // AVX2+FMA was detected where it is used.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    return x86::bag_sum(task, out);
                 }
-                for (o, a) in out.iter_mut().zip(acc.iter()) {
-                    *o = a * scale;
-                }
+                let _ = fast;
+                portable::bag_sum(task, out)
             }
         });
+}
+
+/// One task's bags.
+#[derive(Clone, Copy)]
+struct BagTask<'a> {
+    table: Rows<'a>,
+    ids: &'a [i64],
+    bag: usize,
+    weights: Option<&'a [f32]>,
+    scale: f32,
 }
 
 /// The update of one W5 step, per position, without coalescing.
@@ -177,194 +172,253 @@ pub fn update(
     ids: &[i64],
     grad_out: &[f32],
 ) {
-    assert!(dim.is_multiple_of(16) && dim <= stride && grad_out.len() == ids.len() * dim);
+    let table = Rows {
+        values: weights,
+        stride,
+        dim,
+    };
+    table.check(ids);
+    assert_eq!(grad_out.len(), ids.len() * dim);
     assert_eq!(states.len(), update.arrays());
-    let len = weights.len();
-    assert!(states.iter().all(|s| s.len() == len));
-    assert!(ids.iter().all(|&r| (r as usize + 1) * stride <= len));
-    let w = Shared(weights.as_mut_ptr());
-    let s: Vec<Shared> = states.iter_mut().map(|s| Shared(s.as_mut_ptr())).collect();
+    assert!(states.iter().all(|s| s.len() == weights.len()));
+    let mut bufs = vec![Shared(weights.as_mut_ptr())];
+    bufs.extend(states.iter_mut().map(|s| Shared(s.as_mut_ptr())));
     let threads = rayon::current_num_threads();
+    let fast = fast_isa();
     (0..threads).into_par_iter().for_each(|t| {
-        let (w, s) = (w, &s);
-        let mine = |r: i64| r as usize % threads == t;
-        let mut ahead = ids
-            .iter()
-            .enumerate()
-            .filter(|&(_, &r)| mine(r))
-            .skip(AHEAD);
-        for (j, &r) in ids.iter().enumerate() {
-            if !mine(r) {
-                continue;
+        let task = UpdateTask {
+            update,
+            bufs: &bufs,
+            stride,
+            dim,
+            ids,
+            grad_out,
+            threads,
+            mine: t,
+        };
+        // SAFETY: the ids were checked against every buffer (all of the
+        // weights' length), and thread `t` writes only rows `r % threads
+        // == t`; AVX2+FMA was detected where it is used.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                return x86::update(task);
             }
-            if let Some((_, &next)) = ahead.next() {
-                let at = next as usize * stride;
-                prefetch(w.0.wrapping_add(at), dim);
-                for p in s {
-                    prefetch(p.0.wrapping_add(at), dim);
-                }
-            }
-            let at = r as usize * stride;
-            let g = &grad_out[j * dim..][..dim];
-            // SAFETY: row `r` lies in every buffer (checked above) and only
-            // thread `r % threads` touches it; the rows end before the next.
-            let row = |p: Shared| unsafe { std::slice::from_raw_parts_mut(p.0.add(at), dim) };
-            match update {
-                Update::Sgd => add_scaled(row(w), g, -0.01),
-                Update::OneState => one_state(row(w), row(s[0]), g),
-                Update::TwoStates => two_states(row(w), row(s[0]), row(s[1]), g),
-            }
+            let _ = fast;
+            portable::update(task)
         }
     });
 }
 
-fn copy(src: &[f32], dst: &mut [f32], stream: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F was detected.
-        return unsafe { x86::copy(src, dst, stream) };
-    }
-    let _ = stream;
-    dst.copy_from_slice(src);
+/// One thread's share of an update.
+#[derive(Clone, Copy)]
+struct UpdateTask<'a> {
+    update: Update,
+    /// The weights, then the state arrays.
+    bufs: &'a [Shared],
+    stride: usize,
+    dim: usize,
+    ids: &'a [i64],
+    grad_out: &'a [f32],
+    threads: usize,
+    mine: usize,
 }
 
-fn fence(stream: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if stream {
-        // SAFETY: SSE is part of the x86-64 baseline.
-        unsafe { std::arch::x86_64::_mm_sfence() };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = stream;
-}
-
-fn add_scaled(acc: &mut [f32], x: &[f32], w: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F was detected.
-        return unsafe { x86::add_scaled(acc, x, w) };
-    }
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a += w * x;
-    }
-}
-
-fn one_state(w: &mut [f32], h: &mut [f32], g: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F was detected.
-        return unsafe { x86::one_state(w, h, g) };
-    }
-    for ((w, h), g) in w.iter_mut().zip(h).zip(g) {
-        *h += g * g;
-        *w -= 0.01 * g / (h.sqrt() + 1e-10);
-    }
-}
-
-fn two_states(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F was detected.
-        return unsafe { x86::two_states(w, m, v, g) };
-    }
-    for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(g) {
-        *m = 0.9 * *m + 0.1 * g;
-        *v = 0.999 * *v + 0.001 * g * g;
-        *w -= 0.01 * *m / (v.sqrt() + 1e-8);
-    }
-}
-
-/// The same loops in 16-lane AVX-512 vectors (lengths are multiples of 16).
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
+/// The loops in plain Rust, for CPUs without AVX2+FMA.
+mod portable {
+    use super::{BagTask, UpdateTask};
 
     /// # Safety
-    /// AVX-512F is available; `dst` is 64-byte aligned when `stream`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn copy(src: &[f32], dst: &mut [f32], stream: bool) {
-        assert_eq!(src.len(), dst.len());
-        for i in (0..src.len()).step_by(16) {
-            // SAFETY: `i + 16 <= len` of both (lengths are multiples of 16).
-            unsafe {
-                let x = _mm512_loadu_ps(src.as_ptr().add(i));
-                if stream {
-                    _mm512_stream_ps(dst.as_mut_ptr().add(i), x);
-                } else {
-                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), x);
+    /// The ids were checked; `out` holds `ids.len()` rows.
+    pub unsafe fn gather(table: super::Rows<'_>, ids: &[i64], out: *mut f32) {
+        for (i, &r) in ids.iter().enumerate() {
+            let src = &table.values[r as usize * table.stride..][..table.dim];
+            // SAFETY: row `i` of this task's output (caller).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * table.dim), table.dim) };
+            dst.copy_from_slice(src);
+        }
+    }
+
+    /// # Safety
+    /// None beyond the checks made (kept `unsafe` to match the fast loop).
+    pub unsafe fn bag_sum(t: BagTask<'_>, out: &mut [f32]) {
+        let dim = t.table.dim;
+        let mut acc = vec![0.0f32; dim];
+        for (b, out) in out.chunks_exact_mut(dim).enumerate() {
+            acc.fill(0.0);
+            for i in b * t.bag..(b + 1) * t.bag {
+                let w = t.weights.map_or(1.0, |w| w[i]);
+                let row = &t.table.values[t.ids[i] as usize * t.table.stride..][..dim];
+                for (a, x) in acc.iter_mut().zip(row) {
+                    *a += w * x;
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = a * t.scale;
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`super::update`] says of its tasks.
+    pub unsafe fn update(t: UpdateTask<'_>) {
+        for (j, &r) in t.ids.iter().enumerate() {
+            if r as usize % t.threads != t.mine {
+                continue;
+            }
+            let g = &t.grad_out[j * t.dim..][..t.dim];
+            // SAFETY: row `r` lies in every buffer and is this thread's.
+            let row = |k: usize| unsafe {
+                std::slice::from_raw_parts_mut(t.bufs[k].at(r as usize * t.stride), t.dim)
+            };
+            let w = row(0);
+            for l in 0..t.dim {
+                match t.update {
+                    super::Update::Sgd => w[l] -= 0.01 * g[l],
+                    super::Update::OneState => {
+                        let h = &mut row(1)[l];
+                        *h += g[l] * g[l];
+                        w[l] -= 0.01 * g[l] / (h.sqrt() + 1e-10);
+                    }
+                    super::Update::TwoStates => {
+                        let (m, v) = (&mut row(1)[l], &mut row(2)[l]);
+                        *m = 0.9 * *m + 0.1 * g[l];
+                        *v = 0.999 * *v + 0.001 * g[l] * g[l];
+                        w[l] -= 0.01 * *m / (v.sqrt() + 1e-8);
+                    }
                 }
             }
         }
     }
+}
+
+/// The loops compiled for AVX2+FMA, 8 lanes a vector.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{AHEAD, BagTask, Rows, Update, UpdateTask};
+
+    /// Prefetches the `len` floats from `p` into L2 (a hint: never faults).
+    #[inline(always)]
+    fn prefetch(p: *const f32, len: usize) {
+        for line in (0..len).step_by(16) {
+            // SAFETY: a prefetch cannot fault, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast()) };
+        }
+    }
 
     /// # Safety
-    /// AVX-512F is available.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn add_scaled(acc: &mut [f32], x: &[f32], w: f32) {
-        assert_eq!(acc.len(), x.len());
-        let w = _mm512_set1_ps(w);
-        for i in (0..acc.len()).step_by(16) {
-            // SAFETY: `i + 16 <= len` of both.
+    /// AVX2+FMA is available; the ids were checked; `out` holds
+    /// `ids.len()` rows, 64-byte aligned when `stream`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gather(table: Rows<'_>, ids: &[i64], out: *mut f32, stream: bool) {
+        let (base, stride, dim) = (table.values.as_ptr(), table.stride, table.dim);
+        for (i, &r) in ids.iter().enumerate() {
+            if let Some(&ahead) = ids.get(i + AHEAD) {
+                prefetch(base.wrapping_add(ahead as usize * stride), dim);
+            }
+            // SAFETY: row `r` was checked, row `i` of `out` is ours (caller).
             unsafe {
-                let a = _mm512_loadu_ps(acc.as_ptr().add(i));
-                let x = _mm512_loadu_ps(x.as_ptr().add(i));
-                _mm512_storeu_ps(acc.as_mut_ptr().add(i), _mm512_fmadd_ps(w, x, a));
+                let (src, dst) = (base.add(r as usize * stride), out.add(i * dim));
+                for v in (0..dim).step_by(8) {
+                    let x = _mm256_loadu_ps(src.add(v));
+                    if stream {
+                        _mm256_stream_ps(dst.add(v), x);
+                    } else {
+                        _mm256_storeu_ps(dst.add(v), x);
+                    }
+                }
+            }
+        }
+        if stream {
+            _mm_sfence();
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA is available; the ids were checked.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bag_sum(t: BagTask<'_>, out: &mut [f32]) {
+        let (base, stride, dim) = (t.table.values.as_ptr(), t.table.stride, t.table.dim);
+        let mut acc = [_mm256_setzero_ps(); 64];
+        let acc = &mut acc[..dim / 8];
+        for (b, out) in out.chunks_exact_mut(dim).enumerate() {
+            acc.fill(_mm256_setzero_ps());
+            for i in b * t.bag..(b + 1) * t.bag {
+                if let Some(&ahead) = t.ids.get(i + AHEAD) {
+                    prefetch(base.wrapping_add(ahead as usize * stride), dim);
+                }
+                let w = _mm256_set1_ps(t.weights.map_or(1.0, |w| w[i]));
+                // SAFETY: the id was checked: its row has `dim` floats.
+                let row = unsafe { base.add(t.ids[i] as usize * stride) };
+                for (v, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `8 * v + 8 <= dim`.
+                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(row.add(8 * v)) }, *a);
+                }
+            }
+            let scale = _mm256_set1_ps(t.scale);
+            for (v, a) in acc.iter().enumerate() {
+                // SAFETY: `8 * v + 8 <= dim = out.len()`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * v), _mm256_mul_ps(*a, scale)) };
             }
         }
     }
 
     /// # Safety
-    /// AVX-512F is available.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn one_state(w: &mut [f32], h: &mut [f32], g: &[f32]) {
-        assert!(w.len() == h.len() && h.len() == g.len());
-        let (lr, eps) = (_mm512_set1_ps(0.01), _mm512_set1_ps(1e-10));
-        for i in (0..w.len()).step_by(16) {
-            // SAFETY: `i + 16 <= len` of all three.
-            unsafe {
-                let gv = _mm512_loadu_ps(g.as_ptr().add(i));
-                let hv = _mm512_fmadd_ps(gv, gv, _mm512_loadu_ps(h.as_ptr().add(i)));
-                let d = _mm512_add_ps(_mm512_sqrt_ps(hv), eps);
-                let wv = _mm512_sub_ps(
-                    _mm512_loadu_ps(w.as_ptr().add(i)),
-                    _mm512_div_ps(_mm512_mul_ps(lr, gv), d),
-                );
-                _mm512_storeu_ps(h.as_mut_ptr().add(i), hv);
-                _mm512_storeu_ps(w.as_mut_ptr().add(i), wv);
+    /// AVX2+FMA is available, and as [`super::update`] says of its tasks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn update(t: UpdateTask<'_>) {
+        let (lr, eps1, eps2) = (
+            _mm256_set1_ps(0.01),
+            _mm256_set1_ps(1e-10),
+            _mm256_set1_ps(1e-8),
+        );
+        let (b1, c1) = (_mm256_set1_ps(0.9), _mm256_set1_ps(0.1));
+        let (b2, c2) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
+        let mine = |r: i64| r as usize % t.threads == t.mine;
+        let mut ahead = t.ids.iter().filter(|&&r| mine(r)).skip(AHEAD);
+        for (j, &r) in t.ids.iter().enumerate() {
+            if !mine(r) {
+                continue;
             }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512F is available.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn two_states(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        assert!(w.len() == m.len() && m.len() == v.len() && v.len() == g.len());
-        let (b1, c1) = (_mm512_set1_ps(0.9), _mm512_set1_ps(0.1));
-        let (b2, c2) = (_mm512_set1_ps(0.999), _mm512_set1_ps(0.001));
-        let (lr, eps) = (_mm512_set1_ps(0.01), _mm512_set1_ps(1e-8));
-        for i in (0..w.len()).step_by(16) {
-            // SAFETY: `i + 16 <= len` of all four.
+            if let Some(&next) = ahead.next() {
+                for b in t.bufs {
+                    prefetch(b.at(next as usize * t.stride), t.dim);
+                }
+            }
+            let at = r as usize * t.stride;
+            // SAFETY: row `r` lies in every buffer and is this thread's
+            // (caller); `grad_out` has `dim` floats at `j * dim`; every
+            // offset below is `v + 8 <= dim`.
             unsafe {
-                let gv = _mm512_loadu_ps(g.as_ptr().add(i));
-                let mv = _mm512_fmadd_ps(
-                    b1,
-                    _mm512_loadu_ps(m.as_ptr().add(i)),
-                    _mm512_mul_ps(c1, gv),
-                );
-                let vv = _mm512_fmadd_ps(
-                    b2,
-                    _mm512_loadu_ps(v.as_ptr().add(i)),
-                    _mm512_mul_ps(c2, _mm512_mul_ps(gv, gv)),
-                );
-                let d = _mm512_add_ps(_mm512_sqrt_ps(vv), eps);
-                let wv = _mm512_sub_ps(
-                    _mm512_loadu_ps(w.as_ptr().add(i)),
-                    _mm512_div_ps(_mm512_mul_ps(lr, mv), d),
-                );
-                _mm512_storeu_ps(m.as_mut_ptr().add(i), mv);
-                _mm512_storeu_ps(v.as_mut_ptr().add(i), vv);
-                _mm512_storeu_ps(w.as_mut_ptr().add(i), wv);
+                let g = t.grad_out.as_ptr().add(j * t.dim);
+                let w = t.bufs[0].at(at);
+                for v in (0..t.dim).step_by(8) {
+                    let gv = _mm256_loadu_ps(g.add(v));
+                    let wv = _mm256_loadu_ps(w.add(v));
+                    let wv = match t.update {
+                        Update::Sgd => _mm256_sub_ps(wv, _mm256_mul_ps(lr, gv)),
+                        Update::OneState => {
+                            let h = t.bufs[1].at(at + v);
+                            let hv = _mm256_fmadd_ps(gv, gv, _mm256_loadu_ps(h));
+                            _mm256_storeu_ps(h, hv);
+                            let d = _mm256_add_ps(_mm256_sqrt_ps(hv), eps1);
+                            _mm256_sub_ps(wv, _mm256_div_ps(_mm256_mul_ps(lr, gv), d))
+                        }
+                        Update::TwoStates => {
+                            let (m, s) = (t.bufs[1].at(at + v), t.bufs[2].at(at + v));
+                            let mv = _mm256_fmadd_ps(b1, _mm256_loadu_ps(m), _mm256_mul_ps(c1, gv));
+                            let g2 = _mm256_mul_ps(gv, gv);
+                            let sv = _mm256_fmadd_ps(b2, _mm256_loadu_ps(s), _mm256_mul_ps(c2, g2));
+                            _mm256_storeu_ps(m, mv);
+                            _mm256_storeu_ps(s, sv);
+                            let d = _mm256_add_ps(_mm256_sqrt_ps(sv), eps2);
+                            _mm256_sub_ps(wv, _mm256_div_ps(_mm256_mul_ps(lr, mv), d))
+                        }
+                    };
+                    _mm256_storeu_ps(w.add(v), wv);
+                }
             }
         }
     }
