@@ -299,7 +299,9 @@ impl Model {
                     Admission::Always => true,
                     Admission::AfterSightings(n) => seen + occ >= n,
                     Admission::ReadOnly => false,
-                    Admission::Probability { .. } => unreachable!("not modelled"),
+                    Admission::Probability { p, seed } => {
+                        (0..occ).any(|i| coin(seed, key, call, i) < p)
+                    }
                 };
                 (key, occ, admit)
             })
@@ -374,10 +376,25 @@ impl Model {
     }
 }
 
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The coin of sighting `i` of `key` in call `call`, as
+/// `Admission::Probability` documents it.
+fn coin(seed: u64, key: u64, call: u64, i: u32) -> f64 {
+    let h = mix(mix(key ^ seed) ^ mix(call.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(i)));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn policies() -> impl Strategy<Value = (Admission, Eviction, Capacity)> {
     let admission = prop_oneof![
         Just(Admission::Always),
         (1u32..4).prop_map(Admission::AfterSightings),
+        (0.05f64..=1.0, any::<u64>()).prop_map(|(p, seed)| Admission::Probability { p, seed }),
         Just(Admission::ReadOnly),
     ];
     let eviction = prop_oneof![
