@@ -57,8 +57,8 @@ pub(crate) const NONE: u32 = u32::MAX;
 pub(crate) const LANES: usize = 1 << LANE_BITS;
 const LANE_BITS: u32 = 6;
 
-/// Ids per shard.
-pub(crate) const SHARD_IDS: usize = 4096;
+/// Ids per shard (4 under Miri, so that its runs reach the sharded passes).
+pub(crate) const SHARD_IDS: usize = kernels::parallel_size(4096);
 
 /// Below this many ids a batch is grouped in one pass on the calling
 /// thread: waking rayon's workers for each sharded pass costs microseconds.

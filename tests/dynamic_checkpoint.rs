@@ -257,3 +257,74 @@ fn corrupt_files_are_refused_naming_the_problem() {
         Err(Error::Format { .. })
     ));
 }
+
+/// `bytes` (a safetensors file) with metadata `key` set to `value`; the
+/// header's length, in the first 8 bytes, follows.
+fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + len]).unwrap();
+    let field = format!("\"{key}\":\"");
+    let start = header.find(&field).unwrap() + field.len();
+    let end = start + header[start..].find('"').unwrap();
+    let header = format!("{}{value}{}", &header[..start], &header[end..]);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header.as_bytes());
+    out.extend(&bytes[8 + len..]);
+    out
+}
+
+/// Issue 18 for the dynamic table: a counter the next call adds to (the
+/// clock, the statistics, a row's uses) saved at `u64::MAX` would
+/// overflow on that call (a panic with overflow checks, a wrapped clock
+/// without), so loading refuses it, as the optimizers refuse such a step
+/// counter.
+#[test]
+fn counters_the_next_call_would_overflow_are_refused() {
+    let scratch = Scratch::new("dynamic-counters");
+    let path = scratch.path("t.safetensors");
+    let mut table = DynamicTable::new(2, DynamicConfig::default()).unwrap();
+    table
+        .translate(&[10u64, 20, 30], &mut embtable::Frozen)
+        .unwrap();
+    table.advance(&mut embtable::Frozen).unwrap();
+    table.save(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let max = u64::MAX;
+    let huge = [
+        ("dynamic.clock", format!("step={max},call=1")),
+        ("dynamic.clock", format!("step=1,call={max}")),
+        (
+            "dynamic.stats",
+            format!("lookups={max},admitted=3,evicted=0,expired=0,refused=0,grown=0"),
+        ),
+    ];
+    for (key, value) in huge {
+        let p = scratch.write("bad.safetensors", with_metadata(&good, key, &value));
+        match DynamicTable::load(&p) {
+            Err(Error::Format { line: 0, reason }) => {
+                assert!(
+                    reason.contains("above the limit"),
+                    "{key}={value}: {reason}"
+                )
+            }
+            other => panic!("{key}={value}: {other:?}"),
+        }
+    }
+    // A row used u64::MAX times.
+    let rows = tensor_start(&good, "dynamic.rows");
+    let mut used = good.clone();
+    used[rows + 40..rows + 48].copy_from_slice(&max.to_le_bytes());
+    let p = scratch.write("bad.safetensors", used);
+    match DynamicTable::load(&p) {
+        Err(Error::Format { line: 0, reason }) => {
+            assert!(reason.contains("above the limit"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The values as saved load: the edit itself keeps the file valid.
+    let p = scratch.write(
+        "ok.safetensors",
+        with_metadata(&good, "dynamic.clock", "step=1,call=1"),
+    );
+    DynamicTable::load(&p).unwrap();
+}

@@ -1,8 +1,11 @@
 //! Readers allocate in proportion to what the input holds, never to what
 //! a header or a line count claims: hostile files (a GloVe line of 1000
 //! values then a million junk lines, a word2vec header promising millions
-//! of vectors, an `.npy` shape read from a pipe) cost a bounded multiple
-//! of their bytes.
+//! of vectors, an `.npy` shape read from a pipe, a sharded checkpoint
+//! whose metadata claims a table its files cannot hold) cost a bounded
+//! multiple of their bytes. Every reader is here: word2vec text and
+//! binary, fastText `.vec`, GloVe, `.npy`, safetensors tables,
+//! checkpoints, dynamic-table checkpoints and sharded checkpoints.
 //!
 //! A counting global allocator measures the peak of live heap bytes over
 //! each read; it refuses any allocation past [`CEILING`], so a regression
@@ -16,7 +19,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use embtable::dynamic::{Admission, Capacity, DynamicConfig, DynamicEmbedding, DynamicTable};
-use embtable::io::{self, Word2VecFormat};
+use embtable::io::{self, Checkpoint, Word2VecFormat};
+use embtable::shard::{self, ShardLayout, Sharding};
 use embtable::{Adagrad, EmbeddingTable, Init, SparseGrad, SparseOptimizer, Vocab};
 use proptest::prelude::*;
 
@@ -155,38 +159,61 @@ fn assert_within(cost: &Cost, len: usize, records: usize, what: &str) {
 enum Format {
     Word2VecText,
     Word2VecBinary,
+    FastTextVec,
     Glove,
     Npy,
     Safetensors,
     Checkpoint,
-    /// A dynamic layer's checkpoint (`DynamicEmbedding::save`).
+    /// A [`DynamicEmbedding`] layer's file.
     Dynamic,
+    /// The one file of a sharded checkpoint saved by one rank.
+    Sharded,
 }
 
-const FORMATS: [Format; 7] = [
+const FORMATS: [Format; 9] = [
     Format::Word2VecText,
     Format::Word2VecBinary,
+    Format::FastTextVec,
     Format::Glove,
     Format::Npy,
     Format::Safetensors,
     Format::Checkpoint,
     Format::Dynamic,
+    Format::Sharded,
 ];
+
+/// Rank 0's file of a one-rank save, named as a sharded checkpoint's
+/// directory must hold it.
+fn shard_name() -> String {
+    shard::shard_file_name(0, 1)
+}
 
 /// Reads `path` as `format`, as `Ok(rows)` or the error's text.
 fn read(format: Format, path: &std::path::Path) -> Result<usize, String> {
     let rows = match format {
         Format::Word2VecText => io::read_word2vec(path, Word2VecFormat::Text).map(|p| p.table),
         Format::Word2VecBinary => io::read_word2vec(path, Word2VecFormat::Binary).map(|p| p.table),
+        Format::FastTextVec => io::read_fasttext_vec(path).map(|p| p.table),
         Format::Glove => io::read_glove(path).map(|p| p.table),
         Format::Npy => io::load_npy(path),
         Format::Safetensors => io::load_table_safetensors(path, "weight"),
         Format::Checkpoint => io::load_checkpoint(path, &mut Adagrad::default()),
+        // Its keys (the table has a default row besides).
         Format::Dynamic => {
-            // The keys held stand for the rows.
             return DynamicEmbedding::load(path, Adagrad::default())
                 .map(|layer| layer.table().len())
                 .map_err(|e| e.to_string());
+        }
+        Format::Sharded => {
+            // A directory whose one shard file is `path` (a file or a pipe).
+            let dir = path.with_extension("shards");
+            std::fs::create_dir_all(&dir).unwrap();
+            let link = dir.join(shard_name());
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(path, &link).unwrap();
+            let table = shard::load_sharded_checkpoint(&dir, &mut Adagrad::default());
+            std::fs::remove_dir_all(&dir).unwrap();
+            table
         }
     };
     rows.map(|t| t.rows()).map_err(|e| e.to_string())
@@ -208,7 +235,7 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
     .unwrap();
     let vocab = Vocab::from_words((0..rows).map(|r| format!("w{r}x{}", seed % 7))).unwrap();
     match format {
-        Format::Word2VecText | Format::Glove => {
+        Format::Word2VecText | Format::FastTextVec | Format::Glove => {
             io::write_word2vec(&path, &vocab, &table, Word2VecFormat::Text).unwrap();
         }
         Format::Word2VecBinary => {
@@ -225,6 +252,10 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
             io::save_checkpoint(&path, &table, &opt).unwrap();
         }
         Format::Dynamic => dynamic_layer(rows, dim, seed).save(&path).unwrap(),
+        Format::Sharded => {
+            let layout = ShardLayout::new(rows, dim, 1, Sharding::Range).unwrap();
+            sharded_file(&table, &layout).save(&path).unwrap();
+        }
     }
     let mut bytes = std::fs::read(&path).unwrap();
     if let Format::Glove = format {
@@ -248,8 +279,11 @@ fn dynamic_layer(keys: usize, dim: usize, seed: u64) -> DynamicEmbedding<Adagrad
     };
     let table = DynamicTable::new(dim, config).unwrap();
     let mut layer = DynamicEmbedding::new(table, Adagrad::default()).unwrap();
-    let twice =
-        |first: u64| -> Vec<u64> { (first..first + keys as u64).flat_map(|k| [k; 2]).collect() };
+    let twice = |first: u64| -> Vec<u64> {
+        (first..first + keys as u64)
+            .flat_map(|k| [k * 1_000_003; 2])
+            .collect()
+    };
     // The first keys, then as many others evicting them, then one sighting.
     for batch in [
         twice(seed),
@@ -270,14 +304,61 @@ fn declared_dim(format: Format, bytes: &[u8]) -> Option<usize> {
     let text = String::from_utf8_lossy(first_line);
     let mut tokens = text.split([' ', '\t']).filter(|t| !t.is_empty());
     match format {
-        Format::Word2VecText | Format::Word2VecBinary => tokens.nth(1)?.trim().parse().ok(),
+        Format::Word2VecText | Format::Word2VecBinary | Format::FastTextVec => {
+            tokens.nth(1)?.trim().parse().ok()
+        }
         Format::Glove => Some(tokens.count().checked_sub(1)?),
         Format::Npy => {
             let shape = text.split("'shape': (").nth(1)?;
             shape.split([',', ')']).nth(1)?.trim().parse().ok()
         }
-        Format::Safetensors | Format::Checkpoint | Format::Dynamic => None,
+        Format::Safetensors | Format::Checkpoint | Format::Dynamic | Format::Sharded => None,
     }
+}
+
+/// A one-rank sharded checkpoint's file of `table`, as `ShardedTable::save`
+/// writes it, claiming the whole table's shape of `layout`.
+fn sharded_file<'a>(table: &'a EmbeddingTable, layout: &ShardLayout) -> Checkpoint<'a> {
+    Checkpoint::new()
+        .with("embedding", table, &Adagrad::default())
+        .with_metadata("shard.rows", layout.rows().to_string())
+        .with_metadata("shard.dim", layout.dim().to_string())
+        .with_metadata("shard.world", "1")
+        .with_metadata("shard.rank", "0")
+        .with_metadata("shard.sharding", layout.sharding().name())
+        .with_metadata("shard.id", "io-memory")
+}
+
+/// Sets metadata `key` (a `user:` key) of the safetensors file `bytes` to
+/// `value`, keeping the file otherwise valid (the header grows or shrinks,
+/// its length in the first 8 bytes with it). Files too mangled to hold the
+/// key are left alone.
+fn set_metadata(bytes: &mut Vec<u8>, key: &str, value: u64) {
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+    else {
+        return;
+    };
+    let Some(header) = bytes.get(8..8usize.saturating_add(len)) else {
+        return;
+    };
+    let header = String::from_utf8_lossy(header).into_owned();
+    let field = format!("\"user:{key}\":\"");
+    let Some(start) = header.find(&field).map(|at| at + field.len()) else {
+        return;
+    };
+    let Some(end) = header[start..].find('"').map(|n| start + n) else {
+        return;
+    };
+    let header = format!("{}{value}{}", &header[..start], &header[end..]);
+    bytes.splice(
+        ..8 + len,
+        (header.len() as u64)
+            .to_le_bytes()
+            .into_iter()
+            .chain(header.into_bytes()),
+    );
 }
 
 /// At most how many records `bytes` can hold: text lines long enough for
@@ -285,14 +366,16 @@ fn declared_dim(format: Format, bytes: &[u8]) -> Option<usize> {
 fn max_records(format: Format, bytes: &[u8]) -> usize {
     let dim = declared_dim(format, bytes).unwrap_or(1).max(1);
     match format {
-        Format::Word2VecText | Format::Glove => bytes
+        Format::Word2VecText | Format::FastTextVec | Format::Glove => bytes
             .split(|&b| b == b'\n')
             .filter(|line| line.len() / 2 >= dim)
             .count(),
         Format::Word2VecBinary => bytes.len() / dim.saturating_mul(4).saturating_add(2) + 1,
         Format::Npy => bytes.len() / dim.saturating_mul(4) + 1,
         // A 2-byte (F16) value per row of one column at least.
-        Format::Safetensors | Format::Checkpoint | Format::Dynamic => bytes.len() / 2 + 1,
+        Format::Safetensors | Format::Checkpoint | Format::Dynamic | Format::Sharded => {
+            bytes.len() / 2 + 1
+        }
     }
 }
 
@@ -343,6 +426,13 @@ fn check_both(format: Format, bytes: &[u8], what: &str) -> [Result<usize, String
         records,
         &format!("{what} ({format:?}, file)"),
     );
+    if let Format::Sharded = format {
+        // A sharded checkpoint is a directory of regular files, whose
+        // sizes are checked before anything is allocated: a pipe among
+        // them is refused as holding no bytes, which the file case above
+        // already bounds.
+        return [file.clone(), file];
+    }
     let pipe = Pipe::new(bytes.to_vec());
     let (piped, cost) = measure(|| read(format, &pipe.path));
     drop(pipe);
@@ -421,6 +511,21 @@ fn npy_shape_is_not_trusted_before_the_data_is_read() {
     }
 }
 
+#[test]
+fn a_sharded_checkpoint_claiming_a_table_its_files_cannot_hold() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // 2 rows of 64 in the file; the metadata claims 10 million (2.6 GB).
+    let table = EmbeddingTable::zeros(2, 64).unwrap();
+    let claim = ShardLayout::new(10_000_000, 64, 1, Sharding::Range).unwrap();
+    let dir = Scratch::new("sharded-claim");
+    let path = dir.path("f");
+    sharded_file(&table, &claim).save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let [result, _] = check_both(Format::Sharded, &bytes, "sharded claim");
+    let err = result.unwrap_err();
+    assert!(err.contains("cannot hold a 10000000x64 table"), "{err}");
+}
+
 /// Ways to make a valid file hostile.
 #[derive(Clone, Debug)]
 enum Mutation {
@@ -471,7 +576,7 @@ fn apply(format: Format, bytes: &mut Vec<u8>, m: &Mutation) {
                     }
                 }
             }
-            Format::Word2VecText | Format::Word2VecBinary | Format::Glove => {
+            Format::Word2VecText | Format::Word2VecBinary | Format::FastTextVec | Format::Glove => {
                 let end = bytes
                     .iter()
                     .position(|&b| b == b'\n')
@@ -482,7 +587,12 @@ fn apply(format: Format, bytes: &mut Vec<u8>, m: &Mutation) {
                 };
                 bytes.splice(..end, claim.into_bytes());
             }
-            Format::Safetensors | Format::Checkpoint | Format::Dynamic => {
+            Format::Sharded if count % 2 == 0 => {
+                // The whole table's shape in the metadata.
+                set_metadata(bytes, "shard.rows", count);
+                set_metadata(bytes, "shard.dim", dim);
+            }
+            Format::Safetensors | Format::Checkpoint | Format::Dynamic | Format::Sharded => {
                 // The header's length, the first 8 bytes.
                 if bytes.len() >= 8 {
                     bytes[..8].copy_from_slice(&count.to_le_bytes());
@@ -542,7 +652,6 @@ fn valid_files_stay_within_the_bound_too() {
         }
     }
 }
-
 /// `bytes` (a safetensors file) with `from` replaced by `to` in its JSON
 /// header, the header's length updated: a file whose header lies.
 fn with_header_edit(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {

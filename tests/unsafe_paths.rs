@@ -218,15 +218,22 @@ fn gradients_serial_and_parallel() {
 }
 
 /// A pooled lookup, and the gradient of its output taken as `grad_out`.
+/// A pooled lookup, the gradient of its output taken as `grad_out`, and
+/// the gradient of the per-sample weights (none for `Max`).
 fn pool_and_back(
     t: &EmbeddingTable,
     bags: &Bags<'_, u32>,
     pooling: Pooling,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let out = t.pooled_lookup_vec(bags, pooling).unwrap();
     let mut grad = SparseGrad::for_table(t);
     grad.accumulate_pooled(t, bags, pooling, &out).unwrap();
-    (out, grad.to_dense(t.rows()))
+    let mut weight_grad = vec![0.0; bags.ids().len()];
+    if pooling != Pooling::Max {
+        t.pooled_weight_grad(bags, pooling, &out, &mut weight_grad)
+            .unwrap();
+    }
+    (out, grad.to_dense(t.rows()), weight_grad)
 }
 
 #[test]
@@ -261,6 +268,14 @@ fn pooled_lookups_and_their_gradients() {
                         let s: f32 = batch[2..5].iter().map(|&i| t.row(i as usize)[l]).sum();
                         assert_eq!(results[0].1.0[2 * dim + l], s);
                     }
+                    // Id 2's weight gradient: its row · its bag's gradient.
+                    let (out, _, weight_grad) = &results[0].1;
+                    let dot: f64 = (0..dim)
+                        .map(|l| {
+                            f64::from(t.row(batch[2] as usize)[l]) * f64::from(out[2 * dim + l])
+                        })
+                        .sum();
+                    assert_eq!(weight_grad[2], dot as f32);
                 }
             }
         }
@@ -272,6 +287,84 @@ fn pooled_lookups_and_their_gradients() {
     for &pooling in poolings {
         let results = each_tier_on_two_threads(|| pool_and_back(&t, &bags, pooling));
         assert_all_equal(&results, &format!("{pooling:?}"));
+    }
+}
+
+/// A batch past the grouping's sharded threshold (16 384 ids, 16 under
+/// Miri, where 48 make 8 shards) on four threads, the fewest it shards on: the sharded grouping's
+/// unsafe scatter and writes, under an accumulated gradient and a fused
+/// step, against the dense sum and the unfused step.
+#[test]
+fn grouping_in_shards_on_four_threads() {
+    let (rows, dim) = (300, 7);
+    let n = if cfg!(miri) { 48 } else { 2 * (1 << 14) + 77 };
+    let batch: Vec<u32> = (0..n)
+        .map(|j| match j % 3 {
+            0 => (j / 3 % 40) as u32,
+            1 => ((j * 7919) % rows) as u32,
+            _ => (64 * (j % 4)) as u32,
+        })
+        .collect();
+    let grad_out: Vec<f32> = (0..n * dim).map(|i| (i % 13) as f32 - 6.0).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let want = dense_grad(&batch, &grad_out, rows, dim);
+    let (dense, fused, unfused) = pool.install(|| {
+        let dense = accumulate(&batch, &grad_out, rows, dim);
+        let opt = Adagrad::default();
+        let (mut fused, mut unfused) = (table(rows, dim), table(rows, dim));
+        opt.clone()
+            .step_lookup(&mut fused, &batch, &grad_out)
+            .unwrap();
+        let mut grad = SparseGrad::for_table(&unfused);
+        grad.accumulate_lookup(&batch, &grad_out).unwrap();
+        opt.clone().step(&mut unfused, &grad).unwrap();
+        (dense, fused, unfused)
+    });
+    assert_eq!(dense, want);
+    assert_eq!(fused, unfused);
+}
+
+/// The dynamic table's unsafe blocks: the key map's probe, a lookup's
+/// gather (serial; from 4096 ids in parallel, running the same task), and
+/// the parallel fill of the rows given to new keys, with evictions.
+#[test]
+fn dynamic_table_admissions_and_lookups() {
+    use embtable::Frozen;
+    use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable};
+    let lookups = if cfg!(miri) { 100 } else { 5000 };
+    let keys: Vec<u64> = (0..300u64).map(|k| k * 0x9E37_79B9 + 1).collect();
+    for &dim in DIMS {
+        let results = each_tier_on_two_threads(|| {
+            let config = DynamicConfig {
+                capacity: Capacity::Rows(200),
+                ..Default::default()
+            };
+            let mut table = DynamicTable::new(dim, config).unwrap();
+            // 150 new keys, then 150 more of which 100 take evicted rows.
+            for half in keys.chunks(150) {
+                table.translate(half, &mut Frozen).unwrap();
+                table.advance(&mut Frozen).unwrap();
+            }
+            assert_eq!(table.len(), 200);
+            let ids: Vec<u64> = (0..lookups).map(|j| keys[j * 7 % 300]).collect();
+            let mut out = vec![f32::NAN; lookups * dim];
+            table.lookup(&ids, &mut out).unwrap();
+            for (j, &key) in ids.iter().enumerate() {
+                let want = match table.get(key) {
+                    Some(row) => {
+                        assert_eq!(row, table.initial_row(key), "key {key}");
+                        row
+                    }
+                    None => table.default_row(),
+                };
+                assert_eq!(&out[j * dim..][..dim], want, "key {key}");
+            }
+            out
+        });
+        assert_all_equal(&results, &format!("dynamic dim {dim}"));
     }
 }
 

@@ -60,6 +60,10 @@ use crate::{Error, Init, Result};
 const FORMAT: &str = "embtable-dynamic-checkpoint";
 const VERSION: &str = "1";
 const NAME: &str = "dynamic";
+/// The most a saved counter (clock, statistics, uses of a row) may hold,
+/// as for the optimizers' step counters: so far below `u64::MAX` that
+/// counting on from it cannot overflow.
+const MAX_COUNT: u64 = i64::MAX as u64;
 
 impl DynamicTable {
     /// Writes the table (without optimizer state) to `path` atomically;
@@ -299,6 +303,23 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
         .ok_or_else(|| bad(format!("{NAME}.clock is not step=S,call=C")))?;
     let stats = decode_stats(file.require(&format!("{NAME}.stats"))?)
         .ok_or_else(|| bad(format!("{NAME}.stats is malformed")))?;
+    // Counters the next call adds to: one at their limit would overflow.
+    let Stats {
+        lookups,
+        admitted,
+        evicted,
+        expired,
+        refused,
+        grown,
+    } = stats;
+    let counters = [
+        step, call, lookups, admitted, evicted, expired, refused, grown,
+    ];
+    if let Some(&count) = counters.iter().find(|&&c| c > MAX_COUNT) {
+        return Err(bad(format!(
+            "{NAME}.clock or {NAME}.stats holds {count}, above the limit {MAX_COUNT}"
+        )));
+    }
     let state_bytes_key = format!("{NAME}.state_bytes");
     let state_bytes: usize = file
         .require(&state_bytes_key)?
@@ -319,6 +340,12 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
     if meta[DEFAULT_ROW as usize].occupied() {
         return Err(bad(format!(
             "{NAME}.rows: row 0 is the default row, not a key's"
+        )));
+    }
+    if let Some(r) = meta.iter().position(|m| m.count > MAX_COUNT) {
+        return Err(bad(format!(
+            "{NAME}.rows: row {r} was used {} times, above the limit {MAX_COUNT}",
+            meta[r].count
         )));
     }
     if let Some(r) = meta.iter().position(|m| m.call > call || m.step > step) {

@@ -235,3 +235,28 @@ impl Simd for Avx512 {
 fn lane_mask(n: usize) -> __mmask16 {
     u16::MAX.checked_shr(16 - n.min(16) as u32).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lane_mask;
+
+    /// The AVX-512 partial load and store are exactly as correct as their
+    /// mask, and the mask is plain integer arithmetic: tested here on every
+    /// x86-64 CPU, with or without AVX-512 (the loads themselves run in
+    /// `kernels::tests` where the CPU has it). Lane `i` is in the mask iff
+    /// `i < min(n, 16)`; lengths of 32 and more once overflowed the shift.
+    #[test]
+    fn lane_mask_holds_the_first_min_n_16_lanes_for_every_length() {
+        let lengths = (0..=80).chain([127, 128, 1 << 20, usize::MAX - 1, usize::MAX]);
+        for n in lengths {
+            let mask = lane_mask(n);
+            for lane in 0..16 {
+                assert_eq!(
+                    mask >> lane & 1 == 1,
+                    lane < n.min(16),
+                    "n {n}, lane {lane}"
+                );
+            }
+        }
+    }
+}

@@ -250,6 +250,21 @@ pub(crate) fn read_shard(
                     .ok_or_else(|| bad(path, format!("unknown sharding {:?}", saved.sharding)))?;
                 let o = ShardLayout::new(saved.rows, saved.dim, saved.world, saved_sharding)?;
                 let n = ShardLayout::new(saved.rows, saved.dim, world, sharding)?;
+                // Metadata cannot ask for more memory than the files hold:
+                // the claimed table takes 2 bytes a value at the least (F16).
+                let held = bytes_held(&files)?;
+                if held / 2 / (saved.dim as u64) < saved.rows as u64 {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "its {} files hold {}, which cannot hold a {}x{} table",
+                            files.len(),
+                            crate::error::count(held, "byte"),
+                            saved.rows,
+                            saved.dim
+                        ),
+                    ));
+                }
                 sources = (0..n.shard_rows(rank))
                     .map(|l| o.locate(n.global(rank, l)))
                     .collect();
@@ -289,6 +304,17 @@ pub(crate) fn read_shard(
     }
     let new = new.expect("a save has at least one shard");
     Ok((new, table.expect("set on shard 0"), state))
+}
+
+/// The bytes `files` hold together (their sizes, links followed).
+fn bytes_held(files: &[PathBuf]) -> Result<u64> {
+    files.iter().try_fold(0u64, |sum, path| {
+        let meta = fs::metadata(path).map_err(|source| Error::Io {
+            context: format!("reading the size of {}", path.display()),
+            source,
+        })?;
+        Ok(sum.saturating_add(meta.len()))
+    })
 }
 
 /// Adds shard `k`'s optimizer state to the state of the new shard being
