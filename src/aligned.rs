@@ -21,7 +21,7 @@ pub const LANES_PER_LINE: usize = 16;
 /// Buffers at least this large are aligned to 2 MiB and advised as huge
 /// pages, which cuts TLB misses of random row access in large tables.
 const HUGE_PAGE_THRESHOLD_BYTES: usize = 32 << 20;
-const HUGE_PAGE_BYTES: usize = 2 << 20;
+pub(crate) const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 /// Zeroing is split into chunks of this many floats so large buffers are
 /// first touched in parallel (and so spread over the threads' memory nodes).
@@ -222,8 +222,9 @@ impl SendPtr {
 
 // Not under Miri, which has no `madvise`: the advice is only a hint.
 #[cfg(all(target_os = "linux", not(miri)))]
-fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
-    // SAFETY: the range is one live allocation of ours; MADV_HUGEPAGE only
+pub(crate) fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+    // SAFETY: the range lies within one live allocation of ours (callers
+    // pass whole pages of it); MADV_HUGEPAGE only
     // changes how the kernel backs it, never its contents. Failure (no THP
     // support) is harmless, so the result is ignored.
     unsafe {
@@ -232,7 +233,7 @@ fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
 }
 
 #[cfg(any(not(target_os = "linux"), miri))]
-fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
+pub(crate) fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
 #[cfg(test)]
 mod tests {

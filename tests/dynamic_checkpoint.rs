@@ -195,6 +195,12 @@ fn saving_refuses_a_pending_gradient_and_loading_a_frozen_file_needs_no_optimize
         "{err}"
     );
     layer.save(&path).unwrap();
+    // A refused save over an existing checkpoint leaves it as it was.
+    let saved = std::fs::read(&path).unwrap();
+    layer.forward(&[2u64]).unwrap();
+    layer.backward(&[2u64], &[1.0; 3]).unwrap();
+    assert!(layer.save(&path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), saved);
     let err = DynamicEmbedding::load(&path, RmsProp::default()).unwrap_err();
     assert!(
         matches!(err, Error::InvalidConfig { field: "kind", .. }),

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use embtable::dynamic::{DynamicConfig, DynamicEmbedding, DynamicTable};
+use embtable::dynamic::{Admission, Capacity, DynamicConfig, DynamicEmbedding, DynamicTable};
 use embtable::io::{self, Checkpoint, Word2VecFormat};
 use embtable::shard::{self, ShardLayout, Sharding};
 use embtable::{Adagrad, EmbeddingTable, Init, SparseGrad, SparseOptimizer, Vocab};
@@ -251,18 +251,7 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
             opt.step(&mut table, &grad).unwrap();
             io::save_checkpoint(&path, &table, &opt).unwrap();
         }
-        Format::Dynamic => {
-            let mut layer = DynamicEmbedding::new(
-                DynamicTable::new(dim, DynamicConfig::default()).unwrap(),
-                Adagrad::default(),
-            )
-            .unwrap();
-            let keys: Vec<u64> = (0..rows as u64).map(|k| k * 1_000_003 + seed % 5).collect();
-            let out = layer.forward(&keys).unwrap();
-            layer.backward(&keys, &vec![0.5; out.len()]).unwrap();
-            layer.step().unwrap();
-            layer.save(&path).unwrap();
-        }
+        Format::Dynamic => dynamic_layer(rows, dim, seed).save(&path).unwrap(),
         Format::Sharded => {
             let layout = ShardLayout::new(rows, dim, 1, Sharding::Range).unwrap();
             sharded_file(&table, &layout).save(&path).unwrap();
@@ -275,6 +264,38 @@ fn valid_file(format: Format, rows: usize, dim: usize, seed: u64) -> Vec<u8> {
         bytes.drain(..=end);
     }
     bytes
+}
+
+/// A trained dynamic layer holding `keys` keys of `dim` floats, with every
+/// part a checkpoint can hold: free rows, sighting counts, a change log
+/// with evicted keys and their values, Adagrad's state.
+fn dynamic_layer(keys: usize, dim: usize, seed: u64) -> DynamicEmbedding<Adagrad> {
+    let config = DynamicConfig {
+        admission: Admission::AfterSightings(2),
+        capacity: Capacity::Rows(keys),
+        track_changes: true,
+        seed,
+        ..Default::default()
+    };
+    let table = DynamicTable::new(dim, config).unwrap();
+    let mut layer = DynamicEmbedding::new(table, Adagrad::default()).unwrap();
+    let twice = |first: u64| -> Vec<u64> {
+        (first..first + keys as u64)
+            .flat_map(|k| [k * 1_000_003; 2])
+            .collect()
+    };
+    // The first keys, then as many others evicting them, then one sighting.
+    for batch in [
+        twice(seed),
+        twice(seed + keys as u64),
+        vec![seed + 2 * keys as u64],
+    ] {
+        let out = layer.forward(&batch).unwrap();
+        layer.backward(&batch, &vec![0.5; out.len()]).unwrap();
+        layer.step().unwrap();
+    }
+    assert_eq!(layer.table().len(), keys);
+    layer
 }
 
 /// The dimension `bytes` declares (header, shape, first line), if any.
@@ -629,5 +650,76 @@ fn valid_files_stay_within_the_bound_too() {
                 assert_eq!(result, Ok(rows), "{format:?} {rows}x{dim}");
             }
         }
+    }
+}
+/// `bytes` (a safetensors file) with `from` replaced by `to` in its JSON
+/// header, the header's length updated: a file whose header lies.
+fn with_header_edit(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + len]).unwrap();
+    assert!(header.contains(from), "{from} not in {header}");
+    let header = header.replacen(from, to, 1);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    out
+}
+
+#[test]
+fn dynamic_checkpoint_headers_are_not_trusted() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let good = valid_file(Format::Dynamic, 50, 3, 9);
+    let len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&good[8..8 + len]).unwrap().to_owned();
+    // The weight's shape as saved: the storage grew by doubling past 50 keys.
+    let rows_shape = |name: &str| {
+        let entry = &header[header.find(&format!("\"{name}\"")).unwrap()..];
+        let shape = &entry[entry.find("\"shape\":[").unwrap() + 9..];
+        shape[..shape.find(']').unwrap()].to_owned()
+    };
+    let weight = rows_shape("dynamic.weight");
+    let cases = [
+        // A config promising huge rows: the weight tensor does not hold them.
+        (
+            "dim=3,",
+            "dim=1099511627776,",
+            "dynamic.weight has 3 columns",
+        ),
+        // A capacity the rows held exceed.
+        (
+            "capacity=rows:50",
+            "capacity=rows:10",
+            "beyond the capacity of 10 keys",
+        ),
+        // Shapes claiming more than the data holds.
+        (
+            &format!("\"shape\":[{weight}]"),
+            "\"shape\":[4294967295,3]",
+            "safetensors",
+        ),
+        (
+            &format!("\"shape\":[{}]", rows_shape("dynamic.pending")),
+            "\"shape\":[1152921504606846975,3]",
+            "safetensors",
+        ),
+        // Sighting counts for a table that counts none.
+        (
+            "admission=after_sightings:2",
+            "admission=always",
+            "dynamic.pending",
+        ),
+        // A clock before the rows' last use.
+        ("step=3,", "step=0,", "after the clock"),
+    ];
+    for (from, to, want) in cases {
+        let bytes = with_header_edit(&good, from, to);
+        for result in check_both(Format::Dynamic, &bytes, to) {
+            let err = result.unwrap_err();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+    // The same file unedited still reads.
+    for result in check_both(Format::Dynamic, &good, "unedited") {
+        assert_eq!(result, Ok(50));
     }
 }

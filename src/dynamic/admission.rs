@@ -30,8 +30,13 @@ pub enum Admission {
     AfterSightings(u32),
     /// Each sighting of a key without a row gives it one with probability
     /// `p` (McMahan et al. 2013's "Poisson inclusion"): the coin of a key's
-    /// `i`-th position in one call is a hash of the key, `seed`, the call's
-    /// number and `i`, so it is the same on every run.
+    /// `i`-th position (from 0) in call number `c` is a hash of the key,
+    /// `seed`, `c` and `i`, so it is the same on every run and can be
+    /// reproduced outside embtable. Calls are numbered from 1: each
+    /// translation (a forward pass) is one, and so is a backward pass that
+    /// names a key its step has not used yet. With `mix` SplitMix64's
+    /// output function, `h = mix(mix(key ^ seed) ^ mix(c * 0x9E37_79B9_7F4A_7C15 ^ i))`
+    /// (wrapping), the sighting admits the key when `(h >> 11) / 2⁵³ < p`.
     Probability {
         /// The chance of each sighting, in `(0, 1]`.
         p: f64,

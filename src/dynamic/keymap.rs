@@ -124,6 +124,7 @@ impl KeyMap {
             what: "dynamic table key map",
             bytes: want.saturating_mul(Self::SLOT_BYTES),
         })?;
+        super::advise_huge(&mut slots);
         slots.resize(want, Slot::default());
         let old = std::mem::replace(&mut self.slots, slots);
         self.shift = 64 - want.trailing_zeros();

@@ -104,6 +104,22 @@ pub use layer::DynamicEmbedding;
 pub use table::{DynamicTable, MAX_KEYS};
 
 use crate::Init;
+use crate::aligned::{HUGE_PAGE_BYTES, advise_huge_pages};
+
+/// Asks for huge pages under the whole 2 MiB pages of `v`'s allocation,
+/// before they are first written. The key map and the row bookkeeping
+/// are read at random, one cache line per key, like the storage (which
+/// asks the same): with 4 KiB pages each of those reads would also miss
+/// the TLB once they span more than it maps.
+pub(crate) fn advise_huge<T>(v: &mut Vec<T>) {
+    let start = v.as_mut_ptr() as usize;
+    let end = start + v.capacity() * size_of::<T>();
+    let first = start.next_multiple_of(HUGE_PAGE_BYTES);
+    let last = end / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    if last > first {
+        advise_huge_pages(first as *mut u8, last - first);
+    }
+}
 
 /// How much a [`DynamicTable`] may hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

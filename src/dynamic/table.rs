@@ -37,6 +37,13 @@ const META_AHEAD: usize = 16;
 /// bookkeeping and slot) prefetched.
 const ADMIT_AHEAD: usize = 8;
 
+/// Fresh rows this far ahead have their storage prefetched while a row is
+/// drawn.
+const FILL_AHEAD: usize = 2;
+
+/// Fresh rows filled per task.
+const FILL_TASK_ROWS: usize = 256;
+
 /// Below this many ids, a batch is translated on the calling thread.
 const PARALLEL_MIN_IDS: usize = 1 << 12;
 
@@ -598,6 +605,7 @@ impl DynamicTable {
             optimizer.catch_up(&mut weights, &[])?;
             let more = grown - rows;
             try_reserve(&mut self.meta, more, "dynamic table row bookkeeping")?;
+            super::advise_huge(&mut self.meta);
             let free_more = grown - self.free.len();
             try_reserve(&mut self.free, free_more, "dynamic table free rows")?;
             if let Some(changes) = &mut self.changes {
@@ -749,13 +757,22 @@ impl DynamicTable {
         let stride = self.weights.stride();
         let meta = &self.meta;
         let base = SendPtr(self.weights.as_padded_mut().as_mut_ptr());
-        fresh.par_iter().with_min_len(64).for_each(|&r| {
-            // SAFETY: `r` is a row of the storage, and `fresh` holds each
-            // row once (a row given to a new key is pinned for the rest of
-            // the call, so it is never given again), so this task alone
-            // writes its `dim` floats.
-            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * stride), dim) };
-            init.fill_key_row(seed, meta[r].key, row);
+        fresh.par_chunks(FILL_TASK_ROWS).for_each(|rows| {
+            for (i, &r) in rows.iter().enumerate() {
+                // A fresh row is usually a victim's, long out of the
+                // caches: start loading the rows a few ahead while this
+                // one is drawn.
+                if let Some(&ahead) = rows.get(i + FILL_AHEAD) {
+                    kernels::prefetch_lines_l2(base.get().wrapping_add(ahead * stride), dim);
+                }
+                // SAFETY: `r` is a row of the storage, and `fresh` holds
+                // each row once (a row given to a new key is pinned for the
+                // rest of the call, so it is never given again), so this
+                // task alone writes its `dim` floats.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(r * stride), dim) };
+                init.fill_key_row(seed, meta[r].key, row);
+            }
         });
         if let Some(changes) = &mut self.changes {
             changes.mark(fresh.iter().copied());
