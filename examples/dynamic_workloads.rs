@@ -29,7 +29,7 @@ use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable, Eviction};
 use embtable::{
     Adagrad, AdagradConfig, AlignedBuf, EmbeddingTable, Init, Sgd, SgdConfig, SparseOptimizer,
 };
-use workloads::{self, BATCH, BIG_ROWS};
+use workloads::{self, BATCH, BIG_ROWS, median};
 
 const DIM: usize = 128;
 /// One position in ten names a key the table has never seen.
@@ -92,11 +92,6 @@ fn w5_keys(ids: &[i64], fresh: &mut u64) -> Vec<u64> {
             }
         })
         .collect()
-}
-
-fn median(times: &mut [f64]) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 fn main() -> ExitCode {

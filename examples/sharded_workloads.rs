@@ -34,7 +34,7 @@ use embtable::{
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
-use workloads::{BAG_LEN, BAGS, BATCH, BIG_ROWS};
+use workloads::{BAG_LEN, BAGS, BATCH, BIG_ROWS, median};
 
 const DIM: usize = 128;
 
@@ -216,11 +216,6 @@ fn prepare(world: &SimpleCommunicator, args: &Args) -> Option<Prepared> {
     })
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 fn main() -> ExitCode {
     let universe = mpi::initialize().expect("MPI initialises once");
     let world = universe.world();
@@ -270,7 +265,7 @@ fn main() -> ExitCode {
             .collect();
         println!("MB sent per step by rank: {}", per_rank.join(" "));
         if !plain_ms.is_empty() {
-            let (s, p) = (median(sharded_ms.clone()), median(plain_ms));
+            let (s, p) = (median(&mut sharded_ms.clone()), median(&mut plain_ms));
             println!(
                 "one rank: sharded {s:.2} ms, ordinary table {p:.2} ms ({:.2}x)",
                 s / p
@@ -279,7 +274,7 @@ fn main() -> ExitCode {
         println!(
             "{} ranks={size} median_ms={:.2} bytes_per_rank={}",
             args.workload,
-            median(sharded_ms),
+            median(&mut sharded_ms),
             all_bytes.iter().max().expect("a rank")
         );
     }

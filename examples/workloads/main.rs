@@ -37,7 +37,7 @@ use embtable::{
     FtrlConfig, Init, Pooling, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
     Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
 };
-use workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS};
+use workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS, median};
 
 struct Args {
     workload: String,
@@ -306,11 +306,6 @@ fn median_ms(run: &mut Run, runs: usize) -> f64 {
         })
         .collect();
     median(&mut times)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() -> ExitCode {

@@ -128,3 +128,10 @@ fn bytes<const N: usize>(terms: [(usize, u128); N]) -> u64 {
     });
     u64::try_from(total).unwrap_or(u64::MAX)
 }
+
+/// The median of `values` (not empty; the upper middle of an even count),
+/// as the benchmark programs report their timings. Sorts `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
