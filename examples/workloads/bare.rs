@@ -760,13 +760,19 @@ mod chain {
         };
         let mut g = [0.0f32; BLOCK];
         if let Rule::RowWiseAdagrad = t.rule {
-            // The mean of the squares needs the whole row first.
-            let mut squares = 0.0f32;
+            // The mean of the squares needs the whole row first: 16
+            // partial sums, lane by lane (vectorised), then added up.
+            let mut partial = [0.0f32; 16];
             for col in (0..t.dim).step_by(BLOCK) {
                 // SAFETY: the chain is this thread's.
                 unsafe { sum(t, head, col, &mut g) };
-                squares += g.iter().map(|x| x * x).sum::<f32>();
+                for part in g.chunks_exact(16) {
+                    for (p, x) in partial.iter_mut().zip(part) {
+                        *p += x * x;
+                    }
+                }
             }
+            let squares: f32 = partial.iter().sum();
             // SAFETY: the accumulator of row `r` is this thread's.
             let h = unsafe { &mut *t.bufs[1].at(r) };
             *h += squares / t.dim as f32;
