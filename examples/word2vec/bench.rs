@@ -133,7 +133,7 @@ pub fn run<O: SparseOptimizer + Send>(
                         words: s.words,
                         kept: s.kept,
                     },
-                    model.input,
+                    model.input.to_table().map_err(|e| e.to_string())?,
                     steps,
                 ))
             })?;

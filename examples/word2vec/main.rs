@@ -23,6 +23,7 @@ mod out;
 mod rng;
 mod sampling;
 mod sgns;
+mod split;
 
 use std::error::Error;
 use std::io::Write;
@@ -385,10 +386,10 @@ fn train<O: SparseOptimizer + Send>(
         let stats = result?;
         train_time += dt;
         total += stats;
-        let clusters = corpus
-            .clusters
-            .as_ref()
-            .map(|c| sgns::cluster_fraction(&model.input, c, 10));
+        let clusters = match &corpus.clusters {
+            Some(c) => Some(sgns::cluster_fraction(&model.input.to_table()?, c, 10)),
+            None => None,
+        };
         say!(
             out,
             "epoch {}/{}  loss {:.4}  {:.0}k effective words/s ({:.0}k raw)  {} pairs  {:.1}s{}",
@@ -406,19 +407,21 @@ fn train<O: SparseOptimizer + Send>(
         );
     }
 
+    let input = model.input.to_table()?;
+    drop(model);
     if let Some(clusters) = &corpus.clusters {
-        let (fraction, chance) = sgns::cluster_fraction(&model.input, clusters, 10);
+        let (fraction, chance) = sgns::cluster_fraction(&input, clusters, 10);
         say!(
             out,
             "same-cluster share of the 10 nearest neighbours: {:.1}% (chance: {:.1}%); same-cluster pairs ranked above others (AUC): {:.3}",
             100.0 * fraction,
             100.0 * chance,
-            sgns::pair_auc(&model.input, clusters, 20_000, 1)
+            sgns::pair_auc(&input, clusters, 20_000, 1)
         );
     }
 
     // Nearest neighbours of a few words, as gensim's `most_similar` gives them.
-    let vectors = Pretrained::new(corpus.vocab.clone(), model.input)?;
+    let vectors = Pretrained::new(corpus.vocab.clone(), input)?;
     for word in &queries {
         let near = match vectors.most_similar(&[word], &[], 8) {
             Ok(near) => near
@@ -553,7 +556,7 @@ mod tests {
                     s.loss_sum / s.pairs as f64
                 })
                 .collect();
-            check(&model.input, &losses);
+            check(&model.input.to_table().unwrap(), &losses);
 
             let mut model = Sgns::new(&corpus, cfg, || sgd(0.025), 7).unwrap();
             let total = 3 * corpus.tokens();
@@ -574,7 +577,7 @@ mod tests {
                     s.loss_sum / s.pairs as f64
                 })
                 .collect();
-            check(&model.input, &losses);
+            check(&model.input.to_table().unwrap(), &losses);
         }
     }
 
