@@ -407,8 +407,7 @@ fn train<O: SparseOptimizer + Send>(
         );
     }
 
-    let input = model.input.to_table()?;
-    drop(model);
+    let input = model.into_input()?;
     if let Some(clusters) = &corpus.clusters {
         let (fraction, chance) = sgns::cluster_fraction(&input, clusters, 10);
         say!(

@@ -153,14 +153,19 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    /// Empties the accumulator for a table of `words` rows.
-    fn reset(&mut self, words: usize) {
+    /// Empties the accumulator for a table of `words` rows of `dim` floats.
+    fn reset(&mut self, words: usize, dim: usize) {
         if self.slot_of.len() == words {
             for &r in &self.rows {
                 self.slot_of[r as usize] = NONE;
             }
         } else {
             self.slot_of = vec![NONE; words];
+            // Room for every row at once: a buffer grown by doubling leaves
+            // its old copies to the allocator, which with one arena per
+            // thread kept a third more memory resident. Pages stay
+            // untouched until a row needs them.
+            self.grads = Vec::with_capacity(words * dim);
         }
         self.rows.clear();
         self.grads.clear();
@@ -241,23 +246,18 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
     pub fn new(corpus: &Corpus, cfg: SgnsConfig, make: impl Fn() -> O, seed: u64) -> Result<Self> {
         let words = corpus.vocab.len();
         let half = 0.5 / cfg.dim as f32;
-        let input = EmbeddingTable::new(
-            words,
-            cfg.dim,
-            Init::Uniform {
-                low: -half,
-                high: half,
-            },
-            seed,
-        )?;
-        let output = EmbeddingTable::new(words, cfg.dim, Init::Zeros, seed)?;
+        let init = Init::Uniform {
+            low: -half,
+            high: half,
+        };
+        // Drawn whole, then split: the same vectors for any split.
+        let input = SplitTable::new(EmbeddingTable::new(words, cfg.dim, init, seed)?, cfg.shards)?;
+        let output = SplitTable::new(EmbeddingTable::zeros(words, cfg.dim)?, cfg.shards)?;
         let noise: Vec<f64> = corpus
             .counts
             .iter()
             .map(|&c| (c as f64).powf(0.75))
             .collect();
-        let input = SplitTable::new(&input, cfg.shards)?;
-        let output = SplitTable::new(&output, cfg.shards)?;
         Ok(Sgns {
             optimizers: (0..input.parts().len()).map(|_| [make(), make()]).collect(),
             input,
@@ -268,6 +268,23 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             logistic: Logistic::new(),
             shards: vec![Shard::default(); cfg.shards.max(1)],
         })
+    }
+
+    /// The input vectors (the word vectors), the rest of the model freed
+    /// first.
+    ///
+    /// # Errors
+    /// As [`SplitTable::to_table`] (memory).
+    pub fn into_input(self) -> Result<EmbeddingTable> {
+        let Sgns {
+            input,
+            output,
+            optimizers,
+            shards,
+            ..
+        } = self;
+        drop((output, optimizers, shards));
+        input.to_table()
     }
 
     /// One pass over `corpus`, `batch` sentences a step. The learning rate
@@ -341,7 +358,7 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             for (accs, table) in [(&mut shard.input, &*input), (&mut shard.output, &*output)] {
                 accs.resize_with(table.parts().len(), Accumulator::default);
                 for (acc, part) in accs.iter_mut().zip(table.parts()) {
-                    acc.reset(part.rows());
+                    acc.reset(part.rows(), part.dim());
                 }
             }
             shard.stats = StepStats::default();

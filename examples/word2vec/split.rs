@@ -22,16 +22,16 @@ impl SplitTable {
     /// a row: a table has rows).
     ///
     /// # Errors
-    /// As [`EmbeddingTable::from_rows`] (memory).
-    pub fn new(table: &EmbeddingTable, parts: usize) -> Result<Self> {
-        let (n, dim) = (parts.clamp(1, table.rows().max(1)), table.dim());
+    /// As [`EmbeddingTable::zeros`] (memory).
+    pub fn new(table: EmbeddingTable, parts: usize) -> Result<Self> {
+        let n = parts.clamp(1, table.rows().max(1));
         let parts = (0..n)
             .map(|p| {
-                let rows: Vec<f32> = (p..table.rows())
-                    .step_by(n)
-                    .flat_map(|w| table.row(w).iter().copied())
-                    .collect();
-                EmbeddingTable::from_rows(rows.len() / dim.max(1), dim, &rows)
+                let mut part = EmbeddingTable::zeros((table.rows() - p).div_ceil(n), table.dim())?;
+                for (row, w) in (p..table.rows()).step_by(n).enumerate() {
+                    part.row_mut(row).copy_from_slice(table.row(w));
+                }
+                Ok(part)
             })
             .collect::<Result<_>>()?;
         Ok(SplitTable { parts })
@@ -60,6 +60,7 @@ impl SplitTable {
     }
 
     /// The whole table's values, row-major.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<f32> {
         (0..self.rows())
             .flat_map(|w| self.row(w).iter().copied())
@@ -69,9 +70,13 @@ impl SplitTable {
     /// The whole table, put back together.
     ///
     /// # Errors
-    /// As [`EmbeddingTable::from_rows`] (memory).
+    /// As [`EmbeddingTable::zeros`] (memory).
     pub fn to_table(&self) -> Result<EmbeddingTable> {
-        EmbeddingTable::from_rows(self.rows(), self.parts[0].dim(), &self.to_vec())
+        let mut table = EmbeddingTable::zeros(self.rows(), self.parts[0].dim())?;
+        for w in 0..self.rows() {
+            table.row_mut(w).copy_from_slice(self.row(w));
+        }
+        Ok(table)
     }
 }
 
@@ -93,7 +98,7 @@ mod tests {
         )
         .unwrap();
         for (asked, n) in [(0, 1), (1, 1), (2, 2), (3, 3), (11, 11), (12, 11)] {
-            let split = SplitTable::new(&table, asked).unwrap();
+            let split = SplitTable::new(table.clone(), asked).unwrap();
             assert_eq!(split.parts().len(), n);
             assert_eq!(split.rows(), 11);
             for w in 0..11 {
