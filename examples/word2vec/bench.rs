@@ -164,7 +164,7 @@ pub fn run<O: SparseOptimizer + Send>(
                         words: s.words,
                         kept: s.kept,
                     },
-                    model.input.to_table().map_err(|e| e.to_string())?,
+                    model.input,
                     steps,
                 ))
             })?;

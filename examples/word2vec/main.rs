@@ -23,7 +23,6 @@ mod out;
 mod rng;
 mod sampling;
 mod sgns;
-mod split;
 
 use std::error::Error;
 use std::io::Write;
@@ -97,7 +96,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     epochs: u64,
     /// Sentences per step [default: 256 with Adagrad, 64 with SGD]. Threads
-    /// meet once or twice a step, so larger steps waste less of a second
+    /// meet twice a step, so larger steps waste less of a second
     /// thread; SGD puts all of a step's gradient of a word into one update,
     /// so frequent words take larger steps, which diverge sooner (at 512 on
     /// the generated corpus).
@@ -386,10 +385,10 @@ fn train<O: SparseOptimizer + Send>(
         let stats = result?;
         train_time += dt;
         total += stats;
-        let clusters = match &corpus.clusters {
-            Some(c) => Some(sgns::cluster_fraction(&model.input.to_table()?, c, 10)),
-            None => None,
-        };
+        let clusters = corpus
+            .clusters
+            .as_ref()
+            .map(|c| sgns::cluster_fraction(&model.input, c, 10));
         say!(
             out,
             "epoch {}/{}  loss {:.4}  {:.0}k effective words/s ({:.0}k raw)  {} pairs  {:.1}s{}",
@@ -407,20 +406,19 @@ fn train<O: SparseOptimizer + Send>(
         );
     }
 
-    let input = model.into_input()?;
     if let Some(clusters) = &corpus.clusters {
-        let (fraction, chance) = sgns::cluster_fraction(&input, clusters, 10);
+        let (fraction, chance) = sgns::cluster_fraction(&model.input, clusters, 10);
         say!(
             out,
             "same-cluster share of the 10 nearest neighbours: {:.1}% (chance: {:.1}%); same-cluster pairs ranked above others (AUC): {:.3}",
             100.0 * fraction,
             100.0 * chance,
-            sgns::pair_auc(&input, clusters, 20_000, 1)
+            sgns::pair_auc(&model.input, clusters, 20_000, 1)
         );
     }
 
     // Nearest neighbours of a few words, as gensim's `most_similar` gives them.
-    let vectors = Pretrained::new(corpus.vocab.clone(), input)?;
+    let vectors = Pretrained::new(corpus.vocab.clone(), model.input)?;
     for word in &queries {
         let near = match vectors.most_similar(&[word], &[], 8) {
             Ok(near) => near
@@ -555,7 +553,7 @@ mod tests {
                     s.loss_sum / s.pairs as f64
                 })
                 .collect();
-            check(&model.input.to_table().unwrap(), &losses);
+            check(&model.input, &losses);
 
             let mut model = Sgns::new(&corpus, cfg, || sgd(0.025), 7).unwrap();
             let total = 3 * corpus.tokens();
@@ -576,7 +574,7 @@ mod tests {
                     s.loss_sum / s.pairs as f64
                 })
                 .collect();
-            check(&model.input.to_table().unwrap(), &losses);
+            check(&model.input, &losses);
         }
     }
 

@@ -21,25 +21,18 @@
 //! sentences, subsamples them, draws windows and negatives, and for every
 //! pair reads the rows it needs in place from the two tables (no lookup
 //! copies), computes the `1 + K` dot products and adds the gradients into
-//! the shard's [`Accumulator`]s: one gradient row per distinct word, so a
-//! shard's memory is bounded by the vocabulary and the batch's pairs and
-//! per-pair gradients are never stored.
-//!
-//! Both tables are split by row owner into as many parts as shards
-//! ([`SplitTable`]: word `w` in part `w mod shards`), and a shard keeps one
-//! accumulator per part and table. After the shards, each part is a task
-//! of its own, in parallel: it adds the later shards' rows of its words
-//! into the first shard's and takes one fused optimizer step
-//! ([`SparseOptimizer::step_lookup`]) on its part of each table, with its
-//! own optimizers, one row per distinct word. No row has two owners, so
-//! the threads never wait for each other between the shards and the next
-//! step, and no part of the step runs on one thread alone.
+//! the shard's [`Accumulator`]s, one per table: one gradient row per
+//! distinct word, so a shard's memory is bounded by the vocabulary and the
+//! batch's pairs and per-pair gradients are never stored. Then the later
+//! shards' rows are added into the first shard's (in parallel, row by row),
+//! and each table takes one fused optimizer step
+//! ([`SparseOptimizer::step_lookup`]) with those rows as the ids and their
+//! gradient rows as the lookup's gradient: one row per distinct word.
 //!
 //! Every random draw of a sentence comes from a stream derived from
-//! `(seed, epoch, sentence)`, a word's rows are added in shard order and
-//! an optimizer updates each row from its own gradient and state, so the
-//! vectors depend on the number of shards, never on the number of threads
-//! that run them.
+//! `(seed, epoch, sentence)`, and a word's rows are added in shard order,
+//! so the vectors depend on the number of shards, never on the number of
+//! threads that run them.
 
 use embtable::kernels::{self, Kernel, Simd};
 use embtable::{EmbeddingTable, Init, Result, SparseOptimizer};
@@ -48,7 +41,6 @@ use rayon::prelude::*;
 use crate::corpus::{Batch, Corpus, MAX_SENTENCE, Reader};
 use crate::rng::Rng;
 use crate::sampling::{Alias, Keep, Logistic};
-use crate::split::SplitTable;
 
 /// Settings of skip-gram training.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -102,11 +94,11 @@ impl LrDecay {
 #[derive(Clone, Debug)]
 pub struct Sgns<O> {
     /// Input (centre) vectors: the word vectors one keeps.
-    pub input: SplitTable,
+    pub input: EmbeddingTable,
     /// Output (context) vectors.
-    pub output: SplitTable,
-    /// The optimizers of each part of `input` and `output`.
-    optimizers: Vec<[O; 2]>,
+    pub output: EmbeddingTable,
+    /// The optimizers of `input` and `output`.
+    optimizers: [O; 2],
     /// Settings.
     pub cfg: SgnsConfig,
     negatives: Alias,
@@ -140,32 +132,26 @@ impl std::ops::AddAssign for StepStats {
 /// Marks a word without a slot in [`Accumulator::slot_of`].
 const NONE: u32 = u32::MAX;
 
-/// The gradient of one part of a table from one shard: a row per distinct
-/// row of the part, in order of first appearance, laid out as the gradient
-/// of a lookup of `rows` (the part's row numbers; row-major, `dim` floats
-/// each), ready for `step_lookup` on the part.
+/// The gradient of one table from one shard: a row per distinct word, in
+/// order of first appearance, laid out as the gradient of a lookup of
+/// `rows` (row-major, `dim` floats each), ready for `step_lookup`.
 #[derive(Clone, Debug, Default)]
 struct Accumulator {
-    /// Slot of each row, or [`NONE`]: 4 bytes a row, reset row by row.
+    /// Slot of each word, or [`NONE`]: 4 bytes a word, reset row by row.
     slot_of: Vec<u32>,
     rows: Vec<u32>,
     grads: Vec<f32>,
 }
 
 impl Accumulator {
-    /// Empties the accumulator for a table of `words` rows of `dim` floats.
-    fn reset(&mut self, words: usize, dim: usize) {
+    /// Empties the accumulator for a table of `words` rows.
+    fn reset(&mut self, words: usize) {
         if self.slot_of.len() == words {
             for &r in &self.rows {
                 self.slot_of[r as usize] = NONE;
             }
         } else {
             self.slot_of = vec![NONE; words];
-            // Room for every row at once: a buffer grown by doubling leaves
-            // its old copies to the allocator, which with one arena per
-            // thread kept a third more memory resident. Pages stay
-            // untouched until a row needs them.
-            self.grads = Vec::with_capacity(words * dim);
         }
         self.rows.clear();
         self.grads.clear();
@@ -185,36 +171,56 @@ impl Accumulator {
         slot
     }
 
-    /// Adds the rows of the later shards `rest` (of the same part) into
-    /// this one, shard after shard: a row new to this shard gets a slot
-    /// after the existing ones, in order of first appearance. Every row is
-    /// summed in shard order, so the sums depend on the shards alone.
-    fn absorb<'a>(&mut self, rest: impl Iterator<Item = &'a Accumulator>, dim: usize) {
+    /// Adds the rows of the later shards `rest` into this one, shard after
+    /// shard: a word new to this shard gets a row after the existing ones,
+    /// in order of first appearance. Every row is then summed from its own
+    /// shards in shard order, so the sums depend on the shards alone; the
+    /// rows are split across threads.
+    fn absorb(&mut self, rest: &[&Accumulator], dim: usize) {
+        if rest.is_empty() {
+            return;
+        }
         for part in rest {
-            for (&row, grad) in part.rows.iter().zip(part.grads.chunks_exact(dim)) {
-                let slot = self.slot(row, dim);
-                for (s, g) in self.grads[slot * dim..][..dim].iter_mut().zip(grad) {
-                    *s += g;
-                }
+            for &word in &part.rows {
+                self.slot(word, dim);
             }
         }
+        let rows = &self.rows;
+        self.grads
+            .par_chunks_mut(ABSORB_ROWS * dim)
+            .enumerate()
+            .for_each(|(chunk, grads)| {
+                let words = &rows[chunk * ABSORB_ROWS..];
+                for (&word, sum) in words.iter().zip(grads.chunks_exact_mut(dim)) {
+                    for part in rest {
+                        let slot = part.slot_of[word as usize];
+                        if slot != NONE {
+                            let row = &part.grads[slot as usize * dim..][..dim];
+                            for (s, g) in sum.iter_mut().zip(row) {
+                                *s += g;
+                            }
+                        }
+                    }
+                }
+            });
     }
 }
+
+/// Rows per task of [`Accumulator::absorb`]: 16 KiB of a 64-float gradient.
+const ABSORB_ROWS: usize = 64;
 
 /// A worker's state, kept from step to step.
 #[derive(Clone, Debug, Default)]
 struct Shard {
-    /// One accumulator per part of each table.
-    input: Vec<Accumulator>,
-    output: Vec<Accumulator>,
+    input: Accumulator,
+    output: Accumulator,
     /// The current sentence, then its subsampled words.
     words: Vec<u32>,
     kept: Vec<u32>,
     /// A centre's targets (per context: the context, then the negatives)
-    /// and where they are: part, row in the part, slot in the part's
-    /// accumulator.
+    /// and their slots in `output`.
     targets: Vec<u32>,
-    places: Vec<[u32; 3]>,
+    slots: Vec<u32>,
     /// A pair's gradient factors.
     g: Vec<f32>,
     text: String,
@@ -225,8 +231,8 @@ struct Shard {
 struct Shared<'a> {
     corpus: &'a Corpus,
     batch: &'a Batch,
-    input: &'a SplitTable,
-    output: &'a SplitTable,
+    input: &'a EmbeddingTable,
+    output: &'a EmbeddingTable,
     cfg: SgnsConfig,
     negatives: &'a Alias,
     keep: &'a Keep,
@@ -239,52 +245,38 @@ struct Shared<'a> {
 
 impl<O: SparseOptimizer + Send> Sgns<O> {
     /// Fresh tables for `corpus`: input vectors uniform in `±0.5/dim` (as
-    /// word2vec), output vectors zero, each split into `cfg.shards` parts.
+    /// word2vec), output vectors zero.
     ///
     /// # Errors
     /// As [`EmbeddingTable::new`].
     pub fn new(corpus: &Corpus, cfg: SgnsConfig, make: impl Fn() -> O, seed: u64) -> Result<Self> {
         let words = corpus.vocab.len();
         let half = 0.5 / cfg.dim as f32;
-        let init = Init::Uniform {
-            low: -half,
-            high: half,
-        };
-        // Drawn whole, then split: the same vectors for any split.
-        let input = SplitTable::new(EmbeddingTable::new(words, cfg.dim, init, seed)?, cfg.shards)?;
-        let output = SplitTable::new(EmbeddingTable::zeros(words, cfg.dim)?, cfg.shards)?;
+        let input = EmbeddingTable::new(
+            words,
+            cfg.dim,
+            Init::Uniform {
+                low: -half,
+                high: half,
+            },
+            seed,
+        )?;
+        let output = EmbeddingTable::new(words, cfg.dim, Init::Zeros, seed)?;
         let noise: Vec<f64> = corpus
             .counts
             .iter()
             .map(|&c| (c as f64).powf(0.75))
             .collect();
         Ok(Sgns {
-            optimizers: (0..input.parts().len()).map(|_| [make(), make()]).collect(),
             input,
             output,
+            optimizers: [make(), make()],
             cfg,
             negatives: Alias::new(&noise),
             keep: Keep::new(&corpus.counts, cfg.subsample),
             logistic: Logistic::new(),
             shards: vec![Shard::default(); cfg.shards.max(1)],
         })
-    }
-
-    /// The input vectors (the word vectors), the rest of the model freed
-    /// first.
-    ///
-    /// # Errors
-    /// As [`SplitTable::to_table`] (memory).
-    pub fn into_input(self) -> Result<EmbeddingTable> {
-        let Sgns {
-            input,
-            output,
-            optimizers,
-            shards,
-            ..
-        } = self;
-        drop((output, optimizers, shards));
-        input.to_table()
     }
 
     /// One pass over `corpus`, `batch` sentences a step. The learning rate
@@ -331,7 +323,7 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         let Sgns {
             input,
             output,
-            optimizers,
+            optimizers: [in_opt, out_opt],
             cfg,
             negatives,
             keep,
@@ -355,12 +347,8 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         let tier = kernels::current();
         let count = shards.len();
         shards.par_iter_mut().enumerate().for_each(|(k, shard)| {
-            for (accs, table) in [(&mut shard.input, &*input), (&mut shard.output, &*output)] {
-                accs.resize_with(table.parts().len(), Accumulator::default);
-                for (acc, part) in accs.iter_mut().zip(table.parts()) {
-                    acc.reset(part.rows(), part.dim());
-                }
-            }
+            shard.input.reset(input.rows());
+            shard.output.reset(output.rows());
             shard.stats = StepStats::default();
             kernels::dispatch(
                 tier,
@@ -375,25 +363,24 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         for s in shards.iter() {
             stats += s.stats;
         }
-        // Each part of the tables: the later shards' rows added into the
-        // first shard's, so that the part steps once with one row per word.
+        // The later shards' rows are added into the first shard's, so each
+        // table steps once with one row per word. The two tables' steps are
+        // independent: one fork for both.
         let (first, rest) = shards.split_first_mut().expect("at least one shard");
+        let in_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.input).collect();
+        let out_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.output).collect();
         let dim = cfg.dim;
-        input
-            .parts_mut()
-            .par_iter_mut()
-            .zip(output.parts_mut())
-            .zip(optimizers)
-            .zip(first.input.par_iter_mut().zip(&mut first.output))
-            .enumerate()
-            .try_for_each(
-                |(p, (((input, output), [in_opt, out_opt]), (in_acc, out_acc)))| {
-                    in_acc.absorb(rest.iter().map(|s| &s.input[p]), dim);
-                    in_opt.step_lookup(input, &in_acc.rows, &in_acc.grads)?;
-                    out_acc.absorb(rest.iter().map(|s| &s.output[p]), dim);
-                    out_opt.step_lookup(output, &out_acc.rows, &out_acc.grads)
-                },
-            )?;
+        let (a, b) = rayon::join(
+            || {
+                first.input.absorb(&in_rest, dim);
+                in_opt.step_lookup(input, &first.input.rows, &first.input.grads)
+            },
+            || {
+                first.output.absorb(&out_rest, dim);
+                out_opt.step_lookup(output, &first.output.rows, &first.output.grads)
+            },
+        );
+        a.and(b)?;
         Ok(stats)
     }
 }
@@ -454,7 +441,7 @@ impl Shard {
         // rows, so that the misses overlap with each other and with the
         // arithmetic of the first pairs.
         self.targets.clear();
-        self.places.clear();
+        self.slots.clear();
         for j in (lo..hi).filter(|&j| j != i) {
             let context = self.kept[j];
             self.targets.push(context);
@@ -466,25 +453,25 @@ impl Shard {
                 self.targets.push(n);
             }
         }
-        let (out_parts, parts) = (sh.output.parts(), sh.output.parts().len() as u32);
         for &t in &self.targets {
-            let (part, row) = (t % parts, t / parts);
-            prefetch(out_parts[part as usize].row(row as usize));
-            let slot = self.output[part as usize].slot(row, dim) as u32;
-            self.places.push([part, row, slot]);
+            prefetch(sh.output.row(t as usize));
+            self.slots.push(self.output.slot(t, dim) as u32);
         }
         let c = self.kept[i];
-        let (part, row) = (c % parts, c / parts);
-        let v = sh.input.parts()[part as usize].row(row as usize);
-        let acc = &mut self.input[part as usize];
-        let slot = acc.slot(row, dim);
-        let grad_in = &mut acc.grads[slot * dim..][..dim];
+        let slot = self.input.slot(c, dim);
+        let v = sh.input.row(c as usize);
+        let grad_in = &mut self.input.grads[slot * dim..][..dim];
+        let grad_out = &mut self.output.grads[..];
         self.g.resize(1 + k, 0.0);
         let mut loss = 0.0f32;
-        for places in self.places.chunks_exact(1 + k) {
+        for (targets, slots) in self
+            .targets
+            .chunks_exact(1 + k)
+            .zip(self.slots.chunks_exact(1 + k))
+        {
             // The scores first: independent dot products, overlapped.
-            for (g, &[part, row, _]) in self.g.iter_mut().zip(places) {
-                *g = dot(s, v, out_parts[part as usize].row(row as usize));
+            for (g, &t) in self.g.iter_mut().zip(targets) {
+                *g = dot(s, v, sh.output.row(t as usize));
             }
             for (n, g) in self.g.iter_mut().enumerate() {
                 let (sigma, softplus) = sh.logistic.eval(*g);
@@ -497,9 +484,9 @@ impl Shard {
                     *g = sigma * sh.scale;
                 }
             }
-            for (&g, &[part, row, slot]) in self.g.iter().zip(places) {
-                let o = out_parts[part as usize].row(row as usize);
-                let gout = &mut self.output[part as usize].grads[slot as usize * dim..][..dim];
+            for ((&g, &t), &slot) in self.g.iter().zip(targets).zip(slots) {
+                let o = sh.output.row(t as usize);
+                let gout = &mut grad_out[slot as usize * dim..][..dim];
                 update(s, g, o, v, grad_in, gout);
             }
         }
