@@ -109,6 +109,48 @@ impl KeyMap {
         }
     }
 
+    /// Empties the map and sizes it for `keys` keys, reusing its
+    /// allocation: a scratch map for one batch, whose slots a batch's worth
+    /// of keys keeps within the caches.
+    pub(crate) fn clear_for(&mut self, keys: usize) {
+        let slots = Self::slots_for(keys);
+        self.slots.clear();
+        self.slots.resize(slots, Slot::default());
+        self.shift = 64 - slots.trailing_zeros();
+        self.len = 0;
+    }
+
+    /// The row of `key`, or `row` (`row > 0`) once inserted for it if it
+    /// had none; room was made with [`clear_for`](Self::clear_for) or
+    /// [`reserve`](Self::reserve).
+    ///
+    /// # Panics
+    /// If `key` is new and there is no room (a bug: the caller sizes the
+    /// map first).
+    #[inline(always)]
+    pub(crate) fn get_or_insert(&mut self, key: u64, row: u32) -> u32 {
+        debug_assert!(row != 0);
+        let mask = self.mask();
+        let mut i = self.home(key);
+        loop {
+            // SAFETY: `i <= mask < slots.len()`.
+            let slot = unsafe { self.slots.get_unchecked_mut(i) };
+            if slot.row == 0 {
+                assert!(
+                    Self::slots_for(self.len + 1) <= mask + 1,
+                    "key map insert without room"
+                );
+                *slot = Slot { key, row };
+                self.len += 1;
+                return row;
+            }
+            if slot.key == key {
+                return slot.row;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// Makes room for `more` keys beyond the present ones, so that the
     /// next `more` inserts cannot fail.
     ///
@@ -231,6 +273,24 @@ mod tests {
             }
         }
         assert!(map.bytes() <= KeyMap::slots_for(model.len().max(256)) * KeyMap::SLOT_BYTES * 2);
+    }
+
+    #[test]
+    fn a_scratch_map_numbers_each_key_once() {
+        let mut map = KeyMap::default();
+        map.reserve(1000).unwrap();
+        for round in 0..3u64 {
+            let keys: Vec<u64> = (0..300).map(|i| mix(i % 97 + round)).collect();
+            map.clear_for(keys.len());
+            let mut first = BTreeMap::new();
+            for &k in &keys {
+                let next = first.len() as u32 + 1;
+                let row = *first.entry(k).or_insert(next);
+                assert_eq!(map.get_or_insert(k, next), row);
+            }
+            assert_eq!((map.len(), first.len()), (97, 97));
+            assert_eq!(map.slots.len(), KeyMap::slots_for(300));
+        }
     }
 
     #[test]
