@@ -87,7 +87,7 @@ impl RowMeta {
 
 /// Entries this far ahead have their row's meta prefetched while compacting
 /// or walking to the oldest live entry.
-const COMPACT_AHEAD: usize = 16;
+const COMPACT_AHEAD: usize = 64;
 
 /// An LFU entry: `(count, call, key, row)`, the first to go the least.
 type Ranked = (u64, u64, u64, u32);

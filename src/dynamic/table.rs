@@ -28,10 +28,10 @@ const FIRST_ROWS: usize = 16;
 
 /// Ids this far ahead have their key's slot prefetched: far enough for a
 /// DRAM fetch to land while the ids in between are probed.
-const PROBE_AHEAD: usize = 16;
+const PROBE_AHEAD: usize = 32;
 
 /// Positions this far ahead have their row's bookkeeping prefetched.
-const META_AHEAD: usize = 16;
+const META_AHEAD: usize = 32;
 
 /// Evicted and admitted keys this far ahead have their map slot prefetched.
 const ADMIT_AHEAD: usize = 8;
@@ -941,16 +941,22 @@ const TASK_FLOATS: usize = 1 << 16;
 const TASK_IDS: usize = 4096;
 
 /// Probes `ids` one after the other, each key's slot prefetched
-/// [`PROBE_AHEAD`] ids ahead.
+/// [`PROBE_AHEAD`] ids ahead. Each key is hashed once: its home slot waits
+/// in a ring from its prefetch to its probe.
 fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
-    for &id in ids.iter().take(PROBE_AHEAD) {
-        map.prefetch(key_of(id));
+    let mut homes = [0usize; PROBE_AHEAD];
+    for (home, &id) in homes.iter_mut().zip(ids) {
+        *home = map.home_of(key_of(id));
+        map.prefetch_home(*home);
     }
     for (j, (row, &id)) in rows.iter_mut().zip(ids).enumerate() {
+        let home = &mut homes[j % PROBE_AHEAD];
+        let here = *home;
         if let Some(&ahead) = ids.get(j + PROBE_AHEAD) {
-            map.prefetch(key_of(ahead));
+            *home = map.home_of(key_of(ahead));
+            map.prefetch_home(*home);
         }
-        *row = map.get(key_of(id)).unwrap_or(DEFAULT_ROW);
+        *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
     }
 }
 
