@@ -12,7 +12,9 @@ use std::borrow::Borrow;
 use crate::grad::check_finite;
 use crate::index::Index;
 use crate::io::{Coverage, Pretrained, TableOptions};
+use crate::kernels;
 use crate::optim::{OptimizerState, SparseOptimizer};
+use crate::pool::{check_coefficients, check_max_weights};
 use crate::tensor::Tensor;
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
@@ -487,7 +489,13 @@ impl<O: SparseOptimizer> Embedding<O> {
         let resolved = self.resolve(ids)?;
         self.prepare_rows(&resolved)?;
         match resolved {
-            Resolved::Direct(ids) => self.table.lookup(ids, out),
+            Resolved::Direct(ids) => {
+                // SAFETY: `resolve` validated every id against the table's
+                // rows, and `out` holds `ids.len() * dim` floats (checked
+                // above). (`lookup` would validate the ids a second time.)
+                unsafe { self.table.gather_unchecked(kernels::current(), ids, out) };
+                Ok(())
+            }
             Resolved::Mapped(rows) => {
                 let rows_or_zero: Vec<usize> = rows
                     .iter()
@@ -553,9 +561,18 @@ impl<O: SparseOptimizer> Embedding<O> {
         let resolved = self.resolve(bags.ids())?;
         match &resolved {
             Resolved::Direct(_) => {
-                self.table.check_pooled(bags, pooling)?;
+                // `resolve` validated the ids: the rest of `check_pooled`.
+                check_max_weights(bags, pooling)?;
+                check_coefficients(bags, pooling)?;
                 self.prepare_rows(&resolved)?;
-                self.table.pooled_lookup(bags, pooling, out)
+                // SAFETY: every id is a row of the table (`resolve`), `out`
+                // holds `bags.len() * dim` floats (checked above), and the
+                // other checks of `check_pooled` passed just above.
+                unsafe {
+                    self.table
+                        .pool_unchecked(kernels::current(), bags, pooling, out)
+                };
+                Ok(())
             }
             Resolved::Mapped(rows) => {
                 let kept = KeptBags::new(bags, rows);

@@ -604,7 +604,7 @@ impl EmbeddingTable {
     /// # Safety
     /// Every id names a row `< rows`, `out.len() == bags.len() * dim`, and
     /// `check_pooled(bags, pooling)` passed.
-    unsafe fn pool_unchecked<I: Index>(
+    pub(crate) unsafe fn pool_unchecked<I: Index>(
         &self,
         tier: Tier,
         bags: &Bags<'_, I>,

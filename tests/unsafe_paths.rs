@@ -518,3 +518,40 @@ fn layer_with_every_option() {
     layer.step().unwrap();
     assert!(layer.table().row(2).iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn layer_direct_paths_match_the_table() {
+    // Default options: the layer checks the ids once, then runs the
+    // unchecked gather and pooling kernels; under and over the parallel
+    // threshold, into outputs full of NaN (every value must be written).
+    let (rows, dim) = (40, 17);
+    let t = table(rows, dim);
+    let mut layer = Embedding::new(t.clone(), Adagrad::default());
+    for n in [5, PARALLEL / dim + 3] {
+        let batch = ids(n, rows);
+        let mut expected = vec![0.0; n * dim];
+        t.lookup(&batch, &mut expected).unwrap();
+        let mut out = vec![f32::NAN; n * dim];
+        layer.forward_into(&batch, &mut out).unwrap();
+        assert_eq!(out, expected);
+
+        // An empty bag first, then bags of 3 (the last shorter).
+        let offsets: Vec<usize> = [0]
+            .into_iter()
+            .chain((0..n).step_by(3))
+            .chain([n])
+            .collect();
+        let bags = Bags::new(&batch, &offsets, None).unwrap();
+        for pooling in [Pooling::Sum, Pooling::Mean, Pooling::Max] {
+            let mut expected = vec![0.0; bags.len() * dim];
+            t.pooled_lookup(&bags, pooling, &mut expected).unwrap();
+            let mut out = vec![f32::NAN; bags.len() * dim];
+            layer.forward_pooled(&bags, pooling, &mut out).unwrap();
+            assert_eq!(out, expected, "{pooling:?}");
+            assert!(out[..dim].iter().all(|&x| x == 0.0), "the empty bag");
+        }
+    }
+    let mut out = vec![f32::NAN; 2 * dim];
+    assert!(layer.forward_into(&[0u32, 40], &mut out).is_err());
+    assert!(out.iter().all(|x| x.is_nan()), "nothing written on error");
+}

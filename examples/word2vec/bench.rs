@@ -11,7 +11,10 @@
 //! The speed-up between thread counts is also given on each step's fastest
 //! round: every round trains the same steps, so summing each step's
 //! shortest time estimates an epoch undisturbed by other processes, which
-//! on a busy machine rarely leave two cores free for a whole epoch.
+//! on a busy machine rarely leave two cores free for a whole epoch. The
+//! CPU time (user + system, all threads) of each epoch and the load
+//! average before and after say how busy the machine was: an epoch on two
+//! threads that got both cores runs about half as long as it used CPU.
 
 use std::error::Error;
 use std::io::Write;
@@ -47,6 +50,8 @@ pub struct BenchConfig {
 #[derive(Clone, Copy, Debug)]
 struct Timing {
     secs: f64,
+    /// CPU seconds of the process meanwhile (NaN where unknown).
+    cpu: f64,
     words: u64,
     kept: u64,
 }
@@ -58,6 +63,30 @@ impl Timing {
     fn raw(self) -> f64 {
         self.words as f64 / self.secs
     }
+}
+
+/// CPU seconds (user + system) that the process has used so far, on all
+/// its threads; NaN where unknown.
+fn cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: `rusage` is integers only, so all zeros is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one `rusage` into the one it is given.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            return secs(usage.ru_utime) + secs(usage.ru_stime);
+        }
+    }
+    f64::NAN
+}
+
+/// The one-minute load average (Linux), or a dash.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "-".to_owned())
 }
 
 /// The median of `xs` (not empty).
@@ -94,6 +123,7 @@ pub fn run<O: SparseOptimizer + Send>(
     // the rounds. Every round runs the same steps, so on a shared machine
     // their sum estimates an undisturbed epoch.
     let mut fastest: Vec<Vec<f64>> = vec![Vec::new(); k];
+    let load_before = load_average();
     let pools = bench
         .threads
         .iter()
@@ -109,7 +139,7 @@ pub fn run<O: SparseOptimizer + Send>(
             let (timing, table, steps) = pool.install(|| -> Result<_, String> {
                 let mut model =
                     Sgns::new(&corpus, cfg, &make, bench.seed).map_err(|e| e.to_string())?;
-                let start = Instant::now();
+                let (start, cpu) = (Instant::now(), cpu_seconds());
                 let mut steps = Vec::new();
                 let mut at = start;
                 let s = model
@@ -130,6 +160,7 @@ pub fn run<O: SparseOptimizer + Send>(
                 Ok((
                     Timing {
                         secs,
+                        cpu: cpu_seconds() - cpu,
                         words: s.words,
                         kept: s.kept,
                     },
@@ -149,10 +180,11 @@ pub fn run<O: SparseOptimizer + Send>(
             last[i] = Some(table);
         }
         let mut classic = Classic::new(&corpus.counts, cfg, bench.seed);
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         let s = classic.epoch(sentences, bench.classic_lr, 0, corpus.tokens());
         let timing = Timing {
             secs: start.elapsed().as_secs_f64(),
+            cpu: cpu_seconds() - cpu,
             words: s.words,
             kept: s.kept,
         };
@@ -169,16 +201,19 @@ pub fn run<O: SparseOptimizer + Send>(
     let classic = &timings[k];
     say!(
         out,
-        "medians of {} rounds (one epoch each, same corpus and settings):",
-        bench.rounds
+        "medians of {} rounds (one epoch each, same corpus and settings; load average {load_before} before, {} after):",
+        bench.rounds,
+        load_average()
     );
     say!(
         out,
-        "  {:<22} {:>16} {:>16} {:>12}{}",
+        "  {:<22} {:>16} {:>16} {:>12} {:>9} {:>9}{}",
         "loop",
         "effective w/s",
         "raw w/s",
         "vs classic",
+        "wall s",
+        "CPU s",
         if corpus.clusters.is_some() {
             "   same-cluster  pair AUC"
         } else {
@@ -213,27 +248,41 @@ pub fn run<O: SparseOptimizer + Send>(
         };
         say!(
             out,
-            "  {:<22} {:>16.0} {:>16.0} {:>11.2}x{quality}",
+            "  {:<22} {:>16.0} {:>16.0} {:>11.2}x {:>9.3} {:>9.3}{quality}",
             name,
             median(ts.iter().map(|t| t.effective()).collect()),
             median(ts.iter().map(|t| t.raw()).collect()),
-            ratio
+            ratio,
+            median(ts.iter().map(|t| t.secs).collect()),
+            median(ts.iter().map(|t| t.cpu).collect()),
         );
     }
     let undisturbed: Vec<f64> = fastest.iter().map(|f| f.iter().sum()).collect();
     for (i, &t) in bench.threads.iter().enumerate().skip(1) {
         let base = bench.threads[0];
-        let speedup = median(
+        let mut ratios: Vec<f64> = timings[i]
+            .iter()
+            .zip(&timings[0])
+            .map(|(a, b)| a.effective() / b.effective())
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        // CPU seconds per effective word, relative to `base` threads: what
+        // the extra threads cost in work (waiting threads spin a while).
+        let cpu = median(
             timings[i]
                 .iter()
                 .zip(&timings[0])
-                .map(|(a, b)| a.effective() / b.effective())
+                .map(|(a, b)| (a.cpu / a.kept as f64) / (b.cpu / b.kept as f64))
                 .collect(),
         );
         say!(
             out,
-            "speed-up from {base} to {t} threads: {speedup:.2}x (median of per-round ratios); \
-             {:.2}x on each step's fastest round ({:.0} vs {:.0} ms an epoch)",
+            "speed-up from {base} to {t} threads: {:.2}x (median of per-round ratios, {:.2}-{:.2}x); \
+             {:.2}x on each step's fastest round ({:.0} vs {:.0} ms an epoch); \
+             CPU time per word {cpu:.2}x",
+            median(ratios.clone()),
+            ratios[0],
+            ratios[ratios.len() - 1],
             undisturbed[0] / undisturbed[i],
             undisturbed[0] * 1e3,
             undisturbed[i] * 1e3
@@ -296,6 +345,9 @@ mod tests {
             "classic, 1 thread",
             "speed-up from 1 to 2 threads",
             "on each step's fastest round",
+            "CPU time per word",
+            "CPU s",
+            "load average",
         ] {
             assert!(text.contains(row), "{row} missing in\n{text}");
         }

@@ -96,7 +96,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     epochs: u64,
     /// Sentences per step [default: 256 with Adagrad, 64 with SGD]. Threads
-    /// meet once or twice a step, so larger steps waste less of a second
+    /// meet twice a step, so larger steps waste less of a second
     /// thread; SGD puts all of a step's gradient of a word into one update,
     /// so frequent words take larger steps, which diverge sooner (at 512 on
     /// the generated corpus).

@@ -20,7 +20,10 @@ embtable: ``out.backward(g)``, which updates the table). ``g`` is a fixed
 gradient, uniform in [-0.01, 0.01). The systems alternate in rounds (a
 warm-up step each, then ``--repeats`` timed steps per round), at 1 and 2
 threads (``torch.set_num_threads`` and ``embtable.set_num_threads``), and
-the medians over all rounds are reported. The Python boundary is the part
+the medians over all rounds are reported, with the forward's CPU time
+(the process's user + system time over the call, all threads: under load
+it moves less than wall time; torch's OpenMP threads may spin and add to
+theirs). The Python boundary is the part
 of embtable's step spent outside its native calls (``_embtable``'s own
 clock around every call that releases the GIL), as a share of the step.
 """
@@ -109,10 +112,11 @@ class EmbtableStep:
 
 def timed(fn, *args):
     native = _embtable.native_seconds()
+    cpu = time.process_time()
     start = time.perf_counter()
     result = fn(*args)
     wall = time.perf_counter() - start
-    return result, wall, _embtable.native_seconds() - native
+    return result, wall, _embtable.native_seconds() - native, time.process_time() - cpu
 
 
 def run(name: str, threads: int, rounds: int, repeats: int, weight: torch.Tensor):
@@ -120,16 +124,18 @@ def run(name: str, threads: int, rounds: int, repeats: int, weight: torch.Tensor
     embtable.set_num_threads(threads)
     ids, grad = make_inputs(name)
     systems = [TorchStep(weight), EmbtableStep(weight)]
-    times = {s.name: {"forward": [], "backward": [], "native": [], "step": []} for s in systems}
+    times = {s.name: {"forward": [], "backward": [], "native": [], "step": [], "forward_cpu": []}
+             for s in systems}
     for s in systems:  # warm-up: first-touch of the state, caches
         s.backward(s.forward(ids), grad)
     for _ in range(rounds):
         for s in systems:
             for _ in range(repeats):
-                out, fwd, nat_f = timed(s.forward, ids)
-                _, bwd, nat_b = timed(s.backward, out, grad)
+                out, fwd, nat_f, cpu_f = timed(s.forward, ids)
+                _, bwd, nat_b, _ = timed(s.backward, out, grad)
                 t = times[s.name]
                 t["forward"].append(fwd)
+                t["forward_cpu"].append(cpu_f)
                 t["backward"].append(bwd)
                 t["step"].append(fwd + bwd)
                 t["native"].append(nat_f + nat_b)
@@ -154,16 +160,18 @@ def main() -> int:
     )
     print(f"torch {torch.__version__}, embtable {embtable.__version__}, "
           f"{args.rounds} rounds x {args.repeats} steps, medians in ms")
-    print("| workload | threads | torch fwd | embtable fwd | fwd speedup | torch bwd+upd "
-          "| embtable bwd+upd | bwd+upd speedup | Python boundary |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | threads | torch fwd | embtable fwd | fwd speedup | fwd CPU torch / embtable "
+          "| torch bwd+upd | embtable bwd+upd | bwd+upd speedup | Python boundary |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.workloads:
         for threads in args.threads:
             med, boundary = run(name, threads, args.rounds, args.repeats, weight)
             t, e = med["torch"], med["embtable"]
             print(
                 f"| {name} | {threads} | {t['forward'] * 1e3:.1f} | {e['forward'] * 1e3:.1f} "
-                f"| {t['forward'] / e['forward']:.2f}x | {t['backward'] * 1e3:.1f} "
+                f"| {t['forward'] / e['forward']:.2f}x "
+                f"| {t['forward_cpu'] * 1e3:.1f} / {e['forward_cpu'] * 1e3:.1f} "
+                f"({t['forward_cpu'] / e['forward_cpu']:.2f}x) | {t['backward'] * 1e3:.1f} "
                 f"| {e['backward'] * 1e3:.1f} | {t['backward'] / e['backward']:.1f}x "
                 f"| {boundary * 100:.1f} % |",
                 flush=True,

@@ -191,8 +191,8 @@ pub fn check_rows_of(
     }
 }
 
-/// A new `float32` array of `shape`, zero-filled (NumPy takes zeroed pages
-/// from the system for large arrays, so this costs no extra pass).
+/// A new `float32` array of `shape`, zero-filled (`numpy.zeros`). Outputs
+/// the library overwrites in full come from `outputs::uninit_output`.
 pub fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
     PyArrayDyn::zeros(py, shape.to_vec(), false)
 }

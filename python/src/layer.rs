@@ -18,6 +18,7 @@ use crate::bags::{BagArgs, with_bags};
 use crate::errors::{IntoPy, in_file, value_error};
 use crate::grad::{Grad, check_bag_grad};
 use crate::optim::{AnyOptimizer, Optimizer, Shared, state_from_py, state_to_py};
+use crate::outputs;
 use crate::table::{Table, output};
 use crate::threads::run;
 
@@ -355,7 +356,7 @@ impl Layer {
         let grad_out = arrays::floats(grad_out, "grad_out")?;
         check_bag_grad(&grad_out, args.bags(), self.inner.table().dim())?;
         let values = grad_out.as_slice()?;
-        let out = arrays::zeros(py, &ids_shape);
+        let out = outputs::uninit_output(py, &ids_shape)?; // one value per id, all written
         let mut guard = out.readwrite();
         let dst = guard.as_slice_mut()?;
         let table = self.inner.table();

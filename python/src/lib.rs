@@ -15,6 +15,7 @@ mod grad;
 mod io;
 mod layer;
 mod optim;
+mod outputs;
 mod schedule;
 mod table;
 mod threads;

@@ -10,6 +10,7 @@ use crate::arrays;
 use crate::bags::{BagArgs, with_bags};
 use crate::errors::{IntoPy, value_error};
 use crate::grad::Grad;
+use crate::outputs;
 use crate::threads::run;
 
 /// A `num_rows × dim` float32 table (64-byte aligned rows, one allocation).
@@ -62,7 +63,8 @@ pub fn to_numpy<'py>(
     Ok(out)
 }
 
-/// Writes the output of a lookup into `out` or a new array of `shape`.
+/// Where a lookup writes its output: the caller's `out` or a new array of
+/// `shape` (not zeroed: the library writes every value).
 pub fn output<'py>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
@@ -70,7 +72,7 @@ pub fn output<'py>(
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     match out {
         Some(out) if !out.is_none() => arrays::out_array(out, shape),
-        _ => Ok(arrays::zeros(py, shape)),
+        _ => outputs::uninit_output(py, shape),
     }
 }
 

@@ -85,8 +85,9 @@ impl RowMeta {
     }
 }
 
-/// Entries this far ahead have their row's meta prefetched while compacting.
-const COMPACT_AHEAD: usize = 16;
+/// Entries this far ahead have their row's meta prefetched while compacting
+/// or walking to the oldest live entry.
+const COMPACT_AHEAD: usize = 64;
 
 /// An LFU entry: `(count, call, key, row)`, the first to go the least.
 type Ranked = (u64, u64, u64, u32);
@@ -163,15 +164,6 @@ impl Order {
                 }
                 None
             }
-        }
-    }
-
-    /// The row of the LRU entry `ahead` places from the front (stale or
-    /// not), to prefetch what evicting it will touch.
-    pub(crate) fn upcoming(&self, ahead: usize) -> Option<u32> {
-        match self {
-            Order::Recency(queue) => queue.get(ahead).map(|&(_, row)| row),
-            Order::Frequency(..) => None,
         }
     }
 
@@ -308,8 +300,14 @@ impl Order {
 }
 
 /// The front row of `queue` that is still current, dropping stale entries.
+/// Most entries met at the front are stale (their row was used again
+/// since): each one's row is prefetched [`COMPACT_AHEAD`] entries ahead,
+/// as in a compaction, so that the walk does not wait on each.
 fn oldest(queue: &mut VecDeque<(u64, u32)>, meta: &[RowMeta]) -> Option<u32> {
     while let Some(&(call, row)) = queue.front() {
+        if let Some(&(_, ahead)) = queue.get(COMPACT_AHEAD) {
+            crate::kernels::prefetch(meta.as_ptr().wrapping_add(ahead as usize).cast());
+        }
         let m = meta[row as usize];
         if m.occupied() && m.call == call {
             return Some(row);

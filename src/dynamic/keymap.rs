@@ -68,13 +68,6 @@ impl KeyMap {
     }
 
     #[inline(always)]
-    fn home(&self, key: u64) -> usize {
-        // `shift` is below 64 whenever there are slots; an empty map has
-        // none and is never probed.
-        (mix(key ^ SALT) >> self.shift) as usize
-    }
-
-    #[inline(always)]
     fn mask(&self) -> usize {
         self.slots.len() - 1
     }
@@ -82,11 +75,27 @@ impl KeyMap {
     /// The row of `key`, if it has one.
     #[inline(always)]
     pub(crate) fn get(&self, key: u64) -> Option<u32> {
+        self.get_from(key, self.home_of(key))
+    }
+
+    /// The slot where `key`'s probe starts (meaningless for an empty map,
+    /// which is never probed): for a caller that hashes a key once to
+    /// [`prefetch_home`](Self::prefetch_home) it and later
+    /// [`get_from`](Self::get_from) it.
+    #[inline(always)]
+    pub(crate) fn home_of(&self, key: u64) -> usize {
+        // `shift` is below 64: 0 for an empty map, else 64 - log2(slots).
+        (mix(key ^ SALT) >> self.shift) as usize
+    }
+
+    /// The row of `key`, whose home slot is `home` ([`home_of`](Self::home_of)).
+    #[inline(always)]
+    pub(crate) fn get_from(&self, key: u64, home: usize) -> Option<u32> {
         if self.slots.is_empty() {
             return None;
         }
         let mask = self.mask();
-        let mut i = self.home(key);
+        let mut i = home & mask;
         loop {
             // SAFETY: `i <= mask < slots.len()`.
             let slot = unsafe { self.slots.get_unchecked(i) };
@@ -103,9 +112,57 @@ impl KeyMap {
     /// Starts loading the slot where `key`'s probe begins.
     #[inline(always)]
     pub(crate) fn prefetch(&self, key: u64) {
+        self.prefetch_home(self.home_of(key));
+    }
+
+    /// Starts loading slot `home` ([`home_of`](Self::home_of)).
+    #[inline(always)]
+    pub(crate) fn prefetch_home(&self, home: usize) {
         if !self.slots.is_empty() {
-            let slot = self.slots.as_ptr().wrapping_add(self.home(key));
+            let slot = self.slots.as_ptr().wrapping_add(home);
             crate::kernels::prefetch(slot.cast());
+        }
+    }
+
+    /// Empties the map and sizes it for `keys` keys, reusing its
+    /// allocation: a scratch map for one batch, whose slots a batch's worth
+    /// of keys keeps within the caches.
+    pub(crate) fn clear_for(&mut self, keys: usize) {
+        let slots = Self::slots_for(keys);
+        self.slots.clear();
+        self.slots.resize(slots, Slot::default());
+        self.shift = 64 - slots.trailing_zeros();
+        self.len = 0;
+    }
+
+    /// The row of `key`, or `row` (`row > 0`) once inserted for it if it
+    /// had none; room was made with [`clear_for`](Self::clear_for) or
+    /// [`reserve`](Self::reserve).
+    ///
+    /// # Panics
+    /// If `key` is new and there is no room (a bug: the caller sizes the
+    /// map first).
+    #[inline(always)]
+    pub(crate) fn get_or_insert(&mut self, key: u64, row: u32) -> u32 {
+        debug_assert!(row != 0);
+        let mask = self.mask();
+        let mut i = self.home_of(key);
+        loop {
+            // SAFETY: `i <= mask < slots.len()`.
+            let slot = unsafe { self.slots.get_unchecked_mut(i) };
+            if slot.row == 0 {
+                assert!(
+                    Self::slots_for(self.len + 1) <= mask + 1,
+                    "key map insert without room"
+                );
+                *slot = Slot { key, row };
+                self.len += 1;
+                return row;
+            }
+            if slot.key == key {
+                return slot.row;
+            }
+            i = (i + 1) & mask;
         }
     }
 
@@ -151,7 +208,7 @@ impl KeyMap {
 
     fn place(&mut self, slot: Slot) {
         let mask = self.mask();
-        let mut i = self.home(slot.key);
+        let mut i = self.home_of(slot.key);
         while self.slots[i].row != 0 {
             i = (i + 1) & mask;
         }
@@ -164,7 +221,7 @@ impl KeyMap {
             return None;
         }
         let mask = self.mask();
-        let mut hole = self.home(key);
+        let mut hole = self.home_of(key);
         while self.slots[hole].key != key || self.slots[hole].row == 0 {
             if self.slots[hole].row == 0 {
                 return None;
@@ -181,7 +238,7 @@ impl KeyMap {
             if slot.row == 0 {
                 break;
             }
-            let home = self.home(slot.key);
+            let home = self.home_of(slot.key);
             let stays = if hole <= j {
                 hole < home && home <= j
             } else {
@@ -234,12 +291,30 @@ mod tests {
     }
 
     #[test]
+    fn a_scratch_map_numbers_each_key_once() {
+        let mut map = KeyMap::default();
+        map.reserve(1000).unwrap();
+        for round in 0..3u64 {
+            let keys: Vec<u64> = (0..300).map(|i| mix(i % 97 + round)).collect();
+            map.clear_for(keys.len());
+            let mut first = BTreeMap::new();
+            for &k in &keys {
+                let next = first.len() as u32 + 1;
+                let row = *first.entry(k).or_insert(next);
+                assert_eq!(map.get_or_insert(k, next), row);
+            }
+            assert_eq!((map.len(), first.len()), (97, 97));
+            assert_eq!(map.slots.len(), KeyMap::slots_for(300));
+        }
+    }
+
+    #[test]
     fn wraps_around_the_end_of_the_slots() {
         let mut map = KeyMap::default();
         map.reserve(8).unwrap();
         // Keys whose home is the last slot, so their run wraps to slot 0.
         let last: Vec<u64> = (0..)
-            .filter(|&k| map.home(k) == map.slots.len() - 1)
+            .filter(|&k| map.home_of(k) == map.slots.len() - 1)
             .take(4)
             .collect();
         for (i, &k) in last.iter().enumerate() {

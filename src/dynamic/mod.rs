@@ -93,6 +93,7 @@ mod admission;
 mod changes;
 mod checkpoint;
 mod eviction;
+mod fill;
 mod keymap;
 mod layer;
 mod table;

@@ -1,12 +1,12 @@
 //! `DynamicTable`: rows created for keys as they arrive, in one aligned
 //! [`EmbeddingTable`] that every kernel and optimizer works on unchanged.
 
-use hashbrown::HashMap;
 use rayon::prelude::*;
 
 use super::admission::{Admission, Pending};
 use super::changes::ChangeLog;
 use super::eviction::{Eviction, Order, RowMeta};
+use super::fill::Filler;
 use super::keymap::KeyMap;
 use super::{Capacity, DynamicConfig, Memory, Stats};
 use crate::aligned::{SendPtr, checked_stride};
@@ -28,18 +28,13 @@ const FIRST_ROWS: usize = 16;
 
 /// Ids this far ahead have their key's slot prefetched: far enough for a
 /// DRAM fetch to land while the ids in between are probed.
-const PROBE_AHEAD: usize = 16;
+const PROBE_AHEAD: usize = 32;
 
 /// Positions this far ahead have their row's bookkeeping prefetched.
-const META_AHEAD: usize = 16;
+const META_AHEAD: usize = 32;
 
-/// Admissions this far ahead have their map slot (and their victim's
-/// bookkeeping and slot) prefetched.
+/// Evicted and admitted keys this far ahead have their map slot prefetched.
 const ADMIT_AHEAD: usize = 8;
-
-/// Fresh rows this far ahead have their storage prefetched while a row is
-/// drawn.
-const FILL_AHEAD: usize = 2;
 
 /// Fresh rows filled per task.
 const FILL_TASK_ROWS: usize = 256;
@@ -97,7 +92,8 @@ struct NewKey {
 struct Scratch {
     /// The new keys, in the order of their first position.
     news: Vec<NewKey>,
-    index: HashMap<u64, usize>,
+    /// Each new key's place in `news`, plus one.
+    index: KeyMap,
     /// `(position, new key)` of every position naming a new key.
     positions: Vec<(usize, usize)>,
     /// Rows that already had a key and were used, in first-use order.
@@ -113,7 +109,7 @@ struct Scratch {
 impl Scratch {
     fn bytes(&self) -> usize {
         self.news.capacity() * size_of::<NewKey>()
-            + self.index.allocation_size()
+            + self.index.bytes()
             + self.positions.capacity() * size_of::<(usize, usize)>()
             + self.touched.capacity() * size_of::<u32>()
             + self.fresh.capacity() * size_of::<usize>()
@@ -464,6 +460,13 @@ impl DynamicTable {
         optimizer: &mut dyn SparseOptimizer,
         rows: &mut Vec<u32>,
     ) -> Result<()> {
+        if ids.len() >= u32::MAX as usize {
+            return Err(Error::ShapeMismatch {
+                what: "ids in one translation (at most u32::MAX - 1)",
+                expected: u32::MAX as usize - 1,
+                got: ids.len(),
+            });
+        }
         rows.clear();
         rows.resize(ids.len(), DEFAULT_ROW);
         self.probe(ids, rows);
@@ -551,7 +554,8 @@ impl DynamicTable {
     }
 
     /// Fills `scratch.news` and `scratch.positions` from the positions
-    /// whose key has no row.
+    /// whose key has no row. The new keys are numbered in a scratch map
+    /// sized for this batch's misses, each probe prefetched a few ahead.
     fn collect_new_keys<I: Index>(&mut self, ids: &[I], rows: &[u32]) {
         let Scratch {
             news,
@@ -560,24 +564,31 @@ impl DynamicTable {
             ..
         } = &mut self.scratch;
         news.clear();
-        index.clear();
         positions.clear();
-        for (j, (&row, &id)) in rows.iter().zip(ids).enumerate() {
-            if row != DEFAULT_ROW {
-                continue;
+        positions.extend(
+            rows.iter()
+                .enumerate()
+                .filter(|&(_, &row)| row == DEFAULT_ROW)
+                .map(|(j, _)| (j, 0)),
+        );
+        index.clear_for(positions.len());
+        for i in 0..positions.len() {
+            if let Some(&(ahead, _)) = positions.get(i + PROBE_AHEAD) {
+                index.prefetch(key_of(ids[ahead]));
             }
-            let key = key_of(id);
-            let k = *index.entry(key).or_insert_with(|| {
+            let key = key_of(ids[positions[i].0]);
+            // Fits: a batch has fewer than `u32::MAX` ids (`translate_into`).
+            let k = index.get_or_insert(key, news.len() as u32 + 1) as usize - 1;
+            if k == news.len() {
                 news.push(NewKey {
                     key,
                     occurrences: 0,
                     admit: false,
                     row: DEFAULT_ROW,
                 });
-                news.len() - 1
-            });
+            }
             news[k].occurrences = news[k].occurrences.saturating_add(1);
-            positions.push((j, k));
+            positions[i].1 = k;
         }
     }
 
@@ -664,7 +675,11 @@ impl DynamicTable {
 
     /// Gives rows to the new keys that are admitted, in first-position
     /// order, evicting when the table is full; counts the others'
-    /// sightings.
+    /// sightings. The rows are chosen first, then the key map changes in
+    /// two runs, the evicted keys out and the admitted ones in, each probe
+    /// prefetched a few keys ahead: the same keys end with the same rows as
+    /// when each key is removed and inserted in turn, without each
+    /// admission waiting on two probes of a map far larger than the caches.
     fn admit(&mut self, admission: Admission, call: u64, now: u64) {
         let counting = matches!(admission, Admission::AfterSightings(_));
         let pending_limit = self.limit;
@@ -676,20 +691,8 @@ impl DynamicTable {
         } = &mut self.scratch;
         fresh.clear();
         evicted.clear();
-        for i in 0..news.len() {
-            // Each admission probes the map where its key goes, and each
-            // eviction reads the victim's bookkeeping and probes the map
-            // for its key: start those loads a few admissions ahead.
-            if let Some(ahead) = news.get(i + ADMIT_AHEAD) {
-                self.map.prefetch(ahead.key);
-            }
-            if let Some(r) = self.order.upcoming(2 * ADMIT_AHEAD) {
-                kernels::prefetch(self.meta.as_ptr().wrapping_add(r as usize).cast());
-            }
-            if let Some(r) = self.order.upcoming(ADMIT_AHEAD) {
-                self.map.prefetch(self.meta[r as usize].key);
-            }
-            let new = &mut news[i];
+        let mut keys = self.map.len();
+        for new in news.iter_mut() {
             if !new.admit {
                 if counting {
                     self.pending
@@ -697,16 +700,15 @@ impl DynamicTable {
                 }
                 continue;
             }
-            let row = if self.map.len() >= self.limit {
+            let free = if keys >= self.limit {
                 None
             } else {
                 self.free.pop()
             };
-            let row = row.or_else(|| {
+            keys += free.is_some() as usize;
+            let row = free.or_else(|| {
                 let victim = self.order.victim(self.config.eviction, &self.meta, now)?;
-                let old = self.meta[victim as usize].key;
-                self.map.remove(old);
-                evicted.push((victim as usize, old));
+                evicted.push((victim as usize, self.meta[victim as usize].key));
                 self.stats.evicted += 1;
                 Some(victim)
             });
@@ -721,7 +723,6 @@ impl DynamicTable {
             if counting {
                 self.pending.remove(new.key);
             }
-            self.map.insert(new.key, row);
             self.meta[row as usize] = RowMeta {
                 key: new.key,
                 count: u64::from(new.occurrences),
@@ -731,6 +732,18 @@ impl DynamicTable {
             new.row = row;
             fresh.push(row as usize);
             self.stats.admitted += 1;
+        }
+        for (i, &(_, key)) in evicted.iter().enumerate() {
+            if let Some(&(_, ahead)) = evicted.get(i + ADMIT_AHEAD) {
+                self.map.prefetch(ahead);
+            }
+            self.map.remove(key);
+        }
+        for (i, &row) in fresh.iter().enumerate() {
+            if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
+                self.map.prefetch(self.meta[ahead].key);
+            }
+            self.map.insert(self.meta[row].key, row as u32);
         }
     }
 
@@ -753,26 +766,22 @@ impl DynamicTable {
         if fresh.is_empty() {
             return Ok(());
         }
-        let (init, seed, dim) = (self.config.init, self.config.seed, self.dim());
-        let stride = self.weights.stride();
+        let filler = Filler::new(self.config.init, self.config.seed);
+        let (dim, stride) = (self.dim(), self.weights.stride());
         let meta = &self.meta;
         let base = SendPtr(self.weights.as_padded_mut().as_mut_ptr());
         fresh.par_chunks(FILL_TASK_ROWS).for_each(|rows| {
-            for (i, &r) in rows.iter().enumerate() {
-                // A fresh row is usually a victim's, long out of the
-                // caches: start loading the rows a few ahead while this
-                // one is drawn.
-                if let Some(&ahead) = rows.get(i + FILL_AHEAD) {
-                    kernels::prefetch_lines_l2(base.get().wrapping_add(ahead * stride), dim);
-                }
+            for &r in rows {
                 // SAFETY: `r` is a row of the storage, and `fresh` holds
                 // each row once (a row given to a new key is pinned for the
                 // rest of the call, so it is never given again), so this
-                // task alone writes its `dim` floats.
+                // task alone writes its padded row, which starts a cache
+                // line (the storage is 64-byte aligned, strides whole lines).
                 let row =
-                    unsafe { std::slice::from_raw_parts_mut(base.get().add(r * stride), dim) };
-                init.fill_key_row(seed, meta[r].key, row);
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(r * stride), stride) };
+                filler.fill(meta[r].key, row, dim);
             }
+            filler.finish();
         });
         if let Some(changes) = &mut self.changes {
             changes.mark(fresh.iter().copied());
@@ -932,16 +941,22 @@ const TASK_FLOATS: usize = 1 << 16;
 const TASK_IDS: usize = 4096;
 
 /// Probes `ids` one after the other, each key's slot prefetched
-/// [`PROBE_AHEAD`] ids ahead.
+/// [`PROBE_AHEAD`] ids ahead. Each key is hashed once: its home slot waits
+/// in a ring from its prefetch to its probe.
 fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
-    for &id in ids.iter().take(PROBE_AHEAD) {
-        map.prefetch(key_of(id));
+    let mut homes = [0usize; PROBE_AHEAD];
+    for (home, &id) in homes.iter_mut().zip(ids) {
+        *home = map.home_of(key_of(id));
+        map.prefetch_home(*home);
     }
     for (j, (row, &id)) in rows.iter_mut().zip(ids).enumerate() {
+        let home = &mut homes[j % PROBE_AHEAD];
+        let here = *home;
         if let Some(&ahead) = ids.get(j + PROBE_AHEAD) {
-            map.prefetch(key_of(ahead));
+            *home = map.home_of(key_of(ahead));
+            map.prefetch_home(*home);
         }
-        *row = map.get(key_of(id)).unwrap_or(DEFAULT_ROW);
+        *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
     }
 }
 

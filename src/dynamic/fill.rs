@@ -1,0 +1,239 @@
+//! Filling the rows of admitted keys with their initial values.
+//!
+//! A key's row starts as `Init::fill_key_row` draws it (row `k` of a fixed
+//! table for key `k`). Drawn one float at a time, 128 floats of the default
+//! uniform init cost about as much as the rest of a key's translation, and
+//! each store to a row long out of the caches (a victim's) first waits for
+//! the line to be read. For the uniform init on AVX2, eight draws of
+//! SplitMix64 are made at once in 64-bit lanes and whole cache lines are
+//! stored non-temporally: the same values, bit for bit (the tests draw every
+//! row both ways), without the wait or the read. Other inits, and other
+//! CPUs, draw one at a time.
+
+use crate::Init;
+use crate::init::mix;
+use crate::kernels::{self, Tier};
+
+/// How rows are filled, chosen once per batch of admissions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Filler {
+    init: Init,
+    seed: u64,
+    /// Whether the AVX2 uniform fill runs (the CPU has it, the tier in use
+    /// allows it, and the init is uniform).
+    wide: bool,
+}
+
+impl Filler {
+    pub(crate) fn new(init: Init, seed: u64) -> Self {
+        let tier = kernels::current();
+        let wide = cfg!(target_arch = "x86_64")
+            && matches!(tier, Tier::Avx2 | Tier::Avx512)
+            && matches!(init, Init::Uniform { .. });
+        Self { init, seed, wide }
+    }
+
+    /// Fills `row`, one whole padded row of the storage (64-byte aligned,
+    /// its pad lanes `dim..` zero), with `key`'s initial values; the pads
+    /// stay zero. Call [`finish`](Self::finish) before the rows are read by
+    /// another thread.
+    pub(crate) fn fill(&self, key: u64, row: &mut [f32], dim: usize) {
+        debug_assert!(dim <= row.len() && row.len().is_multiple_of(16));
+        debug_assert!((row.as_ptr() as usize).is_multiple_of(64));
+        #[cfg(target_arch = "x86_64")]
+        if self.wide
+            && let Init::Uniform { low, high } = self.init
+        {
+            // SAFETY: `wide` is set only when the tier in use is AVX2 or
+            // AVX-512, so this CPU has AVX2; `row` is whole 64-byte lines
+            // at a 64-byte boundary, as `fill_uniform_avx2` needs.
+            if unsafe { fill_uniform_avx2(self.seed, key, low, high, row, dim) } {
+                return;
+            }
+        }
+        self.init.fill_key_row(self.seed, key, &mut row[..dim]);
+    }
+
+    /// Orders the non-temporal stores of [`fill`](Self::fill) before any
+    /// later store of this thread (the rows are then read by others).
+    pub(crate) fn finish(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.wide {
+            // SAFETY: SSE is part of the x86-64 baseline.
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        }
+    }
+}
+
+/// `Init::Uniform`'s row for `key`, eight draws at a time, stored
+/// non-temporally; the lanes from `dim` on get zeros. Returns `false`,
+/// leaving `row` partly written, if a draw rounds to `high`: uniform
+/// draws that again, one at a time, which shifts the rest of the row's
+/// stream (about once in 2²⁴ draws for the default bounds).
+///
+/// The draws match `SplitMix64::unit_f32`: the stream of key `k` starts at
+/// `mix(seed ^ mix(k + γ))` and draw `i` is `mix(s + (i + 1)γ) >> 40`.
+/// SplitMix64's last step, `z ^ (z >> 31)`, leaves bits 40 and up alone,
+/// so it is skipped. Then `low + (high - low) * (u * 2⁻²⁴)`, the same
+/// three roundings as the scalar code (no fused multiply-add).
+///
+/// # Safety
+/// The CPU has AVX2; `row` starts at a 32-byte boundary and its length is
+/// a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_uniform_avx2(
+    seed: u64,
+    key: u64,
+    low: f32,
+    high: f32,
+    row: &mut [f32],
+    dim: usize,
+) -> bool {
+    use std::arch::x86_64::*;
+
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    // `z * c` in each 64-bit lane, wrapping, from 32-bit products.
+    let mul64 = |z: __m256i, c_lo: __m256i, c_hi: __m256i| {
+        let low = _mm256_mul_epu32(z, c_lo);
+        let cross = _mm256_add_epi64(
+            _mm256_mul_epu32(_mm256_srli_epi64::<32>(z), c_lo),
+            _mm256_mul_epu32(z, c_hi),
+        );
+        _mm256_add_epi64(low, _mm256_slli_epi64::<32>(cross))
+    };
+    let c1 = 0xBF58_476D_1CE4_E5B9u64;
+    let c2 = 0x94D0_49BB_1331_11EBu64;
+    let (c1_lo, c1_hi) = (
+        _mm256_set1_epi64x(c1 as u32 as i64),
+        _mm256_set1_epi64x((c1 >> 32) as i64),
+    );
+    let (c2_lo, c2_hi) = (
+        _mm256_set1_epi64x(c2 as u32 as i64),
+        _mm256_set1_epi64x((c2 >> 32) as i64),
+    );
+    // Bits 40.. of SplitMix64's output for the states in `s`.
+    let top24 = |s: __m256i| {
+        let z = _mm256_xor_si256(s, _mm256_srli_epi64::<30>(s));
+        let z = mul64(z, c1_lo, c1_hi);
+        let z = _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z));
+        _mm256_srli_epi64::<40>(mul64(z, c2_lo, c2_hi))
+    };
+    let start = mix(seed ^ mix(key.wrapping_add(GAMMA)));
+    let lane = |i: u64| start.wrapping_add(GAMMA.wrapping_mul(i)) as i64;
+    let mut first = _mm256_set_epi64x(lane(4), lane(3), lane(2), lane(1));
+    let mut second = _mm256_set_epi64x(lane(8), lane(7), lane(6), lane(5));
+    let step = _mm256_set1_epi64x(GAMMA.wrapping_mul(8) as i64);
+    let scale = _mm256_set1_ps(1.0 / (1u64 << 24) as f32);
+    let (low_v, high_v) = (_mm256_set1_ps(low), _mm256_set1_ps(high));
+    let range = _mm256_set1_ps(high - low);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let out = row.as_mut_ptr();
+    for at in (0..row.len()).step_by(8) {
+        let v = if at < dim {
+            let (a, b) = (top24(first), top24(second));
+            first = _mm256_add_epi64(first, step);
+            second = _mm256_add_epi64(second, step);
+            // The low halves of the eight lanes, in order: the draws fit
+            // 24 bits, so the high halves are zero.
+            let halves = _mm256_castps_si256(_mm256_shuffle_ps::<0b10_00_10_00>(
+                _mm256_castsi256_ps(a),
+                _mm256_castsi256_ps(b),
+            ));
+            let draws = _mm256_permute4x64_epi64::<0b11_01_10_00>(halves);
+            let unit = _mm256_mul_ps(_mm256_cvtepi32_ps(draws), scale);
+            let v = _mm256_add_ps(low_v, _mm256_mul_ps(range, unit));
+            // Lanes from `dim` on are pads: zero, never a rejected draw.
+            let live = _mm256_cmpgt_epi32(_mm256_set1_epi32((dim - at).min(8) as i32), lanes);
+            let v = _mm256_and_ps(v, _mm256_castsi256_ps(live));
+            let rejected = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_NLT_UQ>(v, high_v),
+                _mm256_castsi256_ps(live),
+            );
+            if _mm256_movemask_ps(rejected) != 0 {
+                return false;
+            }
+            v
+        } else {
+            _mm256_setzero_ps()
+        };
+        // SAFETY: `at + 8 <= row.len()` (a multiple of 8) and `out + at`
+        // is 32-byte aligned, as the caller promises.
+        unsafe { _mm256_stream_ps(out.add(at), v) };
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aligned::AlignedBuf;
+
+    /// Every row of `init` drawn by the filler equals `fill_key_row`'s,
+    /// pads zero, for each tier this CPU has.
+    fn agrees(init: Init, dims: &[usize], keys: u64) {
+        for tier in Tier::available() {
+            kernels::with_tier(tier, || {
+                for &dim in dims {
+                    let stride = dim.next_multiple_of(16);
+                    let mut buf = AlignedBuf::zeroed(stride, "row").unwrap();
+                    let filler = Filler::new(init, 0x5eed ^ dim as u64);
+                    for key in 0..keys {
+                        let key = mix(key).rotate_left(dim as u32);
+                        let row = buf.as_mut_slice();
+                        row[..dim].fill(f32::NAN); // the pads are zero, as in the storage
+                        filler.fill(key, row, dim);
+                        filler.finish();
+                        let mut want = vec![0.0; dim];
+                        init.fill_key_row(0x5eed ^ dim as u64, key, &mut want);
+                        let got = &buf.as_slice()[..dim];
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{tier} {init:?} dim {dim} key {key}");
+                        if filler.wide {
+                            assert!(buf.as_slice()[dim..].iter().all(|&x| x == 0.0));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn rows_are_fill_key_rows_bit_for_bit() {
+        let dims = [1, 5, 8, 9, 16, 17, 33, 64, 70, 128];
+        agrees(Init::default(), &dims, 300);
+        agrees(
+            Init::Uniform {
+                low: -3.0,
+                high: 1e-3,
+            },
+            &dims,
+            100,
+        );
+        agrees(
+            Init::Normal {
+                mean: 0.5,
+                std: 2.0,
+            },
+            &[7, 128],
+            20,
+        );
+    }
+
+    #[test]
+    fn draws_that_round_to_high_are_drawn_again() {
+        // The floats near 1e8 are 8 apart: about half the draws round to
+        // `high` and are drawn again, which shifts the rest of the row.
+        agrees(
+            Init::Uniform {
+                low: 1e8,
+                high: 1e8 + 8.0,
+            },
+            &[3, 16, 128],
+            50,
+        );
+    }
+}
