@@ -735,9 +735,9 @@ impl Core {
 
     /// A fused step whose ids [`Groups`] holds, grouped for `table`: checks
     /// `grad_out` as `check` says (by default while copying the later
-    /// positions' rows next to each other), then applies. `Ok(false)`: the sums might overflow, nothing
-    /// was written, and the caller must step with a stored gradient (which
-    /// checks the sums).
+    /// positions' rows next to each other), then applies. `Ok(false)`: the
+    /// sums might overflow, nothing was written, and the caller must step
+    /// with a stored gradient (which checks the sums).
     ///
     /// ```text
     /// check grad_out finite, copying the later positions' rows to scratch (groups.rs)
