@@ -311,7 +311,7 @@ fn train<O: SparseOptimizer + Send>(
     if args.bench {
         say!(
             out,
-            "bench: skip-gram, dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step; classic loop: SGD lr 0.025 decaying linearly",
+            "bench: skip-gram, dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step; classic loop (one thread, and Hogwild on each thread count): SGD lr 0.025 decaying linearly",
             cfg.dim,
             cfg.window,
             cfg.negatives,
