@@ -607,17 +607,20 @@ pub(crate) struct Scanned {
 /// Scans `values` once: `Err(NonFinite)` naming the first NaN or infinite
 /// value, else what [`Scanned`] holds.
 pub(crate) fn scan(what: &'static str, values: &[f32]) -> Result<Scanned> {
-    // Large inputs are scanned in parallel (a max is the same in any order).
-    let tier = kernels::current();
-    let found = if values.len() < PARALLEL_MIN_FLOATS {
+    scan_all(kernels::current(), values).finish(what, values)
+}
+
+/// What a scan of all of `values` finds, in parallel for large inputs (a
+/// max is the same in any order).
+pub(crate) fn scan_all(tier: Tier, values: &[f32]) -> ScanPart {
+    if values.len() < PARALLEL_MIN_FLOATS {
         scan_part(tier, values)
     } else {
         values
             .par_chunks(PARALLEL_MIN_FLOATS)
             .map(|c| scan_part(tier, c))
             .reduce(ScanPart::default, ScanPart::merge)
-    };
-    found.finish(what, values)
+    }
 }
 
 /// What [`scan`] found in part of the values.

@@ -3,11 +3,14 @@
 //! yardstick embtable is measured against in the same run (`--bound`).
 //!
 //! Each is the loop a careful C programmer writes for one workload and
-//! nothing else: inputs checked once up front, then no bounds checks, no
-//! validation of values, no coalescing of repeated ids (a W5 loop applies
-//! each position's gradient row as it comes, as TensorFlow's raw sparse
-//! ops do), software prefetch of upcoming rows into L2, and non-temporal
-//! stores for outputs larger than the cache. With AVX2 and FMA the whole
+//! nothing else: inputs checked once up front, then no validation of
+//! values, software prefetch of upcoming rows into L2, and non-temporal
+//! stores for outputs larger than the cache. A W5 step has two: the bound,
+//! [`coalesced_update`], does the defined work (each row's gradient rows
+//! summed, then one update, as embtable's step: a test proves the same
+//! weights); [`update`] applies each position's gradient row as it comes,
+//! as TensorFlow's raw sparse ops do: less work (no grouping, and a
+//! different result), so only a lower reference. With AVX2 and FMA the whole
 //! loop is compiled for them, 8 lanes a vector; elsewhere plain loops the
 //! compiler vectorises. Several threads split the work as embtable does:
 //! gathers and bags by position, updates by row (a row's positions all go
@@ -301,7 +304,7 @@ mod portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{AHEAD, BagTask, POOL_AHEAD, Rows, Update, UpdateTask};
+    use super::{AHEAD, BagTask, ChainTask, POOL_AHEAD, Rows, Update, UpdateTask};
 
     /// Prefetches the `len` floats from `p` into L2 (a hint: never faults).
     #[inline(always)]
@@ -422,6 +425,17 @@ mod x86 {
         8 * V
     }
 
+    /// [`super::chain::update`] compiled for AVX2+FMA.
+    ///
+    /// # Safety
+    /// AVX2+FMA is available, and as [`super::coalesced_update`] says of
+    /// its tasks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn chain_update(t: ChainTask<'_>, mine: &mut Vec<u32>, heads: &mut Vec<u32>) {
+        // SAFETY: as the caller promises.
+        unsafe { super::chain::update(t, mine, heads) }
+    }
+
     /// # Safety
     /// AVX2+FMA is available, and as [`super::update`] says of its tasks.
     #[target_feature(enable = "avx2,fma")]
@@ -476,6 +490,451 @@ mod x86 {
                     };
                     _mm256_storeu_ps(w.add(v), wv);
                 }
+            }
+        }
+    }
+}
+
+/// A W5 optimizer, for the coalescing loop ([`coalesced_update`]), with
+/// WORKLOADS.md's settings (lr 0.01, ε 1e-10, state from 0).
+#[derive(Clone, Copy, Debug)]
+pub enum Rule {
+    /// `w -= lr·g`.
+    Sgd,
+    /// `h += g²; w -= lr·g/(√h + ε)`.
+    Adagrad,
+    /// `h += mean(g²)` (one float per row); `w -= lr·g/(√h + ε)`.
+    RowWiseAdagrad,
+    /// `ms = ρ·ms + (1−ρ)·g²; w -= lr·g/√(ms + ε)` (ρ 0.9).
+    RmsProp,
+    /// `m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; w -= lr·m/(√v + ε)`: Adam
+    /// without its bias correction (the traffic of Adam and FTRL).
+    TwoStates,
+}
+
+impl Rule {
+    /// State arrays the rule keeps beside the weights.
+    pub fn arrays(self) -> usize {
+        match self {
+            Rule::Sgd => 0,
+            Rule::Adagrad | Rule::RowWiseAdagrad | Rule::RmsProp => 1,
+            Rule::TwoStates => 2,
+        }
+    }
+
+    /// Floats per row of each state array, for rows of `stride` floats.
+    pub fn state_width(self, stride: usize) -> usize {
+        match self {
+            Rule::RowWiseAdagrad => 1,
+            _ => stride,
+        }
+    }
+}
+
+/// "None": no position, an unseen row.
+const NO: u32 = u32::MAX;
+
+/// Working memory of [`coalesced_update`], kept from one step to the next
+/// as a training loop keeps it.
+#[derive(Default)]
+pub struct Coalescer {
+    /// Per table row: `first << 32 | last`, its first and last position
+    /// in the batch, or all ones (between steps, every entry).
+    ends: Vec<u64>,
+    /// Per position: the next position of its row, or [`NO`].
+    next: Vec<u32>,
+    /// Per thread: its rows in first-seen order, and their first positions.
+    lists: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+/// The W5 step as defined: each distinct row of `ids` gets the sum of its
+/// positions' rows of `grad_out`, in batch order, then one update. Thread
+/// `t` of `T` takes the rows `t·R/T ≤ r < (t+1)·R/T` (`R` table rows):
+/// it walks all ids and chains each of its rows' positions, first to last,
+/// through a direct per-row array (no hashing, no sort); then, row after
+/// row in first-seen order, sums the chain's gradient rows in registers
+/// and updates weights and state, prefetching rows a few groups ahead
+/// (the weights', the state's, and every gradient row of the chain).
+#[allow(clippy::too_many_arguments)]
+pub fn coalesced_update(
+    rule: Rule,
+    c: &mut Coalescer,
+    weights: &mut [f32],
+    states: &mut [AlignedBuf],
+    stride: usize,
+    dim: usize,
+    ids: &[i64],
+    grad_out: &[f32],
+) {
+    let table = Rows {
+        values: weights,
+        stride,
+        dim,
+    };
+    table.check(ids);
+    let rows = weights.len() / stride;
+    assert!(dim.is_multiple_of(chain::BLOCK));
+    assert_eq!(grad_out.len(), ids.len() * dim);
+    assert!(ids.len() < NO as usize);
+    assert_eq!(states.len(), rule.arrays());
+    let width = rule.state_width(stride);
+    assert!(states.iter().all(|s| s.len() == rows * width));
+    if c.ends.len() != rows {
+        c.ends = vec![u64::MAX; rows];
+    }
+    c.next.resize(ids.len(), NO);
+    let threads = rayon::current_num_threads();
+    c.lists.resize_with(threads, Default::default);
+    let mut bufs = vec![Shared(weights.as_mut_ptr())];
+    bufs.extend(states.iter_mut().map(|s| Shared(s.as_mut_ptr())));
+    let (ends, next) = (
+        Shared(c.ends.as_mut_ptr().cast()),
+        Shared(c.next.as_mut_ptr().cast()),
+    );
+    let fast = fast_isa();
+    c.lists
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(t, (mine, heads))| {
+            let task = ChainTask {
+                rule,
+                bufs: &bufs,
+                stride,
+                dim,
+                ids,
+                grad_out,
+                rows: rows * t / threads..rows * (t + 1) / threads,
+                ends: ends.at(0).cast(),
+                next: next.at(0).cast(),
+            };
+            // SAFETY: the ids were checked against the weights (and so
+            // every state array), every position fits `u32`, and thread
+            // `t` touches only the rows of its range: their entries of
+            // `ends`, the entries of `next` at their positions, their rows
+            // of every buffer. AVX2+FMA was detected where it is used.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    return x86::chain_update(task, mine, heads);
+                }
+                let _ = fast;
+                chain::update(task, mine, heads)
+            }
+        });
+}
+
+/// One thread's share of a coalesced update.
+#[derive(Clone)]
+struct ChainTask<'a> {
+    rule: Rule,
+    /// The weights, then the state arrays.
+    bufs: &'a [Shared],
+    stride: usize,
+    dim: usize,
+    ids: &'a [i64],
+    grad_out: &'a [f32],
+    /// This thread's rows.
+    rows: std::ops::Range<usize>,
+    ends: *mut u64,
+    next: *mut u32,
+}
+
+/// The coalescing loop, written once over plain arrays of one block of
+/// columns (the compiler vectorises them for the target it is inlined into).
+mod chain {
+    use super::{AHEAD, ChainTask, NO, Rule};
+
+    /// Columns summed and updated at a time: 8 AVX2 vectors.
+    pub const BLOCK: usize = 64;
+    /// Groups ahead whose rows are prefetched.
+    const GROUPS_AHEAD: usize = AHEAD;
+    /// Ids ahead whose `ends` entry is prefetched.
+    const IDS_AHEAD: usize = 32;
+
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch cannot fault, whatever the address.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm_prefetch::<_MM_HINT_T1>(p.cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
+    #[inline(always)]
+    fn prefetch_row(p: *const f32, len: usize) {
+        for line in (0..len).step_by(16) {
+            prefetch(p.wrapping_add(line));
+        }
+    }
+
+    /// # Safety
+    /// As [`super::coalesced_update`] says of its tasks.
+    #[inline(always)]
+    pub unsafe fn update(t: ChainTask<'_>, mine: &mut Vec<u32>, heads: &mut Vec<u32>) {
+        // SAFETY: (all below) the entries of `ends` and `next` used are
+        // those of this thread's rows and their positions (caller).
+        unsafe {
+            mine.clear();
+            heads.clear();
+            let ids = t.ids;
+            for (j, &r) in ids.iter().enumerate() {
+                if let Some(&ahead) = ids.get(j + IDS_AHEAD)
+                    && t.rows.contains(&(ahead as usize))
+                {
+                    prefetch(t.ends.add(ahead as usize));
+                }
+                let r = r as usize;
+                if !t.rows.contains(&r) {
+                    continue;
+                }
+                let j = j as u32;
+                let end = t.ends.add(r);
+                *t.next.add(j as usize) = NO;
+                if *end == u64::MAX {
+                    *end = (j as u64) << 32 | j as u64;
+                    mine.push(r as u32);
+                    heads.push(j);
+                } else {
+                    *t.next.add(*end as u32 as usize) = j;
+                    *end = (*end & !(u32::MAX as u64)) | j as u64;
+                }
+            }
+            for k in 0..mine.len() {
+                if k + GROUPS_AHEAD < mine.len() {
+                    let (r, mut j) = (mine[k + GROUPS_AHEAD] as usize, heads[k + GROUPS_AHEAD]);
+                    prefetch_row(t.bufs[0].at(r * t.stride), t.dim);
+                    for b in &t.bufs[1..] {
+                        let width = t.rule.state_width(t.stride);
+                        prefetch_row(b.at(r * width), width.min(t.dim));
+                    }
+                    while j != NO {
+                        prefetch_row(t.grad_out.as_ptr().add(j as usize * t.dim), t.dim);
+                        j = *t.next.add(j as usize);
+                    }
+                }
+                row(&t, mine[k] as usize, heads[k]);
+            }
+            // Every entry back to unseen for the next step (a pass of its
+            // own: resetting each in the update loop kept fewer rows in
+            // flight there).
+            for &r in mine.iter() {
+                *t.ends.add(r as usize) = u64::MAX;
+            }
+        }
+    }
+
+    /// Sums the gradient rows of the chain from `head` into `g`, columns
+    /// `col..col + BLOCK`.
+    ///
+    /// # Safety
+    /// The chain's entries of `next` are this thread's.
+    #[inline(always)]
+    unsafe fn sum(t: &ChainTask<'_>, head: u32, col: usize, g: &mut [f32; BLOCK]) {
+        let at = |j: u32| &t.grad_out[j as usize * t.dim + col..][..BLOCK];
+        g.copy_from_slice(at(head));
+        // SAFETY: as the caller promises.
+        let mut j = unsafe { *t.next.add(head as usize) };
+        while j != NO {
+            for (g, x) in g.iter_mut().zip(at(j)) {
+                *g += x;
+            }
+            // SAFETY: as above.
+            j = unsafe { *t.next.add(j as usize) };
+        }
+    }
+
+    /// Updates row `r`, whose positions' chain starts at `head`.
+    ///
+    /// # Safety
+    /// Row `r` is this thread's, in every buffer.
+    #[inline(always)]
+    unsafe fn row(t: &ChainTask<'_>, r: usize, head: u32) {
+        let (lr, eps) = (0.01f32, 1e-10f32);
+        // SAFETY: row `r` of each buffer is this thread's (caller), and
+        // every block below ends within the row's `dim` floats.
+        let block = |k: usize, col: usize| unsafe {
+            &mut *t.bufs[k].at(r * t.stride + col).cast::<[f32; BLOCK]>()
+        };
+        let mut g = [0.0f32; BLOCK];
+        if let Rule::RowWiseAdagrad = t.rule {
+            // The mean of the squares needs the whole row first: 16
+            // partial sums, lane by lane (vectorised), then added up.
+            let mut partial = [0.0f32; 16];
+            for col in (0..t.dim).step_by(BLOCK) {
+                // SAFETY: the chain is this thread's.
+                unsafe { sum(t, head, col, &mut g) };
+                for part in g.chunks_exact(16) {
+                    for (p, x) in partial.iter_mut().zip(part) {
+                        *p += x * x;
+                    }
+                }
+            }
+            let squares: f32 = partial.iter().sum();
+            // SAFETY: the accumulator of row `r` is this thread's.
+            let h = unsafe { &mut *t.bufs[1].at(r) };
+            *h += squares / t.dim as f32;
+            let factor = lr / (h.sqrt() + eps);
+            for col in (0..t.dim).step_by(BLOCK) {
+                // SAFETY: as above.
+                unsafe { sum(t, head, col, &mut g) };
+                for (w, g) in block(0, col).iter_mut().zip(&g) {
+                    *w -= factor * g;
+                }
+            }
+            return;
+        }
+        for col in (0..t.dim).step_by(BLOCK) {
+            // SAFETY: the chain is this thread's.
+            unsafe { sum(t, head, col, &mut g) };
+            let w = block(0, col);
+            match t.rule {
+                Rule::Sgd => {
+                    for (w, g) in w.iter_mut().zip(&g) {
+                        *w -= lr * g;
+                    }
+                }
+                Rule::Adagrad => {
+                    for ((w, h), g) in w.iter_mut().zip(block(1, col)).zip(&g) {
+                        *h += g * g;
+                        *w -= lr * g / (h.sqrt() + eps);
+                    }
+                }
+                Rule::RmsProp => {
+                    for ((w, ms), g) in w.iter_mut().zip(block(1, col)).zip(&g) {
+                        *ms = 0.9 * *ms + 0.1 * (g * g);
+                        *w -= lr * g / (*ms + eps).sqrt();
+                    }
+                }
+                Rule::TwoStates => {
+                    let (m, v) = (block(1, col), block(2, col));
+                    for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(&g) {
+                        *m = 0.9 * *m + 0.1 * g;
+                        *v = 0.999 * *v + 0.001 * (g * g);
+                        *w -= lr * *m / (v.sqrt() + 1e-8);
+                    }
+                }
+                Rule::RowWiseAdagrad => unreachable!("updated above"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The coalescing loop does the work embtable's fused step does: the
+    //! same weights after the same steps.
+
+    use embtable::{
+        Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, Init, RmsProp, RmsPropConfig,
+        RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SparseOptimizer,
+    };
+
+    use super::*;
+
+    const ROWS: usize = 200;
+
+    /// Two steps of `opt` and of `rule` from the same weights, on batches
+    /// with rows repeated up to a dozen times, near and far apart, on
+    /// `threads` threads; the weights after each, as (library, bare).
+    fn both(
+        mut opt: impl SparseOptimizer + Send,
+        rule: Rule,
+        threads: usize,
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let dim = 128;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut table = EmbeddingTable::new(ROWS, dim, Init::default(), 3).unwrap();
+        let stride = table.stride();
+        let mut weights = AlignedBuf::zeroed(ROWS * stride, "weights").unwrap();
+        weights.as_mut_slice().copy_from_slice(table.as_padded());
+        let width = rule.state_width(stride);
+        let mut states: Vec<AlignedBuf> = (0..rule.arrays())
+            .map(|_| AlignedBuf::zeroed(ROWS * width, "state").unwrap())
+            .collect();
+        let mut scratch = Coalescer::default();
+        let mut after = Vec::new();
+        for seed in [1, 2] {
+            let ids: Vec<i64> = workloads::uniform(seed, 700, ROWS / 2)
+                .iter()
+                .map(|&r| r * 2 + seed as i64 % 2)
+                .collect();
+            let grad_out = workloads::values(seed + 10, ids.len() * dim, -1.0, 1.0);
+            pool.install(|| {
+                opt.step_lookup(&mut table, &ids, &grad_out).unwrap();
+                let w = weights.as_mut_slice();
+                coalesced_update(
+                    rule,
+                    &mut scratch,
+                    w,
+                    &mut states,
+                    stride,
+                    dim,
+                    &ids,
+                    &grad_out,
+                );
+            });
+            after.push((table.as_padded().to_vec(), weights.as_slice().to_vec()));
+        }
+        after
+    }
+
+    #[test]
+    fn sgd_and_adagrad_match_bit_for_bit() {
+        for threads in [1, 2, 3] {
+            let sgd = Sgd::new(SgdConfig {
+                lr: 0.01,
+                ..SgdConfig::torch()
+            });
+            for (library, bare) in both(sgd, Rule::Sgd, threads) {
+                assert_eq!(library, bare, "SGD, {threads} threads");
+            }
+            let adagrad = Adagrad::new(AdagradConfig::torch());
+            for (library, bare) in both(adagrad, Rule::Adagrad, threads) {
+                assert_eq!(library, bare, "Adagrad, {threads} threads");
+            }
+        }
+    }
+
+    /// Within `1e-5` of each weight's change, plus two of the weight's
+    /// last places (the sums of squares are reduced in another order, and
+    /// RMSprop's ε is added differently), so no more than rounding.
+    fn close(library: &[f32], bare: &[f32], before: &[f32], what: &str) {
+        for (j, ((l, b), w)) in library.iter().zip(bare).zip(before).enumerate() {
+            let tolerance = 1e-5 * (l - w).abs() + 2.0 * f32::EPSILON * l.abs();
+            assert!((l - b).abs() <= tolerance, "{what}: weight {j}: {l} vs {b}");
+        }
+    }
+
+    #[test]
+    fn row_wise_adagrad_and_rmsprop_match_closely() {
+        let before = EmbeddingTable::new(ROWS, 128, Init::default(), 3).unwrap();
+        for threads in [1, 2] {
+            let rowwise = RowWiseAdagrad::new(RowWiseAdagradConfig {
+                lr: 0.01,
+                initial_accumulator_value: 0.0,
+                epsilon: 1e-10,
+            });
+            for (library, bare) in both(rowwise, Rule::RowWiseAdagrad, threads) {
+                close(&library, &bare, before.as_padded(), "row-wise Adagrad");
+            }
+            let rmsprop = RmsProp::new(RmsPropConfig {
+                lr: 0.01,
+                rho: 0.9,
+                momentum: 0.0,
+                epsilon: 1e-10,
+                centered: false,
+                eps_placement: EpsPlacement::InsideSqrt,
+                weight_decay: 0.0,
+                semantics: Semantics::Lazy,
+            });
+            for (library, bare) in both(rmsprop, Rule::RmsProp, threads) {
+                close(&library, &bare, before.as_padded(), "RMSprop");
             }
         }
     }

@@ -22,8 +22,14 @@
 //! at least 15); `--tier T` to force a kernel tier; `--bound`: also time the
 //! bare hand-written loop of the workload (`bare.rs`) in the same process,
 //! in `--rounds K` interleaved rounds (default 3; medians of the rounds'
-//! medians). Each line is `<W> threads=<N> median_ms=<x>`, with
-//! ` bare_ms=<y> ratio=<x/y>` under `--bound`.
+//! medians). Each line is `<W> threads=<N> median_ms=<x> cpu_ms=<c>`
+//! (CPU time of the process, every thread, user + system), with
+//! ` bare_ms=<y> ratio=<x/y>` and `bare_cpu_ms` under `--bound`. A W5
+//! step's bound is the bare loop that coalesces repeated ids as the step
+//! does (sums each row's gradient rows, then updates the row once); the
+//! loop that applies each position as it comes, which is less work, is
+//! printed beside it as `uncoalesced_ms` (a lower reference, not the same
+//! work).
 
 mod bare;
 
@@ -96,10 +102,12 @@ fn parse_args() -> Result<Args, String> {
 /// One timed operation on buffers made outside the timed region.
 type Run = Box<dyn FnMut() + Send>;
 
-/// A prepared workload, and its bare loop under `--bound`.
+/// A prepared workload, and its bare loop under `--bound` (with, for W5,
+/// the lower reference that skips the coalescing).
 struct Workload {
     run: Run,
     bare: Option<Run>,
+    lower: Option<Run>,
 }
 
 fn gather(rows: usize, dim: usize, ids: Vec<i64>, bound: bool) -> Workload {
@@ -122,6 +130,7 @@ fn gather(rows: usize, dim: usize, ids: Vec<i64>, bound: bool) -> Workload {
     Workload {
         run: Box::new(move || table.lookup(&ids, out.as_mut_slice()).expect("lookup")),
         bare,
+        lower: None,
     }
 }
 
@@ -157,28 +166,55 @@ fn pooled(pooling: Pooling, weighted: bool, bound: bool) -> Workload {
                 .expect("pooled lookup")
         }),
         bare,
+        lower: None,
     }
 }
 
 /// W5: one step of `opt` on the 1,000,000 × 128 table with the gradient
 /// of a lookup of 262,144 `uniform(5)` ids; ids and gradient are made
 /// once. `checked`: through `step_lookup`, else `step_lookup_finite`.
+/// Under `--bound` the bound is the coalescing bare loop of `rule`, and
+/// the loop that applies each position as it comes (`update`) the lower
+/// reference.
 fn update<O: SparseOptimizer + Send + 'static>(
     mut opt: O,
     checked: bool,
-    bare_update: bare::Update,
+    (rule, update): (bare::Rule, bare::Update),
     bound: bool,
 ) -> Workload {
     let ids = Arc::new(workloads::uniform(5, BATCH, BIG_ROWS));
     let grad_out = Arc::new(workloads::values(50, BATCH * 128, -0.01, 0.01));
+    let buf = |len| AlignedBuf::zeroed(len, "bare table").expect("bare table");
     let bare = bound.then(|| {
         let (ids, grad_out) = (Arc::clone(&ids), Arc::clone(&grad_out));
-        let buf = || AlignedBuf::zeroed(BIG_ROWS * 128, "bare table").expect("bare table");
-        let mut weights = buf();
-        let mut states: Vec<AlignedBuf> = (0..bare_update.arrays()).map(|_| buf()).collect();
+        let mut weights = buf(BIG_ROWS * 128);
+        let width = rule.state_width(128);
+        let mut states: Vec<AlignedBuf> =
+            (0..rule.arrays()).map(|_| buf(BIG_ROWS * width)).collect();
+        let mut scratch = bare::Coalescer::default();
         Box::new(move || {
             let weights = weights.as_mut_slice();
-            bare::update(bare_update, weights, &mut states, 128, 128, &ids, &grad_out)
+            let (ids, grad_out) = (&ids[..], &grad_out[..]);
+            bare::coalesced_update(
+                rule,
+                &mut scratch,
+                weights,
+                &mut states,
+                128,
+                128,
+                ids,
+                grad_out,
+            )
+        }) as Run
+    });
+    let lower = bound.then(|| {
+        let (ids, grad_out) = (Arc::clone(&ids), Arc::clone(&grad_out));
+        let mut weights = buf(BIG_ROWS * 128);
+        let mut states: Vec<AlignedBuf> =
+            (0..update.arrays()).map(|_| buf(BIG_ROWS * 128)).collect();
+        Box::new(move || {
+            let weights = weights.as_mut_slice();
+            bare::update(update, weights, &mut states, 128, 128, &ids, &grad_out)
         }) as Run
     });
     let mut table = EmbeddingTable::new(BIG_ROWS, 128, Init::default(), 51).expect("table");
@@ -192,6 +228,7 @@ fn update<O: SparseOptimizer + Send + 'static>(
             .expect("step")
         }),
         bare,
+        lower,
     }
 }
 
@@ -207,10 +244,12 @@ fn coalesce() -> Workload {
             grad.accumulate_lookup(&ids, &grad_out).expect("accumulate")
         }),
         bare: None,
+        lower: None,
     }
 }
 
 fn prepare(name: &str, bound: bool) -> Option<Workload> {
+    use bare::Rule;
     use bare::Update::{OneState, Sgd as Plain, TwoStates};
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
     // WORKLOADS.md's W5: lr 0.01, ε 1e-10, state from 0.
@@ -240,10 +279,20 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
         "W4-sum" => pooled(Pooling::Sum, false, bound),
         "W4-mean" => pooled(Pooling::Mean, false, bound),
         "W4-wsum" => pooled(Pooling::Sum, true, bound),
-        "W5-sgd" => update(sgd(), true, Plain, bound),
-        "W5-sgd-finite" => update(sgd(), false, Plain, bound),
-        "W5-adagrad" => update(Adagrad::new(AdagradConfig::torch()), true, OneState, bound),
-        "W5-adagrad-finite" => update(Adagrad::new(AdagradConfig::torch()), false, OneState, bound),
+        "W5-sgd" => update(sgd(), true, (Rule::Sgd, Plain), bound),
+        "W5-sgd-finite" => update(sgd(), false, (Rule::Sgd, Plain), bound),
+        "W5-adagrad" => update(
+            Adagrad::new(AdagradConfig::torch()),
+            true,
+            (Rule::Adagrad, OneState),
+            bound,
+        ),
+        "W5-adagrad-finite" => update(
+            Adagrad::new(AdagradConfig::torch()),
+            false,
+            (Rule::Adagrad, OneState),
+            bound,
+        ),
         // One accumulator per row: the weights' traffic.
         "W5-rowwise-adagrad" => update(
             RowWiseAdagrad::new(RowWiseAdagradConfig {
@@ -252,7 +301,7 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
                 epsilon: 1e-10,
             }),
             true,
-            Plain,
+            (Rule::RowWiseAdagrad, Plain),
             bound,
         ),
         "W5-rmsprop" => update(
@@ -267,7 +316,7 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
                 semantics: Semantics::Lazy,
             }),
             true,
-            OneState,
+            (Rule::RmsProp, OneState),
             bound,
         ),
         // torch.optim.SparseAdam(lr=0.01): lazy, ε 1e-8.
@@ -277,7 +326,7 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
                 ..AdamConfig::torch_sparse()
             }),
             true,
-            TwoStates,
+            (Rule::TwoStates, TwoStates),
             bound,
         ),
         // Keras' FTRL defaults at lr 0.01, lazy (TensorFlow's sparse FTRL).
@@ -287,25 +336,66 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
                 ..FtrlConfig::keras_lazy()
             }),
             true,
-            TwoStates,
+            (Rule::TwoStates, TwoStates),
             bound,
         ),
         _ => return None,
     })
 }
 
-fn median_ms(run: &mut Run, runs: usize) -> f64 {
+/// CPU time of the whole process so far (user + system, every thread), in
+/// ms, where the OS says: on a shared machine it is what the load cannot
+/// stretch (unlike wall time), though rayon's workers spinning for work
+/// count too.
+fn cpu_ms() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: `getrusage` only writes the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+        ms(usage.ru_utime) + ms(usage.ru_stime)
+    }
+    #[cfg(not(unix))]
+    f64::NAN
+}
+
+/// Median wall and CPU time of `runs` calls, in ms.
+fn median_ms(run: &mut Run, runs: usize) -> Timing {
     for _ in 0..3 {
         run(); // warm-up: page faults, caches, thread wake-up
     }
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    median(&mut times)
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (start, start_cpu) = (Instant::now(), cpu_ms());
+        run();
+        wall.push(start.elapsed().as_secs_f64() * 1e3);
+        cpu.push(cpu_ms() - start_cpu);
+    }
+    Timing {
+        wall: median(&mut wall),
+        cpu: median(&mut cpu),
+    }
+}
+
+/// Median times of one workload, in ms.
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// The medians of rounds' medians.
+fn medians(rounds: &mut [Timing]) -> Timing {
+    let mut wall: Vec<f64> = rounds.iter().map(|t| t.wall).collect();
+    let mut cpu: Vec<f64> = rounds.iter().map(|t| t.cpu).collect();
+    Timing {
+        wall: median(&mut wall),
+        cpu: median(&mut cpu),
+    }
 }
 
 fn main() -> ExitCode {
@@ -328,19 +418,39 @@ fn main() -> ExitCode {
         let (runs, rounds) = (args.runs, args.rounds);
         let line = pool.install(|| {
             kernels::with_tier(args.tier, || match &mut workload.bare {
-                None => format!("median_ms={:.2}", median_ms(&mut workload.run, runs)),
+                None => {
+                    let t = median_ms(&mut workload.run, runs);
+                    format!("median_ms={:.2} cpu_ms={:.2}", t.wall, t.cpu)
+                }
                 Some(bare) => {
-                    // Interleaved rounds, so both see the same load.
-                    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                    // Interleaved rounds, so all see the same load.
+                    let (mut ours, mut theirs, mut lower) = (Vec::new(), Vec::new(), Vec::new());
                     for _ in 0..rounds {
                         ours.push(median_ms(&mut workload.run, runs));
                         theirs.push(median_ms(bare, runs));
+                        if let Some(run) = &mut workload.lower {
+                            lower.push(median_ms(run, runs));
+                        }
                     }
-                    let (ours, theirs) = (median(&mut ours), median(&mut theirs));
-                    format!(
-                        "median_ms={ours:.2} bare_ms={theirs:.2} ratio={:.2}",
-                        ours / theirs
-                    )
+                    let (ours, theirs) = (medians(&mut ours), medians(&mut theirs));
+                    let mut line = format!(
+                        "median_ms={:.2} bare_ms={:.2} ratio={:.2} cpu_ms={:.2} bare_cpu_ms={:.2}",
+                        ours.wall,
+                        theirs.wall,
+                        ours.wall / theirs.wall,
+                        ours.cpu,
+                        theirs.cpu
+                    );
+                    if !lower.is_empty() {
+                        let lower = medians(&mut lower);
+                        line += &format!(
+                            " uncoalesced_ms={:.2} uncoalesced_ratio={:.2} uncoalesced_cpu_ms={:.2}",
+                            lower.wall,
+                            ours.wall / lower.wall,
+                            lower.cpu
+                        );
+                    }
+                    line
                 }
             })
         });

@@ -35,6 +35,7 @@ use super::groups::Groups;
 use super::linear::{Coefs, Map};
 use super::{LrSchedule, OptimizerState, Semantics, SparseOptimizer, StateArray};
 use crate::aligned::{AlignedBuf, LANES_PER_LINE, SendPtr};
+use crate::grad::ScanPart;
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
 use crate::parallel::PARALLEL_MIN_FLOATS;
@@ -733,10 +734,10 @@ impl Core {
     }
 
     /// A fused step whose ids [`Groups`] holds, grouped for `table`: checks
-    /// `grad_out` while copying the later positions' rows next to each
-    /// other, then applies. `Ok(false)`: the sums might overflow, nothing
-    /// was written, and the caller must step with a stored gradient (which
-    /// checks the sums).
+    /// `grad_out` as `check` says (by default while copying the later
+    /// positions' rows next to each other), then applies. `Ok(false)`: the
+    /// sums might overflow, nothing was written, and the caller must step
+    /// with a stored gradient (which checks the sums).
     ///
     /// ```text
     /// check grad_out finite, copying the later positions' rows to scratch (groups.rs)
@@ -749,15 +750,24 @@ impl Core {
         config: &mut C,
         table: &mut EmbeddingTable,
         grad_out: &[f32],
-        check: bool,
+        check: Check,
     ) -> Result<bool> {
         let next = self.prepare(config, table)?;
         let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
         let tier = kernels::current();
-        let found = self
-            .groups
-            .copy_later(tier, grad_out, dim, table.stride(), check);
-        if check {
+        let stride = table.stride();
+        let found = match check {
+            Check::Scanned(found) => {
+                self.groups.copy_later(tier, grad_out, dim, stride, false);
+                Some(found)
+            }
+            Check::Scan => Some(self.groups.copy_later(tier, grad_out, dim, stride, true)),
+            Check::Skip => {
+                self.groups.copy_later(tier, grad_out, dim, stride, false);
+                None
+            }
+        };
+        if let Some(found) = found {
             let scanned = found.finish("gradient", grad_out)?;
             let bound = scanned.max_abs as f64 * ids as f64;
             if !crate::grad::sums_proven_finite(bound, ids as u64) {
@@ -1555,8 +1565,19 @@ pub(crate) trait Fused {
         &mut self,
         table: &mut EmbeddingTable,
         grad_out: &[f32],
-        check: bool,
+        check: Check,
     ) -> Result<bool>;
+}
+
+/// How a fused step checks that `grad_out` is finite.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Check {
+    /// While copying the later positions' rows (one pass over `grad_out`).
+    Scan,
+    /// Already done, with this result.
+    Scanned(ScanPart),
+    /// Not at all ([`SparseOptimizer::step_lookup_finite`]).
+    Skip,
 }
 
 /// An optimizer's fused lookup step, handed to the provided
@@ -1570,7 +1591,8 @@ pub struct FusedStep<'a>(pub(crate) &'a mut dyn Fused);
 /// ```text
 /// validate config, shapes, ids < table.rows()
 /// group the positions by row (groups.rs): rows in first-seen order   (generic over the id type)
-/// check grad_out finite, copying the later positions' rows to scratch
+///     on several threads, the others check grad_out finite meanwhile
+/// copy the later positions' rows to scratch (checking grad_out in the same pass on one thread)
 /// if the sums might overflow: accumulate a SparseGrad and step (it checks the sums)
 /// DenseExact: catch-up plan per row, as step
 /// update each row with 0 + its positions' gradient rows, in batch order
@@ -1589,8 +1611,28 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
         fused.check_lookup(table, ids.len(), grad_out.len())?;
         crate::index::validate_ids(ids, table.rows())?;
         if Groups::fits(ids.len()) {
+            let (rows, groups) = (table.rows(), fused.groups());
             // SAFETY: ids were validated against `table.rows()` and fit.
-            unsafe { fused.groups().build(ids, table.rows()) };
+            let mut group = || unsafe { groups.build(ids, rows) };
+            let check = match check {
+                false => {
+                    group();
+                    Check::Skip
+                }
+                // The grouping runs on one thread below SHARD_MIN_THREADS:
+                // the others scan the gradient meanwhile.
+                true if rayon::current_num_threads() > 1 => {
+                    let tier = kernels::current();
+                    let scan = || crate::grad::scan_all(tier, grad_out);
+                    Check::Scanned(rayon::join(group, scan).1)
+                }
+                // On one thread the scan is fused with the copy of the
+                // later rows, which it brings into the cache.
+                true => {
+                    group();
+                    Check::Scan
+                }
+            };
             if fused.step_grouped(table, grad_out, check)? {
                 return Ok(());
             }

@@ -207,7 +207,7 @@ macro_rules! sparse_optimizer {
                 &mut self,
                 table: &mut $crate::EmbeddingTable,
                 grad_out: &[f32],
-                check: bool,
+                check: $crate::optim::engine::Check,
             ) -> $crate::Result<bool> {
                 self.core
                     .step_grouped(&mut self.config, table, grad_out, check)
