@@ -1,5 +1,7 @@
 //! `--bench`: the trainer's words per second on each thread count beside
-//! the classic single-threaded loop ([`crate::classic`]), on the same
+//! the classic single-threaded loop ([`crate::classic`]) and the classic
+//! loop run Hogwild on each thread count (its speed-up from one to two
+//! threads is what the established tools get on this machine), on the same
 //! corpus with the same settings, in interleaved rounds (so a noisy
 //! neighbour slows every contender alike), reported as medians.
 //!
@@ -116,9 +118,10 @@ pub fn run<O: SparseOptimizer + Send>(
         unreachable!("to_ids gives ids");
     };
     let k = bench.threads.len();
-    // timings[i] for i < k: the trainer on threads[i]; timings[k]: classic.
-    let mut timings: Vec<Vec<Timing>> = vec![Vec::new(); k + 1];
-    let mut last: Vec<Option<embtable::EmbeddingTable>> = vec![None; k + 1];
+    // timings[i] for i < k: the trainer on threads[i]; timings[k]: classic;
+    // timings[k + 1 + i]: classic Hogwild on threads[i].
+    let mut timings: Vec<Vec<Timing>> = vec![Vec::new(); 2 * k + 1];
+    let mut last: Vec<Option<embtable::EmbeddingTable>> = vec![None; 2 * k + 1];
     // fastest[i][s]: the trainer on threads[i], step s's shortest time over
     // the rounds. Every round runs the same steps, so on a shared machine
     // their sum estimates an undisturbed epoch.
@@ -179,22 +182,35 @@ pub fn run<O: SparseOptimizer + Send>(
             timings[i].push(timing);
             last[i] = Some(table);
         }
-        let mut classic = Classic::new(&corpus.counts, cfg, bench.seed);
-        let (start, cpu) = (Instant::now(), cpu_seconds());
-        let s = classic.epoch(sentences, bench.classic_lr, 0, corpus.tokens());
-        let timing = Timing {
-            secs: start.elapsed().as_secs_f64(),
-            cpu: cpu_seconds() - cpu,
-            words: s.words,
-            kept: s.kept,
-        };
-        line += &format!(" classic {:.0}k", timing.effective() / 1e3);
-        timings[k].push(timing);
-        last[k] = Some(embtable::EmbeddingTable::from_rows(
-            corpus.vocab.len(),
-            cfg.dim,
-            &classic.syn0,
-        )?);
+        // None: the one-thread loop; Some(t): Hogwild on t threads.
+        for (i, hogwild) in std::iter::once(None)
+            .chain(bench.threads.iter().map(|&t| Some(t)))
+            .enumerate()
+        {
+            let mut classic = Classic::new(&corpus.counts, cfg, bench.seed);
+            let (start, cpu) = (Instant::now(), cpu_seconds());
+            let (lr, total) = (bench.classic_lr, corpus.tokens());
+            let s = match hogwild {
+                None => classic.epoch(sentences, lr, 0, total),
+                Some(t) => classic.epoch_hogwild(sentences, t, lr, 0, total),
+            };
+            let timing = Timing {
+                secs: start.elapsed().as_secs_f64(),
+                cpu: cpu_seconds() - cpu,
+                words: s.words,
+                kept: s.kept,
+            };
+            line += &match hogwild {
+                None => format!(" classic {:.0}k", timing.effective() / 1e3),
+                Some(t) => format!(" hogwild×{t} {:.0}k", timing.effective() / 1e3),
+            };
+            timings[k + i].push(timing);
+            last[k + i] = Some(embtable::EmbeddingTable::from_rows(
+                corpus.vocab.len(),
+                cfg.dim,
+                &classic.syn0,
+            )?);
+        }
         say!(out, "{line} effective words/s");
     }
 
@@ -220,11 +236,18 @@ pub fn run<O: SparseOptimizer + Send>(
             ""
         }
     );
+    let threads = |t: &usize| format!("{t} thread{}", if *t == 1 { "" } else { "s" });
     for (i, name) in bench
         .threads
         .iter()
-        .map(|t| format!("embtable, {t} thread{}", if *t == 1 { "" } else { "s" }))
+        .map(|t| format!("embtable, {}", threads(t)))
         .chain(["classic, 1 thread".to_owned()])
+        .chain(
+            bench
+                .threads
+                .iter()
+                .map(|t| format!("Hogwild, {}", threads(t))),
+        )
         .enumerate()
     {
         let ts = &timings[i];
@@ -260,35 +283,49 @@ pub fn run<O: SparseOptimizer + Send>(
     let undisturbed: Vec<f64> = fastest.iter().map(|f| f.iter().sum()).collect();
     for (i, &t) in bench.threads.iter().enumerate().skip(1) {
         let base = bench.threads[0];
-        let mut ratios: Vec<f64> = timings[i]
-            .iter()
-            .zip(&timings[0])
-            .map(|(a, b)| a.effective() / b.effective())
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        // CPU seconds per effective word, relative to `base` threads: what
-        // the extra threads cost in work (waiting threads spin a while).
-        let cpu = median(
-            timings[i]
-                .iter()
-                .zip(&timings[0])
-                .map(|(a, b)| (a.cpu / a.kept as f64) / (b.cpu / b.kept as f64))
-                .collect(),
-        );
+        let (ratio, cpu) = speed_up(&timings[i], &timings[0]);
         say!(
             out,
-            "speed-up from {base} to {t} threads: {:.2}x (median of per-round ratios, {:.2}-{:.2}x); \
+            "speed-up from {base} to {t} threads: {ratio}; \
              {:.2}x on each step's fastest round ({:.0} vs {:.0} ms an epoch); \
              CPU time per word {cpu:.2}x",
-            median(ratios.clone()),
-            ratios[0],
-            ratios[ratios.len() - 1],
             undisturbed[0] / undisturbed[i],
             undisturbed[0] * 1e3,
             undisturbed[i] * 1e3
         );
+        let (ratio, cpu) = speed_up(&timings[k + 1 + i], &timings[k + 1]);
+        say!(
+            out,
+            "  Hogwild from {base} to {t} threads: {ratio}; CPU time per word {cpu:.2}x"
+        );
     }
     Ok(())
+}
+
+/// The speed-up of `many` threads over `few` (median of the per-round
+/// ratios and their range, printed) and the CPU time per effective word of
+/// `many` relative to `few`: what the extra threads cost in work (waiting
+/// threads spin a while).
+fn speed_up(many: &[Timing], few: &[Timing]) -> (String, f64) {
+    let mut ratios: Vec<f64> = many
+        .iter()
+        .zip(few)
+        .map(|(a, b)| a.effective() / b.effective())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let cpu = median(
+        many.iter()
+            .zip(few)
+            .map(|(a, b)| (a.cpu / a.kept as f64) / (b.cpu / b.kept as f64))
+            .collect(),
+    );
+    let ratio = format!(
+        "{:.2}x (median of per-round ratios, {:.2}-{:.2}x)",
+        median(ratios.clone()),
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+    (ratio, cpu)
 }
 
 #[cfg(test)]
@@ -343,6 +380,9 @@ mod tests {
             "embtable, 1 thread ",
             "embtable, 2 threads",
             "classic, 1 thread",
+            "Hogwild, 1 thread ",
+            "Hogwild, 2 threads",
+            "Hogwild from 1 to 2 threads",
             "speed-up from 1 to 2 threads",
             "on each step's fastest round",
             "CPU time per word",

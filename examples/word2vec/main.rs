@@ -54,7 +54,8 @@ use crate::sgns::{LrDecay, Sgns, SgnsConfig};
         Words per second are printed as effective (words kept by \
         subsampling, as word2vec tools report them) and raw (all words \
         read). --bench times the trainer against a classic single-threaded \
-        C-style loop on the same corpus and settings.\n\n\
+        C-style loop, and that loop run Hogwild on each thread count as the \
+        C tool and gensim run it, on the same corpus and settings.\n\n\
         Standard output may be closed early (`| head`): the run goes on and \
         still writes the vectors."
 )]
@@ -124,7 +125,8 @@ struct Args {
     #[arg(long)]
     shards: Option<usize>,
     /// Benchmark instead of training: one epoch per thread count of
-    /// --bench-threads and of the classic loop, in interleaved rounds,
+    /// --bench-threads, of the classic loop and of the classic loop run
+    /// Hogwild on each of those thread counts, in interleaved rounds,
     /// printing effective and raw words/s and their medians.
     #[arg(long)]
     bench: bool,
@@ -311,7 +313,7 @@ fn train<O: SparseOptimizer + Send>(
     if args.bench {
         say!(
             out,
-            "bench: skip-gram, dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step; classic loop: SGD lr 0.025 decaying linearly",
+            "bench: skip-gram, dim {}, window {}, {} negatives, subsample {}, {optimizer}, {} sentences per step; classic loop (one thread, and Hogwild on each thread count): SGD lr 0.025 decaying linearly",
             cfg.dim,
             cfg.window,
             cfg.negatives,
