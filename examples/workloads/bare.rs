@@ -827,10 +827,7 @@ mod tests {
     //! The coalescing loop does the work embtable's fused step does: the
     //! same weights after the same steps.
 
-    use embtable::{
-        Adagrad, AdagradConfig, EmbeddingTable, EpsPlacement, Init, RmsProp, RmsPropConfig,
-        RowWiseAdagrad, RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SparseOptimizer,
-    };
+    use embtable::{Adagrad, AdagradConfig, EmbeddingTable, Init, SparseOptimizer};
 
     use super::*;
 
@@ -887,11 +884,7 @@ mod tests {
     #[test]
     fn sgd_and_adagrad_match_bit_for_bit() {
         for threads in [1, 2, 3] {
-            let sgd = Sgd::new(SgdConfig {
-                lr: 0.01,
-                ..SgdConfig::torch()
-            });
-            for (library, bare) in both(sgd, Rule::Sgd, threads) {
+            for (library, bare) in both(crate::w5_sgd(), Rule::Sgd, threads) {
                 assert_eq!(library, bare, "SGD, {threads} threads");
             }
             let adagrad = Adagrad::new(AdagradConfig::torch());
@@ -915,25 +908,11 @@ mod tests {
     fn row_wise_adagrad_and_rmsprop_match_closely() {
         let before = EmbeddingTable::new(ROWS, 128, Init::default(), 3).unwrap();
         for threads in [1, 2] {
-            let rowwise = RowWiseAdagrad::new(RowWiseAdagradConfig {
-                lr: 0.01,
-                initial_accumulator_value: 0.0,
-                epsilon: 1e-10,
-            });
+            let rowwise = crate::w5_rowwise_adagrad();
             for (library, bare) in both(rowwise, Rule::RowWiseAdagrad, threads) {
                 close(&library, &bare, before.as_padded(), "row-wise Adagrad");
             }
-            let rmsprop = RmsProp::new(RmsPropConfig {
-                lr: 0.01,
-                rho: 0.9,
-                momentum: 0.0,
-                epsilon: 1e-10,
-                centered: false,
-                eps_placement: EpsPlacement::InsideSqrt,
-                weight_decay: 0.0,
-                semantics: Semantics::Lazy,
-            });
-            for (library, bare) in both(rmsprop, Rule::RmsProp, threads) {
+            for (library, bare) in both(crate::w5_rmsprop(), Rule::RmsProp, threads) {
                 close(&library, &bare, before.as_padded(), "RMSprop");
             }
         }

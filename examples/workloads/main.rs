@@ -248,17 +248,42 @@ fn coalesce() -> Workload {
     }
 }
 
+/// W5's SGD: lr 0.01, PyTorch's defaults otherwise.
+fn w5_sgd() -> Sgd {
+    Sgd::new(SgdConfig {
+        lr: 0.01,
+        ..SgdConfig::torch()
+    })
+}
+
+/// W5's row-wise Adagrad (FBGEMM's `EXACT_ROWWISE_ADAGRAD`): lr 0.01, ε 1e-10.
+fn w5_rowwise_adagrad() -> RowWiseAdagrad {
+    RowWiseAdagrad::new(RowWiseAdagradConfig {
+        lr: 0.01,
+        initial_accumulator_value: 0.0,
+        epsilon: 1e-10,
+    })
+}
+
+/// W5's RMSprop: lr 0.01, ρ 0.9, no momentum, ε 1e-10 inside the root, lazy.
+fn w5_rmsprop() -> RmsProp {
+    RmsProp::new(RmsPropConfig {
+        lr: 0.01,
+        rho: 0.9,
+        momentum: 0.0,
+        epsilon: 1e-10,
+        centered: false,
+        eps_placement: EpsPlacement::InsideSqrt,
+        weight_decay: 0.0,
+        semantics: Semantics::Lazy,
+    })
+}
+
 fn prepare(name: &str, bound: bool) -> Option<Workload> {
     use bare::Rule;
     use bare::Update::{OneState, Sgd as Plain, TwoStates};
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
     // WORKLOADS.md's W5: lr 0.01, ε 1e-10, state from 0.
-    let sgd = || {
-        Sgd::new(SgdConfig {
-            lr: 0.01,
-            ..SgdConfig::torch()
-        })
-    };
     Some(match name {
         "W1" => gather(BIG_ROWS, 128, w1(), bound),
         "W1-d32" => gather(BIG_ROWS, 32, w1(), bound),
@@ -279,8 +304,8 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
         "W4-sum" => pooled(Pooling::Sum, false, bound),
         "W4-mean" => pooled(Pooling::Mean, false, bound),
         "W4-wsum" => pooled(Pooling::Sum, true, bound),
-        "W5-sgd" => update(sgd(), true, (Rule::Sgd, Plain), bound),
-        "W5-sgd-finite" => update(sgd(), false, (Rule::Sgd, Plain), bound),
+        "W5-sgd" => update(w5_sgd(), true, (Rule::Sgd, Plain), bound),
+        "W5-sgd-finite" => update(w5_sgd(), false, (Rule::Sgd, Plain), bound),
         "W5-adagrad" => update(
             Adagrad::new(AdagradConfig::torch()),
             true,
@@ -295,30 +320,12 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
         ),
         // One accumulator per row: the weights' traffic.
         "W5-rowwise-adagrad" => update(
-            RowWiseAdagrad::new(RowWiseAdagradConfig {
-                lr: 0.01,
-                initial_accumulator_value: 0.0,
-                epsilon: 1e-10,
-            }),
+            w5_rowwise_adagrad(),
             true,
             (Rule::RowWiseAdagrad, Plain),
             bound,
         ),
-        "W5-rmsprop" => update(
-            RmsProp::new(RmsPropConfig {
-                lr: 0.01,
-                rho: 0.9,
-                momentum: 0.0,
-                epsilon: 1e-10,
-                centered: false,
-                eps_placement: EpsPlacement::InsideSqrt,
-                weight_decay: 0.0,
-                semantics: Semantics::Lazy,
-            }),
-            true,
-            (Rule::RmsProp, OneState),
-            bound,
-        ),
+        "W5-rmsprop" => update(w5_rmsprop(), true, (Rule::RmsProp, OneState), bound),
         // torch.optim.SparseAdam(lr=0.01): lazy, ε 1e-8.
         "W5-adam" => update(
             Adam::new(AdamConfig {
