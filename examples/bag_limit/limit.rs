@@ -74,6 +74,15 @@ fn focus() -> Vec<(String, Job)> {
             jobs.push(sum(format!("{hint_name}-lines{lines}-d{distance}"), plan));
         }
     }
+    // The two walks of a scaled sum (mean, weights) with each prefetch.
+    for (line_step, lines) in [(1, 8), (8, 1)] {
+        let plan = Plan {
+            vectors: 8,
+            line_step,
+            ..base
+        };
+        jobs.push(sum(format!("acc8-lines{lines}"), plan));
+    }
     for (distance, rest_distance) in [(16, 4), (16, 8), (24, 8)] {
         let plan = Plan {
             distance,

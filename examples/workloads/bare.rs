@@ -841,9 +841,7 @@ mod tests {
     //! same weights after the same steps; the bag loop sums the bags
     //! embtable's pooled lookup sums.
 
-    use embtable::{
-        Adagrad, AdagradConfig, Bags, EmbeddingTable, Init, Pooling, SparseOptimizer,
-    };
+    use embtable::{Adagrad, AdagradConfig, Bags, EmbeddingTable, Init, Pooling, SparseOptimizer};
 
     use super::*;
 
