@@ -60,13 +60,15 @@ struct Timing {
     phases: Phases,
 }
 
-/// Where a trainer's epoch went: wall seconds of the shards' phase and of
-/// the merge-and-step phase, and the threads' idle share of the former.
+/// Where a trainer's epoch went: wall seconds of the shards' phase, of
+/// the merge-and-step phase and between steps (reading the next batch),
+/// and the threads' idle share of the shards' phase.
 #[derive(Clone, Copy, Debug, Default)]
 struct Phases {
     shards: f64,
     idle: f64,
     merge: f64,
+    between: f64,
 }
 
 impl Timing {
@@ -181,6 +183,7 @@ pub fn run<O: SparseOptimizer + Send>(
                             shards: s.shard_secs,
                             idle: 1.0 - s.busy_secs / (t as f64 * s.shard_secs),
                             merge: s.merge_secs,
+                            between: secs - s.shard_secs - s.merge_secs,
                         },
                     },
                     model.input,
@@ -301,11 +304,12 @@ pub fn run<O: SparseOptimizer + Send>(
         let phase = |f: fn(&Phases) -> f64| median(ts.iter().map(|t| f(&t.phases)).collect());
         say!(
             out,
-            "  embtable, {:<12} shards' phase {:.0} ms (threads idle {:.0} % of it), merge and steps {:.0} ms (medians)",
+            "  embtable, {:<12} shards' phase {:.0} ms (threads idle {:.0} % of it), merge and steps {:.0} ms, between steps {:.0} ms (medians)",
             threads(t),
             phase(|p| p.shards) * 1e3,
             phase(|p| p.idle) * 1e2,
             phase(|p| p.merge) * 1e3,
+            phase(|p| p.between) * 1e3,
         );
     }
     let undisturbed: Vec<f64> = fastest.iter().map(|f| f.iter().sum()).collect();
