@@ -440,6 +440,29 @@ pub(crate) fn prefetch_lines_l2(p: *const f32, len: usize) {
     }
 }
 
+/// Floats of a row per software prefetch in [`prefetch_row_heads_l2`]:
+/// 512 bytes, eight cache lines.
+const HEAD_EVERY: usize = 8 * crate::aligned::LANES_PER_LINE;
+
+/// Prefetches into L2 the first cache line of every 512 bytes of the `len`
+/// floats from `p`: the first line alone of a row of up to 128 floats.
+///
+/// For rows read whole soon after, in full, line by line. One prefetch
+/// starts the row's page walk and DRAM access; the hardware prefetchers and
+/// the demand loads bring the other lines, without the miss buffers that a
+/// software prefetch of every line holds in the meantime. Measured on the
+/// 2-core Zen 3 (KVM) with the `bag_limit` example, W4's bag sum ran
+/// 7-15% faster with one prefetched line a row than with all eight, at 8
+/// to 24 rows ahead. A hint only: it never faults, whatever `p` is.
+#[inline(always)]
+pub(crate) fn prefetch_row_heads_l2(p: *const f32, len: usize) {
+    let mut at = 0;
+    while at < len {
+        prefetch_l2(p.wrapping_add(at));
+        at += HEAD_EVERY;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
