@@ -56,6 +56,19 @@ struct Timing {
     cpu: f64,
     words: u64,
     kept: u64,
+    /// The trainer's phases (zero for the classic loops).
+    phases: Phases,
+}
+
+/// Where a trainer's epoch went: wall seconds of the shards' phase, of
+/// the merge-and-step phase and between steps (reading the next batch),
+/// and the threads' idle share of the shards' phase.
+#[derive(Clone, Copy, Debug, Default)]
+struct Phases {
+    shards: f64,
+    idle: f64,
+    merge: f64,
+    between: f64,
 }
 
 impl Timing {
@@ -166,6 +179,12 @@ pub fn run<O: SparseOptimizer + Send>(
                         cpu: cpu_seconds() - cpu,
                         words: s.words,
                         kept: s.kept,
+                        phases: Phases {
+                            shards: s.shard_secs,
+                            idle: 1.0 - s.busy_secs / (t as f64 * s.shard_secs),
+                            merge: s.merge_secs,
+                            between: secs - s.shard_secs - s.merge_secs,
+                        },
                     },
                     model.input,
                     steps,
@@ -199,6 +218,7 @@ pub fn run<O: SparseOptimizer + Send>(
                 cpu: cpu_seconds() - cpu,
                 words: s.words,
                 kept: s.kept,
+                phases: Phases::default(),
             };
             line += &match hogwild {
                 None => format!(" classic {:.0}k", timing.effective() / 1e3),
@@ -278,6 +298,18 @@ pub fn run<O: SparseOptimizer + Send>(
             ratio,
             median(ts.iter().map(|t| t.secs).collect()),
             median(ts.iter().map(|t| t.cpu).collect()),
+        );
+    }
+    for (t, ts) in bench.threads.iter().zip(&timings) {
+        let phase = |f: fn(&Phases) -> f64| median(ts.iter().map(|t| f(&t.phases)).collect());
+        say!(
+            out,
+            "  embtable, {:<12} shards' phase {:.0} ms (threads idle {:.0} % of it), merge and steps {:.0} ms, between steps {:.0} ms (medians)",
+            threads(t),
+            phase(|p| p.shards) * 1e3,
+            phase(|p| p.idle) * 1e2,
+            phase(|p| p.merge) * 1e3,
+            phase(|p| p.between) * 1e3,
         );
     }
     let undisturbed: Vec<f64> = fastest.iter().map(|f| f.iter().sum()).collect();
@@ -388,6 +420,8 @@ mod tests {
             "CPU time per word",
             "CPU s",
             "load average",
+            "shards' phase",
+            "merge and steps",
         ] {
             assert!(text.contains(row), "{row} missing in\n{text}");
         }

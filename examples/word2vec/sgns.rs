@@ -37,6 +37,7 @@
 use embtable::kernels::{self, Kernel, Simd};
 use embtable::{EmbeddingTable, Init, Result, SparseOptimizer};
 use rayon::prelude::*;
+use std::time::Instant;
 
 use crate::corpus::{Batch, Corpus, MAX_SENTENCE, Reader};
 use crate::rng::Rng;
@@ -118,6 +119,15 @@ pub struct StepStats {
     pub words: u64,
     /// Words kept by subsampling (word2vec's "effective words").
     pub kept: u64,
+    /// Wall seconds of the shards' phase (pairs, dot products, gradients).
+    pub shard_secs: f64,
+    /// Seconds the shards ran, summed over the shards: with `t` threads,
+    /// `t · shard_secs − busy_secs` is the threads' time idle (or not
+    /// scheduled) in that phase, waiting for the last shard.
+    pub busy_secs: f64,
+    /// Wall seconds of the second phase: the shards' rows summed and both
+    /// tables' optimizer steps.
+    pub merge_secs: f64,
 }
 
 impl std::ops::AddAssign for StepStats {
@@ -126,6 +136,9 @@ impl std::ops::AddAssign for StepStats {
         self.pairs += o.pairs;
         self.words += o.words;
         self.kept += o.kept;
+        self.shard_secs += o.shard_secs;
+        self.busy_secs += o.busy_secs;
+        self.merge_secs += o.merge_secs;
     }
 }
 
@@ -191,7 +204,19 @@ impl Accumulator {
             .enumerate()
             .for_each(|(chunk, grads)| {
                 let words = &rows[chunk * ABSORB_ROWS..];
-                for (&word, sum) in words.iter().zip(grads.chunks_exact_mut(dim)) {
+                let sums = grads.chunks_exact_mut(dim);
+                for (i, (&word, sum)) in words.iter().zip(sums).enumerate() {
+                    // The parts' rows of a word lie anywhere in their
+                    // buffers: start loading a later word's meanwhile (this
+                    // halved the time of the sums).
+                    if let Some(&ahead) = words.get(i + ABSORB_AHEAD) {
+                        for part in rest {
+                            let slot = part.slot_of[ahead as usize];
+                            if slot != NONE {
+                                prefetch(&part.grads[slot as usize * dim..][..dim]);
+                            }
+                        }
+                    }
                     for part in rest {
                         let slot = part.slot_of[word as usize];
                         if slot != NONE {
@@ -208,6 +233,9 @@ impl Accumulator {
 
 /// Rows per task of [`Accumulator::absorb`]: 16 KiB of a 64-float gradient.
 const ABSORB_ROWS: usize = 64;
+
+/// Words ahead whose rows [`Accumulator::absorb`] starts loading.
+const ABSORB_AHEAD: usize = 4;
 
 /// A worker's state, kept from step to step.
 #[derive(Clone, Debug, Default)]
@@ -346,7 +374,9 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         // Read once here: the workers must not each pick their own.
         let tier = kernels::current();
         let count = shards.len();
+        let start = Instant::now();
         shards.par_iter_mut().enumerate().for_each(|(k, shard)| {
+            let busy = Instant::now();
             shard.input.reset(input.rows());
             shard.output.reset(output.rows());
             shard.stats = StepStats::default();
@@ -358,8 +388,13 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
                     sentences: batch.shard(k, count),
                 },
             );
+            shard.stats.busy_secs = busy.elapsed().as_secs_f64();
         });
-        let mut stats = StepStats::default();
+        let merge = Instant::now();
+        let mut stats = StepStats {
+            shard_secs: (merge - start).as_secs_f64(),
+            ..StepStats::default()
+        };
         for s in shards.iter() {
             stats += s.stats;
         }
@@ -381,6 +416,7 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             },
         );
         a.and(b)?;
+        stats.merge_secs = merge.elapsed().as_secs_f64();
         Ok(stats)
     }
 }
