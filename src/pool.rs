@@ -661,7 +661,8 @@ impl EmbeddingTable {
 ///     for each block of columns:
 ///         acc = 0                     (Max: acc = e_first)
 ///         for j in the bag:
-///             (first block) prefetch the row of ids[j + ahead] into L2
+///             (first block) prefetch the row of ids[j + ahead]
+///                           into L2 (its first line on AMD)
 ///             acc += c_j * e_j        (Sum without weights: acc += e_j;
 ///                                      Max: acc = max(e_j, acc))
 ///         out_b[block] = acc
@@ -695,10 +696,15 @@ impl<I: Index> Kernel for PoolBags<'_, I> {
         let (dim, stride) = (table.dim(), table.stride());
         let base = table.as_padded().as_ptr();
         let ahead = prefetch_distance(stride);
+        let heads_only = kernels::row_heads_suffice();
         let prefetch = |id: I| {
             // SAFETY: every id was validated (struct invariant).
-            let r = unsafe { row_unchecked(id) };
-            kernels::prefetch_lines_l2(base.wrapping_add(r * stride), dim);
+            let row = base.wrapping_add(unsafe { row_unchecked(id) } * stride);
+            if heads_only {
+                kernels::prefetch_row_heads_l2(row, dim);
+            } else {
+                kernels::prefetch_lines_l2(row, dim);
+            }
         };
         let rows = Rows {
             base,
@@ -757,7 +763,8 @@ struct Rows<'a, I, P> {
 
 impl<I: Index, P: Fn(I)> Rows<'_, I, P> {
     /// The padded row of position `j`, after prefetching (when asked) the
-    /// row `ahead` positions on, past this task's ids too, into L2.
+    /// row `ahead` positions on (its first line of every 512 bytes), past
+    /// this task's ids too, into L2.
     #[inline(always)]
     fn get(&self, j: usize, prefetch: bool) -> *const f32 {
         if prefetch && let Some(&next) = self.ids.get(j + self.ahead) {

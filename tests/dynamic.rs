@@ -251,6 +251,69 @@ fn step_lookup_is_translate_then_accumulate_then_step() {
     assert!(stats.evicted > 0 && stats.refused > 0, "{stats:?}");
 }
 
+/// With every key admitted (no position dropped), the fused step checks the
+/// gradient on another thread while the batch is translated, when there
+/// is one: on every thread count and tier it trains as translate,
+/// accumulate and step do, and a non-finite value is refused as the fixed
+/// table refuses it, after the translation, with no row trained.
+#[test]
+fn step_lookup_trains_alike_on_every_thread_count() {
+    let dim = 20;
+    let config = DynamicConfig {
+        capacity: Capacity::Rows(3_000),
+        seed: 3,
+        ..Default::default()
+    };
+    let run = || {
+        let mut fused = DynamicTable::new(dim, config).unwrap();
+        let mut split = fused.clone();
+        let mut opt_fused = Adagrad::new(AdagradConfig::torch());
+        let mut opt_split = opt_fused.clone();
+        for t in 0..8u64 {
+            // 5,000 positions over 4,000 keys a batch: repeats, new keys
+            // and (from the second batch on) evictions.
+            let keys: Vec<u64> = workloads::uniform(t, 5_000, 4_000)
+                .into_iter()
+                .map(|k| (k as u64 + 700 * t).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .collect();
+            let mut g = values(t, keys.len() * dim, -1.0, 1.0);
+            if t == 5 {
+                g[4_321 * dim + 7] = f32::NAN;
+                let err = fused.step_lookup(&mut opt_fused, &keys, &g).unwrap_err();
+                let position = 4_321 * dim + 7;
+                assert!(
+                    matches!(err, Error::NonFinite { position: p, .. } if p == position),
+                    "{err}"
+                );
+                split.translate(&keys, &mut opt_split).unwrap();
+                assert_eq!(fused.weights(), split.weights(), "no row trained");
+                assert_eq!(fused.steps(), split.steps(), "the step did not end");
+                split.advance(&mut opt_split).unwrap();
+                fused.advance(&mut opt_fused).unwrap();
+                continue;
+            }
+            fused.step_lookup(&mut opt_fused, &keys, &g).unwrap();
+            let rows = split.translate(&keys, &mut opt_split).unwrap();
+            assert!(!rows.contains(&0), "every key admitted");
+            let mut grad = SparseGrad::new(dim);
+            grad.accumulate_lookup(&rows, &g).unwrap();
+            split.step(&mut opt_split, &mut grad).unwrap();
+        }
+        assert_eq!(fused.weights(), split.weights());
+        assert_eq!(opt_fused.state(), opt_split.state());
+        assert_eq!(fused.stats(), split.stats());
+        assert!(fused.stats().evicted > 0, "{:?}", fused.stats());
+        (fused, opt_fused.state())
+    };
+    let runs = each_config(run);
+    let (_, _, (first, first_state)) = &runs[0];
+    for (tier, threads, (table, state)) in &runs[1..] {
+        let what = format!("{tier:?} {threads} threads");
+        assert_eq!(table.weights(), first.weights(), "{what}");
+        assert_eq!(state, first_state, "{what}");
+    }
+}
+
 // ------------------------------------------------- policies against a model
 
 /// The reference: the table's policies on a `BTreeMap`, as the docs state

@@ -10,9 +10,12 @@ use super::fill::Filler;
 use super::keymap::KeyMap;
 use super::{Capacity, DynamicConfig, Memory, Stats};
 use crate::aligned::{SendPtr, checked_stride};
+use crate::grad::ScanPart;
 use crate::index::Index;
 use crate::kernels;
 use crate::optim::SparseOptimizer;
+use crate::optim::engine::{Check, FusedStep};
+use crate::optim::groups::Groups;
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
 /// The row every unknown key reads: zeros (or the default set with
@@ -849,20 +852,47 @@ impl DynamicTable {
             grad_out.len(),
         )?;
         let mut rows = std::mem::take(&mut self.scratch.rows);
-        let result = self.translate_into(ids, optimizer, &mut rows);
-        let result = result.and_then(|()| {
-            if rows.contains(&DEFAULT_ROW) {
-                let (rows, grad) = known_positions(&rows, grad_out, dim);
-                optimizer.step_lookup(&mut self.weights, &rows, &grad)?;
-                self.mark_changed(&rows);
-            } else {
-                optimizer.step_lookup(&mut self.weights, &rows, grad_out)?;
-                self.mark_changed(&rows);
-            }
-            self.advance(optimizer)
-        });
+        let result = self.translate_and_step(optimizer, ids, grad_out, &mut rows);
         self.scratch.rows = rows;
         result
+    }
+
+    /// [`step_lookup`](Self::step_lookup) once `grad_out`'s length is
+    /// checked. On several threads, with one of this crate's optimizers,
+    /// one thread checks `grad_out` finite while the batch is translated
+    /// (the fixed table's `step_lookup` checks it beside its grouping, which
+    /// takes less time than a translation), and the step uses that check.
+    fn translate_and_step<I: Index, O: SparseOptimizer>(
+        &mut self,
+        optimizer: &mut O,
+        ids: &[I],
+        grad_out: &[f32],
+        rows: &mut Vec<u32>,
+    ) -> Result<()> {
+        let dim = self.dim();
+        let scan = if rayon::current_num_threads() > 1 && optimizer.fused().is_some() {
+            let tier = kernels::current();
+            let mut scan = None;
+            rayon::in_place_scope(|s| {
+                s.spawn(|_| scan = Some(crate::grad::scan_all(tier, grad_out)));
+                self.translate_into(ids, optimizer, rows)
+            })?;
+            scan
+        } else {
+            self.translate_into(ids, optimizer, rows)?;
+            None
+        };
+        if rows.contains(&DEFAULT_ROW) {
+            // The scan covered the positions dropped here: not used.
+            let (rows, grad) = known_positions(rows, grad_out, dim);
+            optimizer.step_lookup(&mut self.weights, &rows, &grad)?;
+        } else if let Some(found) = scan {
+            step_lookup_scanned(optimizer, &mut self.weights, rows, grad_out, found)?;
+        } else {
+            optimizer.step_lookup(&mut self.weights, rows, grad_out)?;
+        }
+        self.mark_changed(rows);
+        self.advance(optimizer)
     }
 
     fn mark_changed(&mut self, rows: &[u32]) {
@@ -958,6 +988,31 @@ fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
         }
         *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
     }
+}
+
+/// `optimizer.step_lookup(weights, rows, grad_out)` for a `grad_out`
+/// already scanned (`found`): the fixed table's fused step, with that scan
+/// as its finite check.
+fn step_lookup_scanned<O: SparseOptimizer>(
+    optimizer: &mut O,
+    weights: &mut EmbeddingTable,
+    rows: &[u32],
+    grad_out: &[f32],
+    found: ScanPart,
+) -> Result<()> {
+    if Groups::fits(rows.len())
+        && let Some(FusedStep(fused)) = optimizer.fused()
+    {
+        fused.check_lookup(weights, rows.len(), grad_out.len())?;
+        crate::index::validate_ids(rows, weights.rows())?;
+        // SAFETY: the rows were validated against `weights.rows()`, and fit.
+        unsafe { fused.groups().build(rows, weights.rows()) };
+        if fused.step_grouped(weights, grad_out, Check::Scanned(found))? {
+            return Ok(());
+        }
+    }
+    // No fused step, or sums that might overflow: the optimizer's own.
+    optimizer.step_lookup(weights, rows, grad_out)
 }
 
 /// The positions whose row is not the default row: their rows, and their
