@@ -121,6 +121,7 @@ mod layer;
 mod layers;
 pub mod optim;
 mod parallel;
+pub mod phases;
 pub mod pool;
 pub mod shard;
 mod similar;

@@ -12,10 +12,10 @@
 //! PyTorch's `SparseAdam`), W5-ftrl (lazy, as TensorFlow's sparse FTRL) (one
 //! sparse optimizer step with WORKLOADS.md's settings, through the fused
 //! `SparseOptimizer::step_lookup`; the table and the optimizer state persist
-//! across runs, as in a training loop), and W5-sgd-finite, W5-adagrad-finite
-//! (the same through `step_lookup_finite`, which skips the check that the
-//! gradient is finite), and W5-coalesce (W5's gradient summed into a
-//! `SparseGrad`: `clear` and `accumulate_lookup`).
+//! across runs, as in a training loop), each also with `-finite`
+//! (`W5-sgd-finite`, …: the same through `step_lookup_finite`, which skips
+//! the check that the gradient is finite), and W5-coalesce (W5's gradient
+//! summed into a `SparseGrad`: `clear` and `accumulate_lookup`).
 //!
 //! Options: `--threads N[,N…]` (default 1): one line per thread count, the
 //! workload prepared once; `--runs R` timed runs after warm-up (default 15,
@@ -29,7 +29,9 @@
 //! does (sums each row's gradient rows, then updates the row once); the
 //! loop that applies each position as it comes, which is less work, is
 //! printed beside it as `uncoalesced_ms` (a lower reference, not the same
-//! work).
+//! work). `--phases` (in a build with `--features phase-times`): after
+//! each line, the median wall and CPU time of each phase of the step
+//! (`embtable::phases`), one line each, over as many further calls.
 
 mod bare;
 
@@ -52,12 +54,14 @@ struct Args {
     tier: Tier,
     bound: bool,
     rounds: usize,
+    phases: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let workload = args.next().ok_or(
-        "usage: workloads <W> [--threads N[,N...]] [--runs R] [--tier T] [--bound] [--rounds K]",
+        "usage: workloads <W> [--threads N[,N...]] [--runs R] [--tier T] [--bound] [--rounds K] \
+         [--phases]",
     )?;
     let mut parsed = Args {
         workload,
@@ -66,10 +70,18 @@ fn parse_args() -> Result<Args, String> {
         tier: kernels::default_tier(),
         bound: false,
         rounds: 3,
+        phases: false,
     };
     while let Some(flag) = args.next() {
         if flag == "--bound" {
             parsed.bound = true;
+            continue;
+        }
+        if flag == "--phases" {
+            if !cfg!(feature = "phase-times") {
+                return Err("--phases needs a build with --features phase-times".into());
+            }
+            parsed.phases = true;
             continue;
         }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -279,11 +291,54 @@ fn w5_rmsprop() -> RmsProp {
     })
 }
 
-fn prepare(name: &str, bound: bool) -> Option<Workload> {
+/// The W5 step `name` (`W5-sgd`, …) with WORKLOADS.md's settings (lr
+/// 0.01, ε 1e-10, state from 0), through `step_lookup` if `checked`, else
+/// `step_lookup_finite`.
+fn w5(name: &str, checked: bool, bound: bool) -> Option<Workload> {
     use bare::Rule;
     use bare::Update::{OneState, Sgd as Plain, TwoStates};
+    Some(match name {
+        "W5-sgd" => update(w5_sgd(), checked, (Rule::Sgd, Plain), bound),
+        "W5-adagrad" => update(
+            Adagrad::new(AdagradConfig::torch()),
+            checked,
+            (Rule::Adagrad, OneState),
+            bound,
+        ),
+        // One accumulator per row: the weights' traffic.
+        "W5-rowwise-adagrad" => update(
+            w5_rowwise_adagrad(),
+            checked,
+            (Rule::RowWiseAdagrad, Plain),
+            bound,
+        ),
+        "W5-rmsprop" => update(w5_rmsprop(), checked, (Rule::RmsProp, OneState), bound),
+        // torch.optim.SparseAdam(lr=0.01): lazy, ε 1e-8.
+        "W5-adam" => update(
+            Adam::new(AdamConfig {
+                lr: 0.01,
+                ..AdamConfig::torch_sparse()
+            }),
+            checked,
+            (Rule::TwoStates, TwoStates),
+            bound,
+        ),
+        // Keras' FTRL defaults at lr 0.01, lazy (TensorFlow's sparse FTRL).
+        "W5-ftrl" => update(
+            Ftrl::new(FtrlConfig {
+                lr: 0.01,
+                ..FtrlConfig::keras_lazy()
+            }),
+            checked,
+            (Rule::TwoStates, TwoStates),
+            bound,
+        ),
+        _ => return None,
+    })
+}
+
+fn prepare(name: &str, bound: bool) -> Option<Workload> {
     let w1 = || workloads::uniform(1, BATCH, BIG_ROWS);
-    // WORKLOADS.md's W5: lr 0.01, ε 1e-10, state from 0.
     Some(match name {
         "W1" => gather(BIG_ROWS, 128, w1(), bound),
         "W1-d32" => gather(BIG_ROWS, 32, w1(), bound),
@@ -304,49 +359,14 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
         "W4-sum" => pooled(Pooling::Sum, false, bound),
         "W4-mean" => pooled(Pooling::Mean, false, bound),
         "W4-wsum" => pooled(Pooling::Sum, true, bound),
-        "W5-sgd" => update(w5_sgd(), true, (Rule::Sgd, Plain), bound),
-        "W5-sgd-finite" => update(w5_sgd(), false, (Rule::Sgd, Plain), bound),
-        "W5-adagrad" => update(
-            Adagrad::new(AdagradConfig::torch()),
-            true,
-            (Rule::Adagrad, OneState),
-            bound,
-        ),
-        "W5-adagrad-finite" => update(
-            Adagrad::new(AdagradConfig::torch()),
-            false,
-            (Rule::Adagrad, OneState),
-            bound,
-        ),
-        // One accumulator per row: the weights' traffic.
-        "W5-rowwise-adagrad" => update(
-            w5_rowwise_adagrad(),
-            true,
-            (Rule::RowWiseAdagrad, Plain),
-            bound,
-        ),
-        "W5-rmsprop" => update(w5_rmsprop(), true, (Rule::RmsProp, OneState), bound),
-        // torch.optim.SparseAdam(lr=0.01): lazy, ε 1e-8.
-        "W5-adam" => update(
-            Adam::new(AdamConfig {
-                lr: 0.01,
-                ..AdamConfig::torch_sparse()
-            }),
-            true,
-            (Rule::TwoStates, TwoStates),
-            bound,
-        ),
-        // Keras' FTRL defaults at lr 0.01, lazy (TensorFlow's sparse FTRL).
-        "W5-ftrl" => update(
-            Ftrl::new(FtrlConfig {
-                lr: 0.01,
-                ..FtrlConfig::keras_lazy()
-            }),
-            true,
-            (Rule::TwoStates, TwoStates),
-            bound,
-        ),
-        _ => return None,
+        _ => {
+            // A W5 step; with `-finite`, through `step_lookup_finite`.
+            let (step, checked) = match name.strip_suffix("-finite") {
+                Some(step) => (step, false),
+                None => (name, true),
+            };
+            w5(step, checked, bound)?
+        }
     })
 }
 
@@ -393,6 +413,38 @@ fn median_ms(run: &mut Run, runs: usize) -> Timing {
 struct Timing {
     wall: f64,
     cpu: f64,
+}
+
+/// Median wall and CPU time of each phase the library logs
+/// (`embtable::phases`) over `runs` calls, in the order first logged.
+fn phase_medians(run: &mut Run, runs: usize) -> Vec<(&'static str, Timing)> {
+    run(); // warm-up
+    embtable::phases::take();
+    let mut by_name: Vec<(&'static str, Vec<f64>, Vec<f64>)> = Vec::new();
+    for _ in 0..runs {
+        run();
+        for p in embtable::phases::take() {
+            let k = match by_name.iter().position(|(name, ..)| *name == p.name) {
+                Some(k) => k,
+                None => {
+                    by_name.push((p.name, Vec::new(), Vec::new()));
+                    by_name.len() - 1
+                }
+            };
+            by_name[k].1.push(p.wall_ms);
+            by_name[k].2.push(p.cpu_ms);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, mut wall, mut cpu)| {
+            let t = Timing {
+                wall: median(&mut wall),
+                cpu: median(&mut cpu),
+            };
+            (name, t)
+        })
+        .collect()
 }
 
 /// The medians of rounds' medians.
@@ -462,6 +514,17 @@ fn main() -> ExitCode {
             })
         });
         println!("{} threads={threads} {line}", args.workload);
+        if args.phases {
+            let run = &mut workload.run;
+            let phases =
+                pool.install(|| kernels::with_tier(args.tier, || phase_medians(run, runs)));
+            for (name, t) in phases {
+                println!(
+                    "  phase {name:?} median_ms={:.2} cpu_ms={:.2}",
+                    t.wall, t.cpu
+                );
+            }
+        }
     }
     ExitCode::SUCCESS
 }

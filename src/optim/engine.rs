@@ -39,6 +39,7 @@ use crate::grad::ScanPart;
 use crate::index::Index;
 use crate::kernels::{self, BLOCK_VECTORS, Kernel, Simd, Tier};
 use crate::parallel::PARALLEL_MIN_FLOATS;
+use crate::phases::time;
 use crate::{EmbeddingTable, Error, Result, SparseGrad};
 
 /// Floats (weights and state) per parallel task.
@@ -756,14 +757,16 @@ impl Core {
         let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
         let tier = kernels::current();
         let stride = table.stride();
+        let groups = &mut self.groups;
+        let mut copy = |scan| groups.copy_later(tier, grad_out, dim, stride, scan);
         let found = match check {
             Check::Scanned(found) => {
-                self.groups.copy_later(tier, grad_out, dim, stride, false);
+                time("copy", || copy(false));
                 Some(found)
             }
-            Check::Scan => Some(self.groups.copy_later(tier, grad_out, dim, stride, true)),
+            Check::Scan => Some(time("check and copy", || copy(true))),
             Check::Skip => {
-                self.groups.copy_later(tier, grad_out, dim, stride, false);
+                time("copy", || copy(false));
                 None
             }
         };
@@ -786,7 +789,8 @@ impl Core {
             later: groups.later(),
             scratch: groups.scratch(),
         };
-        let applied = self.apply(config, next, table, groups.rows(), &grads, tier);
+        let update = || self.apply(config, next, table, groups.rows(), &grads, tier);
+        let applied = time("update", update);
         self.groups = groups;
         applied.map(|()| true)
     }
@@ -1608,12 +1612,14 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
     check: bool,
 ) -> Result<()> {
     if let Some(FusedStep(fused)) = opt.fused() {
-        fused.check_lookup(table, ids.len(), grad_out.len())?;
-        crate::index::validate_ids(ids, table.rows())?;
+        time("check", || {
+            fused.check_lookup(table, ids.len(), grad_out.len())?;
+            crate::index::validate_ids(ids, table.rows())
+        })?;
         if Groups::fits(ids.len()) {
             let (rows, groups) = (table.rows(), fused.groups());
             // SAFETY: ids were validated against `table.rows()` and fit.
-            let mut group = || unsafe { groups.build(ids, rows) };
+            let mut group = || time("group", || unsafe { groups.build(ids, rows) });
             let check = match check {
                 false => {
                     group();
@@ -1623,7 +1629,11 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
                 // the others scan the gradient meanwhile.
                 true if rayon::current_num_threads() > 1 => {
                     let tier = kernels::current();
-                    let scan = || crate::grad::scan_all(tier, grad_out);
+                    let scan = || {
+                        time("scan beside group", || {
+                            crate::grad::scan_all(tier, grad_out)
+                        })
+                    };
                     Check::Scanned(rayon::join(group, scan).1)
                 }
                 // On one thread the scan is fused with the copy of the

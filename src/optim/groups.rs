@@ -31,6 +31,7 @@ use crate::grouping::{DirectMaps, Grouping};
 use crate::index::Index;
 use crate::kernels::{self, Kernel, Simd, Tier};
 use crate::parallel::PARALLEL_MIN_FLOATS;
+use crate::phases::time;
 
 /// Positions ahead whose later occurrence is prefetched by [`Groups::copy_later`]
 /// (about one in eight positions is a later occurrence).
@@ -65,11 +66,15 @@ impl Groups {
     /// `Self::fits(ids.len())`.
     pub(crate) unsafe fn build<I: Index>(&mut self, ids: &[I], table_rows: usize) {
         self.maps.fit(table_rows);
-        // SAFETY: as the caller promises; the direct maps cover every row
-        // below `table_rows`.
-        unsafe { self.grouping.build(ids, &mut self.maps) };
+        time("group: grouping pass", || {
+            // SAFETY: as the caller promises; the direct maps cover every
+            // row below `table_rows`.
+            unsafe { self.grouping.build(ids, &mut self.maps) }
+        });
         // Back to all-none for the next batch: only this batch's rows moved.
-        self.grouping.release(&mut self.maps, |_| 0);
+        time("group: map reset", || {
+            self.grouping.release(&mut self.maps, |_| 0)
+        });
         // Sizes to offsets: group k's later rows start after those of 0..k.
         self.later.clear();
         let mut total = 0;
