@@ -10,12 +10,10 @@ use super::fill::Filler;
 use super::keymap::KeyMap;
 use super::{Capacity, DynamicConfig, Memory, Stats};
 use crate::aligned::{SendPtr, checked_stride};
-use crate::grad::ScanPart;
 use crate::index::Index;
 use crate::kernels;
 use crate::optim::SparseOptimizer;
-use crate::optim::engine::{Check, FusedStep};
-use crate::optim::groups::Groups;
+use crate::optim::engine::{self, Finite};
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
 /// The row every unknown key reads: zeros (or the default set with
@@ -887,7 +885,8 @@ impl DynamicTable {
             let (rows, grad) = known_positions(rows, grad_out, dim);
             optimizer.step_lookup(&mut self.weights, &rows, &grad)?;
         } else if let Some(found) = scan {
-            step_lookup_scanned(optimizer, &mut self.weights, rows, grad_out, found)?;
+            let finite = Finite::Scanned(found);
+            engine::step_lookup(optimizer, &mut self.weights, rows, grad_out, finite)?;
         } else {
             optimizer.step_lookup(&mut self.weights, rows, grad_out)?;
         }
@@ -988,31 +987,6 @@ fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
         }
         *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
     }
-}
-
-/// `optimizer.step_lookup(weights, rows, grad_out)` for a `grad_out`
-/// already scanned (`found`): the fixed table's fused step, with that scan
-/// as its finite check.
-fn step_lookup_scanned<O: SparseOptimizer>(
-    optimizer: &mut O,
-    weights: &mut EmbeddingTable,
-    rows: &[u32],
-    grad_out: &[f32],
-    found: ScanPart,
-) -> Result<()> {
-    if Groups::fits(rows.len())
-        && let Some(FusedStep(fused)) = optimizer.fused()
-    {
-        fused.check_lookup(weights, rows.len(), grad_out.len())?;
-        crate::index::validate_ids(rows, weights.rows())?;
-        // SAFETY: the rows were validated against `weights.rows()`, and fit.
-        unsafe { fused.groups().build(rows, weights.rows()) };
-        if fused.step_grouped(weights, grad_out, Check::Scanned(found))? {
-            return Ok(());
-        }
-    }
-    // No fused step, or sums that might overflow: the optimizer's own.
-    optimizer.step_lookup(weights, rows, grad_out)
 }
 
 /// The positions whose row is not the default row: their rows, and their

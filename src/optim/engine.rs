@@ -1584,6 +1584,16 @@ pub(crate) enum Check {
     Skip,
 }
 
+/// How [`step_lookup`] knows that `grad_out` is finite.
+pub(crate) enum Finite {
+    /// It checks (and refuses a non-finite value, changing nothing).
+    Check,
+    /// The caller checked it, with this result, on the same `grad_out`.
+    Scanned(ScanPart),
+    /// The caller guarantees it ([`SparseOptimizer::step_lookup_finite`]).
+    Trusted,
+}
+
 /// An optimizer's fused lookup step, handed to the provided
 /// [`SparseOptimizer::step_lookup`].
 #[doc(hidden)]
@@ -1602,14 +1612,15 @@ pub struct FusedStep<'a>(pub(crate) &'a mut dyn Fused);
 /// update each row with 0 + its positions' gradient rows, in batch order
 /// ```
 ///
-/// `check: false` ([`SparseOptimizer::step_lookup_finite`]) skips the
-/// check of `grad_out` and the proof that the sums stay finite.
+/// `Finite::Trusted` ([`SparseOptimizer::step_lookup_finite`]) skips the
+/// check of `grad_out` and the proof that the sums stay finite;
+/// `Finite::Scanned` hands over a check the caller ran beside other work.
 pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
     opt: &mut O,
     table: &mut EmbeddingTable,
     ids: &[I],
     grad_out: &[f32],
-    check: bool,
+    finite: Finite,
 ) -> Result<()> {
     if let Some(FusedStep(fused)) = opt.fused() {
         time("check", || {
@@ -1620,14 +1631,18 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
             let (rows, groups) = (table.rows(), fused.groups());
             // SAFETY: ids were validated against `table.rows()` and fit.
             let mut group = || time("group", || unsafe { groups.build(ids, rows) });
-            let check = match check {
-                false => {
+            let check = match finite {
+                Finite::Trusted => {
                     group();
                     Check::Skip
                 }
+                Finite::Scanned(found) => {
+                    group();
+                    Check::Scanned(found)
+                }
                 // The grouping runs on one thread below SHARD_MIN_THREADS:
                 // the others scan the gradient meanwhile.
-                true if rayon::current_num_threads() > 1 => {
+                Finite::Check if rayon::current_num_threads() > 1 => {
                     let tier = kernels::current();
                     let scan = || {
                         time("scan beside group", || {
@@ -1638,7 +1653,7 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
                 }
                 // On one thread the scan is fused with the copy of the
                 // later rows, which it brings into the cache.
-                true => {
+                Finite::Check => {
                     group();
                     Check::Scan
                 }

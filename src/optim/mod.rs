@@ -298,7 +298,7 @@ mod clip;
 mod config;
 pub(crate) mod engine;
 mod ftrl;
-pub(crate) mod groups;
+mod groups;
 mod linear;
 mod rmsprop;
 mod rowwise_adagrad;
@@ -402,7 +402,7 @@ pub trait SparseOptimizer {
     where
         Self: Sized,
     {
-        engine::step_lookup(self, table, ids, grad_out, true)
+        engine::step_lookup(self, table, ids, grad_out, engine::Finite::Check)
     }
 
     /// [`step_lookup`](Self::step_lookup) for a caller that guarantees that
@@ -443,7 +443,7 @@ pub trait SparseOptimizer {
     where
         Self: Sized,
     {
-        engine::step_lookup(self, table, ids, grad_out, false)
+        engine::step_lookup(self, table, ids, grad_out, engine::Finite::Trusted)
     }
 
     /// Brings every row current: under [`Semantics::DenseExact`], applies
