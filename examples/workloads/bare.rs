@@ -361,8 +361,9 @@ mod x86 {
     /// row, one walk over the bag, as FBGEMM's AVX2 kernel), 8 when each
     /// row is multiplied by its weight (the weight takes a register), then
     /// times `scale` and stored once. Rows are prefetched [`POOL_AHEAD`]
-    /// ahead, their first line of every 512 bytes. (Accumulating a whole row of any width in a stack array, as
-    /// the portable loop does, ran slower than the library here.)
+    /// ahead, their first line of every 512 bytes. (Accumulating a whole
+    /// row of any width in a stack array, as the portable loop does, ran
+    /// slower than the library here.)
     ///
     /// # Safety
     /// AVX2+FMA is available; the ids were checked.
