@@ -32,7 +32,7 @@ use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable, Eviction};
 use embtable::{
     Adagrad, AdagradConfig, AlignedBuf, EmbeddingTable, Init, Sgd, SgdConfig, SparseOptimizer,
 };
-use workloads::{self, BATCH, BIG_ROWS, median};
+use workloads::{self, BATCH, BIG_ROWS, cpu_ms, median};
 
 const DIM: usize = 128;
 /// One position in ten names a key the table has never seen.
@@ -245,21 +245,4 @@ fn run(args: &Args) {
         memory.bounded() as f64 / (1 << 20) as f64,
         memory
     );
-}
-
-/// User + system CPU time of the whole process so far, in ms (0 where
-/// `getrusage` is not available).
-fn cpu_ms() -> f64 {
-    #[cfg(unix)]
-    {
-        // SAFETY: `getrusage` fills the zeroed struct it is given and
-        // touches nothing else.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; RUSAGE_SELF is a valid `who`.
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
-            let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-            return ms(usage.ru_utime) + ms(usage.ru_stime);
-        }
-    }
-    0.0
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::variants::{self, DIM, Hint, Plan};
 use embtable::{AlignedBuf, Bags, EmbeddingTable, Init, Pooling};
-use workloads::{BAG_LEN, BAGS, BIG_ROWS, median};
+use workloads::{BAG_LEN, BAGS, BIG_ROWS, cpu_ms, median};
 
 /// One timed loop over the whole batch, on `threads` threads.
 enum Job {
@@ -291,18 +291,6 @@ fn split(ids: &[i64], threads: usize, f: impl Fn(&[i64]) -> u32 + Sync) -> u32 {
             .map(|p| p.join().expect("worker"))
             .fold(0, u32::wrapping_add)
     })
-}
-
-/// CPU time of the process (user + system, every thread), in ms.
-fn cpu_ms() -> f64 {
-    // SAFETY: `getrusage` only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-    ms(usage.ru_utime) + ms(usage.ru_stime)
 }
 
 /// The process's memory on huge pages, as the kernel reports it.

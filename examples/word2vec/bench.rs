@@ -80,20 +80,9 @@ impl Timing {
     }
 }
 
-/// CPU seconds (user + system) that the process has used so far, on all
-/// its threads; NaN where unknown.
+/// CPU seconds (user + system) of the process so far, all threads.
 fn cpu_seconds() -> f64 {
-    #[cfg(unix)]
-    {
-        // SAFETY: `rusage` is integers only, so all zeros is a valid value.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage writes one `rusage` into the one it is given.
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
-            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-            return secs(usage.ru_utime) + secs(usage.ru_stime);
-        }
-    }
-    f64::NAN
+    workloads::cpu_ms() / 1e3
 }
 
 /// The one-minute load average (Linux), or a dash.

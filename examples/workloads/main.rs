@@ -45,7 +45,7 @@ use embtable::{
     FtrlConfig, Init, Pooling, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
     Semantics, Sgd, SgdConfig, SparseGrad, SparseOptimizer,
 };
-use workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS, median};
+use workloads::{self, BAG_LEN, BAGS, BATCH, BIG_ROWS, SMALL_ROWS, cpu_ms, median};
 
 struct Args {
     workload: String,
@@ -368,26 +368,6 @@ fn prepare(name: &str, bound: bool) -> Option<Workload> {
             w5(step, checked, bound)?
         }
     })
-}
-
-/// CPU time of the whole process so far (user + system, every thread), in
-/// ms, where the OS says: on a shared machine it is what the load cannot
-/// stretch (unlike wall time), though rayon's workers spinning for work
-/// count too.
-fn cpu_ms() -> f64 {
-    #[cfg(unix)]
-    {
-        // SAFETY: `getrusage` only writes the struct it is given.
-        let usage = unsafe {
-            let mut usage = std::mem::zeroed::<libc::rusage>();
-            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-            usage
-        };
-        let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-        ms(usage.ru_utime) + ms(usage.ru_stime)
-    }
-    #[cfg(not(unix))]
-    f64::NAN
 }
 
 /// Median wall and CPU time of `runs` calls, in ms.

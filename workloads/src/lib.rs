@@ -135,3 +135,22 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+/// CPU time of the whole process so far (user + system, every thread), in
+/// ms; NaN where the OS does not say. On a shared machine it is what the
+/// load cannot stretch (unlike wall time), though rayon's workers spinning
+/// for work count too.
+pub fn cpu_ms() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: `rusage` is integers only, so all zeros is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `getrusage` writes one `rusage` into the one it is given;
+        // RUSAGE_SELF is a valid `who`.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+            return ms(usage.ru_utime) + ms(usage.ru_stime);
+        }
+    }
+    f64::NAN
+}
