@@ -8,6 +8,7 @@ const DOCUMENTS: &[&str] = &[
     "README.md",
     "WORKLOADS.md",
     "docs/COMING_FROM.md",
+    "docs/PERFORMANCE.md",
     "src/lib.rs",
 ];
 
