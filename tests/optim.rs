@@ -250,27 +250,38 @@ proptest! {
 
 // ---------------------------------------------------------------- step_rows_finite
 
-/// A lookup's gradient given row by row: each row adds its positions'
-/// gradient rows in batch order, as `SparseGrad` sums them. The parts of a
-/// row are read from wherever they lie, as per-thread gradients would be.
+/// A lookup's gradient given row by row: part `k` of a row is the
+/// gradient row of its `k`-th position in the batch, so the parts summed in
+/// order give what `SparseGrad` sums. The parts of a row are read from
+/// wherever they lie, as per-thread gradients would be.
 struct LookupRows<'a> {
-    ids: &'a [usize],
+    positions: std::collections::HashMap<usize, Vec<usize>>,
     grad_out: &'a [f32],
     dim: usize,
 }
 
-impl RowGradients for LookupRows<'_> {
-    fn add_to(&self, row: usize, into: &mut [f32]) {
-        assert_eq!(into.len(), self.dim);
-        assert!(into.iter().all(|&x| x.to_bits() == 0), "a zero row");
-        for (j, _) in self.ids.iter().enumerate().filter(|&(_, &r)| r == row) {
-            for (sum, g) in into
-                .iter_mut()
-                .zip(&self.grad_out[j * self.dim..][..self.dim])
-            {
-                *sum += g;
-            }
+impl<'a> LookupRows<'a> {
+    fn new(ids: &[usize], grad_out: &'a [f32], dim: usize) -> Self {
+        let mut positions = std::collections::HashMap::<usize, Vec<usize>>::new();
+        for (j, &r) in ids.iter().enumerate() {
+            positions.entry(r).or_default().push(j);
         }
+        Self {
+            positions,
+            grad_out,
+            dim,
+        }
+    }
+}
+
+impl RowGradients for LookupRows<'_> {
+    fn parts(&self) -> usize {
+        self.positions.values().map(Vec::len).max().unwrap_or(0)
+    }
+
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+        let j = *self.positions.get(&row)?.get(k)?;
+        Some(&self.grad_out[j * self.dim..][..self.dim])
     }
 }
 
@@ -300,11 +311,7 @@ impl Run {
                     }
                 }
                 let g = self.grad_out(t);
-                let grads = LookupRows {
-                    ids,
-                    grad_out: &g,
-                    dim: self.dim,
-                };
+                let grads = LookupRows::new(ids, &g, self.dim);
                 opt.step_rows_finite(&mut table, &distinct, &grads).unwrap();
             } else {
                 opt.step(&mut table, &self.sparse_grad(t)).unwrap();
@@ -365,7 +372,10 @@ proptest! {
 fn step_rows_refuses_bad_rows_and_writes_nothing() {
     struct Never;
     impl RowGradients for Never {
-        fn add_to(&self, row: usize, _: &mut [f32]) {
+        fn parts(&self) -> usize {
+            1
+        }
+        fn part(&self, row: usize, _: usize) -> Option<&[f32]> {
             panic!("gradient of row {row} asked for");
         }
     }
@@ -378,11 +388,7 @@ fn step_rows_refuses_bad_rows_and_writes_nothing() {
         let mut table = run.table();
         let g = run.grad_out(0);
         let ids = &run.steps[0].0;
-        let grads = LookupRows {
-            ids,
-            grad_out: &g,
-            dim: run.dim,
-        };
+        let grads = LookupRows::new(ids, &g, run.dim);
         opt.step_rows_finite(&mut table, &[3, 1], &grads).unwrap();
         let (before, state) = (table.to_vec(), opt.state());
         let err = opt
@@ -430,11 +436,7 @@ fn provided_step_rows_equals_the_fused_one() {
         distinct.sort_unstable();
         distinct.dedup();
         let g = run.grad_out(t);
-        let grads = LookupRows {
-            ids,
-            grad_out: &g,
-            dim: run.dim,
-        };
+        let grads = LookupRows::new(ids, &g, run.dim);
         fused.step_rows_finite(&mut a, &distinct, &grads).unwrap();
         provided
             .step_rows_finite(&mut b, &distinct, &grads)

@@ -208,17 +208,15 @@ impl ShardSums<'_> {
 }
 
 impl RowGradients for ShardSums<'_> {
+    fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
     #[inline]
-    fn add_to(&self, row: usize, into: &mut [f32]) {
-        for part in self.parts {
-            let slot = part.slot_of[row];
-            if slot != NONE {
-                let g = &part.grads[slot as usize * self.dim..][..self.dim];
-                for (sum, g) in into.iter_mut().zip(g) {
-                    *sum += g;
-                }
-            }
-        }
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+        let part = self.parts[k];
+        let slot = part.slot_of[row];
+        (slot != NONE).then(|| &part.grads[slot as usize * self.dim..][..self.dim])
     }
 
     /// The parts' rows of a word lie anywhere in their buffers: loading

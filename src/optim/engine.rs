@@ -208,20 +208,21 @@ pub(crate) trait GradRow<S: Simd> {
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V];
 }
 
-/// `0 + first + later[0] + later[1] + …`, lane by lane: `first` holds the
-/// row's `dim` real lanes (or a whole padded row), `later` whole padded
-/// rows of `stride` floats. This is bitwise what [`SparseGrad`] stores,
-/// whose slot starts at `+0.0` (so a `-0.0` sum comes out `+0.0` in both)
-/// and adds `1 · g` (`1 · x == x`).
+/// `0 + first + later[0] + later[1] + … + more[0] + more[1] + …`, lane by
+/// lane: `first` and each of `more` hold the row's `dim` real lanes (or a
+/// whole padded row), `later` whole padded rows of `stride` floats. This
+/// is bitwise what [`SparseGrad`] stores, whose slot starts at `+0.0` (so
+/// a `-0.0` sum comes out `+0.0` in both) and adds `1 · g` (`1 · x == x`).
 ///
 /// The one gradient every update reads (a stored slot, a lookup's grouped
-/// rows, a replayed step's zero row), so that each rule's update is
-/// compiled once per tier and setting.
+/// rows, a caller's parts, a replayed step's zero row), so that each
+/// rule's update is compiled once per tier and setting.
 #[derive(Clone, Copy)]
 pub(crate) struct GradSum<'a> {
     first: &'a [f32],
     later: &'a [f32],
     stride: usize,
+    more: &'a [&'a [f32]],
 }
 
 impl<'a> GradSum<'a> {
@@ -231,38 +232,63 @@ impl<'a> GradSum<'a> {
             first,
             later,
             stride,
+            more: &[],
         }
     }
+
+    /// The sum of `first` and the rows of `more` (each as long as `first`).
+    fn parts(first: &'a [f32], more: &'a [&'a [f32]]) -> Self {
+        Self {
+            first,
+            later: &[],
+            stride: first.len(),
+            more,
+        }
+    }
+}
+
+/// Vectors `i..i + V * S::N` of `row`'s real lanes, zero past them.
+#[inline(always)]
+fn load_real<S: Simd, const V: usize>(s: S, row: &[f32], i: usize) -> [S::V; V] {
+    let (dim, zero) = (row.len(), s.splat(0.0));
+    let mut out = [zero; V];
+    if i + V * S::N <= dim {
+        let row = &row[i..i + V * S::N];
+        for (v, out) in out.iter_mut().enumerate() {
+            *out = s.load(&row[v * S::N..]);
+        }
+    } else {
+        // The block holding the row's last real lane (and pads).
+        for (v, out) in out.iter_mut().enumerate() {
+            let at = i + v * S::N;
+            if at + S::N <= dim {
+                *out = s.load(&row[at..]);
+            } else if at < dim {
+                *out = s.load_partial(&row[at..]);
+            }
+        }
+    }
+    out
 }
 
 impl<S: Simd> GradRow<S> for GradSum<'_> {
     #[inline(always)]
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V] {
-        let (dim, zero) = (self.first.len(), s.splat(0.0));
-        let mut sum = [zero; V];
-        if i + V * S::N <= dim {
-            let first = &self.first[i..i + V * S::N];
-            for (v, sum) in sum.iter_mut().enumerate() {
-                *sum = s.add(zero, s.load(&first[v * S::N..]));
-            }
-        } else {
-            // The block holding the row's last real lane (and pads).
-            for (v, sum) in sum.iter_mut().enumerate() {
-                let at = i + v * S::N;
-                let first = if at + S::N <= dim {
-                    s.load(&self.first[at..])
-                } else if at < dim {
-                    s.load_partial(&self.first[at..])
-                } else {
-                    zero
-                };
-                *sum = s.add(zero, first);
-            }
+        let zero = s.splat(0.0);
+        let mut sum = load_real::<S, V>(s, self.first, i);
+        for sum in &mut sum {
+            *sum = s.add(zero, *sum);
         }
         for row in self.later.chunks_exact(self.stride) {
             let later = &row[i..i + V * S::N];
             for (v, sum) in sum.iter_mut().enumerate() {
                 *sum = s.add(*sum, s.load(&later[v * S::N..]));
+            }
+        }
+        for row in self.more {
+            let more = load_real::<S, V>(s, row, i);
+            for (sum, x) in sum.iter_mut().zip(more) {
+                *sum = s.add(*sum, x);
             }
         }
         sum
@@ -1568,10 +1594,11 @@ impl<R: Rule> Kernel for Visit<'_, R> {
     /// through one call of the rule's update, so it is compiled once.
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        // The row a caller's `RowGradients` writes (in L1 until it is read).
-        let mut written = match self.grads {
-            Some(Grads::Rows(_)) => vec![0.0f32; self.dim],
-            _ => Vec::new(),
+        // A row's parts from a caller's `RowGradients`, and a zero row for
+        // a row that has none.
+        let (mut parts, no_part) = match self.grads {
+            Some(Grads::Rows(g)) => (Vec::with_capacity(g.parts()), vec![0.0f32; self.dim]),
+            _ => (Vec::new(), Vec::new()),
         };
         for (i, &r) in self.rows.iter().enumerate() {
             if let Some(&ahead) = self.rows.get(i + PREFETCH_AHEAD) {
@@ -1609,9 +1636,18 @@ impl<R: Rule> Kernel for Visit<'_, R> {
             let this = match (self.grads, self.step) {
                 (Some(Grads::Grouped(g)), Some(&step)) => Some((step, g.row(self.start + i))),
                 (Some(Grads::Rows(g)), Some(&step)) => {
-                    written.fill(0.0);
-                    g.add_to(r, &mut written);
-                    Some((step, GradSum::new(&written, &[], self.stride)))
+                    parts.clear();
+                    for k in 0..g.parts() {
+                        if let Some(part) = g.part(r, k) {
+                            assert_eq!(part.len(), self.dim, "part {k} of row {r}: its length");
+                            parts.push(part);
+                        }
+                    }
+                    let (first, more): (&[f32], &[&[f32]]) = match parts.split_first() {
+                        Some((first, more)) => (first, more),
+                        None => (&no_part, &[]),
+                    };
+                    Some((step, GradSum::parts(first, more)))
                 }
                 _ => None,
             };

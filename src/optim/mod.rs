@@ -455,13 +455,13 @@ pub trait SparseOptimizer {
         engine::step_lookup(self, table, ids, grad_out, engine::Finite::Trusted)
     }
 
-    /// One step whose gradient has the distinct `rows`, with the gradient
-    /// of each written by `grads` when the update reaches that row: the
-    /// same, bit for bit, as
+    /// One step whose gradient has the distinct `rows`, the gradient of
+    /// each the sum of its parts in `grads`: the same, bit for bit, as
     ///
     /// ```text
     /// let mut grad = SparseGrad::for_table(table);
-    /// for r in rows { grad.accumulate_lookup(&[r], <grads.add_to(r) on a zero row>)? }
+    /// for r in rows, for k in 0..grads.parts(), if let Some(g) = grads.part(r, k):
+    ///     grad.accumulate_lookup(&[r], g)?
     /// self.step(table, &grad)
     /// ```
     ///
@@ -469,12 +469,12 @@ pub trait SparseOptimizer {
     /// [`step_lookup_finite`](Self::step_lookup_finite) does (a broken
     /// promise gives saturated rows, never an error or NaN weights). For a
     /// gradient that is a sum of parts held elsewhere (per-thread
-    /// gradients, say): this crate's optimizers ask `grads` for each row on
-    /// the thread that updates it, right before the update, so the parts
-    /// are summed into a row that stays in the cache and no summed gradient
-    /// is stored or copied. `grads` is called once per row, from several
-    /// threads at once. An optimizer of another crate stores the gradient
-    /// and calls [`step`](Self::step) (which checks it).
+    /// gradients, say): this crate's optimizers ask `grads` for a row's
+    /// parts on the thread that updates it, right before the update, and
+    /// sum them in registers, so no summed gradient is stored or copied.
+    /// `grads` is asked from several threads at once. An optimizer of
+    /// another crate stores the gradient and calls [`step`](Self::step)
+    /// (which checks it).
     ///
     /// # Errors
     /// As [`step`](Self::step), without
@@ -491,12 +491,11 @@ pub trait SparseOptimizer {
     /// // Two workers' gradients of a 2-float table, summed row by row.
     /// struct Parts([[f32; 6]; 2]);
     /// impl RowGradients for Parts {
-    ///     fn add_to(&self, row: usize, into: &mut [f32]) {
-    ///         for part in &self.0 {
-    ///             for (sum, g) in into.iter_mut().zip(&part[2 * row..2 * row + 2]) {
-    ///                 *sum += g;
-    ///             }
-    ///         }
+    ///     fn parts(&self) -> usize {
+    ///         2
+    ///     }
+    ///     fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+    ///         Some(&self.0[k][2 * row..2 * row + 2])
     ///     }
     /// }
     /// let parts = Parts([[1., 2., 0., 0., 3., 4.], [1., 0., 0., 0., 1., 0.]]);
@@ -528,7 +527,12 @@ pub trait SparseOptimizer {
         written.resize(len, 0.0);
         if dim > 0 {
             for (&r, into) in rows.iter().zip(written.chunks_exact_mut(dim)) {
-                grads.add_to(r, into);
+                for part in (0..grads.parts()).filter_map(|k| grads.part(r, k)) {
+                    assert_eq!(part.len(), dim, "a part of row {r}: its length");
+                    for (sum, g) in into.iter_mut().zip(part) {
+                        *sum += g;
+                    }
+                }
             }
         }
         let mut grad = SparseGrad::for_table(table);
@@ -747,14 +751,20 @@ impl<O: SparseOptimizer + ?Sized> SparseOptimizer for Box<O> {
 }
 
 /// The gradient of a step given row by row, for
-/// [`SparseOptimizer::step_rows_finite`]: asked for each row by the thread
-/// that updates it, right before the update.
+/// [`SparseOptimizer::step_rows_finite`]: each row's gradient is the sum of
+/// up to [`parts`](Self::parts) rows held by the caller (per-thread
+/// gradients, say), asked for by the thread that updates the row, right
+/// before the update.
 pub trait RowGradients: Sync {
-    /// Adds the gradient of table row `row` into `into` (`dim` floats, all
-    /// zero on entry).
-    fn add_to(&self, row: usize, into: &mut [f32]);
+    /// How many parts a row's gradient is summed from.
+    fn parts(&self) -> usize;
 
-    /// Starts loading what [`add_to`](Self::add_to) of `row` will read: the
+    /// Part `k` (below [`parts`](Self::parts)) of the gradient of table
+    /// row `row`: `dim` floats, or `None` where that part holds nothing
+    /// for the row. The update panics on a part of another length.
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]>;
+
+    /// Starts loading what [`part`](Self::part) of `row` will read: the
     /// step calls it a few rows ahead. The provided method does nothing.
     fn prefetch(&self, row: usize) {
         let _ = row;
