@@ -759,7 +759,8 @@ impl Core {
     /// validate config, shapes, rows < table.rows() and distinct
     /// DenseExact: catch-up plan per row, as step
     /// for each row r, in parallel (each row by exactly one task):
-    ///     g = 0 + what grads adds to a zero row; catch up; apply the update
+    ///     g = 0 + its parts from grads, in part order (summed in registers,
+    ///         block by block); catch up; apply the update
     /// ```
     pub(crate) fn step_rows<C: Config>(
         &mut self,
@@ -1463,7 +1464,7 @@ impl<'a> Grouped<'a> {
 enum Grads<'a> {
     /// Stored or grouped by the engine.
     Grouped(Grouped<'a>),
-    /// Written row by row by the caller ([`Core::step_rows`]).
+    /// A caller's parts of each row ([`Core::step_rows`]).
     Rows(&'a dyn super::RowGradients),
 }
 
