@@ -108,6 +108,8 @@ pub struct Sgns<O> {
     shards: Vec<Shard>,
     /// Each table's rows of a step.
     rows: [Vec<usize>; 2],
+    /// Each table's words of a step as bits, while its rows are listed.
+    seen: [Vec<u64>; 2],
 }
 
 /// What training did.
@@ -195,14 +197,24 @@ struct ShardSums<'a> {
 }
 
 impl ShardSums<'_> {
-    /// The words of the parts, each once: the first part's in its order,
-    /// then each later part's words new to the parts before it.
-    fn rows(&self, rows: &mut Vec<usize>) {
+    /// The words of the parts, each once, in ascending order, so that the
+    /// step reads and writes the table and its state in address order
+    /// (`seen`: one bit per word, all clear before and after).
+    fn rows(&self, seen: &mut Vec<u64>, rows: &mut Vec<usize>) {
+        let words = self.parts.first().map_or(0, |p| p.slot_of.len());
+        seen.resize(words.div_ceil(64), 0);
+        for part in self.parts {
+            for &w in &part.rows {
+                seen[w as usize / 64] |= 1 << (w % 64);
+            }
+        }
         rows.clear();
-        for (k, part) in self.parts.iter().enumerate() {
-            let earlier = &self.parts[..k];
-            let new = |w: &&u32| earlier.iter().all(|e| e.slot_of[**w as usize] == NONE);
-            rows.extend(part.rows.iter().filter(new).map(|&w| w as usize));
+        for (i, bits) in seen.iter_mut().enumerate() {
+            let mut b = std::mem::take(bits);
+            while b != 0 {
+                rows.push(i * 64 + b.trailing_zeros() as usize);
+                b &= b - 1;
+            }
         }
     }
 }
@@ -300,6 +312,7 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             logistic: Logistic::new(),
             shards: vec![Shard::default(); cfg.shards.max(1)],
             rows: Default::default(),
+            seen: Default::default(),
         })
     }
 
@@ -421,6 +434,7 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             cfg,
             shards,
             rows: [in_rows, out_rows],
+            seen: [in_seen, out_seen],
             ..
         } = self;
         let parts_in: Vec<&Accumulator> = shards.iter().map(|s| &s.input).collect();
@@ -439,11 +453,11 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         // fork for both, whose threads share their rows.
         let (a, b) = rayon::join(
             || {
-                sums_in.rows(in_rows);
+                sums_in.rows(in_seen, in_rows);
                 in_opt.step_rows_finite(input, in_rows, &sums_in)
             },
             || {
-                sums_out.rows(out_rows);
+                sums_out.rows(out_seen, out_rows);
                 out_opt.step_rows_finite(output, out_rows, &sums_out)
             },
         );
