@@ -149,19 +149,29 @@ impl std::ops::AddAssign for StepStats {
 /// Marks a word without a slot in [`Accumulator::slot_of`].
 const NONE: u32 = u32::MAX;
 
+/// Largest accumulator laid out by word (floats): 16 MiB.
+const BY_WORD_MAX_FLOATS: usize = 1 << 22;
+
 /// The gradient of one table from one shard: a row per distinct word
-/// (`dim` floats each), in order of first appearance.
+/// (`dim` floats each). When the last step touched at least half of the
+/// table (as the output table's negatives do) and the table is small
+/// enough, row `w` lies at slot `w`, so that the optimizer step, which
+/// visits the words in ascending order, reads the rows in address order
+/// too; otherwise the rows lie in order of first appearance, so that
+/// memory follows the batch, not the vocabulary.
 #[derive(Clone, Debug, Default)]
 struct Accumulator {
     /// Slot of each word, or [`NONE`]: 4 bytes a word, reset row by row.
     slot_of: Vec<u32>,
     rows: Vec<u32>,
     grads: Vec<f32>,
+    /// Whether row `w` lies at slot `w`.
+    by_word: bool,
 }
 
 impl Accumulator {
-    /// Empties the accumulator for a table of `words` rows.
-    fn reset(&mut self, words: usize) {
+    /// Empties the accumulator for a table of `words` rows of `dim`.
+    fn reset(&mut self, words: usize, dim: usize) {
         if self.slot_of.len() == words {
             for &r in &self.rows {
                 self.slot_of[r as usize] = NONE;
@@ -169,8 +179,14 @@ impl Accumulator {
         } else {
             self.slot_of = vec![NONE; words];
         }
+        self.by_word = self.rows.len() * 2 >= words && words * dim <= BY_WORD_MAX_FLOATS;
         self.rows.clear();
-        self.grads.clear();
+        if self.by_word {
+            // Rows are zeroed when first touched (stale values elsewhere).
+            self.grads.resize(words * dim, 0.0);
+        } else {
+            self.grads.clear();
+        }
     }
 
     /// The slot of `word`, a zero row added the first time.
@@ -180,10 +196,15 @@ impl Accumulator {
         if slot != NONE {
             return slot as usize;
         }
-        let slot = self.rows.len();
-        self.slot_of[word as usize] = slot as u32;
         self.rows.push(word);
-        self.grads.resize(self.grads.len() + dim, 0.0);
+        let slot = if self.by_word {
+            self.grads[word as usize * dim..][..dim].fill(0.0);
+            word as usize
+        } else {
+            self.grads.resize(self.grads.len() + dim, 0.0);
+            self.rows.len() - 1
+        };
+        self.slot_of[word as usize] = slot as u32;
         slot
     }
 }
@@ -394,15 +415,15 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         // Read once here: the workers must not each pick their own.
         let tier = kernels::current();
         let count = self.shards.len();
-        let (in_rows, out_rows) = (self.input.rows(), self.output.rows());
+        let (in_rows, out_rows, dim) = (self.input.rows(), self.output.rows(), self.cfg.dim);
         let start = Instant::now();
         self.shards
             .par_iter_mut()
             .enumerate()
             .for_each(|(k, shard)| {
                 let busy = Instant::now();
-                shard.input.reset(in_rows);
-                shard.output.reset(out_rows);
+                shard.input.reset(in_rows, dim);
+                shard.output.reset(out_rows, dim);
                 shard.stats = StepStats::default();
                 kernels::dispatch(
                     tier,
@@ -937,10 +958,21 @@ mod tests {
     fn merge_then_step_lookup<O: SparseOptimizer + Send>(m: &mut Sgns<O>) -> Result<()> {
         let merged = |parts: Vec<&Accumulator>| {
             let dim = m.cfg.dim;
-            let (mut ids, mut grads) = (parts[0].rows.clone(), parts[0].grads.clone());
-            let mut slot_of = parts[0].slot_of.clone();
+            fn row(part: &Accumulator, w: u32, dim: usize) -> &[f32] {
+                &part.grads[part.slot_of[w as usize] as usize * dim..][..dim]
+            }
+            let mut ids = parts[0].rows.clone();
+            let mut grads: Vec<f32> = ids
+                .iter()
+                .flat_map(|&w| row(parts[0], w, dim))
+                .copied()
+                .collect();
+            let mut slot_of = vec![NONE; parts[0].slot_of.len()];
+            for (i, &w) in ids.iter().enumerate() {
+                slot_of[w as usize] = i as u32;
+            }
             for part in &parts[1..] {
-                for (i, &w) in part.rows.iter().enumerate() {
+                for &w in &part.rows {
                     if slot_of[w as usize] == NONE {
                         slot_of[w as usize] = ids.len() as u32;
                         ids.push(w);
@@ -948,7 +980,7 @@ mod tests {
                     }
                     let slot = slot_of[w as usize] as usize;
                     let sum = &mut grads[slot * dim..][..dim];
-                    for (s, g) in sum.iter_mut().zip(&part.grads[i * dim..][..dim]) {
+                    for (s, g) in sum.iter_mut().zip(row(part, w, dim)) {
                         *s += g;
                     }
                 }
@@ -996,6 +1028,9 @@ mod tests {
                     steps += 1;
                 }
                 assert!(steps > 5);
+                // The first step lays the rows out by first appearance,
+                // the later ones the output table's by word: both checked.
+                assert!(model.shards.iter().all(|s| s.output.by_word));
                 let what = format!("{shards} shards");
                 let (m, r) = (&model, &reference);
                 assert_same_bits(
