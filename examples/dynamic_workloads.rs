@@ -20,6 +20,8 @@
 //!
 //! Options: `--threads N` (1), `--rounds R` timed rounds after 3 warm-up
 //! rounds (15), `--optimizer sgd|adagrad` (sgd; WORKLOADS.md's settings).
+//! Built with `--features phase-times`, it also prints the median of each
+//! phase of the dynamic W5 step (translation and fused step).
 //! Prints the median and the mean of each and the ratios to the fixed
 //! table, in wall time and in CPU time (user + system of the whole process
 //! during the call, rayon's waiting workers included): on a machine shared
@@ -159,6 +161,9 @@ fn run(args: &Args) {
         f();
         (start.elapsed().as_secs_f64() * 1e3, cpu_ms() - cpu)
     };
+    // The phases of the dynamic step (a build with `--features phase-times`).
+    let mut step_phases = Vec::new();
+    let mut phases: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
     let before = *dynamic.stats();
     for round in 0..rounds {
         let t = [
@@ -183,9 +188,11 @@ fn run(args: &Args) {
                     .expect("step")
             }),
             time(&mut || {
+                embtable::phases::take();
                 dynamic
                     .step_lookup(&mut dyn_opt, &step_batches[round], &grad_out)
-                    .expect("step")
+                    .expect("step");
+                step_phases = embtable::phases::take();
             }),
             time(&mut || {
                 dynamic
@@ -195,6 +202,15 @@ fn run(args: &Args) {
         ];
         dynamic.advance(&mut dyn_opt).expect("advance");
         if round >= 3 {
+            for p in step_phases.drain(..) {
+                match phases.iter_mut().find(|(name, ..)| *name == p.name) {
+                    Some((_, wall, cpu)) => {
+                        wall.push(p.wall_ms);
+                        cpu.push(p.cpu_ms);
+                    }
+                    None => phases.push((p.name, vec![p.wall_ms], vec![p.cpu_ms])),
+                }
+            }
             for ((all, cpu), (t, c)) in times.iter_mut().zip(&mut cpu_times).zip(t) {
                 all.push(t);
                 cpu.push(c);
@@ -225,6 +241,13 @@ fn run(args: &Args) {
                 cpu[i] / cpu[base]
             );
         }
+    }
+    for (name, wall, cpu) in &mut phases {
+        println!(
+            "  W5 dynamic phase {name:<28} median {:>7.2} ms  CPU {:>7.2} ms",
+            median(wall),
+            median(cpu)
+        );
     }
     let new_per_batch = (BATCH / NEW_EVERY) as f64;
     let (admitted, evicted) = (

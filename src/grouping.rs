@@ -528,6 +528,15 @@ impl Grouping {
             });
     }
 
+    /// Replaces each group's row `r` by `row(r)`, once the batch is
+    /// grouped and released: a batch grouped by labels that stand one to
+    /// one for rows is then grouped by those rows.
+    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
+        for r in &mut self.groups.rows {
+            *r = row(*r);
+        }
+    }
+
     /// Per group: its row, in first-seen order.
     #[inline]
     pub(crate) fn rows(&self) -> &[usize] {
@@ -632,10 +641,14 @@ pub(crate) struct DirectMaps {
 }
 
 impl DirectMaps {
-    /// Makes room for the rows of a table of `rows` rows.
+    /// Makes room for the rows of a table of `rows` rows. The map only
+    /// grows: its entries are all [`NONE`] between batches, so a larger
+    /// layout serves a smaller table, and a dynamic table's batches, which
+    /// group up to a batch's worth of labels beyond its rows, do not
+    /// reallocate it at each step.
     pub(crate) fn fit(&mut self, rows: usize) {
         let per_lane = rows.div_ceil(LANES);
-        if self.per_lane != per_lane || self.group_of.is_empty() {
+        if per_lane > self.per_lane || self.group_of.is_empty() {
             self.per_lane = per_lane;
             self.group_of.clear();
             self.group_of.resize(per_lane * LANES, NONE);
@@ -904,6 +917,49 @@ mod tests {
                 assert_eq!(hashed.tag(1 << 40), None);
             });
         }
+    }
+
+    /// Grouping by labels that stand one to one for rows, then relabelling,
+    /// gives the grouping by the rows (on one pass and in shards).
+    #[test]
+    fn relabelled_groups_are_the_rows_groups() {
+        let n = 2 * PARALLEL_MIN_IDS + 5;
+        let rows: Vec<usize> = (0..n).map(|j| (j * 7919) % 30_011).collect();
+        // Labels: the rows reversed within 0..30_011, a one-to-one map.
+        let labels: Vec<usize> = rows.iter().map(|&r| 30_010 - r).collect();
+        for threads in [1, SHARD_MIN_THREADS] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut g = Grouping::default();
+                let mut maps = DirectMaps::default();
+                maps.fit(30_011);
+                // SAFETY: usize labels always name a row; the batch fits.
+                unsafe { g.build(&labels, &mut maps) };
+                g.release(&mut maps, |_| 0);
+                g.relabel(|l| 30_010 - l);
+                let (want_rows, heads, sizes, group_at, rank_at) = reference(&rows);
+                assert_eq!(g.rows(), &want_rows[..]);
+                assert_eq!(g.heads(), &heads[..]);
+                assert_eq!(g.sizes(), &sizes[..]);
+                assert_eq!(g.group_at(), &group_at[..]);
+                assert_eq!(g.rank_at(), &rank_at[..]);
+            });
+        }
+    }
+
+    #[test]
+    fn a_direct_map_only_grows() {
+        let mut maps = DirectMaps::default();
+        maps.fit(10_000);
+        let len = maps.group_of.len();
+        maps.fit(5_000);
+        assert_eq!(maps.group_of.len(), len);
+        maps.fit(20_000);
+        assert!(maps.group_of.len() >= 20_000);
+        assert!(maps.group_of.iter().all(|&e| e == NONE));
     }
 
     #[test]

@@ -314,6 +314,74 @@ fn step_lookup_trains_alike_on_every_thread_count() {
     }
 }
 
+/// On several threads the fused step groups the batch's positions while
+/// the keys are admitted (a new key standing as a number until it has a
+/// row), unless a key is refused or not admitted: on every thread count
+/// and tier, with batches large enough for the sharded grouping, that
+/// trains as translate, accumulate and step do, under an optimizer whose
+/// rows lag (`DenseExact` momentum) and one that keeps state per row.
+#[test]
+fn step_lookup_grouped_beside_admission_trains_alike() {
+    let dim = 12;
+    let momentum = || {
+        Box::new(Sgd::new(SgdConfig {
+            momentum: 0.9,
+            semantics: Semantics::DenseExact,
+            ..SgdConfig::keras()
+        })) as Box<dyn SparseOptimizer + Send>
+    };
+    let adagrad =
+        || Box::new(Adagrad::new(AdagradConfig::torch())) as Box<dyn SparseOptimizer + Send>;
+    for (name, make) in [
+        ("momentum", &momentum as &(dyn Fn() -> _ + Sync)),
+        ("adagrad", &adagrad),
+    ] {
+        for admission in [Admission::Always, Admission::AfterSightings(2)] {
+            let config = DynamicConfig {
+                admission,
+                capacity: Capacity::Rows(3_000),
+                seed: 9,
+                ..Default::default()
+            };
+            let run = || {
+                let mut fused = DynamicTable::new(dim, config).unwrap();
+                let mut split = fused.clone();
+                let (mut opt_fused, mut opt_split) = (make(), make());
+                for t in 0..9u64 {
+                    // 20,000 positions a batch over 2,500 keys (every one
+                    // admitted), every third batch over 9,000 (refusals).
+                    let keys = if t % 3 == 2 { 9_000 } else { 2_500 };
+                    let batch: Vec<u64> = workloads::uniform(t, 20_000, keys)
+                        .into_iter()
+                        .map(|k| (k as u64 + 1_000 * t).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                        .collect();
+                    let g = values(t, batch.len() * dim, -1.0, 1.0);
+                    fused.step_lookup(&mut opt_fused, &batch, &g).unwrap();
+                    let rows = split.translate(&batch, &mut opt_split).unwrap();
+                    let mut grad = SparseGrad::new(dim);
+                    grad.accumulate_lookup(&rows, &g).unwrap();
+                    split.step(&mut opt_split, &mut grad).unwrap();
+                }
+                fused.flush(&mut opt_fused).unwrap();
+                split.flush(&mut opt_split).unwrap();
+                assert_eq!(fused.weights(), split.weights(), "{name} {admission:?}");
+                assert_eq!(opt_fused.state(), opt_split.state(), "{name} {admission:?}");
+                assert_eq!(fused.stats(), split.stats());
+                let stats = *fused.stats();
+                assert!(stats.evicted > 0 && stats.refused > 0, "{stats:?}");
+                (fused, opt_fused.state())
+            };
+            let runs = each_config(run);
+            let (_, _, (first, first_state)) = &runs[0];
+            for (tier, threads, (table, state)) in &runs[1..] {
+                let what = format!("{name} {admission:?} {tier:?} {threads} threads");
+                assert_eq!(table.weights(), first.weights(), "{what}");
+                assert_eq!(state, first_state, "{what}");
+            }
+        }
+    }
+}
+
 // ------------------------------------------------- policies against a model
 
 /// The reference: the table's policies on a `BTreeMap`, as the docs state

@@ -13,7 +13,8 @@ use crate::aligned::{SendPtr, checked_stride};
 use crate::index::Index;
 use crate::kernels;
 use crate::optim::SparseOptimizer;
-use crate::optim::engine::{self, Finite};
+use crate::optim::engine::{self, Finite, TakenGrouping};
+use crate::phases::time;
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
 /// The row every unknown key reads: zeros (or the default set with
@@ -105,6 +106,9 @@ struct Scratch {
     evicted: Vec<(usize, u64)>,
     /// The rows of a fused step's batch.
     rows: Vec<u32>,
+    /// Per position, what the fused step's grouping beside the admission
+    /// groups by: its row, or for a new key a number past the rows.
+    labels: Vec<u32>,
 }
 
 impl Scratch {
@@ -116,6 +120,7 @@ impl Scratch {
             + self.fresh.capacity() * size_of::<usize>()
             + self.evicted.capacity() * size_of::<(usize, u64)>()
             + self.rows.capacity() * size_of::<u32>()
+            + self.labels.capacity() * size_of::<u32>()
     }
 }
 
@@ -461,6 +466,22 @@ impl DynamicTable {
         optimizer: &mut dyn SparseOptimizer,
         rows: &mut Vec<u32>,
     ) -> Result<()> {
+        self.translate_grouping(ids, optimizer, rows, false)
+            .map(|_| ())
+    }
+
+    /// [`translate_into`](Self::translate_into); if `group`, and every new
+    /// key is to be admitted, with the positions grouped by row for
+    /// `optimizer`'s fused step meanwhile, on another thread when one is
+    /// free (the uses and admissions are sequential): `None` if the
+    /// optimizer has no fused step or a key got no row.
+    fn translate_grouping<I: Index>(
+        &mut self,
+        ids: &[I],
+        optimizer: &mut dyn SparseOptimizer,
+        rows: &mut Vec<u32>,
+        group: bool,
+    ) -> Result<Option<TakenGrouping>> {
         if ids.len() >= u32::MAX as usize {
             return Err(Error::ShapeMismatch {
                 what: "ids in one translation (at most u32::MAX - 1)",
@@ -470,11 +491,11 @@ impl DynamicTable {
         }
         rows.clear();
         rows.resize(ids.len(), DEFAULT_ROW);
-        self.probe(ids, rows);
+        time("translate: probe", || self.probe(ids, rows));
         let call = self.call + 1;
         let now = self.step;
         // Which new keys would be admitted: decided from the stream alone.
-        self.collect_new_keys(ids, rows);
+        time("translate: new keys", || self.collect_new_keys(ids, rows));
         let admission = self.config.admission;
         let mut wanted = 0;
         for new in &mut self.scratch.news {
@@ -483,11 +504,48 @@ impl DynamicTable {
             wanted += new.admit as usize;
         }
         if wanted > 0 {
-            self.make_room(wanted, optimizer)?;
+            time("translate: make room", || self.make_room(wanted, optimizer))?;
         }
-        // Nothing can fail from here on: record uses, admit, evict.
-        self.touch(rows, call, now);
-        self.admit(admission, call, now);
+        // The grouping's labels: a known key's row, a new key's number
+        // from `base` on. Rows given to new keys are never rows the batch
+        // names already (those are in use), so labels and the rows after
+        // admission are one to one, and grouping by either gives the same
+        // groups in the same order.
+        let base = self.weights.rows();
+        let bound = base + self.scratch.news.len();
+        let mut grouped = None;
+        if group && wanted == self.scratch.news.len() && bound <= u32::MAX as usize {
+            grouped = engine::take_grouping(optimizer, ids.len());
+        }
+        let positions = std::mem::take(&mut self.scratch.positions);
+        let mut labels = std::mem::take(&mut self.scratch.labels);
+        {
+            let rows: &[u32] = rows;
+            let (positions, labels) = (&positions, &mut labels);
+            let mut build = |grouped: &mut TakenGrouping| {
+                labels.clear();
+                labels.extend_from_slice(rows);
+                for &(j, k) in positions {
+                    labels[j] = (base + k) as u32;
+                }
+                grouped.build(labels, bound);
+            };
+            // Nothing can fail from here on: record uses, admit, evict.
+            let mut translate = || {
+                time("translate: uses", || self.touch(rows, call, now));
+                time("translate: admit", || self.admit(admission, call, now));
+            };
+            match &mut grouped {
+                Some(grouped) => {
+                    rayon::join(translate, || {
+                        time("group beside admission", || build(grouped))
+                    });
+                }
+                None => translate(),
+            }
+        }
+        self.scratch.positions = positions;
+        self.scratch.labels = labels;
         let Self {
             scratch,
             order,
@@ -506,7 +564,21 @@ impl DynamicTable {
         order.settle();
         self.call = call;
         self.stats.lookups += ids.len() as u64;
-        self.settle_rows(optimizer)
+        time("translate: fill", || self.settle_rows(optimizer))?;
+        let Some(mut grouped) = grouped else {
+            return Ok(None);
+        };
+        let news = &self.scratch.news;
+        if news.iter().any(|new| new.row == DEFAULT_ROW) {
+            // Refused: the step drops its positions and groups the rest.
+            engine::give_back(optimizer, grouped);
+            return Ok(None);
+        }
+        grouped.relabel(|l| match l.checked_sub(base) {
+            Some(k) => news[k].row as usize,
+            None => l,
+        });
+        Ok(Some(grouped))
     }
 
     /// The rows a gradient over `ids` goes to: each key's row now (the
@@ -868,19 +940,32 @@ impl DynamicTable {
         rows: &mut Vec<u32>,
     ) -> Result<()> {
         let dim = self.dim();
-        let scan = if rayon::current_num_threads() > 1 && optimizer.fused().is_some() {
+        let (scan, grouped) = if rayon::current_num_threads() > 1 && optimizer.fused().is_some() {
             let tier = kernels::current();
             let mut scan = None;
-            rayon::in_place_scope(|s| {
-                s.spawn(|_| scan = Some(crate::grad::scan_all(tier, grad_out)));
-                self.translate_into(ids, optimizer, rows)
+            let grouped = time("translate beside scan", || {
+                rayon::in_place_scope(|s| {
+                    s.spawn(|_| {
+                        scan = Some(time("scan", || crate::grad::scan_all(tier, grad_out)))
+                    });
+                    self.translate_grouping(ids, optimizer, rows, true)
+                })
             })?;
-            scan
+            (scan, grouped)
         } else {
-            self.translate_into(ids, optimizer, rows)?;
-            None
+            time("translate", || self.translate_into(ids, optimizer, rows))?;
+            (None, None)
         };
-        if rows.contains(&DEFAULT_ROW) {
+        if let (Some(grouped), Some(found)) = (grouped, scan) {
+            engine::step_lookup_grouped(
+                optimizer,
+                &mut self.weights,
+                rows,
+                grad_out,
+                grouped,
+                found,
+            )?;
+        } else if rows.contains(&DEFAULT_ROW) {
             // The scan covered the positions dropped here: not used.
             let (rows, grad) = known_positions(rows, grad_out, dim);
             optimizer.step_lookup(&mut self.weights, &rows, &grad)?;

@@ -1721,6 +1721,91 @@ pub(crate) enum Finite {
     Trusted,
 }
 
+/// A fused step's grouping taken out of its optimizer ([`take_grouping`]),
+/// to group a batch beside other work: a dynamic table groups its
+/// positions by labels (a key's row, or a number standing for a key not
+/// yet given one) while it admits keys on another thread, then relabels
+/// the groups with their rows and steps ([`step_lookup_grouped`]).
+pub(crate) struct TakenGrouping(Groups);
+
+impl TakenGrouping {
+    /// Groups the positions of `labels`, each below `bound` (checked):
+    /// positions of one label share a group, groups in first-seen order.
+    pub(crate) fn build(&mut self, labels: &[u32], bound: usize) {
+        assert!(
+            Groups::fits(labels.len()) && labels.iter().all(|&l| (l as usize) < bound),
+            "grouping labels out of bounds"
+        );
+        // SAFETY: just checked.
+        unsafe { self.0.build(labels, bound) };
+    }
+
+    /// Replaces each group's label `l` by `row(l)`. The labels must stand
+    /// one to one for rows.
+    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
+        self.0.relabel(row);
+    }
+}
+
+/// The grouping of `opt`'s fused step, for a batch of `n` ids, if it has
+/// a fused step and the batch fits it. Hand it back with
+/// [`step_lookup_grouped`] or [`give_back`] (else the optimizer allocates
+/// a new one).
+pub(crate) fn take_grouping<O: SparseOptimizer + ?Sized>(
+    opt: &mut O,
+    n: usize,
+) -> Option<TakenGrouping> {
+    let FusedStep(fused) = opt.fused()?;
+    Groups::fits(n).then(|| TakenGrouping(std::mem::take(fused.groups())))
+}
+
+/// Returns a grouping unused to its optimizer.
+pub(crate) fn give_back<O: SparseOptimizer + ?Sized>(opt: &mut O, grouped: TakenGrouping) {
+    if let Some(FusedStep(fused)) = opt.fused() {
+        *fused.groups() = grouped.0;
+    }
+}
+
+/// [`step_lookup`] of `rows` with `Finite::Scanned(found)`, whose positions
+/// `grouped` (from [`take_grouping`] on `opt`) groups by row already: the
+/// same step, bit for bit, without grouping them again.
+///
+/// # Panics
+/// If a group's row is not below `table.rows()` (the caller's grouping
+/// is not of `rows`).
+pub(crate) fn step_lookup_grouped<O: SparseOptimizer + ?Sized>(
+    opt: &mut O,
+    table: &mut EmbeddingTable,
+    rows: &[u32],
+    grad_out: &[f32],
+    grouped: TakenGrouping,
+    found: ScanPart,
+) -> Result<()> {
+    let Some(FusedStep(fused)) = opt.fused() else {
+        unreachable!("a grouping is taken from a fused step only")
+    };
+    let groups = fused.groups();
+    *groups = grouped.0;
+    debug_assert!(
+        (groups.rows().iter().zip(groups.heads())).all(|(&r, &h)| rows[h as usize] as usize == r)
+    );
+    // The update reads and writes the groups' rows unchecked.
+    assert!(
+        groups.rows().iter().all(|&r| r < table.rows()),
+        "a grouping's row out of bounds"
+    );
+    time("check", || {
+        fused.check_lookup(table, rows.len(), grad_out.len())?;
+        crate::index::validate_ids(rows, table.rows())
+    })?;
+    if fused.step_grouped(table, grad_out, Check::Scanned(found))? {
+        return Ok(());
+    }
+    let mut grad = SparseGrad::for_table(table);
+    grad.accumulate_lookup(rows, grad_out)?;
+    opt.step(table, &grad)
+}
+
 /// An optimizer's fused lookup step, handed to the provided
 /// [`SparseOptimizer::step_lookup`].
 #[doc(hidden)]

@@ -85,6 +85,12 @@ impl Groups {
         self.later.push(total);
     }
 
+    /// Replaces each group's row `r` by `row(r)` (see
+    /// [`Grouping::relabel`]).
+    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
+        self.grouping.relabel(row);
+    }
+
     /// Copies the gradient row of every later position into the scratch
     /// (in parallel over positions), while scanning every row of
     /// `grad_out` (`dim` floats each) as [`grad::scan`] does if `scan`
