@@ -367,9 +367,21 @@ proptest! {
 }
 
 /// Rows out of range or named twice are refused before anything is written
-/// or any gradient asked for, by the fused step and by the provided one.
+/// or any gradient asked for, and a part of the wrong length before anything
+/// is written, by the fused step and by the provided one.
 #[test]
 fn step_rows_refuses_bad_rows_and_writes_nothing() {
+    /// Two parts a row, the second one float short for row 9.
+    struct ShortAt9(Vec<f32>);
+    impl RowGradients for ShortAt9 {
+        fn parts(&self) -> usize {
+            2
+        }
+        fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+            let short = usize::from(row == 9 && k == 1);
+            Some(&self.0[..self.0.len() - short])
+        }
+    }
     struct Never;
     impl RowGradients for Never {
         fn parts(&self) -> usize {
@@ -411,6 +423,18 @@ fn step_rows_refuses_bad_rows_and_writes_nothing() {
         assert_eq!(
             err.to_string(),
             "invalid rows: row 7 at position 3 is named earlier too: a step's rows must be distinct"
+        );
+        let short = ShortAt9(vec![0.5; run.dim]);
+        let err = opt
+            .step_rows_finite(&mut table, &[2, 9], &short)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid grads: part 1 of row 9 (position 1) holds {} floats, not the table's dim {}",
+                run.dim - 1,
+                run.dim
+            )
         );
         assert_bits_eq(&table.to_vec(), &before, "weights");
         assert_state_bits(&opt.state(), &state, "state");

@@ -770,7 +770,7 @@ impl Core {
         grads: &dyn super::RowGradients,
     ) -> Result<()> {
         let next = self.prepare(config, table)?;
-        check_distinct_rows(rows, table.rows(), &mut self.seen)?;
+        check_row_step(rows, table, grads, &mut self.seen)?;
         let grads = Grads::Rows(grads);
         self.apply(config, next, table, rows, &grads, kernels::current())
     }
@@ -1468,14 +1468,18 @@ enum Grads<'a> {
     Rows(&'a dyn super::RowGradients),
 }
 
-/// `Err` naming the first row of `rows` that is `>= table_rows`, else the
-/// first that repeats an earlier one. `seen` (one bit per table row) is
-/// all clear before and after.
-pub(crate) fn check_distinct_rows(
+/// The checks of [`SparseOptimizer::step_rows_finite`] before anything is
+/// written: `Err` naming the first row of `rows` that is `>= table.rows()`,
+/// else the first that repeats an earlier one, else the first part of
+/// `grads` that is not `table.dim()` floats long. `seen` (one bit per table
+/// row) is all clear before and after.
+pub(crate) fn check_row_step(
     rows: &[usize],
-    table_rows: usize,
+    table: &EmbeddingTable,
+    grads: &dyn super::RowGradients,
     seen: &mut Vec<u64>,
 ) -> Result<()> {
+    let table_rows = table.rows();
     crate::index::validate_ids(rows, table_rows)?;
     seen.resize(seen.len().max(table_rows.div_ceil(64)), 0);
     let mut repeated = None;
@@ -1491,17 +1495,35 @@ pub(crate) fn check_distinct_rows(
     for &r in &rows[..marked] {
         seen[r / 64] = 0;
     }
-    match repeated {
-        None => Ok(()),
-        Some(position) => Err(Error::InvalidConfig {
+    if let Some(position) = repeated {
+        return Err(Error::InvalidConfig {
             field: "rows",
             reason: format!(
                 "row {} at position {position} is named earlier too: a step's rows must be \
                  distinct",
                 rows[position]
             ),
-        }),
+        });
     }
+    let dim = table.dim();
+    for (position, &r) in rows.iter().enumerate() {
+        for k in 0..grads.parts() {
+            match grads.part(r, k) {
+                Some(part) if part.len() != dim => {
+                    return Err(Error::InvalidConfig {
+                        field: "grads",
+                        reason: format!(
+                            "part {k} of row {r} (position {position}) holds {} floats, not \
+                             the table's dim {dim}",
+                            part.len()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` as

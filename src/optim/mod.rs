@@ -481,9 +481,10 @@ pub trait SparseOptimizer {
     /// [`Error::NonFinite`](crate::Error::NonFinite) from this crate's
     /// optimizers; [`Error::IndexOutOfRange`](crate::Error::IndexOutOfRange)
     /// names the first row `>= table.rows()` (`position` in `rows`), and
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) (field `rows`)
-    /// the first row that repeats an earlier one. On error nothing is
-    /// written and `grads` is not called.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) the first row
+    /// that repeats an earlier one (field `rows`), then the first part that
+    /// is not `table.dim()` floats long (field `grads`), each with its
+    /// position. These are checked before anything is written.
     ///
     /// # Examples
     /// ```
@@ -514,7 +515,7 @@ pub trait SparseOptimizer {
         if let Some(engine::FusedStep(fused)) = self.fused() {
             return fused.step_rows(table, rows, grads);
         }
-        engine::check_distinct_rows(rows, table.rows(), &mut Vec::new())?;
+        engine::check_row_step(rows, table, grads, &mut Vec::new())?;
         let dim = table.dim();
         let len = crate::Error::checked_product(rows.len(), dim, "gradient rows")?;
         let mut written = Vec::new();
@@ -761,7 +762,8 @@ pub trait RowGradients: Sync {
 
     /// Part `k` (below [`parts`](Self::parts)) of the gradient of table
     /// row `row`: `dim` floats, or `None` where that part holds nothing
-    /// for the row. The update panics on a part of another length.
+    /// for the row. The step refuses a part of another length before it
+    /// writes anything, and panics if a later call gives another length.
     fn part(&self, row: usize, k: usize) -> Option<&[f32]>;
 
     /// Starts loading what [`part`](Self::part) of `row` will read: the
