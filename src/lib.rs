@@ -139,8 +139,8 @@ pub use layer::{Embedding, EmbeddingOptions, Frozen, MaxNormAt, OutOfRange};
 pub use layers::EmbeddingLayer;
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamStyle, AdamW, AdamWConfig, EpsPlacement, Ftrl,
-    FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowWiseAdagrad, RowWiseAdagradConfig,
-    Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
+    FtrlConfig, OptimizerState, RmsProp, RmsPropConfig, RowGradients, RowWiseAdagrad,
+    RowWiseAdagradConfig, Semantics, Sgd, SgdConfig, SgdStyle, SparseOptimizer, StateArray,
 };
 pub use pool::{Bags, Pooling};
 pub use table::EmbeddingTable;

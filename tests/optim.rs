@@ -11,7 +11,8 @@
 //!   FTRL, weight decay), within 1e-5 where a linear map's power does it.
 //! - Learning rates changed between steps, as `set_lr` changes them.
 //! - Every tier and thread count gives bitwise the same table and state,
-//!   and the fused `step_lookup` the same as accumulate + step.
+//!   and the fused `step_lookup` and `step_rows_finite` the same as
+//!   accumulate + step.
 
 mod common;
 
@@ -19,8 +20,8 @@ use common::assert_bits_eq;
 use common::each_config;
 use common::optim::*;
 use embtable::{
-    Adagrad, AdagradConfig, EmbeddingTable, Error, OptimizerState, RmsPropConfig, SparseGrad,
-    SparseOptimizer,
+    Adagrad, AdagradConfig, EmbeddingTable, Error, OptimizerState, RmsPropConfig, RowGradients,
+    SparseGrad, SparseOptimizer,
 };
 use proptest::prelude::*;
 use workloads::values;
@@ -245,6 +246,228 @@ proptest! {
     ) {
         check_step_lookup(cfg, &run, pattern);
     }
+}
+
+// ---------------------------------------------------------------- step_rows_finite
+
+/// A lookup's gradient given row by row: part `k` of a row is the
+/// gradient row of its `k`-th position in the batch, so the parts summed in
+/// order give what `SparseGrad` sums. The parts of a row are read from
+/// wherever they lie, as per-thread gradients would be.
+struct LookupRows<'a> {
+    positions: std::collections::HashMap<usize, Vec<usize>>,
+    grad_out: &'a [f32],
+    dim: usize,
+}
+
+impl<'a> LookupRows<'a> {
+    fn new(ids: &[usize], grad_out: &'a [f32], dim: usize) -> Self {
+        let mut positions = std::collections::HashMap::<usize, Vec<usize>>::new();
+        for (j, &r) in ids.iter().enumerate() {
+            positions.entry(r).or_default().push(j);
+        }
+        Self {
+            positions,
+            grad_out,
+            dim,
+        }
+    }
+}
+
+impl RowGradients for LookupRows<'_> {
+    fn parts(&self) -> usize {
+        self.positions.values().map(Vec::len).max().unwrap_or(0)
+    }
+
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+        let j = *self.positions.get(&row)?.get(k)?;
+        Some(&self.grad_out[j * self.dim..][..self.dim])
+    }
+}
+
+impl Run {
+    /// Trains with `step_rows_finite` at the steps where `rows(t)` (the
+    /// distinct rows of the batch, newest first: the order must not
+    /// matter), else with `accumulate_lookup` + `step`; the weights and
+    /// state after every step, then after a flush.
+    fn train_rows(
+        &self,
+        cfg: Cfg,
+        rows: impl Fn(usize) -> bool,
+    ) -> Vec<(Vec<f32>, OptimizerState)> {
+        let mut table = self.table();
+        let mut opt = cfg.optimizer();
+        let mut after = Vec::new();
+        for t in 0..self.steps.len() {
+            if self.lr_scale[t].is_some() {
+                opt.set_lr(self.lr_at(cfg.lr(), t)).unwrap();
+            }
+            if rows(t) {
+                let ids = &self.steps[t].0;
+                let mut distinct: Vec<usize> = Vec::new();
+                for &r in ids.iter().rev() {
+                    if !distinct.contains(&r) {
+                        distinct.push(r);
+                    }
+                }
+                let g = self.grad_out(t);
+                let grads = LookupRows::new(ids, &g, self.dim);
+                opt.step_rows_finite(&mut table, &distinct, &grads).unwrap();
+            } else {
+                opt.step(&mut table, &self.sparse_grad(t)).unwrap();
+            }
+            after.push((table.as_padded().to_vec(), opt.state()));
+        }
+        opt.flush(&mut table).unwrap();
+        after.push((table.as_padded().to_vec(), opt.state()));
+        after
+    }
+}
+
+/// `step_rows_finite` (at the steps `pattern` picks) equals
+/// `accumulate_lookup` + `step` after every step, for every tier and thread
+/// count.
+fn check_step_rows(cfg: Cfg, run: &Run, pattern: u8) {
+    let want = run.train_rows(cfg, |_| false);
+    let by_rows = |t: usize| pattern == 0 || (pattern >> (t % 8)) & 1 == 1;
+    for (tier, threads, got) in each_config(|| run.train_rows(cfg, by_rows)) {
+        for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
+            let what = format!("{cfg:?}, dim {}, {tier}/{threads}, after step {t}", run.dim);
+            assert_bits_eq(w, want_w, &what);
+            assert_state_bits(state, want_state, &what);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn step_rows_equals_accumulate_then_step(
+        cfg in any_cfg(),
+        run in run_with_lr_changes(1..=300, 1..=70, 1..=8, 40),
+        pattern in any::<u8>(),
+    ) {
+        check_step_rows(cfg, &run, pattern);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Steps large enough for the parallel update.
+    #[test]
+    fn step_rows_equals_accumulate_then_step_on_large_steps(
+        cfg in any_cfg(),
+        run in run_with_lr_changes(400..=3000, 33..=100, 1..=3, 1500),
+        pattern in any::<u8>(),
+    ) {
+        check_step_rows(cfg, &run, pattern);
+    }
+}
+
+/// Rows out of range or named twice are refused before anything is written
+/// or any gradient asked for, and a part of the wrong length before anything
+/// is written, by the fused step and by the provided one.
+#[test]
+fn step_rows_refuses_bad_rows_and_writes_nothing() {
+    /// Two parts a row, the second one float short for row 9.
+    struct ShortAt9(Vec<f32>);
+    impl RowGradients for ShortAt9 {
+        fn parts(&self) -> usize {
+            2
+        }
+        fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+            let short = usize::from(row == 9 && k == 1);
+            Some(&self.0[..self.0.len() - short])
+        }
+    }
+    struct Never;
+    impl RowGradients for Never {
+        fn parts(&self) -> usize {
+            1
+        }
+        fn part(&self, row: usize, _: usize) -> Option<&[f32]> {
+            panic!("gradient of row {row} asked for");
+        }
+    }
+    let run = example_run();
+    let cfg = AdagradConfig::default();
+    let mut fused = Adagrad::new(cfg);
+    let mut provided = Forward(Adagrad::new(cfg));
+    let opts: [&mut dyn SparseOptimizer; 2] = [&mut fused, &mut provided];
+    for opt in opts {
+        let mut table = run.table();
+        let g = run.grad_out(0);
+        let ids = &run.steps[0].0;
+        let grads = LookupRows::new(ids, &g, run.dim);
+        opt.step_rows_finite(&mut table, &[3, 1], &grads).unwrap();
+        let (before, state) = (table.to_vec(), opt.state());
+        let err = opt
+            .step_rows_finite(&mut table, &[2, 30, 5], &Never)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::IndexOutOfRange {
+                    position: 1,
+                    index: 30,
+                    rows: 30
+                }
+            ),
+            "{err}"
+        );
+        let err = opt
+            .step_rows_finite(&mut table, &[2, 7, 9, 7], &Never)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid rows: row 7 at position 3 is named earlier too: a step's rows must be distinct"
+        );
+        let short = ShortAt9(vec![0.5; run.dim]);
+        let err = opt
+            .step_rows_finite(&mut table, &[2, 9], &short)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid grads: part 1 of row 9 (position 1) holds {} floats, not the table's dim {}",
+                run.dim - 1,
+                run.dim
+            )
+        );
+        assert_bits_eq(&table.to_vec(), &before, "weights");
+        assert_state_bits(&opt.state(), &state, "state");
+        assert_eq!(opt.steps(), 1);
+        // The refused rows left nothing behind: a step naming them again works.
+        opt.step_rows_finite(&mut table, &[7, 2, 9], &grads)
+            .unwrap();
+    }
+}
+
+/// The provided `step_rows_finite` (an optimizer without the fused step)
+/// equals the fused one.
+#[test]
+fn provided_step_rows_equals_the_fused_one() {
+    let run = example_run();
+    let cfg = AdagradConfig::default();
+    let (mut a, mut b) = (run.table(), run.table());
+    let mut fused = Adagrad::new(cfg);
+    let mut provided = Forward(Adagrad::new(cfg));
+    for t in 0..run.steps.len() {
+        let ids = &run.steps[t].0;
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let g = run.grad_out(t);
+        let grads = LookupRows::new(ids, &g, run.dim);
+        fused.step_rows_finite(&mut a, &distinct, &grads).unwrap();
+        provided
+            .step_rows_finite(&mut b, &distinct, &grads)
+            .unwrap();
+    }
+    assert_bits_eq(&b.to_vec(), &a.to_vec(), "weights");
+    assert_state_bits(&provided.state(), &fused.state(), "state");
 }
 
 proptest! {

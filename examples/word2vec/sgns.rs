@@ -23,11 +23,11 @@
 //! copies), computes the `1 + K` dot products and adds the gradients into
 //! the shard's [`Accumulator`]s, one per table: one gradient row per
 //! distinct word, so a shard's memory is bounded by the vocabulary and the
-//! batch's pairs and per-pair gradients are never stored. Then the later
-//! shards' rows are added into the first shard's (in parallel, row by row),
-//! and each table takes one fused optimizer step
-//! ([`SparseOptimizer::step_lookup`]) with those rows as the ids and their
-//! gradient rows as the lookup's gradient: one row per distinct word.
+//! batch's pairs and per-pair gradients are never stored. Then each table
+//! takes one optimizer step ([`SparseOptimizer::step_rows_finite`]) on the
+//! words any shard touched: the thread that updates a word sums its
+//! shards' rows right before the update, so no merged gradient is stored
+//! and the words are shared among the threads.
 //!
 //! Every random draw of a sentence comes from a stream derived from
 //! `(seed, epoch, sentence)`, and a word's rows are added in shard order,
@@ -35,7 +35,7 @@
 //! threads that run them.
 
 use embtable::kernels::{self, Kernel, Simd};
-use embtable::{EmbeddingTable, Init, Result, SparseOptimizer};
+use embtable::{EmbeddingTable, Error, Init, Result, RowGradients, SparseOptimizer};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -106,6 +106,10 @@ pub struct Sgns<O> {
     keep: Keep,
     logistic: Logistic,
     shards: Vec<Shard>,
+    /// Each table's rows of a step.
+    rows: [Vec<usize>; 2],
+    /// Each table's words of a step as bits, while its rows are listed.
+    seen: [Vec<u64>; 2],
 }
 
 /// What training did.
@@ -145,20 +149,29 @@ impl std::ops::AddAssign for StepStats {
 /// Marks a word without a slot in [`Accumulator::slot_of`].
 const NONE: u32 = u32::MAX;
 
-/// The gradient of one table from one shard: a row per distinct word, in
-/// order of first appearance, laid out as the gradient of a lookup of
-/// `rows` (row-major, `dim` floats each), ready for `step_lookup`.
+/// Largest accumulator laid out by word (floats): 16 MiB.
+const BY_WORD_MAX_FLOATS: usize = 1 << 22;
+
+/// The gradient of one table from one shard: a row per distinct word
+/// (`dim` floats each). When the last step touched at least half of the
+/// table (as the output table's negatives do) and the table is small
+/// enough, row `w` lies at slot `w`, so that the optimizer step, which
+/// visits the words in ascending order, reads the rows in address order
+/// too; otherwise the rows lie in order of first appearance, so that
+/// memory follows the batch, not the vocabulary.
 #[derive(Clone, Debug, Default)]
 struct Accumulator {
     /// Slot of each word, or [`NONE`]: 4 bytes a word, reset row by row.
     slot_of: Vec<u32>,
     rows: Vec<u32>,
     grads: Vec<f32>,
+    /// Whether row `w` lies at slot `w`.
+    by_word: bool,
 }
 
 impl Accumulator {
-    /// Empties the accumulator for a table of `words` rows.
-    fn reset(&mut self, words: usize) {
+    /// Empties the accumulator for a table of `words` rows of `dim`.
+    fn reset(&mut self, words: usize, dim: usize) {
         if self.slot_of.len() == words {
             for &r in &self.rows {
                 self.slot_of[r as usize] = NONE;
@@ -166,8 +179,14 @@ impl Accumulator {
         } else {
             self.slot_of = vec![NONE; words];
         }
+        self.by_word = self.rows.len() * 2 >= words && words * dim <= BY_WORD_MAX_FLOATS;
         self.rows.clear();
-        self.grads.clear();
+        if self.by_word {
+            // Rows are zeroed when first touched (stale values elsewhere).
+            self.grads.resize(words * dim, 0.0);
+        } else {
+            self.grads.clear();
+        }
     }
 
     /// The slot of `word`, a zero row added the first time.
@@ -177,65 +196,74 @@ impl Accumulator {
         if slot != NONE {
             return slot as usize;
         }
-        let slot = self.rows.len();
-        self.slot_of[word as usize] = slot as u32;
         self.rows.push(word);
-        self.grads.resize(self.grads.len() + dim, 0.0);
+        let slot = if self.by_word {
+            self.grads[word as usize * dim..][..dim].fill(0.0);
+            word as usize
+        } else {
+            self.grads.resize(self.grads.len() + dim, 0.0);
+            self.rows.len() - 1
+        };
+        self.slot_of[word as usize] = slot as u32;
         slot
-    }
-
-    /// Adds the rows of the later shards `rest` into this one, shard after
-    /// shard: a word new to this shard gets a row after the existing ones,
-    /// in order of first appearance. Every row is then summed from its own
-    /// shards in shard order, so the sums depend on the shards alone; the
-    /// rows are split across threads.
-    fn absorb(&mut self, rest: &[&Accumulator], dim: usize) {
-        if rest.is_empty() {
-            return;
-        }
-        for part in rest {
-            for &word in &part.rows {
-                self.slot(word, dim);
-            }
-        }
-        let rows = &self.rows;
-        self.grads
-            .par_chunks_mut(ABSORB_ROWS * dim)
-            .enumerate()
-            .for_each(|(chunk, grads)| {
-                let words = &rows[chunk * ABSORB_ROWS..];
-                let sums = grads.chunks_exact_mut(dim);
-                for (i, (&word, sum)) in words.iter().zip(sums).enumerate() {
-                    // The parts' rows of a word lie anywhere in their
-                    // buffers: start loading a later word's meanwhile (this
-                    // halved the time of the sums).
-                    if let Some(&ahead) = words.get(i + ABSORB_AHEAD) {
-                        for part in rest {
-                            let slot = part.slot_of[ahead as usize];
-                            if slot != NONE {
-                                prefetch(&part.grads[slot as usize * dim..][..dim]);
-                            }
-                        }
-                    }
-                    for part in rest {
-                        let slot = part.slot_of[word as usize];
-                        if slot != NONE {
-                            let row = &part.grads[slot as usize * dim..][..dim];
-                            for (s, g) in sum.iter_mut().zip(row) {
-                                *s += g;
-                            }
-                        }
-                    }
-                }
-            });
     }
 }
 
-/// Rows per task of [`Accumulator::absorb`]: 16 KiB of a 64-float gradient.
-const ABSORB_ROWS: usize = 64;
+/// The gradient of one table summed over the shards, row by row, for
+/// [`SparseOptimizer::step_rows_finite`]: each row is the sum of its
+/// shards' rows in shard order, so it depends on the shards alone.
+struct ShardSums<'a> {
+    parts: &'a [&'a Accumulator],
+    dim: usize,
+}
 
-/// Words ahead whose rows [`Accumulator::absorb`] starts loading.
-const ABSORB_AHEAD: usize = 4;
+impl ShardSums<'_> {
+    /// The words of the parts, each once, in ascending order, so that the
+    /// step reads and writes the table and its state in address order
+    /// (`seen`: one bit per word, all clear before and after).
+    fn rows(&self, seen: &mut Vec<u64>, rows: &mut Vec<usize>) {
+        let words = self.parts.first().map_or(0, |p| p.slot_of.len());
+        seen.resize(words.div_ceil(64), 0);
+        for part in self.parts {
+            for &w in &part.rows {
+                seen[w as usize / 64] |= 1 << (w % 64);
+            }
+        }
+        rows.clear();
+        for (i, bits) in seen.iter_mut().enumerate() {
+            let mut b = std::mem::take(bits);
+            while b != 0 {
+                rows.push(i * 64 + b.trailing_zeros() as usize);
+                b &= b - 1;
+            }
+        }
+    }
+}
+
+impl RowGradients for ShardSums<'_> {
+    fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    #[inline]
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+        let part = self.parts[k];
+        let slot = part.slot_of[row];
+        (slot != NONE).then(|| &part.grads[slot as usize * self.dim..][..self.dim])
+    }
+
+    /// The parts' rows of a word lie anywhere in their buffers: loading
+    /// them a few words ahead halved the time of the sums.
+    #[inline]
+    fn prefetch(&self, row: usize) {
+        for part in self.parts {
+            let slot = part.slot_of[row];
+            if slot != NONE {
+                prefetch(&part.grads[slot as usize * self.dim..][..self.dim]);
+            }
+        }
+    }
+}
 
 /// A worker's state, kept from step to step.
 #[derive(Clone, Debug, Default)]
@@ -304,6 +332,8 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
             keep: Keep::new(&corpus.counts, cfg.subsample),
             logistic: Logistic::new(),
             shards: vec![Shard::default(); cfg.shards.max(1)],
+            rows: Default::default(),
+            seen: Default::default(),
         })
     }
 
@@ -339,7 +369,9 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
     /// `(seed, epoch, batch.first + i)`. Gradients are multiplied by `scale`.
     ///
     /// # Errors
-    /// From the optimizers (a bug if it happens: every id comes from the corpus).
+    /// [`Error::NonFinite`] if the step's loss is not (training diverged;
+    /// nothing is written then); from the optimizers (a bug if it happens:
+    /// every id comes from the corpus).
     pub fn train_step(
         &mut self,
         corpus: &Corpus,
@@ -348,76 +380,122 @@ impl<O: SparseOptimizer + Send> Sgns<O> {
         epoch: u64,
         scale: f32,
     ) -> Result<StepStats> {
-        let Sgns {
-            input,
-            output,
-            optimizers: [in_opt, out_opt],
-            cfg,
-            negatives,
-            keep,
-            logistic,
-            shards,
-        } = self;
+        let mut stats = self.run_shards(corpus, batch, seed, epoch, scale);
+        if !stats.loss_sum.is_finite() {
+            return Err(diverged(stats.loss_sum));
+        }
+        let merge = Instant::now();
+        self.step_tables()?;
+        stats.merge_secs = merge.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// The shards' phase of a step: each shard's gradients, in parallel.
+    fn run_shards(
+        &mut self,
+        corpus: &Corpus,
+        batch: &Batch,
+        seed: u64,
+        epoch: u64,
+        scale: f32,
+    ) -> StepStats {
         let shared = Shared {
             corpus,
             batch,
-            input,
-            output,
-            cfg: *cfg,
-            negatives,
-            keep,
-            logistic,
+            input: &self.input,
+            output: &self.output,
+            cfg: self.cfg,
+            negatives: &self.negatives,
+            keep: &self.keep,
+            logistic: &self.logistic,
             seed,
             epoch,
             scale,
         };
         // Read once here: the workers must not each pick their own.
         let tier = kernels::current();
-        let count = shards.len();
+        let count = self.shards.len();
+        let (in_rows, out_rows, dim) = (self.input.rows(), self.output.rows(), self.cfg.dim);
         let start = Instant::now();
-        shards.par_iter_mut().enumerate().for_each(|(k, shard)| {
-            let busy = Instant::now();
-            shard.input.reset(input.rows());
-            shard.output.reset(output.rows());
-            shard.stats = StepStats::default();
-            kernels::dispatch(
-                tier,
-                Train {
-                    shard,
-                    shared: &shared,
-                    sentences: batch.shard(k, count),
-                },
-            );
-            shard.stats.busy_secs = busy.elapsed().as_secs_f64();
-        });
-        let merge = Instant::now();
+        self.shards
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(k, shard)| {
+                let busy = Instant::now();
+                shard.input.reset(in_rows, dim);
+                shard.output.reset(out_rows, dim);
+                shard.stats = StepStats::default();
+                kernels::dispatch(
+                    tier,
+                    Train {
+                        shard,
+                        shared: &shared,
+                        sentences: batch.shard(k, count),
+                    },
+                );
+                shard.stats.busy_secs = busy.elapsed().as_secs_f64();
+            });
         let mut stats = StepStats {
-            shard_secs: (merge - start).as_secs_f64(),
+            shard_secs: start.elapsed().as_secs_f64(),
             ..StepStats::default()
         };
-        for s in shards.iter() {
+        for s in &self.shards {
             stats += s.stats;
         }
-        // The later shards' rows are added into the first shard's, so each
-        // table steps once with one row per word. The two tables' steps are
-        // independent: one fork for both.
-        let (first, rest) = shards.split_first_mut().expect("at least one shard");
-        let in_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.input).collect();
-        let out_rest: Vec<&Accumulator> = rest.iter().map(|s| &s.output).collect();
-        let dim = cfg.dim;
+        stats
+    }
+
+    /// The second phase of a step: one optimizer step per table with the
+    /// shards' gradients.
+    fn step_tables(&mut self) -> Result<()> {
+        let Sgns {
+            input,
+            output,
+            optimizers: [in_opt, out_opt],
+            cfg,
+            shards,
+            rows: [in_rows, out_rows],
+            seen: [in_seen, out_seen],
+            ..
+        } = self;
+        let parts_in: Vec<&Accumulator> = shards.iter().map(|s| &s.input).collect();
+        let parts_out: Vec<&Accumulator> = shards.iter().map(|s| &s.output).collect();
+        let sums_in = ShardSums {
+            parts: &parts_in,
+            dim: cfg.dim,
+        };
+        let sums_out = ShardSums {
+            parts: &parts_out,
+            dim: cfg.dim,
+        };
+        // Each table steps once with one row per word, the shards' rows
+        // summed by the thread that updates the word (no merged copy, no
+        // pass on one thread). The two tables' steps are independent: one
+        // fork for both, whose threads share their rows.
         let (a, b) = rayon::join(
             || {
-                first.input.absorb(&in_rest, dim);
-                in_opt.step_lookup(input, &first.input.rows, &first.input.grads)
+                sums_in.rows(in_seen, in_rows);
+                in_opt.step_rows_finite(input, in_rows, &sums_in)
             },
             || {
-                first.output.absorb(&out_rest, dim);
-                out_opt.step_lookup(output, &first.output.rows, &first.output.grads)
+                sums_out.rows(out_seen, out_rows);
+                out_opt.step_rows_finite(output, out_rows, &sums_out)
             },
         );
-        a.and(b)?;
-        stats.merge_secs = merge.elapsed().as_secs_f64();
-        Ok(stats)
+        a.and(b)
+    }
+}
+
+/// The error of a step whose loss is not finite: its scores overflowed.
+/// Checked before the optimizer steps, which trust the gradient to be
+/// finite: every gradient value is a score's `σ(s) − label` (in `[−1, 1]`)
+/// times a row of the other table, so finite scores keep it finite short
+/// of weights near `f32::MAX`.
+fn diverged(loss: f64) -> Error {
+    Error::NonFinite {
+        what: "the loss of a step (training diverged: lower --lr)",
+        position: 0,
+        value: loss as f32,
     }
 }
 
@@ -863,6 +941,166 @@ mod tests {
             check(model.input.to_vec(), &w_in, &g_in);
             check(model.output.to_vec(), &w_out, &g_out);
         }
+    }
+
+    /// Panics naming the first value whose bits differ.
+    fn assert_same_bits(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+            panic!("{what}: value {i} is {} against {}", a[i], b[i]);
+        }
+    }
+
+    /// The second phase as it was before `step_rows_finite`, kept as the
+    /// reference: the later shards' rows added into the first shard's, row
+    /// by row in shard order (a word new to the first shard gets a zero
+    /// row first), then one `step_lookup` per table.
+    fn merge_then_step_lookup<O: SparseOptimizer + Send>(m: &mut Sgns<O>) -> Result<()> {
+        let merged = |parts: Vec<&Accumulator>| {
+            let dim = m.cfg.dim;
+            fn row(part: &Accumulator, w: u32, dim: usize) -> &[f32] {
+                &part.grads[part.slot_of[w as usize] as usize * dim..][..dim]
+            }
+            let mut ids = parts[0].rows.clone();
+            let mut grads: Vec<f32> = ids
+                .iter()
+                .flat_map(|&w| row(parts[0], w, dim))
+                .copied()
+                .collect();
+            let mut slot_of = vec![NONE; parts[0].slot_of.len()];
+            for (i, &w) in ids.iter().enumerate() {
+                slot_of[w as usize] = i as u32;
+            }
+            for part in &parts[1..] {
+                for &w in &part.rows {
+                    if slot_of[w as usize] == NONE {
+                        slot_of[w as usize] = ids.len() as u32;
+                        ids.push(w);
+                        grads.resize(grads.len() + dim, 0.0);
+                    }
+                    let slot = slot_of[w as usize] as usize;
+                    let sum = &mut grads[slot * dim..][..dim];
+                    for (s, g) in sum.iter_mut().zip(row(part, w, dim)) {
+                        *s += g;
+                    }
+                }
+            }
+            (ids, grads)
+        };
+        let (in_ids, in_grads) = merged(m.shards.iter().map(|s| &s.input).collect());
+        let (out_ids, out_grads) = merged(m.shards.iter().map(|s| &s.output).collect());
+        let [in_opt, out_opt] = &mut m.optimizers;
+        in_opt.step_lookup(&mut m.input, &in_ids, &in_grads)?;
+        out_opt.step_lookup(&mut m.output, &out_ids, &out_grads)
+    }
+
+    /// Summing each word's shard rows on the thread that updates it gives
+    /// bit for bit the tables and optimizer state of merging the shards'
+    /// rows into the first shard's and stepping with `step_lookup`, for
+    /// Adagrad and SGD on 1 to 3 shards.
+    #[test]
+    fn the_row_step_equals_merging_shards_then_step_lookup() {
+        let corpus = corpus::generate(
+            &CorpusConfig {
+                topics: 3,
+                words_per_topic: 10,
+                sentences: 160,
+                ..CorpusConfig::default()
+            },
+            1,
+        );
+        fn check<O: SparseOptimizer + Send + Clone>(corpus: &Corpus, make: impl Fn() -> O) {
+            for shards in [1, 2, 3] {
+                let cfg = SgnsConfig {
+                    dim: 19,
+                    shards,
+                    ..SgnsConfig::default()
+                };
+                let mut model = Sgns::new(corpus, cfg, &make, 1).unwrap();
+                let mut reference = model.clone();
+                let mut reader = corpus.reader().unwrap();
+                let mut batch = Batch::default();
+                let mut steps = 0;
+                while reader.fill(&mut batch, 24).unwrap() {
+                    model.train_step(corpus, &batch, 1, 0, 0.5).unwrap();
+                    reference.run_shards(corpus, &batch, 1, 0, 0.5);
+                    merge_then_step_lookup(&mut reference).unwrap();
+                    steps += 1;
+                }
+                assert!(steps > 5);
+                // The first step lays the rows out by first appearance,
+                // the later ones the output table's by word: both checked.
+                assert!(model.shards.iter().all(|s| s.output.by_word));
+                let what = format!("{shards} shards");
+                let (m, r) = (&model, &reference);
+                assert_same_bits(
+                    &m.input.to_vec(),
+                    &r.input.to_vec(),
+                    &format!("{what}: input"),
+                );
+                assert_same_bits(
+                    &m.output.to_vec(),
+                    &r.output.to_vec(),
+                    &format!("{what}: output"),
+                );
+                for (a, b) in model.optimizers.iter().zip(&reference.optimizers) {
+                    let (a, b) = (a.state(), b.state());
+                    assert_eq!(a.steps, b.steps, "{what}");
+                    for (x, y) in a.arrays.iter().zip(&b.arrays) {
+                        assert_same_bits(&x.values, &y.values, &format!("{what}: {}", x.name));
+                    }
+                }
+            }
+        }
+        check(&corpus, adagrad);
+        check(&corpus, || {
+            Sgd::new(SgdConfig {
+                lr: 0.05,
+                ..SgdConfig::default()
+            })
+        });
+    }
+
+    /// A run that diverges stops with an error at the first step whose
+    /// loss is not finite, before that step writes anything.
+    #[test]
+    fn a_diverging_step_is_refused_before_it_writes() {
+        let corpus = corpus::generate(
+            &CorpusConfig {
+                topics: 3,
+                words_per_topic: 10,
+                sentences: 400,
+                ..CorpusConfig::default()
+            },
+            1,
+        );
+        let cfg = SgnsConfig {
+            dim: 8,
+            shards: 2,
+            ..SgnsConfig::default()
+        };
+        let sgd = || {
+            Sgd::new(SgdConfig {
+                lr: 1e30,
+                ..SgdConfig::default()
+            })
+        };
+        let mut model = Sgns::new(&corpus, cfg, sgd, 1).unwrap();
+        let mut reader = corpus.reader().unwrap();
+        let mut batch = Batch::default();
+        while reader.fill(&mut batch, 8).unwrap() {
+            let before = (model.input.to_vec(), model.output.to_vec());
+            match model.train_step(&corpus, &batch, 1, 0, 1.0) {
+                Ok(stats) => assert!(stats.loss_sum.is_finite()),
+                Err(e) => {
+                    assert!(e.to_string().contains("training diverged"), "{e}");
+                    assert_same_bits(&model.input.to_vec(), &before.0, "input");
+                    assert_same_bits(&model.output.to_vec(), &before.1, "output");
+                    return;
+                }
+            }
+        }
+        panic!("a learning rate of 1e30 did not diverge");
     }
 
     /// The same seed and shards give the same vectors whatever the thread count.

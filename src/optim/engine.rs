@@ -208,19 +208,21 @@ pub(crate) trait GradRow<S: Simd> {
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V];
 }
 
-/// `0 + first + later[0] + later[1] + …`, lane by lane: `first` holds the
-/// row's `dim` real lanes (or a whole padded row), `later` whole padded
-/// rows of `stride` floats. This is bitwise what [`SparseGrad`] stores,
-/// whose slot starts at `+0.0` (so a `-0.0` sum comes out `+0.0` in both)
-/// and adds `1 · g` (`1 · x == x`).
+/// `0 + first + later[0] + later[1] + … + more[0] + more[1] + …`, lane by
+/// lane: `first` and each of `more` hold the row's `dim` real lanes (or a
+/// whole padded row), `later` whole padded rows of `stride` floats. This
+/// is bitwise what [`SparseGrad`] stores, whose slot starts at `+0.0` (so
+/// a `-0.0` sum comes out `+0.0` in both) and adds `1 · g` (`1 · x == x`).
 ///
 /// The one gradient every update reads (a stored slot, a lookup's grouped
-/// rows, a replayed step's zero row), so that each rule's update is
-/// compiled once per tier and setting.
+/// rows, a caller's parts, a replayed step's zero row), so that each
+/// rule's update is compiled once per tier and setting.
+#[derive(Clone, Copy)]
 pub(crate) struct GradSum<'a> {
     first: &'a [f32],
     later: &'a [f32],
     stride: usize,
+    more: &'a [&'a [f32]],
 }
 
 impl<'a> GradSum<'a> {
@@ -230,38 +232,63 @@ impl<'a> GradSum<'a> {
             first,
             later,
             stride,
+            more: &[],
         }
     }
+
+    /// The sum of `first` and the rows of `more` (each as long as `first`).
+    fn parts(first: &'a [f32], more: &'a [&'a [f32]]) -> Self {
+        Self {
+            first,
+            later: &[],
+            stride: first.len(),
+            more,
+        }
+    }
+}
+
+/// Vectors `i..i + V * S::N` of `row`'s real lanes, zero past them.
+#[inline(always)]
+fn load_real<S: Simd, const V: usize>(s: S, row: &[f32], i: usize) -> [S::V; V] {
+    let (dim, zero) = (row.len(), s.splat(0.0));
+    let mut out = [zero; V];
+    if i + V * S::N <= dim {
+        let row = &row[i..i + V * S::N];
+        for (v, out) in out.iter_mut().enumerate() {
+            *out = s.load(&row[v * S::N..]);
+        }
+    } else {
+        // The block holding the row's last real lane (and pads).
+        for (v, out) in out.iter_mut().enumerate() {
+            let at = i + v * S::N;
+            if at + S::N <= dim {
+                *out = s.load(&row[at..]);
+            } else if at < dim {
+                *out = s.load_partial(&row[at..]);
+            }
+        }
+    }
+    out
 }
 
 impl<S: Simd> GradRow<S> for GradSum<'_> {
     #[inline(always)]
     fn block<const V: usize>(&self, s: S, i: usize) -> [S::V; V] {
-        let (dim, zero) = (self.first.len(), s.splat(0.0));
-        let mut sum = [zero; V];
-        if i + V * S::N <= dim {
-            let first = &self.first[i..i + V * S::N];
-            for (v, sum) in sum.iter_mut().enumerate() {
-                *sum = s.add(zero, s.load(&first[v * S::N..]));
-            }
-        } else {
-            // The block holding the row's last real lane (and pads).
-            for (v, sum) in sum.iter_mut().enumerate() {
-                let at = i + v * S::N;
-                let first = if at + S::N <= dim {
-                    s.load(&self.first[at..])
-                } else if at < dim {
-                    s.load_partial(&self.first[at..])
-                } else {
-                    zero
-                };
-                *sum = s.add(zero, first);
-            }
+        let zero = s.splat(0.0);
+        let mut sum = load_real::<S, V>(s, self.first, i);
+        for sum in &mut sum {
+            *sum = s.add(zero, *sum);
         }
         for row in self.later.chunks_exact(self.stride) {
             let later = &row[i..i + V * S::N];
             for (v, sum) in sum.iter_mut().enumerate() {
                 *sum = s.add(*sum, s.load(&later[v * S::N..]));
+            }
+        }
+        for row in self.more {
+            let more = load_real::<S, V>(s, row, i);
+            for (sum, x) in sum.iter_mut().zip(more) {
+                *sum = s.add(*sum, x);
             }
         }
         sum
@@ -600,6 +627,9 @@ pub(crate) struct Core {
     catch: Catch,
     /// A lookup's positions grouped by row (`step_lookup`).
     groups: Groups,
+    /// One bit per table row, all clear between steps: the rows a
+    /// [`step_rows`](Self::step_rows) has seen, to refuse a repeated one.
+    seen: Vec<u64>,
 }
 
 impl Core {
@@ -717,8 +747,32 @@ impl Core {
         if !grad.is_proven_finite() {
             check_finite(grad)?;
         }
-        let grads = Grouped::stored(grad);
+        let grads = Grads::Grouped(Grouped::stored(grad));
         self.apply(config, next, table, grad.rows(), &grads, kernels::current())
+    }
+
+    /// A step on the distinct `rows`, whose gradient `grads` gives row by
+    /// row when the update reaches each (the caller promises finite values,
+    /// as for a trusted `step_lookup`).
+    ///
+    /// ```text
+    /// validate config, shapes, rows < table.rows() and distinct
+    /// DenseExact: catch-up plan per row, as step
+    /// for each row r, in parallel (each row by exactly one task):
+    ///     g = 0 + its parts from grads, in part order (summed in registers,
+    ///         block by block); catch up; apply the update
+    /// ```
+    pub(crate) fn step_rows<C: Config>(
+        &mut self,
+        config: &mut C,
+        table: &mut EmbeddingTable,
+        rows: &[usize],
+        grads: &dyn super::RowGradients,
+    ) -> Result<()> {
+        let next = self.prepare(config, table)?;
+        check_row_step(rows, table, grads, &mut self.seen)?;
+        let grads = Grads::Rows(grads);
+        self.apply(config, next, table, rows, &grads, kernels::current())
     }
 
     /// The checks of a fused `step_lookup` before its ids are looked at.
@@ -780,7 +834,7 @@ impl Core {
             }
         }
         let groups = std::mem::take(&mut self.groups);
-        let grads = Grouped {
+        let grads = Grads::Grouped(Grouped {
             grad_out,
             pitch: dim,
             dim,
@@ -788,7 +842,7 @@ impl Core {
             heads: Some(groups.heads()),
             later: groups.later(),
             scratch: groups.scratch(),
-        };
+        });
         let update = || self.apply(config, next, table, groups.rows(), &grads, tier);
         let applied = time("update", update);
         self.groups = groups;
@@ -803,7 +857,7 @@ impl Core {
         next: C,
         table: &mut EmbeddingTable,
         rows: &[usize],
-        grads: &Grouped<'_>,
+        grads: &Grads<'_>,
         tier: Tier,
     ) -> Result<()> {
         let rule = next.rule();
@@ -1406,6 +1460,72 @@ impl<'a> Grouped<'a> {
     }
 }
 
+/// The gradient of each visited row.
+enum Grads<'a> {
+    /// Stored or grouped by the engine.
+    Grouped(Grouped<'a>),
+    /// A caller's parts of each row ([`Core::step_rows`]).
+    Rows(&'a dyn super::RowGradients),
+}
+
+/// The checks of [`SparseOptimizer::step_rows_finite`] before anything is
+/// written: `Err` naming the first row of `rows` that is `>= table.rows()`,
+/// else the first that repeats an earlier one, else the first part of
+/// `grads` that is not `table.dim()` floats long. `seen` (one bit per table
+/// row) is all clear before and after.
+pub(crate) fn check_row_step(
+    rows: &[usize],
+    table: &EmbeddingTable,
+    grads: &dyn super::RowGradients,
+    seen: &mut Vec<u64>,
+) -> Result<()> {
+    let table_rows = table.rows();
+    crate::index::validate_ids(rows, table_rows)?;
+    seen.resize(seen.len().max(table_rows.div_ceil(64)), 0);
+    let mut repeated = None;
+    for (position, &r) in rows.iter().enumerate() {
+        let (word, bit) = (r / 64, 1u64 << (r % 64));
+        if seen[word] & bit != 0 {
+            repeated = Some(position);
+            break;
+        }
+        seen[word] |= bit;
+    }
+    let marked = repeated.unwrap_or(rows.len());
+    for &r in &rows[..marked] {
+        seen[r / 64] = 0;
+    }
+    if let Some(position) = repeated {
+        return Err(Error::InvalidConfig {
+            field: "rows",
+            reason: format!(
+                "row {} at position {position} is named earlier too: a step's rows must be \
+                 distinct",
+                rows[position]
+            ),
+        });
+    }
+    let dim = table.dim();
+    for (position, &r) in rows.iter().enumerate() {
+        for k in 0..grads.parts() {
+            match grads.part(r, k) {
+                Some(part) if part.len() != dim => {
+                    return Err(Error::InvalidConfig {
+                        field: "grads",
+                        reason: format!(
+                            "part {k} of row {r} (position {position}) holds {} floats, not \
+                             the table's dim {dim}",
+                            part.len()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` as
 /// `plan` says, then applies `rule` with gradient `i` of `grads` if any.
 /// Parallel over rows above a size threshold.
@@ -1417,7 +1537,7 @@ fn visit<R: Rule>(
     table: &mut EmbeddingTable,
     tables: &mut StateTables,
     rows: &[usize],
-    grads: Option<&Grouped<'_>>,
+    grads: Option<&Grads<'_>>,
     plan: Option<(&[u64], CatchUp<'_, R::Step>)>,
 ) {
     let (stride, table_dim) = (table.stride(), table.dim());
@@ -1478,7 +1598,7 @@ struct Visit<'a, R: Rule> {
     rows: &'a [usize],
     /// Index of `rows[0]` among all visited rows (for `grads`).
     start: usize,
-    grads: Option<&'a Grouped<'a>>,
+    grads: Option<&'a Grads<'a>>,
     plan: Option<&'a [u64]>,
     catch: CatchUp<'a, R::Step>,
     /// A padded row of zeros: the gradient of a replayed step.
@@ -1497,13 +1617,21 @@ impl<R: Rule> Kernel for Visit<'_, R> {
     /// through one call of the rule's update, so it is compiled once.
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
+        // A row's parts from a caller's `RowGradients`, and a zero row for
+        // a row that has none.
+        let (mut parts, no_part) = match self.grads {
+            Some(Grads::Rows(g)) => (Vec::with_capacity(g.parts()), vec![0.0f32; self.dim]),
+            _ => (Vec::new(), Vec::new()),
+        };
         for (i, &r) in self.rows.iter().enumerate() {
             if let Some(&ahead) = self.rows.get(i + PREFETCH_AHEAD) {
                 for b in self.bufs {
                     kernels::prefetch_lines_l2(b.start(ahead), b.width);
                 }
-                if let Some(g) = self.grads {
-                    g.prefetch(self.start + i + PREFETCH_AHEAD);
+                match self.grads {
+                    Some(Grads::Grouped(g)) => g.prefetch(self.start + i + PREFETCH_AHEAD),
+                    Some(Grads::Rows(g)) => g.prefetch(ahead),
+                    None => {}
                 }
             }
             let mut replay = 0..0;
@@ -1529,7 +1657,21 @@ impl<R: Rule> Kernel for Visit<'_, R> {
                 }
             }
             let this = match (self.grads, self.step) {
-                (Some(g), Some(&step)) => Some((step, g.row(self.start + i))),
+                (Some(Grads::Grouped(g)), Some(&step)) => Some((step, g.row(self.start + i))),
+                (Some(Grads::Rows(g)), Some(&step)) => {
+                    parts.clear();
+                    for k in 0..g.parts() {
+                        if let Some(part) = g.part(r, k) {
+                            assert_eq!(part.len(), self.dim, "part {k} of row {r}: its length");
+                            parts.push(part);
+                        }
+                    }
+                    let (first, more): (&[f32], &[&[f32]]) = match parts.split_first() {
+                        Some((first, more)) => (first, more),
+                        None => (&no_part, &[]),
+                    };
+                    Some((step, GradSum::parts(first, more)))
+                }
                 _ => None,
             };
             let due = (replay.end - replay.start) + this.is_some() as u64;
@@ -1543,7 +1685,7 @@ impl<R: Rule> Kernel for Visit<'_, R> {
                         };
                         (step, GradSum::new(self.zeros, &[], self.stride))
                     }
-                    (Some((step, g)), _) => (*step, GradSum::new(g.first, g.later, self.stride)),
+                    (Some((step, g)), _) => (*step, *g),
                     _ => unreachable!("due counts this step only when there is one"),
                 };
                 let rows = RowSet {
@@ -1571,6 +1713,13 @@ pub(crate) trait Fused {
         grad_out: &[f32],
         check: Check,
     ) -> Result<bool>;
+    /// [`SparseOptimizer::step_rows_finite`].
+    fn step_rows(
+        &mut self,
+        table: &mut EmbeddingTable,
+        rows: &[usize],
+        grads: &dyn super::RowGradients,
+    ) -> Result<()>;
 }
 
 /// How a fused step checks that `grad_out` is finite.

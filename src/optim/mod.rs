@@ -212,6 +212,15 @@ macro_rules! sparse_optimizer {
                 self.core
                     .step_grouped(&mut self.config, table, grad_out, check)
             }
+
+            fn step_rows(
+                &mut self,
+                table: &mut $crate::EmbeddingTable,
+                rows: &[usize],
+                grads: &dyn $crate::optim::RowGradients,
+            ) -> $crate::Result<()> {
+                self.core.step_rows(&mut self.config, table, rows, grads)
+            }
         }
 
         impl $crate::optim::SparseOptimizer for $ty {
@@ -446,6 +455,92 @@ pub trait SparseOptimizer {
         engine::step_lookup(self, table, ids, grad_out, engine::Finite::Trusted)
     }
 
+    /// One step whose gradient has the distinct `rows`, the gradient of
+    /// each the sum of its parts in `grads`: the same, bit for bit, as
+    ///
+    /// ```text
+    /// let mut grad = SparseGrad::for_table(table);
+    /// for r in rows, for k in 0..grads.parts(), if let Some(g) = grads.part(r, k):
+    ///     grad.accumulate_lookup(&[r], g)?
+    /// self.step(table, &grad)
+    /// ```
+    ///
+    /// for a caller that guarantees finite gradient values, as
+    /// [`step_lookup_finite`](Self::step_lookup_finite) does (a broken
+    /// promise gives saturated rows, never an error or NaN weights). For a
+    /// gradient that is a sum of parts held elsewhere (per-thread
+    /// gradients, say): this crate's optimizers ask `grads` for a row's
+    /// parts on the thread that updates it, right before the update, and
+    /// sum them in registers, so no summed gradient is stored or copied.
+    /// `grads` is asked from several threads at once. An optimizer of
+    /// another crate stores the gradient and calls [`step`](Self::step)
+    /// (which checks it).
+    ///
+    /// # Errors
+    /// As [`step`](Self::step), without
+    /// [`Error::NonFinite`](crate::Error::NonFinite) from this crate's
+    /// optimizers; [`Error::IndexOutOfRange`](crate::Error::IndexOutOfRange)
+    /// names the first row `>= table.rows()` (`position` in `rows`), and
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) the first row
+    /// that repeats an earlier one (field `rows`), then the first part that
+    /// is not `table.dim()` floats long (field `grads`), each with its
+    /// position. These are checked before anything is written.
+    ///
+    /// # Examples
+    /// ```
+    /// use embtable::{EmbeddingTable, RowGradients, SparseOptimizer, Sgd, SgdConfig};
+    /// // Two workers' gradients of a 2-float table, summed row by row.
+    /// struct Parts([[f32; 6]; 2]);
+    /// impl RowGradients for Parts {
+    ///     fn parts(&self) -> usize {
+    ///         2
+    ///     }
+    ///     fn part(&self, row: usize, k: usize) -> Option<&[f32]> {
+    ///         Some(&self.0[k][2 * row..2 * row + 2])
+    ///     }
+    /// }
+    /// let parts = Parts([[1., 2., 0., 0., 3., 4.], [1., 0., 0., 0., 1., 0.]]);
+    /// let mut table = EmbeddingTable::from_rows(3, 2, &[1., 1., 2., 2., 3., 3.])?;
+    /// let mut sgd = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// sgd.step_rows_finite(&mut table, &[2, 0], &parts)?;
+    /// assert_eq!(table.to_vec(), [0., 0., 2., 2., 1., 1.]);
+    /// # Ok::<(), embtable::Error>(())
+    /// ```
+    fn step_rows_finite(
+        &mut self,
+        table: &mut EmbeddingTable,
+        rows: &[usize],
+        grads: &dyn RowGradients,
+    ) -> Result<()> {
+        if let Some(engine::FusedStep(fused)) = self.fused() {
+            return fused.step_rows(table, rows, grads);
+        }
+        engine::check_row_step(rows, table, grads, &mut Vec::new())?;
+        let dim = table.dim();
+        let len = crate::Error::checked_product(rows.len(), dim, "gradient rows")?;
+        let mut written = Vec::new();
+        written
+            .try_reserve_exact(len)
+            .map_err(|_| crate::Error::Alloc {
+                what: "gradient rows",
+                bytes: len.saturating_mul(4),
+            })?;
+        written.resize(len, 0.0);
+        if dim > 0 {
+            for (&r, into) in rows.iter().zip(written.chunks_exact_mut(dim)) {
+                for part in (0..grads.parts()).filter_map(|k| grads.part(r, k)) {
+                    assert_eq!(part.len(), dim, "a part of row {r}: its length");
+                    for (sum, g) in into.iter_mut().zip(part) {
+                        *sum += g;
+                    }
+                }
+            }
+        }
+        let mut grad = SparseGrad::for_table(table);
+        grad.accumulate_lookup(rows, &written)?;
+        self.step(table, &grad)
+    }
+
     /// Brings every row current: under [`Semantics::DenseExact`], applies
     /// the steps each row missed since it was last touched, so the whole
     /// table equals the dense optimizer's. Call it before a checkpoint or an
@@ -653,6 +748,28 @@ impl<O: SparseOptimizer + ?Sized> SparseOptimizer for Box<O> {
     }
     fn state_bytes_per_row(&self, dim: usize) -> usize {
         (**self).state_bytes_per_row(dim)
+    }
+}
+
+/// The gradient of a step given row by row, for
+/// [`SparseOptimizer::step_rows_finite`]: each row's gradient is the sum of
+/// up to [`parts`](Self::parts) rows held by the caller (per-thread
+/// gradients, say), asked for by the thread that updates the row, right
+/// before the update.
+pub trait RowGradients: Sync {
+    /// How many parts a row's gradient is summed from.
+    fn parts(&self) -> usize;
+
+    /// Part `k` (below [`parts`](Self::parts)) of the gradient of table
+    /// row `row`: `dim` floats, or `None` where that part holds nothing
+    /// for the row. The step refuses a part of another length before it
+    /// writes anything, and panics if a later call gives another length.
+    fn part(&self, row: usize, k: usize) -> Option<&[f32]>;
+
+    /// Starts loading what [`part`](Self::part) of `row` will read: the
+    /// step calls it a few rows ahead. The provided method does nothing.
+    fn prefetch(&self, row: usize) {
+        let _ = row;
     }
 }
 
