@@ -209,14 +209,27 @@ fn check_step_lookup(cfg: Cfg, run: &Run, pattern: u8) {
         ..run.clone()
     };
     for run in [run, &whole_lines] {
-        let want = run.train(cfg, |_| false);
-        let fused = |t: usize| pattern == 0 || (pattern >> (t % 8)) & 1 == 1;
-        for (tier, threads, got) in each_config(|| run.train(cfg, fused)) {
-            for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
-                let what = format!("{cfg:?}, dim {}, {tier}/{threads}, after step {t}", run.dim);
-                assert_bits_eq(w, want_w, &what);
-                assert_state_bits(state, want_state, &what);
-            }
+        check_against_reference(cfg, run, pattern, |run, fused| run.train(cfg, fused));
+    }
+}
+
+/// Trains `run` with `train`, which takes the path under test at the steps
+/// it is told to (those `pattern` picks; every step for 0), on every tier
+/// and thread count, and asserts weights and state equal, bit for bit,
+/// those of the reference path (no step picked) after every step.
+fn check_against_reference(
+    cfg: Cfg,
+    run: &Run,
+    pattern: u8,
+    train: impl Fn(&Run, &(dyn Fn(usize) -> bool + Sync)) -> Vec<(Vec<f32>, OptimizerState)> + Sync,
+) {
+    let want = train(run, &|_| false);
+    let picked = |t: usize| pattern == 0 || (pattern >> (t % 8)) & 1 == 1;
+    for (tier, threads, got) in each_config(|| train(run, &picked)) {
+        for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
+            let what = format!("{cfg:?}, dim {}, {tier}/{threads}, after step {t}", run.dim);
+            assert_bits_eq(w, want_w, &what);
+            assert_state_bits(state, want_state, &what);
         }
     }
 }
@@ -328,15 +341,9 @@ impl Run {
 /// `accumulate_lookup` + `step` after every step, for every tier and thread
 /// count.
 fn check_step_rows(cfg: Cfg, run: &Run, pattern: u8) {
-    let want = run.train_rows(cfg, |_| false);
-    let by_rows = |t: usize| pattern == 0 || (pattern >> (t % 8)) & 1 == 1;
-    for (tier, threads, got) in each_config(|| run.train_rows(cfg, by_rows)) {
-        for (t, ((w, state), (want_w, want_state))) in got.iter().zip(&want).enumerate() {
-            let what = format!("{cfg:?}, dim {}, {tier}/{threads}, after step {t}", run.dim);
-            assert_bits_eq(w, want_w, &what);
-            assert_state_bits(state, want_state, &what);
-        }
-    }
+    check_against_reference(cfg, run, pattern, |run, by_rows| {
+        run.train_rows(cfg, by_rows)
+    });
 }
 
 proptest! {
