@@ -36,5 +36,5 @@ for n in ${MPI_RANKS:-1 2 3 4}; do
 done
 
 echo "== the sharded recommender on 2 ranks against one process"
-timeout 600 "${mpirun[@]}" -np 2 target/release/examples/sharded_recommender \
+timeout 600 "${mpirun[@]}" -np 2 "${CARGO_TARGET_DIR:-target}"/release/examples/sharded_recommender \
   --users 4000 --items 8000 --epochs 2 --check-one-process
