@@ -116,9 +116,8 @@ impl super::DynamicTable {
         for &r in &log.rows {
             let r = r as usize;
             log.listed[r] = false;
-            let m = self.meta[r];
-            if m.occupied() {
-                changes.updated.push(m.key);
+            if self.map.holds_row(r) {
+                changes.updated.push(self.meta[r].key);
                 changes
                     .updated_values
                     .extend_from_slice(self.weights.row(r));

@@ -1,9 +1,18 @@
-//! `KeyMap`: the key → row directory of a dynamic table.
+//! `KeyMap`: the key → row directory of a dynamic table, which also holds
+//! each key's uses.
 //!
-//! Open addressing with linear probing over slots of 16 bytes (the key and
-//! its row), four to a cache line, at most half full. Row 0 is the table's
-//! default row and never a key's, so a slot whose row is 0 is empty: no
-//! separate control bytes, and the slot a key hashes to is its first probe.
+//! Open addressing with linear probing over slots of 32 bytes (the key,
+//! its row, and how often and when it was last used), two to a cache
+//! line, at most half full. Row 0 is the table's default row and never a
+//! key's, so a slot whose row is 0 is empty: no separate control bytes,
+//! and the slot a key hashes to is its first probe.
+//!
+//! Why the uses live in the slot: a translation finds each key's slot and
+//! then records its use. With the uses beside the row, in an array of their
+//! own, each key cost two random reads of a structure far larger than the
+//! caches; here the probe's read is the only one. What needs a row's uses
+//! from its row (the eviction order's checks, a checkpoint) finds its slot
+//! through a row → slot index, kept as entries move.
 //!
 //! Why not `hashbrown`, which the rest of the crate uses for batch-sized
 //! maps: a translation of a batch probes the directory once per id, in
@@ -20,11 +29,15 @@
 use crate::init::mix;
 use crate::{Error, Result};
 
-/// A key and its row; row 0 marks an empty slot.
+/// A key, its row and its uses; row 0 marks an empty slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C, align(16))]
+#[repr(C, align(32))]
 struct Slot {
     key: u64,
+    /// Positions that named the key since it got the row.
+    count: u64,
+    /// The call that last used it.
+    call: u64,
     row: u32,
 }
 
@@ -35,13 +48,25 @@ const MIN_SLOTS: usize = 16;
 /// integers do not map to neighbouring slots.
 const SALT: u64 = 0x5851_F42D_4C95_7F2D;
 
-/// Keys to their rows (see the module docs).
+/// A key's uses: how many positions named it since it got its row, and the
+/// call that last used it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Uses {
+    pub(crate) count: u64,
+    pub(crate) call: u64,
+}
+
+/// Keys to their rows and uses (see the module docs).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct KeyMap {
     slots: Vec<Slot>,
     len: usize,
     /// `64 - log2(slots.len())`: a key's home slot is its hash's top bits.
     shift: u32,
+    /// Per row of the table, its key's slot plus one, or 0 for a row
+    /// without a key. Sized by [`reserve_rows`](Self::reserve_rows); a
+    /// scratch map ([`clear_for`](Self::clear_for)) keeps none.
+    rows: Vec<usize>,
 }
 
 impl KeyMap {
@@ -57,6 +82,9 @@ impl KeyMap {
     /// Bytes of one slot.
     pub(crate) const SLOT_BYTES: usize = size_of::<Slot>();
 
+    /// Bytes of the row → slot index per row.
+    pub(crate) const ROW_BYTES: usize = size_of::<usize>();
+
     /// Number of keys.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -64,7 +92,7 @@ impl KeyMap {
 
     /// Bytes allocated.
     pub(crate) fn bytes(&self) -> usize {
-        self.slots.capacity() * Self::SLOT_BYTES
+        self.slots.capacity() * Self::SLOT_BYTES + self.rows.capacity() * Self::ROW_BYTES
     }
 
     #[inline(always)]
@@ -91,6 +119,15 @@ impl KeyMap {
     /// The row of `key`, whose home slot is `home` ([`home_of`](Self::home_of)).
     #[inline(always)]
     pub(crate) fn get_from(&self, key: u64, home: usize) -> Option<u32> {
+        self.find_from(key, home).map(|i| {
+            // SAFETY: `find_from` gives a slot index.
+            unsafe { self.slots.get_unchecked(i) }.row
+        })
+    }
+
+    /// The slot of `key`, whose home slot is `home`, if it has one.
+    #[inline(always)]
+    pub(crate) fn find_from(&self, key: u64, home: usize) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
@@ -103,9 +140,73 @@ impl KeyMap {
                 return None;
             }
             if slot.key == key {
-                return Some(slot.row);
+                return Some(i);
             }
             i = (i + 1) & mask;
+        }
+    }
+
+    /// The row of slot `i` (from [`find_from`](Self::find_from)).
+    #[inline(always)]
+    pub(crate) fn row_at(&self, i: usize) -> u32 {
+        self.slots[i].row
+    }
+
+    /// Records a use of the key in slot `i` by call `call`: one more
+    /// position named it. Returns whether it is the call's first use of the
+    /// key, and the call that used it last before.
+    #[inline(always)]
+    pub(crate) fn record_use(&mut self, i: usize, call: u64) -> Option<u64> {
+        let slot = &mut self.slots[i];
+        slot.count += 1;
+        (slot.call != call).then(|| std::mem::replace(&mut slot.call, call))
+    }
+
+    /// The uses of the key in slot `i`.
+    #[inline(always)]
+    pub(crate) fn uses_at(&self, i: usize) -> Uses {
+        let slot = &self.slots[i];
+        Uses {
+            count: slot.count,
+            call: slot.call,
+        }
+    }
+
+    /// The uses of the key holding `row`, if one does.
+    #[inline(always)]
+    pub(crate) fn uses_of_row(&self, row: u32) -> Option<Uses> {
+        self.slot_of_row(row).map(|i| self.uses_at(i))
+    }
+
+    /// The slot of the key holding `row`, if one does.
+    #[inline(always)]
+    pub(crate) fn slot_of_row(&self, row: u32) -> Option<usize> {
+        self.rows.get(row as usize)?.checked_sub(1)
+    }
+
+    /// Rows the row → slot index covers.
+    pub(crate) fn row_count(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether a key holds `row`.
+    pub(crate) fn holds_row(&self, row: usize) -> bool {
+        self.rows.get(row).is_some_and(|&i| i != 0)
+    }
+
+    /// Starts loading `row`'s entry of the row → slot index, the first of
+    /// two steps toward its uses ([`prefetch_uses`](Self::prefetch_uses)).
+    #[inline(always)]
+    pub(crate) fn prefetch_row(&self, row: u32) {
+        crate::kernels::prefetch(self.rows.as_ptr().wrapping_add(row as usize).cast());
+    }
+
+    /// Starts loading the slot of the key holding `row`, whose index entry
+    /// was [prefetched](Self::prefetch_row) a while ago.
+    #[inline(always)]
+    pub(crate) fn prefetch_uses(&self, row: u32) {
+        if let Some(i) = self.slot_of_row(row) {
+            self.prefetch_home(i);
         }
     }
 
@@ -126,25 +227,25 @@ impl KeyMap {
 
     /// Empties the map and sizes it for `keys` keys, reusing its
     /// allocation: a scratch map for one batch, whose slots a batch's worth
-    /// of keys keeps within the caches.
+    /// of keys keeps within the caches. It keeps no row → slot index.
     pub(crate) fn clear_for(&mut self, keys: usize) {
         let slots = Self::slots_for(keys);
         self.slots.clear();
         self.slots.resize(slots, Slot::default());
         self.shift = 64 - slots.trailing_zeros();
         self.len = 0;
+        self.rows = Vec::new();
     }
 
     /// The row of `key`, or `row` (`row > 0`) once inserted for it if it
-    /// had none; room was made with [`clear_for`](Self::clear_for) or
-    /// [`reserve`](Self::reserve).
+    /// had none, in a scratch map ([`clear_for`](Self::clear_for)).
     ///
     /// # Panics
     /// If `key` is new and there is no room (a bug: the caller sizes the
     /// map first).
     #[inline(always)]
     pub(crate) fn get_or_insert(&mut self, key: u64, row: u32) -> u32 {
-        debug_assert!(row != 0);
+        debug_assert!(row != 0 && self.rows.is_empty());
         let mask = self.mask();
         let mut i = self.home_of(key);
         loop {
@@ -155,7 +256,11 @@ impl KeyMap {
                     Self::slots_for(self.len + 1) <= mask + 1,
                     "key map insert without room"
                 );
-                *slot = Slot { key, row };
+                *slot = Slot {
+                    key,
+                    row,
+                    ..Slot::default()
+                };
                 self.len += 1;
                 return row;
             }
@@ -191,18 +296,61 @@ impl KeyMap {
         Ok(())
     }
 
-    /// Adds `key` → `row` (`row > 0`), which must not be present; room was
-    /// made with [`reserve`](Self::reserve).
+    /// Makes room for the row → slot index to cover rows `0..rows`
+    /// ([`add_rows`](Self::add_rows)).
+    ///
+    /// # Errors
+    /// [`Error::Alloc`] if it does not fit; the index is unchanged then.
+    pub(crate) fn reserve_rows(&mut self, rows: usize) -> Result<()> {
+        let more = rows.saturating_sub(self.rows.len());
+        self.rows
+            .try_reserve_exact(more)
+            .map_err(|_| Error::Alloc {
+                what: "dynamic table row index",
+                bytes: more.saturating_mul(Self::ROW_BYTES),
+            })?;
+        super::advise_huge(&mut self.rows);
+        Ok(())
+    }
+
+    /// Makes the row → slot index cover rows `0..rows`, the new ones
+    /// without a key; room was made with [`reserve_rows`](Self::reserve_rows).
+    pub(crate) fn add_rows(&mut self, rows: usize) {
+        self.rows.resize(self.rows.len().max(rows), 0);
+    }
+
+    /// Takes back the counting of a use by [`record_use`](Self::record_use)
+    /// of the key holding `row` (which one does).
+    pub(crate) fn uncount(&mut self, row: u32) {
+        let i = self.slot_of_row(row).expect("a row with a key");
+        self.slots[i].count -= 1;
+    }
+
+    /// Gives the key holding `row` (which one does) back `call` as the
+    /// call that used it last, undoing [`record_use`](Self::record_use).
+    pub(crate) fn restore_call(&mut self, row: u32, call: u64) {
+        let i = self.slot_of_row(row).expect("a row with a key");
+        self.slots[i].call = call;
+    }
+
+    /// Adds `key` → `row` (`row > 0`, covered by
+    /// [`reserve_rows`](Self::reserve_rows)) with its `uses`; the key must
+    /// not be present, and room was made with [`reserve`](Self::reserve).
     ///
     /// # Panics
     /// If there is no room (a bug: the caller reserves first).
-    pub(crate) fn insert(&mut self, key: u64, row: u32) {
+    pub(crate) fn insert(&mut self, key: u64, row: u32, uses: Uses) {
         debug_assert!(row != 0 && self.get(key).is_none());
         assert!(
             Self::slots_for(self.len + 1) <= self.slots.len(),
             "key map insert without room"
         );
-        self.place(Slot { key, row });
+        self.place(Slot {
+            key,
+            count: uses.count,
+            call: uses.call,
+            row,
+        });
         self.len += 1;
     }
 
@@ -213,6 +361,7 @@ impl KeyMap {
             i = (i + 1) & mask;
         }
         self.slots[i] = slot;
+        self.rows[slot.row as usize] = i + 1;
     }
 
     /// Removes `key`, returning its row.
@@ -229,6 +378,7 @@ impl KeyMap {
             hole = (hole + 1) & mask;
         }
         let row = self.slots[hole].row;
+        self.rows[row as usize] = 0;
         // Shift back every later entry of the run that may move into the
         // hole: one whose home is not cyclically within (hole, j].
         let mut j = hole;
@@ -246,6 +396,7 @@ impl KeyMap {
             };
             if !stays {
                 self.slots[hole] = slot;
+                self.rows[slot.row as usize] = hole + 1;
                 hole = j;
             }
         }
@@ -269,6 +420,8 @@ mod tests {
             mix(draw)
         };
         let mut map = KeyMap::default();
+        map.reserve_rows(20_001).unwrap();
+        map.add_rows(20_001);
         let mut model = BTreeMap::new();
         for step in 0..20_000u32 {
             // Few distinct keys, so runs collide and removals shift entries.
@@ -277,7 +430,11 @@ mod tests {
                 assert_eq!(map.remove(key), model.remove(&key), "step {step}");
             } else if let std::collections::btree_map::Entry::Vacant(e) = model.entry(key) {
                 map.reserve(1).unwrap();
-                map.insert(key, step + 1);
+                let uses = Uses {
+                    count: u64::from(step),
+                    call: key,
+                };
+                map.insert(key, step + 1, uses);
                 e.insert(step + 1);
             }
             assert_eq!(map.len(), model.len());
@@ -285,9 +442,21 @@ mod tests {
                 for k in 0..512 {
                     assert_eq!(map.get(k), model.get(&k).copied(), "key {k}");
                 }
+                // The row → slot index followed every shift, and the uses
+                // moved with their key.
+                for (&k, &row) in &model {
+                    let want = Uses {
+                        count: u64::from(row - 1),
+                        call: k,
+                    };
+                    assert_eq!(map.uses_of_row(row), Some(want), "key {k}");
+                }
+                let held = (0..20_001).filter(|&r| map.holds_row(r)).count();
+                assert_eq!(held, model.len());
             }
         }
-        assert!(map.bytes() <= KeyMap::slots_for(model.len().max(256)) * KeyMap::SLOT_BYTES * 2);
+        let slot_bytes = map.bytes() - map.rows.capacity() * KeyMap::ROW_BYTES;
+        assert!(slot_bytes <= KeyMap::slots_for(model.len().max(256)) * KeyMap::SLOT_BYTES * 2);
     }
 
     #[test]
@@ -312,13 +481,15 @@ mod tests {
     fn wraps_around_the_end_of_the_slots() {
         let mut map = KeyMap::default();
         map.reserve(8).unwrap();
+        map.reserve_rows(5).unwrap();
+        map.add_rows(5);
         // Keys whose home is the last slot, so their run wraps to slot 0.
         let last: Vec<u64> = (0..)
             .filter(|&k| map.home_of(k) == map.slots.len() - 1)
             .take(4)
             .collect();
         for (i, &k) in last.iter().enumerate() {
-            map.insert(k, i as u32 + 1);
+            map.insert(k, i as u32 + 1, Uses::default());
         }
         assert_eq!(map.remove(last[0]), Some(1));
         for (i, &k) in last.iter().enumerate().skip(1) {

@@ -5,9 +5,9 @@ use rayon::prelude::*;
 
 use super::admission::{Admission, Pending};
 use super::changes::ChangeLog;
-use super::eviction::{Eviction, Order, RowMeta};
+use super::eviction::{Eviction, Order, RowMeta, Use};
 use super::fill::Filler;
-use super::keymap::KeyMap;
+use super::keymap::{KeyMap, Uses};
 use super::{Capacity, DynamicConfig, Memory, Stats};
 use crate::aligned::{SendPtr, checked_stride};
 use crate::index::Index;
@@ -32,8 +32,12 @@ const FIRST_ROWS: usize = 16;
 /// DRAM fetch to land while the ids in between are probed.
 const PROBE_AHEAD: usize = 32;
 
-/// Positions this far ahead have their row's bookkeeping prefetched.
-const META_AHEAD: usize = 32;
+/// Positions this far ahead have their key's slot prefetched when the uses
+/// are recorded apart from the probe.
+const USES_AHEAD: usize = 32;
+
+/// A position's slot when its key has none.
+const NO_SLOT: usize = usize::MAX;
 
 /// Evicted and admitted keys this far ahead have their map slot prefetched.
 const ADMIT_AHEAD: usize = 8;
@@ -60,6 +64,7 @@ pub struct DynamicTable {
     pub(crate) weights: EmbeddingTable,
     /// The default row's values, to restore row 0 after a flush moved it.
     pub(crate) default: Vec<f32>,
+    /// The keys' rows and uses.
     pub(crate) map: KeyMap,
     /// One per row of `weights`.
     pub(crate) meta: Vec<RowMeta>,
@@ -71,6 +76,9 @@ pub struct DynamicTable {
     pub(crate) step: u64,
     /// Translating calls so far.
     pub(crate) call: u64,
+    /// Translating calls made before the step under way began: a key last
+    /// used in a later call was used during this step.
+    pub(crate) step_began: u64,
     /// The most keys the capacity allows.
     pub(crate) limit: usize,
     /// Optimizer bytes per row counted against a byte capacity.
@@ -98,10 +106,16 @@ struct Scratch {
     index: KeyMap,
     /// `(position, new key)` of every position naming a new key.
     positions: Vec<(usize, usize)>,
-    /// Rows that already had a key and were used, in first-use order.
-    touched: Vec<u32>,
+    /// Per position, its key's slot, or [`NO_SLOT`] (when the probe and
+    /// the uses are apart).
+    slots: Vec<usize>,
+    /// Rows that already had a key and were used, in first-use order, with
+    /// the call that used each last before.
+    touched: Vec<(u32, u64)>,
     /// Rows given to new keys.
     fresh: Vec<usize>,
+    /// Positions naming each key of `fresh`.
+    fresh_counts: Vec<u32>,
     /// `(row, key)` of the rows taken from keys for new ones.
     evicted: Vec<(usize, u64)>,
     /// The rows of a fused step's batch.
@@ -116,8 +130,10 @@ impl Scratch {
         self.news.capacity() * size_of::<NewKey>()
             + self.index.bytes()
             + self.positions.capacity() * size_of::<(usize, usize)>()
-            + self.touched.capacity() * size_of::<u32>()
+            + self.slots.capacity() * size_of::<usize>()
+            + self.touched.capacity() * size_of::<(u32, u64)>()
             + self.fresh.capacity() * size_of::<usize>()
+            + self.fresh_counts.capacity() * size_of::<u32>()
             + self.evicted.capacity() * size_of::<(usize, u64)>()
             + self.rows.capacity() * size_of::<u32>()
             + self.labels.capacity() * size_of::<u32>()
@@ -152,17 +168,21 @@ impl DynamicTable {
         let limit = row_limit(&config, dim, 0)?;
         let rows = FIRST_ROWS.min(limit + 1);
         let weights = EmbeddingTable::zeros(rows, dim)?;
+        let mut map = KeyMap::default();
+        map.reserve_rows(rows)?;
+        map.add_rows(rows);
         let mut table = Self {
             config,
             weights,
             default: vec![0.0; dim],
-            map: KeyMap::default(),
+            map,
             meta: vec![RowMeta::default(); rows],
             free: Vec::new(),
             order: Order::new(config.eviction),
             pending: Pending::default(),
             step: 0,
             call: 0,
+            step_began: 0,
             limit,
             state_bytes: 0,
             stats: Stats::default(),
@@ -255,7 +275,7 @@ impl DynamicTable {
         self.meta
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.occupied())
+            .filter(|&(r, _)| self.map.holds_row(r))
             .map(|(r, m)| (m.key, r))
     }
 
@@ -491,9 +511,20 @@ impl DynamicTable {
         }
         rows.clear();
         rows.resize(ids.len(), DEFAULT_ROW);
-        time("translate: probe", || self.probe(ids, rows));
         let call = self.call + 1;
         let now = self.step;
+        // On one thread the uses are recorded as the keys are probed, each
+        // key's slot read once; the probe is parallel otherwise, and the
+        // uses, which go in batch order, are recorded apart, once nothing
+        // can fail.
+        let in_probe = ids.len() < PARALLEL_MIN_IDS || rayon::current_num_threads() == 1;
+        if in_probe {
+            time("translate: probe and uses", || {
+                self.probe_and_record(ids, rows, call)
+            });
+        } else {
+            time("translate: probe", || self.probe_slots(ids, rows));
+        }
         // Which new keys would be admitted: decided from the stream alone.
         time("translate: new keys", || self.collect_new_keys(ids, rows));
         let admission = self.config.admission;
@@ -503,8 +534,13 @@ impl DynamicTable {
             new.admit = admission.admits(new.key, seen, new.occurrences, call);
             wanted += new.admit as usize;
         }
-        if wanted > 0 {
-            time("translate: make room", || self.make_room(wanted, optimizer))?;
+        if wanted > 0
+            && let Err(e) = time("translate: make room", || self.make_room(wanted, optimizer))
+        {
+            if in_probe {
+                self.undo_uses(rows);
+            }
+            return Err(e);
         }
         // The grouping's labels: a known key's row, a new key's number
         // from `base` on. Rows given to new keys are never rows the batch
@@ -532,7 +568,7 @@ impl DynamicTable {
             };
             // Nothing can fail from here on: record uses, admit, evict.
             let mut translate = || {
-                time("translate: uses", || self.touch(rows, call, now));
+                time("translate: uses", || self.touch(rows, call, now, in_probe));
                 time("translate: admit", || self.admit(admission, call, now));
             };
             match &mut grouped {
@@ -558,8 +594,13 @@ impl DynamicTable {
         }
         // Known keys count as used first (`touch`), then the admitted ones.
         let live = map.len();
-        for &r in &scratch.fresh {
-            order.used(r as u32, meta[r], meta, live);
+        for (&r, &count) in scratch.fresh.iter().zip(&scratch.fresh_counts) {
+            let u = Use {
+                call,
+                step: now,
+                row: r as u32,
+            };
+            order.used(u, u64::from(count), meta[r].key, map, live);
         }
         order.settle();
         self.call = call;
@@ -587,28 +628,39 @@ impl DynamicTable {
     /// already are left as they are (a backward pass after its forward pass
     /// changes nothing).
     pub(crate) fn rows_for_gradient<I: Index>(&mut self, ids: &[I]) -> Vec<u32> {
-        let mut rows = self.rows_of(ids);
-        let now = self.step;
-        let in_use = |r: &u32| *r == DEFAULT_ROW || self.meta[*r as usize].step == now;
+        let rows = self.rows_of(ids);
+        let (now, began) = (self.step, self.step_began);
+        let map = &mut self.map;
+        let slot = |map: &KeyMap, r: u32| map.slot_of_row(r).expect("a row from the map");
+        let in_use = |&r: &u32| r == DEFAULT_ROW || map.uses_at(slot(map, r)).call > began;
         if rows.iter().all(in_use) {
             return rows;
         }
         let call = self.call + 1;
         let mut used = Vec::new();
-        for r in &mut rows {
-            let m = &mut self.meta[*r as usize];
-            if *r == DEFAULT_ROW || (m.step == now && m.call != call) {
+        for &r in &rows {
+            if r == DEFAULT_ROW {
                 continue;
             }
-            if m.call != call {
-                (m.call, m.step) = (call, now);
-                used.push(*r);
+            let i = slot(map, r);
+            let last = map.uses_at(i).call;
+            if last > began && last != call {
+                continue;
             }
-            m.count += 1;
+            if map.record_use(i, call).is_some() {
+                used.push(r);
+            }
         }
-        let live = self.map.len();
-        for r in used {
-            self.order.used(r, self.meta[r as usize], &self.meta, live);
+        let live = map.len();
+        for row in used {
+            let u = Use {
+                call,
+                step: now,
+                row,
+            };
+            let count = map.uses_of_row(row).map_or(0, |uses| uses.count);
+            self.order
+                .used(u, count, self.meta[row as usize].key, map, live);
         }
         self.call = call;
         rows
@@ -623,6 +675,53 @@ impl DynamicTable {
             rows.par_chunks_mut(TASK_IDS)
                 .zip(ids.par_chunks(TASK_IDS))
                 .for_each(|(rows, ids)| probe_run(map, ids, rows));
+        }
+    }
+
+    /// [`probe`](Self::probe), in parallel tasks, also keeping each
+    /// position's slot in `scratch.slots` for [`touch`](Self::touch).
+    fn probe_slots<I: Index>(&mut self, ids: &[I], rows: &mut [u32]) {
+        let map = &self.map;
+        let slots = &mut self.scratch.slots;
+        slots.clear();
+        slots.resize(ids.len(), NO_SLOT);
+        rows.par_chunks_mut(TASK_IDS)
+            .zip(slots.par_chunks_mut(TASK_IDS))
+            .zip(ids.par_chunks(TASK_IDS))
+            .for_each(|((rows, slots), ids)| {
+                probe_ahead(map, ids, |map, j, key, home| {
+                    if let Some(i) = map.find_from(key, home) {
+                        (rows[j], slots[j]) = (map.row_at(i), i);
+                    }
+                });
+            });
+    }
+
+    /// [`probe`](Self::probe) on the calling thread, recording each use as
+    /// its key is found (the first half of [`touch`](Self::touch)), so that
+    /// each key's slot is read once.
+    fn probe_and_record<I: Index>(&mut self, ids: &[I], rows: &mut [u32], call: u64) {
+        let touched = &mut self.scratch.touched;
+        touched.clear();
+        probe_ahead(&mut self.map, ids, |map, j, key, home| {
+            if let Some(i) = map.find_from(key, home) {
+                let row = map.row_at(i);
+                rows[j] = row;
+                if let Some(before) = map.record_use(i, call) {
+                    touched.push((row, before));
+                }
+            }
+        });
+    }
+
+    /// Takes back the uses [`probe_and_record`](Self::probe_and_record)
+    /// recorded for `rows`, when the translation fails after it.
+    fn undo_uses(&mut self, rows: &[u32]) {
+        for &r in rows.iter().filter(|&&r| r != DEFAULT_ROW) {
+            self.map.uncount(r);
+        }
+        for &(r, before) in &self.scratch.touched {
+            self.map.restore_call(r, before);
         }
     }
 
@@ -690,6 +789,7 @@ impl DynamicTable {
             let more = grown - rows;
             try_reserve(&mut self.meta, more, "dynamic table row bookkeeping")?;
             super::advise_huge(&mut self.meta);
+            self.map.reserve_rows(grown)?;
             let free_more = grown - self.free.len();
             try_reserve(&mut self.free, free_more, "dynamic table free rows")?;
             if let Some(changes) = &mut self.changes {
@@ -697,6 +797,7 @@ impl DynamicTable {
             }
             self.weights = weights;
             self.meta.resize(grown, RowMeta::default());
+            self.map.add_rows(grown);
             self.free_new_rows(rows);
             self.stats.grown += 1;
         } else {
@@ -713,36 +814,39 @@ impl DynamicTable {
     }
 
     /// Records the use of every row the batch names (`rows[j] != 0`), in
-    /// batch order, each row in the eviction order once (LFU: in
-    /// `scratch.touched`, entered once the call's counts are known).
-    fn touch(&mut self, rows: &[u32], call: u64, now: u64) {
-        let meta = &mut self.meta[..];
+    /// batch order, each row in the eviction order once (LFU: once the
+    /// call's counts are known). `recorded`: the probe recorded them in
+    /// the keys' slots already ([`probe_and_record`](Self::probe_and_record)),
+    /// so only the order is left.
+    fn touch(&mut self, rows: &[u32], call: u64, now: u64, recorded: bool) {
+        let map = &mut self.map;
         let touched = &mut self.scratch.touched;
-        touched.clear();
-        let by_frequency = self.order.by_frequency();
-        let live = self.map.len();
-        for (j, &r) in rows.iter().enumerate() {
-            if let Some(&ahead) = rows.get(j + META_AHEAD) {
-                kernels::prefetch(meta.as_ptr().wrapping_add(ahead as usize).cast());
-            }
-            if r == DEFAULT_ROW {
-                continue;
-            }
-            let m = &mut meta[r as usize];
-            m.count += 1;
-            if m.call != call {
-                m.call = call;
-                m.step = now;
-                if by_frequency {
-                    touched.push(r);
-                } else {
-                    let m = *m;
-                    self.order.used(r, m, meta, live);
+        if !recorded {
+            touched.clear();
+            let slots = &self.scratch.slots;
+            for (j, &i) in slots.iter().enumerate() {
+                if let Some(&ahead) = slots.get(j + USES_AHEAD)
+                    && ahead != NO_SLOT
+                {
+                    map.prefetch_home(ahead);
+                }
+                if i != NO_SLOT
+                    && let Some(before) = map.record_use(i, call)
+                {
+                    touched.push((rows[j], before));
                 }
             }
         }
-        for &r in touched.iter() {
-            self.order.used(r, meta[r as usize], meta, live);
+        let live = map.len();
+        for &(row, _) in touched.iter() {
+            let u = Use {
+                call,
+                step: now,
+                row,
+            };
+            let count = map.uses_of_row(row).map_or(0, |uses| uses.count);
+            self.order
+                .used(u, count, self.meta[row as usize].key, map, live);
         }
     }
 
@@ -759,10 +863,12 @@ impl DynamicTable {
         let Scratch {
             news,
             fresh,
+            fresh_counts,
             evicted,
             ..
         } = &mut self.scratch;
         fresh.clear();
+        fresh_counts.clear();
         evicted.clear();
         let mut keys = self.map.len();
         for new in news.iter_mut() {
@@ -780,7 +886,7 @@ impl DynamicTable {
             };
             keys += free.is_some() as usize;
             let row = free.or_else(|| {
-                let victim = self.order.victim(self.config.eviction, &self.meta, now)?;
+                let victim = self.order.victim(self.config.eviction, &self.map, now)?;
                 evicted.push((victim as usize, self.meta[victim as usize].key));
                 self.stats.evicted += 1;
                 Some(victim)
@@ -796,14 +902,10 @@ impl DynamicTable {
             if counting {
                 self.pending.remove(new.key);
             }
-            self.meta[row as usize] = RowMeta {
-                key: new.key,
-                count: u64::from(new.occurrences),
-                call,
-                step: now,
-            };
+            self.meta[row as usize] = RowMeta { key: new.key };
             new.row = row;
             fresh.push(row as usize);
+            fresh_counts.push(new.occurrences);
             self.stats.admitted += 1;
         }
         for (i, &(_, key)) in evicted.iter().enumerate() {
@@ -812,11 +914,15 @@ impl DynamicTable {
             }
             self.map.remove(key);
         }
-        for (i, &row) in fresh.iter().enumerate() {
+        for (i, (&row, &count)) in fresh.iter().zip(fresh_counts.iter()).enumerate() {
             if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
                 self.map.prefetch(self.meta[ahead].key);
             }
-            self.map.insert(self.meta[row].key, row as u32);
+            let uses = Uses {
+                count: u64::from(count),
+                call,
+            };
+            self.map.insert(self.meta[row].key, row as u32, uses);
         }
     }
 
@@ -995,6 +1101,7 @@ impl DynamicTable {
     /// The optimizer's `catch_up` errors, before anything changes.
     pub fn advance(&mut self, optimizer: &mut dyn SparseOptimizer) -> Result<()> {
         self.step += 1;
+        self.step_began = self.call;
         let Eviction::Ttl { steps } = self.config.eviction else {
             return Ok(());
         };
@@ -1002,7 +1109,7 @@ impl DynamicTable {
             return Ok(());
         };
         let mut expired = Vec::new();
-        while let Some(r) = self.order.expired(&self.meta, before) {
+        while let Some(r) = self.order.expired(&self.map, before) {
             expired.push(r as usize);
         }
         if let Some(changes) = &mut self.changes
@@ -1054,24 +1161,38 @@ const TASK_FLOATS: usize = 1 << 16;
 /// Ids per probing task (and the most a lookup task takes).
 const TASK_IDS: usize = 4096;
 
-/// Probes `ids` one after the other, each key's slot prefetched
+/// Calls `visit(map, j, key, home)` for each id `j` in turn, with its key
+/// and the slot where its probe starts, each key's slot prefetched
 /// [`PROBE_AHEAD`] ids ahead. Each key is hashed once: its home slot waits
-/// in a ring from its prefetch to its probe.
-fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
+/// in a ring from its prefetch to its visit.
+#[inline(always)]
+fn probe_ahead<I: Index, M: std::ops::Deref<Target = KeyMap>>(
+    mut map: M,
+    ids: &[I],
+    mut visit: impl FnMut(&mut M, usize, u64, usize),
+) {
     let mut homes = [0usize; PROBE_AHEAD];
     for (home, &id) in homes.iter_mut().zip(ids) {
         *home = map.home_of(key_of(id));
         map.prefetch_home(*home);
     }
-    for (j, (row, &id)) in rows.iter_mut().zip(ids).enumerate() {
+    for (j, &id) in ids.iter().enumerate() {
         let home = &mut homes[j % PROBE_AHEAD];
         let here = *home;
         if let Some(&ahead) = ids.get(j + PROBE_AHEAD) {
             *home = map.home_of(key_of(ahead));
             map.prefetch_home(*home);
         }
-        *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
+        visit(&mut map, j, key_of(id), here);
     }
+}
+
+/// The row of each of `ids`, or [`DEFAULT_ROW`], probed in turn
+/// ([`probe_ahead`]).
+fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
+    probe_ahead(map, ids, |map, j, key, home| {
+        rows[j] = map.get_from(key, home).unwrap_or(DEFAULT_ROW);
+    });
 }
 
 /// The positions whose row is not the default row: their rows, and their
@@ -1147,7 +1268,7 @@ pub(crate) fn max_bytes(
     let per_row = stride
         .saturating_mul(size_of::<f32>())
         .saturating_add(state_bytes)
-        .saturating_add(size_of::<RowMeta>() + size_of::<u32>());
+        .saturating_add(size_of::<RowMeta>() + size_of::<u32>() + KeyMap::ROW_BYTES);
     let pending = match config.admission {
         Admission::AfterSightings(_) => Pending::max_bytes(keys),
         _ => 0,
