@@ -124,17 +124,25 @@ impl Order {
         }
     }
 
-    /// Records `u`, a use of a row now holding `key` used `count` times;
-    /// `map` holds every row's uses, for dropping stale entries, and `live`
-    /// is the number of rows with a key.
+    /// Records `u`, a use of a row; `ranked` gives the row's count and key
+    /// (what LFU orders by, asked only then: they are reads far apart in
+    /// memory); `map` holds every row's uses, for dropping stale entries,
+    /// and `live` is the number of rows with a key.
     #[inline]
-    pub(crate) fn used(&mut self, u: Use, count: u64, key: u64, map: &KeyMap, live: usize) {
+    pub(crate) fn used(
+        &mut self,
+        u: Use,
+        ranked: impl FnOnce() -> (u64, u64),
+        map: &KeyMap,
+        live: usize,
+    ) {
         let entries = match self {
             Order::Recency(queue) => {
                 queue.push_back(u);
                 queue.len()
             }
             Order::Frequency(heap, _) => {
+                let (count, key) = ranked();
                 heap.push(Reverse((count, u.call, key, u.row, u.step)));
                 heap.len()
             }
@@ -373,7 +381,7 @@ mod tests {
                         {
                             let count = map.uses_at(i).count;
                             let u = Use { call, step, row: r };
-                            order.used(u, count, keys[r as usize], &map, live);
+                            order.used(u, || (count, keys[r as usize]), &map, live);
                         }
                     }
                     // An admission into a free row.
@@ -383,7 +391,7 @@ mod tests {
                             keys[r as usize] = mix(admitted);
                             map.insert(keys[r as usize], r, Uses { count: 1, call });
                             let u = Use { call, step, row: r };
-                            order.used(u, 1, keys[r as usize], &map, live + 1);
+                            order.used(u, || (1, keys[r as usize]), &map, live + 1);
                         }
                     }
                     // An eviction, or an expiry, freeing the row.

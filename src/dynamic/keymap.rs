@@ -90,6 +90,13 @@ impl KeyMap {
         self.len
     }
 
+    /// Number of slots: it changes exactly when the entries move to a
+    /// larger map ([`reserve`](Self::reserve)), which other changes to the
+    /// map never do to the entries they leave.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Bytes allocated.
     pub(crate) fn bytes(&self) -> usize {
         self.slots.capacity() * Self::SLOT_BYTES + self.rows.capacity() * Self::ROW_BYTES

@@ -107,8 +107,9 @@ struct Scratch {
     /// `(position, new key)` of every position naming a new key.
     positions: Vec<(usize, usize)>,
     /// Per position, its key's slot, or [`NO_SLOT`] (when the probe and
-    /// the uses are apart).
+    /// the uses are apart), in a key map of `slots_of` slots.
     slots: Vec<usize>,
+    slots_of: usize,
     /// Rows that already had a key and were used, in first-use order, with
     /// the call that used each last before.
     touched: Vec<(u32, u64)>,
@@ -600,7 +601,7 @@ impl DynamicTable {
                 step: now,
                 row: r as u32,
             };
-            order.used(u, u64::from(count), meta[r].key, map, live);
+            order.used(u, || (u64::from(count), meta[r].key), map, live);
         }
         order.settle();
         self.call = call;
@@ -658,9 +659,8 @@ impl DynamicTable {
                 step: now,
                 row,
             };
-            let count = map.uses_of_row(row).map_or(0, |uses| uses.count);
-            self.order
-                .used(u, count, self.meta[row as usize].key, map, live);
+            let ranked = || (count_of(map, row), self.meta[row as usize].key);
+            self.order.used(u, ranked, map, live);
         }
         self.call = call;
         rows
@@ -682,6 +682,7 @@ impl DynamicTable {
     /// position's slot in `scratch.slots` for [`touch`](Self::touch).
     fn probe_slots<I: Index>(&mut self, ids: &[I], rows: &mut [u32]) {
         let map = &self.map;
+        self.scratch.slots_of = map.slot_count();
         let slots = &mut self.scratch.slots;
         slots.clear();
         slots.resize(ids.len(), NO_SLOT);
@@ -823,7 +824,16 @@ impl DynamicTable {
         let touched = &mut self.scratch.touched;
         if !recorded {
             touched.clear();
-            let slots = &self.scratch.slots;
+            let slots = &mut self.scratch.slots;
+            if map.slot_count() != self.scratch.slots_of {
+                // Admission made room in a larger map since the probe: the
+                // keys moved, and their rows say where to.
+                for (i, &r) in slots.iter_mut().zip(rows) {
+                    if r != DEFAULT_ROW {
+                        *i = map.slot_of_row(r).expect("a row from the map");
+                    }
+                }
+            }
             for (j, &i) in slots.iter().enumerate() {
                 if let Some(&ahead) = slots.get(j + USES_AHEAD)
                     && ahead != NO_SLOT
@@ -844,9 +854,8 @@ impl DynamicTable {
                 step: now,
                 row,
             };
-            let count = map.uses_of_row(row).map_or(0, |uses| uses.count);
-            self.order
-                .used(u, count, self.meta[row as usize].key, map, live);
+            let ranked = || (count_of(map, row), self.meta[row as usize].key);
+            self.order.used(u, ranked, map, live);
         }
     }
 
@@ -1193,6 +1202,11 @@ fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
     probe_ahead(map, ids, |map, j, key, home| {
         rows[j] = map.get_from(key, home).unwrap_or(DEFAULT_ROW);
     });
+}
+
+/// How many positions named the key holding `row` since it got the row.
+fn count_of(map: &KeyMap, row: u32) -> u64 {
+    map.uses_of_row(row).map_or(0, |uses| uses.count)
 }
 
 /// The positions whose row is not the default row: their rows, and their
