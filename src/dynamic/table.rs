@@ -917,15 +917,19 @@ impl DynamicTable {
             fresh_counts.push(new.occurrences);
             self.stats.admitted += 1;
         }
+        // Each key's slot and its row's entry of the row → slot index are
+        // prefetched (they are far apart).
         for (i, &(_, key)) in evicted.iter().enumerate() {
-            if let Some(&(_, ahead)) = evicted.get(i + ADMIT_AHEAD) {
+            if let Some(&(row, ahead)) = evicted.get(i + ADMIT_AHEAD) {
                 self.map.prefetch(ahead);
+                self.map.prefetch_row(row as u32);
             }
             self.map.remove(key);
         }
         for (i, (&row, &count)) in fresh.iter().zip(fresh_counts.iter()).enumerate() {
             if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
                 self.map.prefetch(self.meta[ahead].key);
+                self.map.prefetch_row(ahead as u32);
             }
             let uses = Uses {
                 count: u64::from(count),
