@@ -1052,7 +1052,13 @@ fn a_translation_that_cannot_grow_changes_nothing() {
                 table.save(&before).unwrap();
                 // Known keys (repeated) and new ones, in one batch.
                 let batch: Vec<u64> = (0..len as u64)
-                    .map(|i| if i % 3 == 0 { 10_000 + i } else { known[i as usize % 40] })
+                    .map(|i| {
+                        if i % 3 == 0 {
+                            10_000 + i
+                        } else {
+                            known[i as usize % 40]
+                        }
+                    })
                     .collect();
                 opt.refuse = true;
                 let err = table.translate(&batch, &mut opt).unwrap_err();
@@ -1072,7 +1078,10 @@ fn a_translation_that_cannot_grow_changes_nothing() {
                     table.advance(&mut opt).unwrap();
                     twin.advance(&mut Frozen).unwrap();
                 }
-                let (mine, theirs) = (dir.path(&format!("{name}-mine")), dir.path(&format!("{name}-twin")));
+                let (mine, theirs) = (
+                    dir.path(&format!("{name}-mine")),
+                    dir.path(&format!("{name}-twin")),
+                );
                 table.save(&mine).unwrap();
                 twin.save(&theirs).unwrap();
                 assert!(

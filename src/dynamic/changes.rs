@@ -116,7 +116,7 @@ impl super::DynamicTable {
         for &r in &log.rows {
             let r = r as usize;
             log.listed[r] = false;
-            if self.map.holds_row(r) {
+            if super::table::holds_row(&self.meta, &self.map, r) {
                 changes.updated.push(self.meta[r].key);
                 changes
                     .updated_values

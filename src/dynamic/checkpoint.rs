@@ -206,7 +206,10 @@ fn save(
         .iter()
         .enumerate()
         .flat_map(|(r, m)| {
-            let uses = table.map.uses_of_row(r as u32).unwrap_or_default();
+            let uses = match table.map.uses_of(m.key) {
+                Some((row, uses)) if row as usize == r => uses,
+                _ => Uses::default(), // a free row
+            };
             [m.key, uses.count, uses.call, steps[r]]
         })
         .collect();
@@ -391,8 +394,6 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
     }
     let mut map = KeyMap::default();
     map.reserve(keys)?;
-    map.reserve_rows(rows)?;
-    map.add_rows(rows);
     for (r, m) in meta.iter().enumerate().filter(|(_, m)| m.occupied()) {
         if map.get(m.key).is_some() {
             return Err(bad(format!(
@@ -444,6 +445,7 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
             Use {
                 call: m.call,
                 step: m.step,
+                key: m.key,
                 row,
             }
         })
@@ -457,7 +459,7 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
         .min()
         .unwrap_or(call);
     let meta: Vec<RowMeta> = meta.iter().map(|m| RowMeta { key: m.key }).collect();
-    let order = Order::from_live(config.eviction, &live, &map, &meta);
+    let order = Order::from_live(config.eviction, &live, &map);
 
     // Sighting counts.
     let pending_values = reader.u64s("pending", &[usize::MAX, 3])?;

@@ -66,39 +66,40 @@ impl Eviction {
     }
 }
 
-/// What a table keeps per row beside the key map: the row's key, so that
-/// a row given up finds its key (and its slot, which holds its uses).
+/// What a table keeps per row beside the key map: the row's key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RowMeta {
     /// The key the row belongs to; 0 for a free row.
     pub(crate) key: u64,
 }
 
-/// One use of a row: the call, and the step it came in. The step is kept
-/// here rather than with the row's uses in the key map: only a row's
-/// current entry is ever asked for it (is it pinned, has it expired, what
-/// does a checkpoint save), and leaving it out keeps a key's slot, which a
-/// translation writes once per key, to 32 bytes.
+/// One use of a row by its key: the call, and the step it came in. The
+/// step is kept here rather than with the key's uses in the key map: only
+/// a row's current entry is ever asked for it (is it pinned, has it
+/// expired, what does a checkpoint save), and leaving it out keeps a key's
+/// slot, which a translation writes once per key, to 32 bytes. The key
+/// says where the map keeps the uses that tell whether the entry is
+/// current.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Use {
     pub(crate) call: u64,
     pub(crate) step: u64,
+    pub(crate) key: u64,
     pub(crate) row: u32,
 }
 
 impl Use {
-    /// Whether this is `row`'s last use, from the uses the map holds.
+    /// Whether this is the last use of the row by its key.
     #[inline(always)]
     fn current(&self, map: &KeyMap) -> bool {
-        map.uses_of_row(self.row)
-            .is_some_and(|uses| uses.call == self.call)
+        map.uses_of(self.key)
+            .is_some_and(|(row, uses)| row == self.row && uses.call == self.call)
     }
 }
 
-/// Entries this far ahead have their row's index entry prefetched while
-/// compacting or walking to the oldest live entry, and half as far ahead
-/// its slot: the rows are scattered, and without it the pass waits on
-/// memory twice for every entry.
+/// Entries this far ahead have their key's slot prefetched while
+/// compacting or walking to the oldest live entry: the slots are
+/// scattered, and without it the pass waits on memory for every entry.
 const COMPACT_AHEAD: usize = 64;
 
 /// An LFU entry: `(count, call, key, row, step)`, the first to go the
@@ -124,17 +125,18 @@ impl Order {
         }
     }
 
-    /// Records `u`, a use of a row; `ranked` gives the row's count and key
-    /// (what LFU orders by, asked only then: they are reads far apart in
-    /// memory); `map` holds every row's uses, for dropping stale entries,
-    /// and `live` is the number of rows with a key.
+    /// Records `u`; `count` gives the key's count of uses (what LFU orders
+    /// by, asked only then: a read far away in memory); `map` holds every
+    /// key's uses, for dropping stale entries, `live` is the number of rows
+    /// with a key and `rows` the number of rows.
     #[inline]
     pub(crate) fn used(
         &mut self,
         u: Use,
-        ranked: impl FnOnce() -> (u64, u64),
+        count: impl FnOnce() -> u64,
         map: &KeyMap,
         live: usize,
+        rows: usize,
     ) {
         let entries = match self {
             Order::Recency(queue) => {
@@ -142,20 +144,24 @@ impl Order {
                 queue.len()
             }
             Order::Frequency(heap, _) => {
-                let (count, key) = ranked();
-                heap.push(Reverse((count, u.call, key, u.row, u.step)));
+                heap.push(Reverse((count(), u.call, u.key, u.row, u.step)));
                 heap.len()
             }
         };
         if entries > 2 * live + 64 {
-            self.compact(map);
+            self.compact(map, rows);
         }
     }
 
-    /// The next row to give up to a new key during step `now`, removed from
-    /// the order; `None` if every occupied row was used during `now`. Under
-    /// TTL rows are never given up on demand.
-    pub(crate) fn victim(&mut self, eviction: Eviction, map: &KeyMap, now: u64) -> Option<u32> {
+    /// The next row to give up to a new key during step `now`, with its
+    /// key, removed from the order; `None` if every occupied row was used
+    /// during `now`. Under TTL rows are never given up on demand.
+    pub(crate) fn victim(
+        &mut self,
+        eviction: Eviction,
+        map: &KeyMap,
+        now: u64,
+    ) -> Option<(u32, u64)> {
         match (self, eviction) {
             (_, Eviction::Ttl { .. }) => None,
             (Order::Recency(queue), _) => {
@@ -164,35 +170,35 @@ impl Order {
                 let u = oldest(queue, map)?;
                 (u.step < now).then(|| {
                     queue.pop_front();
-                    u.row
+                    (u.row, u.key)
                 })
             }
             (Order::Frequency(heap, aside), _) => {
-                while let Some(Reverse(entry @ (count, call, _, row, step))) = heap.pop() {
-                    if map.uses_of_row(row) != Some(Uses { count, call }) {
+                while let Some(Reverse(entry @ (count, call, key, row, step))) = heap.pop() {
+                    if map.uses_of(key) != Some((row, Uses { count, call })) {
                         continue; // stale
                     }
                     if step >= now {
                         aside.push(entry); // pinned: back once the call is done
                         continue;
                     }
-                    return Some(row);
+                    return Some((row, key));
                 }
                 None
             }
         }
     }
 
-    /// The next row whose last use was before step `before`, removed from
-    /// the order (TTL's expiry).
-    pub(crate) fn expired(&mut self, map: &KeyMap, before: u64) -> Option<u32> {
+    /// The next row whose last use was before step `before`, with its
+    /// key, removed from the order (TTL's expiry).
+    pub(crate) fn expired(&mut self, map: &KeyMap, before: u64) -> Option<(u32, u64)> {
         let Order::Recency(queue) = self else {
             return None;
         };
         let u = oldest(queue, map)?;
         (u.step < before).then(|| {
             queue.pop_front();
-            u.row
+            (u.row, u.key)
         })
     }
 
@@ -206,21 +212,18 @@ impl Order {
     /// Drops the stale entries: a recency queue's by [`compact_recency`];
     /// a heap's in one pass over its entries, each one's uses prefetched
     /// ahead.
-    fn compact(&mut self, map: &KeyMap) {
+    fn compact(&mut self, map: &KeyMap, rows: usize) {
         match self {
-            Order::Recency(queue) => compact_recency(queue, map.row_count()),
+            Order::Recency(queue) => compact_recency(queue, rows),
             Order::Frequency(heap, _) => {
                 let mut entries = std::mem::take(heap).into_vec();
                 let mut kept = 0;
                 for i in 0..entries.len() {
                     if let Some(Reverse(ahead)) = entries.get(i + COMPACT_AHEAD) {
-                        map.prefetch_row(ahead.3);
+                        map.prefetch(ahead.2);
                     }
-                    if let Some(Reverse(ahead)) = entries.get(i + COMPACT_AHEAD / 2) {
-                        map.prefetch_uses(ahead.3);
-                    }
-                    let Reverse((count, call, _, row, _)) = entries[i];
-                    if map.uses_of_row(row) == Some(Uses { count, call }) {
+                    let Reverse((count, call, key, row, _)) = entries[i];
+                    if map.uses_of(key) == Some((row, Uses { count, call })) {
                         entries[kept] = entries[i];
                         kept += 1;
                     }
@@ -242,10 +245,15 @@ impl Order {
                     .iter()
                     .map(|Reverse(entry)| entry)
                     .chain(aside)
-                    .filter(|&&(count, call, _, row, _)| {
-                        map.uses_of_row(row) == Some(Uses { count, call })
+                    .filter(|&&(count, call, key, row, _)| {
+                        map.uses_of(key) == Some((row, Uses { count, call }))
                     })
-                    .map(|&(_, call, _, row, step)| Use { call, step, row })
+                    .map(|&(_, call, key, row, step)| Use {
+                        call,
+                        step,
+                        key,
+                        row,
+                    })
                     .collect();
                 live.sort_unstable_by_key(|u| u.row);
                 live
@@ -254,20 +262,14 @@ impl Order {
     }
 
     /// The order of `eviction` holding the rows of `live` (from
-    /// [`live`](Self::live)), whose keys and uses `map` holds, and whose
-    /// keys `meta` gives.
-    pub(crate) fn from_live(
-        eviction: Eviction,
-        live: &[Use],
-        map: &KeyMap,
-        meta: &[RowMeta],
-    ) -> Self {
+    /// [`live`](Self::live)), whose keys' uses `map` holds.
+    pub(crate) fn from_live(eviction: Eviction, live: &[Use], map: &KeyMap) -> Self {
         let mut order = Self::new(eviction);
         match &mut order {
             Order::Recency(queue) => queue.extend(live),
             Order::Frequency(heap, _) => heap.extend(live.iter().map(|u| {
-                let count = map.uses_of_row(u.row).map_or(0, |uses| uses.count);
-                Reverse((count, u.call, meta[u.row as usize].key, u.row, u.step))
+                let count = map.uses_of(u.key).map_or(0, |(_, uses)| uses.count);
+                Reverse((count, u.call, u.key, u.row, u.step))
             })),
         }
         order
@@ -328,10 +330,7 @@ fn compact_recency(queue: &mut VecDeque<Use>, rows: usize) {
 fn oldest(queue: &mut VecDeque<Use>, map: &KeyMap) -> Option<Use> {
     while let Some(&u) = queue.front() {
         if let Some(ahead) = queue.get(COMPACT_AHEAD) {
-            map.prefetch_row(ahead.row);
-        }
-        if let Some(ahead) = queue.get(COMPACT_AHEAD / 2) {
-            map.prefetch_uses(ahead.row);
+            map.prefetch(ahead.key);
         }
         if u.current(map) {
             return Some(u);
@@ -357,8 +356,6 @@ mod tests {
         let rows = 48;
         let mut map = KeyMap::default();
         map.reserve(rows).unwrap();
-        map.reserve_rows(rows).unwrap();
-        map.add_rows(rows);
         let mut keys = vec![0u64; rows];
         let mut order = Order::new(Eviction::Lru);
         let mut free: Vec<u32> = (1..rows as u32).collect();
@@ -376,34 +373,46 @@ mod tests {
                     // Uses of rows with a key, most of the time.
                     0..6 => {
                         let r = 1 + next(rows - 1) as u32;
-                        if let Some(i) = map.slot_of_row(r)
+                        let key = keys[r as usize];
+                        if let Some(i) = map.find(key)
+                            && map.row_at(i) == r
                             && map.record_use(i, call).is_some()
                         {
-                            let count = map.uses_at(i).count;
-                            let u = Use { call, step, row: r };
-                            order.used(u, || (count, keys[r as usize]), &map, live);
+                            let u = Use {
+                                call,
+                                step,
+                                key,
+                                row: r,
+                            };
+                            order.used(u, || map.uses_at(i).count, &map, live, rows);
                         }
                     }
                     // An admission into a free row.
                     6..8 => {
                         if let Some(r) = free.pop() {
                             admitted += 1;
-                            keys[r as usize] = mix(admitted);
-                            map.insert(keys[r as usize], r, Uses { count: 1, call });
-                            let u = Use { call, step, row: r };
-                            order.used(u, || (1, keys[r as usize]), &map, live + 1);
+                            let key = mix(admitted);
+                            keys[r as usize] = key;
+                            map.insert(key, r, Uses { count: 1, call });
+                            let u = Use {
+                                call,
+                                step,
+                                key,
+                                row: r,
+                            };
+                            order.used(u, || 1, &map, live + 1, rows);
                         }
                     }
                     // An eviction, or an expiry, freeing the row.
                     8 => {
-                        if let Some(r) = order.victim(Eviction::Lru, &map, step) {
-                            map.remove(keys[r as usize]);
+                        if let Some((r, key)) = order.victim(Eviction::Lru, &map, step) {
+                            assert_eq!(map.remove(key), Some(r));
                             free.push(r);
                         }
                     }
                     _ => {
-                        if let Some(r) = order.expired(&map, step.saturating_sub(2)) {
-                            map.remove(keys[r as usize]);
+                        if let Some((r, key)) = order.expired(&map, step.saturating_sub(2)) {
+                            assert_eq!(map.remove(key), Some(r));
                             free.push(r);
                         }
                     }

@@ -8,11 +8,11 @@
 //! and the slot a key hashes to is its first probe.
 //!
 //! Why the uses live in the slot: a translation finds each key's slot and
-//! then records its use. With the uses beside the row, in an array of their
-//! own, each key cost two random reads of a structure far larger than the
-//! caches; here the probe's read is the only one. What needs a row's uses
-//! from its row (the eviction order's checks, a checkpoint) finds its slot
-//! through a row → slot index, kept as entries move.
+//! then records its use. With the uses kept per row, in an array of their
+//! own, each key cost two random reads of structures far larger than the
+//! caches; here the probe's read is the only one. What asks for a row's
+//! uses (the eviction order's checks, a checkpoint) knows the row's key
+//! and probes for it.
 //!
 //! Why not `hashbrown`, which the rest of the crate uses for batch-sized
 //! maps: a translation of a batch probes the directory once per id, in
@@ -63,10 +63,6 @@ pub(crate) struct KeyMap {
     len: usize,
     /// `64 - log2(slots.len())`: a key's home slot is its hash's top bits.
     shift: u32,
-    /// Per row of the table, its key's slot plus one, or 0 for a row
-    /// without a key. Sized by [`reserve_rows`](Self::reserve_rows); a
-    /// scratch map ([`clear_for`](Self::clear_for)) keeps none.
-    rows: Vec<usize>,
 }
 
 impl KeyMap {
@@ -82,24 +78,14 @@ impl KeyMap {
     /// Bytes of one slot.
     pub(crate) const SLOT_BYTES: usize = size_of::<Slot>();
 
-    /// Bytes of the row → slot index per row.
-    pub(crate) const ROW_BYTES: usize = size_of::<usize>();
-
     /// Number of keys.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Number of slots: it changes exactly when the entries move to a
-    /// larger map ([`reserve`](Self::reserve)), which other changes to the
-    /// map never do to the entries they leave.
-    pub(crate) fn slot_count(&self) -> usize {
-        self.slots.len()
-    }
-
     /// Bytes allocated.
     pub(crate) fn bytes(&self) -> usize {
-        self.slots.capacity() * Self::SLOT_BYTES + self.rows.capacity() * Self::ROW_BYTES
+        self.slots.capacity() * Self::SLOT_BYTES
     }
 
     #[inline(always)]
@@ -132,6 +118,12 @@ impl KeyMap {
         })
     }
 
+    /// The slot of `key`, if it has one.
+    #[inline(always)]
+    pub(crate) fn find(&self, key: u64) -> Option<usize> {
+        self.find_from(key, self.home_of(key))
+    }
+
     /// The slot of `key`, whose home slot is `home`, if it has one.
     #[inline(always)]
     pub(crate) fn find_from(&self, key: u64, home: usize) -> Option<usize> {
@@ -159,6 +151,11 @@ impl KeyMap {
         self.slots[i].row
     }
 
+    /// The row and uses of `key`, if it has a row.
+    pub(crate) fn uses_of(&self, key: u64) -> Option<(u32, Uses)> {
+        self.find(key).map(|i| (self.row_at(i), self.uses_at(i)))
+    }
+
     /// Records a use of the key in slot `i` by call `call`: one more
     /// position named it. Returns whether it is the call's first use of the
     /// key, and the call that used it last before.
@@ -179,44 +176,6 @@ impl KeyMap {
         }
     }
 
-    /// The uses of the key holding `row`, if one does.
-    #[inline(always)]
-    pub(crate) fn uses_of_row(&self, row: u32) -> Option<Uses> {
-        self.slot_of_row(row).map(|i| self.uses_at(i))
-    }
-
-    /// The slot of the key holding `row`, if one does.
-    #[inline(always)]
-    pub(crate) fn slot_of_row(&self, row: u32) -> Option<usize> {
-        self.rows.get(row as usize)?.checked_sub(1)
-    }
-
-    /// Rows the row → slot index covers.
-    pub(crate) fn row_count(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// Whether a key holds `row`.
-    pub(crate) fn holds_row(&self, row: usize) -> bool {
-        self.rows.get(row).is_some_and(|&i| i != 0)
-    }
-
-    /// Starts loading `row`'s entry of the row → slot index, the first of
-    /// two steps toward its uses ([`prefetch_uses`](Self::prefetch_uses)).
-    #[inline(always)]
-    pub(crate) fn prefetch_row(&self, row: u32) {
-        crate::kernels::prefetch(self.rows.as_ptr().wrapping_add(row as usize).cast());
-    }
-
-    /// Starts loading the slot of the key holding `row`, whose index entry
-    /// was [prefetched](Self::prefetch_row) a while ago.
-    #[inline(always)]
-    pub(crate) fn prefetch_uses(&self, row: u32) {
-        if let Some(i) = self.slot_of_row(row) {
-            self.prefetch_home(i);
-        }
-    }
-
     /// Starts loading the slot where `key`'s probe begins.
     #[inline(always)]
     pub(crate) fn prefetch(&self, key: u64) {
@@ -234,25 +193,25 @@ impl KeyMap {
 
     /// Empties the map and sizes it for `keys` keys, reusing its
     /// allocation: a scratch map for one batch, whose slots a batch's worth
-    /// of keys keeps within the caches. It keeps no row → slot index.
+    /// of keys keeps within the caches.
     pub(crate) fn clear_for(&mut self, keys: usize) {
         let slots = Self::slots_for(keys);
         self.slots.clear();
         self.slots.resize(slots, Slot::default());
         self.shift = 64 - slots.trailing_zeros();
         self.len = 0;
-        self.rows = Vec::new();
     }
 
     /// The row of `key`, or `row` (`row > 0`) once inserted for it if it
-    /// had none, in a scratch map ([`clear_for`](Self::clear_for)).
+    /// had none, with no uses; room was made with
+    /// [`clear_for`](Self::clear_for) or [`reserve`](Self::reserve).
     ///
     /// # Panics
     /// If `key` is new and there is no room (a bug: the caller sizes the
     /// map first).
     #[inline(always)]
     pub(crate) fn get_or_insert(&mut self, key: u64, row: u32) -> u32 {
-        debug_assert!(row != 0 && self.rows.is_empty());
+        debug_assert!(row != 0);
         let mask = self.mask();
         let mut i = self.home_of(key);
         loop {
@@ -303,46 +262,20 @@ impl KeyMap {
         Ok(())
     }
 
-    /// Makes room for the row → slot index to cover rows `0..rows`
-    /// ([`add_rows`](Self::add_rows)).
-    ///
-    /// # Errors
-    /// [`Error::Alloc`] if it does not fit; the index is unchanged then.
-    pub(crate) fn reserve_rows(&mut self, rows: usize) -> Result<()> {
-        let more = rows.saturating_sub(self.rows.len());
-        self.rows
-            .try_reserve_exact(more)
-            .map_err(|_| Error::Alloc {
-                what: "dynamic table row index",
-                bytes: more.saturating_mul(Self::ROW_BYTES),
-            })?;
-        super::advise_huge(&mut self.rows);
-        Ok(())
-    }
-
-    /// Makes the row → slot index cover rows `0..rows`, the new ones
-    /// without a key; room was made with [`reserve_rows`](Self::reserve_rows).
-    pub(crate) fn add_rows(&mut self, rows: usize) {
-        self.rows.resize(self.rows.len().max(rows), 0);
-    }
-
     /// Takes back the counting of a use by [`record_use`](Self::record_use)
-    /// of the key holding `row` (which one does).
-    pub(crate) fn uncount(&mut self, row: u32) {
-        let i = self.slot_of_row(row).expect("a row with a key");
+    /// of the key in slot `i`.
+    pub(crate) fn uncount(&mut self, i: usize) {
         self.slots[i].count -= 1;
     }
 
-    /// Gives the key holding `row` (which one does) back `call` as the
-    /// call that used it last, undoing [`record_use`](Self::record_use).
-    pub(crate) fn restore_call(&mut self, row: u32, call: u64) {
-        let i = self.slot_of_row(row).expect("a row with a key");
+    /// Gives the key in slot `i` back `call` as the call that used it
+    /// last, undoing [`record_use`](Self::record_use).
+    pub(crate) fn restore_call(&mut self, i: usize, call: u64) {
         self.slots[i].call = call;
     }
 
-    /// Adds `key` → `row` (`row > 0`, covered by
-    /// [`reserve_rows`](Self::reserve_rows)) with its `uses`; the key must
-    /// not be present, and room was made with [`reserve`](Self::reserve).
+    /// Adds `key` → `row` (`row > 0`) with its `uses`; the key must not be
+    /// present, and room was made with [`reserve`](Self::reserve).
     ///
     /// # Panics
     /// If there is no room (a bug: the caller reserves first).
@@ -368,7 +301,6 @@ impl KeyMap {
             i = (i + 1) & mask;
         }
         self.slots[i] = slot;
-        self.rows[slot.row as usize] = i + 1;
     }
 
     /// Removes `key`, returning its row.
@@ -385,7 +317,6 @@ impl KeyMap {
             hole = (hole + 1) & mask;
         }
         let row = self.slots[hole].row;
-        self.rows[row as usize] = 0;
         // Shift back every later entry of the run that may move into the
         // hole: one whose home is not cyclically within (hole, j].
         let mut j = hole;
@@ -403,7 +334,6 @@ impl KeyMap {
             };
             if !stays {
                 self.slots[hole] = slot;
-                self.rows[slot.row as usize] = hole + 1;
                 hole = j;
             }
         }
@@ -427,8 +357,6 @@ mod tests {
             mix(draw)
         };
         let mut map = KeyMap::default();
-        map.reserve_rows(20_001).unwrap();
-        map.add_rows(20_001);
         let mut model = BTreeMap::new();
         for step in 0..20_000u32 {
             // Few distinct keys, so runs collide and removals shift entries.
@@ -449,21 +377,17 @@ mod tests {
                 for k in 0..512 {
                     assert_eq!(map.get(k), model.get(&k).copied(), "key {k}");
                 }
-                // The row → slot index followed every shift, and the uses
-                // moved with their key.
+                // The uses moved with their key.
                 for (&k, &row) in &model {
                     let want = Uses {
                         count: u64::from(row - 1),
                         call: k,
                     };
-                    assert_eq!(map.uses_of_row(row), Some(want), "key {k}");
+                    assert_eq!(map.uses_of(k), Some((row, want)), "key {k}");
                 }
-                let held = (0..20_001).filter(|&r| map.holds_row(r)).count();
-                assert_eq!(held, model.len());
             }
         }
-        let slot_bytes = map.bytes() - map.rows.capacity() * KeyMap::ROW_BYTES;
-        assert!(slot_bytes <= KeyMap::slots_for(model.len().max(256)) * KeyMap::SLOT_BYTES * 2);
+        assert!(map.bytes() <= KeyMap::slots_for(model.len().max(256)) * KeyMap::SLOT_BYTES * 2);
     }
 
     #[test]
@@ -488,8 +412,6 @@ mod tests {
     fn wraps_around_the_end_of_the_slots() {
         let mut map = KeyMap::default();
         map.reserve(8).unwrap();
-        map.reserve_rows(5).unwrap();
-        map.add_rows(5);
         // Keys whose home is the last slot, so their run wraps to slot 0.
         let last: Vec<u64> = (0..)
             .filter(|&k| map.home_of(k) == map.slots.len() - 1)

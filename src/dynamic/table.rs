@@ -32,13 +32,6 @@ const FIRST_ROWS: usize = 16;
 /// DRAM fetch to land while the ids in between are probed.
 const PROBE_AHEAD: usize = 32;
 
-/// Positions this far ahead have their key's slot prefetched when the uses
-/// are recorded apart from the probe.
-const USES_AHEAD: usize = 32;
-
-/// A position's slot when its key has none.
-const NO_SLOT: usize = usize::MAX;
-
 /// Evicted and admitted keys this far ahead have their map slot prefetched.
 const ADMIT_AHEAD: usize = 8;
 
@@ -97,6 +90,15 @@ struct NewKey {
     row: u32,
 }
 
+/// A key the batch being translated names and the table has a row for,
+/// with the call that used it last before this one.
+#[derive(Clone, Copy, Debug)]
+struct Touched {
+    key: u64,
+    before: u64,
+    row: u32,
+}
+
 /// Working memory of a translation, kept between calls.
 #[derive(Clone, Debug, Default)]
 struct Scratch {
@@ -106,13 +108,8 @@ struct Scratch {
     index: KeyMap,
     /// `(position, new key)` of every position naming a new key.
     positions: Vec<(usize, usize)>,
-    /// Per position, its key's slot, or [`NO_SLOT`] (when the probe and
-    /// the uses are apart), in a key map of `slots_of` slots.
-    slots: Vec<usize>,
-    slots_of: usize,
-    /// Rows that already had a key and were used, in first-use order, with
-    /// the call that used each last before.
-    touched: Vec<(u32, u64)>,
+    /// Rows that already had a key and were used, in first-use order.
+    touched: Vec<Touched>,
     /// Rows given to new keys.
     fresh: Vec<usize>,
     /// Positions naming each key of `fresh`.
@@ -131,8 +128,7 @@ impl Scratch {
         self.news.capacity() * size_of::<NewKey>()
             + self.index.bytes()
             + self.positions.capacity() * size_of::<(usize, usize)>()
-            + self.slots.capacity() * size_of::<usize>()
-            + self.touched.capacity() * size_of::<(u32, u64)>()
+            + self.touched.capacity() * size_of::<Touched>()
             + self.fresh.capacity() * size_of::<usize>()
             + self.fresh_counts.capacity() * size_of::<u32>()
             + self.evicted.capacity() * size_of::<(usize, u64)>()
@@ -169,14 +165,11 @@ impl DynamicTable {
         let limit = row_limit(&config, dim, 0)?;
         let rows = FIRST_ROWS.min(limit + 1);
         let weights = EmbeddingTable::zeros(rows, dim)?;
-        let mut map = KeyMap::default();
-        map.reserve_rows(rows)?;
-        map.add_rows(rows);
         let mut table = Self {
             config,
             weights,
             default: vec![0.0; dim],
-            map,
+            map: KeyMap::default(),
             meta: vec![RowMeta::default(); rows],
             free: Vec::new(),
             order: Order::new(config.eviction),
@@ -276,8 +269,13 @@ impl DynamicTable {
         self.meta
             .iter()
             .enumerate()
-            .filter(|&(r, _)| self.map.holds_row(r))
+            .filter(|&(r, _)| self.holds_row(r))
             .map(|(r, m)| (m.key, r))
+    }
+
+    /// Whether a key holds row `r`.
+    pub(crate) fn holds_row(&self, r: usize) -> bool {
+        holds_row(&self.meta, &self.map, r)
     }
 
     /// What unknown keys read (zeros unless set).
@@ -514,18 +512,12 @@ impl DynamicTable {
         rows.resize(ids.len(), DEFAULT_ROW);
         let call = self.call + 1;
         let now = self.step;
-        // On one thread the uses are recorded as the keys are probed, each
-        // key's slot read once; the probe is parallel otherwise, and the
-        // uses, which go in batch order, are recorded apart, once nothing
-        // can fail.
-        let in_probe = ids.len() < PARALLEL_MIN_IDS || rayon::current_num_threads() == 1;
-        if in_probe {
-            time("translate: probe and uses", || {
-                self.probe_and_record(ids, rows, call)
-            });
-        } else {
-            time("translate: probe", || self.probe_slots(ids, rows));
-        }
+        // The uses are recorded as the keys are probed, in batch order,
+        // each key's slot read once; they are taken back if the storage
+        // cannot grow.
+        time("translate: probe and uses", || {
+            self.probe_and_record(ids, rows, call)
+        });
         // Which new keys would be admitted: decided from the stream alone.
         time("translate: new keys", || self.collect_new_keys(ids, rows));
         let admission = self.config.admission;
@@ -538,9 +530,7 @@ impl DynamicTable {
         if wanted > 0
             && let Err(e) = time("translate: make room", || self.make_room(wanted, optimizer))
         {
-            if in_probe {
-                self.undo_uses(rows);
-            }
+            self.undo_uses(ids, rows);
             return Err(e);
         }
         // The grouping's labels: a known key's row, a new key's number
@@ -569,7 +559,7 @@ impl DynamicTable {
             };
             // Nothing can fail from here on: record uses, admit, evict.
             let mut translate = || {
-                time("translate: uses", || self.touch(rows, call, now, in_probe));
+                time("translate: uses", || self.touch(call, now));
                 time("translate: admit", || self.admit(admission, call, now));
             };
             match &mut grouped {
@@ -594,14 +584,15 @@ impl DynamicTable {
             rows[j] = scratch.news[k].row;
         }
         // Known keys count as used first (`touch`), then the admitted ones.
-        let live = map.len();
+        let (live, all) = (map.len(), meta.len());
         for (&r, &count) in scratch.fresh.iter().zip(&scratch.fresh_counts) {
             let u = Use {
                 call,
                 step: now,
+                key: meta[r].key,
                 row: r as u32,
             };
-            order.used(u, || (u64::from(count), meta[r].key), map, live);
+            order.used(u, || u64::from(count), map, live, all);
         }
         order.settle();
         self.call = call;
@@ -629,38 +620,42 @@ impl DynamicTable {
     /// already are left as they are (a backward pass after its forward pass
     /// changes nothing).
     pub(crate) fn rows_for_gradient<I: Index>(&mut self, ids: &[I]) -> Vec<u32> {
-        let rows = self.rows_of(ids);
-        let (now, began) = (self.step, self.step_began);
+        let mut slots = vec![None; ids.len()];
+        probe_ahead(&self.map, ids, |map, j, key, home| {
+            slots[j] = map.find_from(key, home);
+        });
         let map = &mut self.map;
-        let slot = |map: &KeyMap, r: u32| map.slot_of_row(r).expect("a row from the map");
-        let in_use = |&r: &u32| r == DEFAULT_ROW || map.uses_at(slot(map, r)).call > began;
-        if rows.iter().all(in_use) {
+        let rows: Vec<u32> = slots
+            .iter()
+            .map(|i| i.map_or(DEFAULT_ROW, |i| map.row_at(i)))
+            .collect();
+        let (now, began) = (self.step, self.step_began);
+        if slots.iter().flatten().all(|&i| map.uses_at(i).call > began) {
             return rows;
         }
         let call = self.call + 1;
         let mut used = Vec::new();
-        for &r in &rows {
-            if r == DEFAULT_ROW {
+        for (&i, &id) in slots.iter().zip(ids) {
+            let Some(i) = i else {
                 continue;
-            }
-            let i = slot(map, r);
+            };
             let last = map.uses_at(i).call;
             if last > began && last != call {
                 continue;
             }
             if map.record_use(i, call).is_some() {
-                used.push(r);
+                used.push((i, key_of(id)));
             }
         }
-        let live = map.len();
-        for row in used {
+        let (live, all) = (map.len(), self.meta.len());
+        for (i, key) in used {
             let u = Use {
                 call,
                 step: now,
-                row,
+                key,
+                row: map.row_at(i),
             };
-            let ranked = || (count_of(map, row), self.meta[row as usize].key);
-            self.order.used(u, ranked, map, live);
+            self.order.used(u, || map.uses_at(i).count, map, live, all);
         }
         self.call = call;
         rows
@@ -678,26 +673,6 @@ impl DynamicTable {
         }
     }
 
-    /// [`probe`](Self::probe), in parallel tasks, also keeping each
-    /// position's slot in `scratch.slots` for [`touch`](Self::touch).
-    fn probe_slots<I: Index>(&mut self, ids: &[I], rows: &mut [u32]) {
-        let map = &self.map;
-        self.scratch.slots_of = map.slot_count();
-        let slots = &mut self.scratch.slots;
-        slots.clear();
-        slots.resize(ids.len(), NO_SLOT);
-        rows.par_chunks_mut(TASK_IDS)
-            .zip(slots.par_chunks_mut(TASK_IDS))
-            .zip(ids.par_chunks(TASK_IDS))
-            .for_each(|((rows, slots), ids)| {
-                probe_ahead(map, ids, |map, j, key, home| {
-                    if let Some(i) = map.find_from(key, home) {
-                        (rows[j], slots[j]) = (map.row_at(i), i);
-                    }
-                });
-            });
-    }
-
     /// [`probe`](Self::probe) on the calling thread, recording each use as
     /// its key is found (the first half of [`touch`](Self::touch)), so that
     /// each key's slot is read once.
@@ -709,20 +684,25 @@ impl DynamicTable {
                 let row = map.row_at(i);
                 rows[j] = row;
                 if let Some(before) = map.record_use(i, call) {
-                    touched.push((row, before));
+                    touched.push(Touched { key, before, row });
                 }
             }
         });
     }
 
     /// Takes back the uses [`probe_and_record`](Self::probe_and_record)
-    /// recorded for `rows`, when the translation fails after it.
-    fn undo_uses(&mut self, rows: &[u32]) {
-        for &r in rows.iter().filter(|&&r| r != DEFAULT_ROW) {
-            self.map.uncount(r);
+    /// recorded for `ids` (whose rows were `rows`), when the translation
+    /// fails after it. The keys are probed again: the map may have moved to
+    /// a larger one since.
+    fn undo_uses<I: Index>(&mut self, ids: &[I], rows: &[u32]) {
+        let map = &mut self.map;
+        for (&id, &r) in ids.iter().zip(rows) {
+            if r != DEFAULT_ROW {
+                map.uncount(map.find(key_of(id)).expect("a key with a row"));
+            }
         }
-        for &(r, before) in &self.scratch.touched {
-            self.map.restore_call(r, before);
+        for t in &self.scratch.touched {
+            map.restore_call(map.find(t.key).expect("a key with a row"), t.before);
         }
     }
 
@@ -790,7 +770,6 @@ impl DynamicTable {
             let more = grown - rows;
             try_reserve(&mut self.meta, more, "dynamic table row bookkeeping")?;
             super::advise_huge(&mut self.meta);
-            self.map.reserve_rows(grown)?;
             let free_more = grown - self.free.len();
             try_reserve(&mut self.free, free_more, "dynamic table free rows")?;
             if let Some(changes) = &mut self.changes {
@@ -798,7 +777,6 @@ impl DynamicTable {
             }
             self.weights = weights;
             self.meta.resize(grown, RowMeta::default());
-            self.map.add_rows(grown);
             self.free_new_rows(rows);
             self.stats.grown += 1;
         } else {
@@ -814,48 +792,22 @@ impl DynamicTable {
         self.free.extend((first as u32..rows).rev());
     }
 
-    /// Records the use of every row the batch names (`rows[j] != 0`), in
-    /// batch order, each row in the eviction order once (LFU: once the
-    /// call's counts are known). `recorded`: the probe recorded them in
-    /// the keys' slots already ([`probe_and_record`](Self::probe_and_record)),
-    /// so only the order is left.
-    fn touch(&mut self, rows: &[u32], call: u64, now: u64, recorded: bool) {
-        let map = &mut self.map;
-        let touched = &mut self.scratch.touched;
-        if !recorded {
-            touched.clear();
-            let slots = &mut self.scratch.slots;
-            if map.slot_count() != self.scratch.slots_of {
-                // Admission made room in a larger map since the probe: the
-                // keys moved, and their rows say where to.
-                for (i, &r) in slots.iter_mut().zip(rows) {
-                    if r != DEFAULT_ROW {
-                        *i = map.slot_of_row(r).expect("a row from the map");
-                    }
-                }
-            }
-            for (j, &i) in slots.iter().enumerate() {
-                if let Some(&ahead) = slots.get(j + USES_AHEAD)
-                    && ahead != NO_SLOT
-                {
-                    map.prefetch_home(ahead);
-                }
-                if i != NO_SLOT
-                    && let Some(before) = map.record_use(i, call)
-                {
-                    touched.push((rows[j], before));
-                }
-            }
-        }
-        let live = map.len();
-        for &(row, _) in touched.iter() {
+    /// Enters the uses of the keys the batch names that had a row (recorded
+    /// in their slots by [`probe_and_record`](Self::probe_and_record)) in
+    /// the eviction order, in first-use order (LFU: with their counts for
+    /// the whole call).
+    fn touch(&mut self, call: u64, now: u64) {
+        let map = &self.map;
+        let (live, all) = (map.len(), self.meta.len());
+        for t in &self.scratch.touched {
             let u = Use {
                 call,
                 step: now,
-                row,
+                key: t.key,
+                row: t.row,
             };
-            let ranked = || (count_of(map, row), self.meta[row as usize].key);
-            self.order.used(u, ranked, map, live);
+            let count = || map.uses_of(t.key).map_or(0, |(_, uses)| uses.count);
+            self.order.used(u, count, map, live, all);
         }
     }
 
@@ -895,8 +847,8 @@ impl DynamicTable {
             };
             keys += free.is_some() as usize;
             let row = free.or_else(|| {
-                let victim = self.order.victim(self.config.eviction, &self.map, now)?;
-                evicted.push((victim as usize, self.meta[victim as usize].key));
+                let (victim, key) = self.order.victim(self.config.eviction, &self.map, now)?;
+                evicted.push((victim as usize, key));
                 self.stats.evicted += 1;
                 Some(victim)
             });
@@ -917,19 +869,15 @@ impl DynamicTable {
             fresh_counts.push(new.occurrences);
             self.stats.admitted += 1;
         }
-        // Each key's slot and its row's entry of the row → slot index are
-        // prefetched (they are far apart).
         for (i, &(_, key)) in evicted.iter().enumerate() {
-            if let Some(&(row, ahead)) = evicted.get(i + ADMIT_AHEAD) {
+            if let Some(&(_, ahead)) = evicted.get(i + ADMIT_AHEAD) {
                 self.map.prefetch(ahead);
-                self.map.prefetch_row(row as u32);
             }
             self.map.remove(key);
         }
         for (i, (&row, &count)) in fresh.iter().zip(fresh_counts.iter()).enumerate() {
             if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
                 self.map.prefetch(self.meta[ahead].key);
-                self.map.prefetch_row(ahead as u32);
             }
             let uses = Uses {
                 count: u64::from(count),
@@ -1122,7 +1070,7 @@ impl DynamicTable {
             return Ok(());
         };
         let mut expired = Vec::new();
-        while let Some(r) = self.order.expired(&self.map, before) {
+        while let Some((r, _)) = self.order.expired(&self.map, before) {
             expired.push(r as usize);
         }
         if let Some(changes) = &mut self.changes
@@ -1208,9 +1156,12 @@ fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
     });
 }
 
-/// How many positions named the key holding `row` since it got the row.
-fn count_of(map: &KeyMap, row: u32) -> u64 {
-    map.uses_of_row(row).map_or(0, |uses| uses.count)
+/// Whether a key holds row `r`: the key the row names (`meta`) has it in
+/// `map`. (A free row names key 0, which is not in the map or holds
+/// another row.)
+pub(crate) fn holds_row(meta: &[RowMeta], map: &KeyMap, r: usize) -> bool {
+    meta.get(r)
+        .is_some_and(|m| map.get(m.key) == Some(r as u32))
 }
 
 /// The positions whose row is not the default row: their rows, and their
@@ -1286,7 +1237,7 @@ pub(crate) fn max_bytes(
     let per_row = stride
         .saturating_mul(size_of::<f32>())
         .saturating_add(state_bytes)
-        .saturating_add(size_of::<RowMeta>() + size_of::<u32>() + KeyMap::ROW_BYTES);
+        .saturating_add(size_of::<RowMeta>() + size_of::<u32>());
     let pending = match config.admission {
         Admission::AfterSightings(_) => Pending::max_bytes(keys),
         _ => 0,
