@@ -112,8 +112,8 @@ struct Scratch {
     touched: Vec<Touched>,
     /// Rows given to new keys.
     fresh: Vec<usize>,
-    /// Positions naming each key of `fresh`.
-    fresh_counts: Vec<u32>,
+    /// The key given each row of `fresh`, and the positions naming it.
+    admitted: Vec<(u64, u32)>,
     /// `(row, key)` of the rows taken from keys for new ones.
     evicted: Vec<(usize, u64)>,
     /// The rows of a fused step's batch.
@@ -130,7 +130,7 @@ impl Scratch {
             + self.positions.capacity() * size_of::<(usize, usize)>()
             + self.touched.capacity() * size_of::<Touched>()
             + self.fresh.capacity() * size_of::<usize>()
-            + self.fresh_counts.capacity() * size_of::<u32>()
+            + self.admitted.capacity() * size_of::<(u64, u32)>()
             + self.evicted.capacity() * size_of::<(usize, u64)>()
             + self.rows.capacity() * size_of::<u32>()
             + self.labels.capacity() * size_of::<u32>()
@@ -585,11 +585,11 @@ impl DynamicTable {
         }
         // Known keys count as used first (`touch`), then the admitted ones.
         let (live, all) = (map.len(), meta.len());
-        for (&r, &count) in scratch.fresh.iter().zip(&scratch.fresh_counts) {
+        for (&r, &(key, count)) in scratch.fresh.iter().zip(&scratch.admitted) {
             let u = Use {
                 call,
                 step: now,
-                key: meta[r].key,
+                key,
                 row: r as u32,
             };
             order.used(u, || u64::from(count), map, live, all);
@@ -824,12 +824,12 @@ impl DynamicTable {
         let Scratch {
             news,
             fresh,
-            fresh_counts,
+            admitted,
             evicted,
             ..
         } = &mut self.scratch;
         fresh.clear();
-        fresh_counts.clear();
+        admitted.clear();
         evicted.clear();
         let mut keys = self.map.len();
         for new in news.iter_mut() {
@@ -863,10 +863,9 @@ impl DynamicTable {
             if counting {
                 self.pending.remove(new.key);
             }
-            self.meta[row as usize] = RowMeta { key: new.key };
             new.row = row;
             fresh.push(row as usize);
-            fresh_counts.push(new.occurrences);
+            admitted.push((new.key, new.occurrences));
             self.stats.admitted += 1;
         }
         for (i, &(_, key)) in evicted.iter().enumerate() {
@@ -875,15 +874,22 @@ impl DynamicTable {
             }
             self.map.remove(key);
         }
-        for (i, (&row, &count)) in fresh.iter().zip(fresh_counts.iter()).enumerate() {
-            if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
-                self.map.prefetch(self.meta[ahead].key);
+        // Each admitted key's slot and its row's key are prefetched (the
+        // rows' keys are written here rather than as the rows are chosen,
+        // where each write would wait on memory).
+        for (i, (&row, &(key, count))) in fresh.iter().zip(admitted.iter()).enumerate() {
+            if let (Some(&row), Some(&(key, _))) =
+                (fresh.get(i + ADMIT_AHEAD), admitted.get(i + ADMIT_AHEAD))
+            {
+                self.map.prefetch(key);
+                kernels::prefetch(self.meta.as_ptr().wrapping_add(row).cast());
             }
+            self.meta[row] = RowMeta { key };
             let uses = Uses {
                 count: u64::from(count),
                 call,
             };
-            self.map.insert(self.meta[row].key, row as u32, uses);
+            self.map.insert(key, row as u32, uses);
         }
     }
 
