@@ -185,6 +185,21 @@ impl KeyMap {
         self.prefetch_home(self.home_of(key));
     }
 
+    /// Starts loading the two lines from `key`'s home slot on: where an
+    /// insert or a removal, which go on to the end of the key's run, look.
+    #[inline(always)]
+    pub(crate) fn prefetch_run(&self, key: u64) {
+        if !self.slots.is_empty() {
+            let home = self.home_of(key);
+            let slot = self.slots.as_ptr().wrapping_add(home);
+            crate::kernels::prefetch(slot.cast());
+            let next = (home | (SLOTS_PER_LINE - 1)) + 1;
+            if next < self.slots.len() {
+                crate::kernels::prefetch(self.slots.as_ptr().wrapping_add(next).cast());
+            }
+        }
+    }
+
     /// Starts loading slot `home` ([`home_of`](Self::home_of)), and the
     /// next line too when `home` ends its line: a probe goes on to the next
     /// slot about as often as not at the map's load.

@@ -813,11 +813,12 @@ impl DynamicTable {
 
     /// Gives rows to the new keys that are admitted, in first-position
     /// order, evicting when the table is full; counts the others'
-    /// sightings. The rows are chosen first, then the key map changes in
-    /// two runs, the evicted keys out and the admitted ones in, each probe
-    /// prefetched a few keys ahead: the same keys end with the same rows as
-    /// when each key is removed and inserted in turn, without each
-    /// admission waiting on two probes of a map far larger than the caches.
+    /// sightings. An evicted key leaves the key map as it is chosen (the
+    /// eviction order has just read its slot); the admitted keys go in
+    /// once every row is chosen, each probe prefetched a few keys ahead:
+    /// the same keys end with the same rows as when each key is removed and
+    /// inserted in turn, without each admission waiting on a probe of a map
+    /// far larger than the caches.
     fn admit(&mut self, admission: Admission, call: u64, now: u64) {
         let counting = matches!(admission, Admission::AfterSightings(_));
         let pending_limit = self.limit;
@@ -848,6 +849,8 @@ impl DynamicTable {
             keys += free.is_some() as usize;
             let row = free.or_else(|| {
                 let (victim, key) = self.order.victim(self.config.eviction, &self.map, now)?;
+                // Its slot is in the caches: the order just read it.
+                self.map.remove(key);
                 evicted.push((victim as usize, key));
                 self.stats.evicted += 1;
                 Some(victim)
@@ -868,12 +871,6 @@ impl DynamicTable {
             admitted.push((new.key, new.occurrences));
             self.stats.admitted += 1;
         }
-        for (i, &(_, key)) in evicted.iter().enumerate() {
-            if let Some(&(_, ahead)) = evicted.get(i + ADMIT_AHEAD) {
-                self.map.prefetch(ahead);
-            }
-            self.map.remove(key);
-        }
         // Each admitted key's slot and its row's key are prefetched (the
         // rows' keys are written here rather than as the rows are chosen,
         // where each write would wait on memory).
@@ -881,7 +878,7 @@ impl DynamicTable {
             if let (Some(&row), Some(&(key, _))) =
                 (fresh.get(i + ADMIT_AHEAD), admitted.get(i + ADMIT_AHEAD))
             {
-                self.map.prefetch(key);
+                self.map.prefetch_run(key);
                 kernels::prefetch(self.meta.as_ptr().wrapping_add(row).cast());
             }
             self.meta[row] = RowMeta { key };
