@@ -330,7 +330,9 @@ fn compact_recency(queue: &mut VecDeque<Use>, rows: usize) {
 fn oldest(queue: &mut VecDeque<Use>, map: &KeyMap) -> Option<Use> {
     while let Some(&u) = queue.front() {
         if let Some(ahead) = queue.get(COMPACT_AHEAD) {
-            map.prefetch(ahead.key);
+            // Two lines: an entry met here is most often a victim, whose
+            // removal shifts back the rest of its key's run.
+            map.prefetch_run(ahead.key);
         }
         if u.current(map) {
             return Some(u);
