@@ -1023,10 +1023,10 @@ impl SparseOptimizer for Refusing {
 }
 
 /// A translation that admits keys fails when the optimizer state cannot
-/// grow, after the probe has recorded the known keys' uses (on one thread,
-/// or for a small batch): the uses are taken back, so the table is as it
-/// was, byte for byte in its checkpoint, and goes on as a table that never
-/// tried.
+/// grow, after the batch was probed and its new keys counted: the table is
+/// as it was, byte for byte in its checkpoint (uses, recency, counts), and
+/// goes on as a table that never tried, on every thread count, for a small
+/// batch and for one probed in parallel tasks.
 #[test]
 fn a_translation_that_cannot_grow_changes_nothing() {
     let dir = common::Scratch::new("dynamic-refused-growth");

@@ -116,8 +116,9 @@ impl super::DynamicTable {
         for &r in &log.rows {
             let r = r as usize;
             log.listed[r] = false;
-            if super::table::holds_row(&self.meta, &self.map, r) {
-                changes.updated.push(self.meta[r].key);
+            let m = self.meta[r];
+            if m.occupied() {
+                changes.updated.push(m.key);
                 changes
                     .updated_values
                     .extend_from_slice(self.weights.row(r));

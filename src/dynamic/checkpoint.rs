@@ -45,8 +45,8 @@ use safetensors::Dtype;
 
 use super::admission::{Admission, Pending, Sighting};
 use super::changes::ChangeLog;
-use super::eviction::{Eviction, Order, RowMeta, Use};
-use super::keymap::{KeyMap, Uses};
+use super::eviction::{Eviction, Order, RowMeta};
+use super::keymap::KeyMap;
 use super::table::{DEFAULT_ROW, row_limit};
 use super::{Capacity, DynamicConfig, DynamicEmbedding, DynamicTable, Stats};
 use crate::io::checkpoint::{check_state, plan_state};
@@ -169,22 +169,6 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
     }
 }
 
-/// A row as a checkpoint keeps it: its key, its uses, and the step of its
-/// last use.
-#[derive(Clone, Copy, Debug)]
-struct Record {
-    key: u64,
-    count: u64,
-    call: u64,
-    step: u64,
-}
-
-impl Record {
-    fn occupied(&self) -> bool {
-        self.count > 0
-    }
-}
-
 /// A layer's optimizer state and `max_norm`.
 type LayerState<T> = (T, Option<f32>);
 
@@ -194,26 +178,12 @@ fn save(
     path: &Path,
 ) -> Result<()> {
     let dim = table.dim();
-    // A row's step is its current entry's in the order: every row with a
-    // key has one.
-    let live = table.order.live(&table.map);
-    let mut steps = vec![0; table.meta.len()];
-    for u in &live {
-        steps[u.row as usize] = u.step;
-    }
     let rows: Vec<u64> = table
         .meta
         .iter()
-        .enumerate()
-        .flat_map(|(r, m)| {
-            let uses = match table.map.uses_of(m.key) {
-                Some((row, uses)) if row as usize == r => uses,
-                _ => Uses::default(), // a free row
-            };
-            [m.key, uses.count, uses.call, steps[r]]
-        })
+        .flat_map(|m| [m.key, m.count, m.call, m.step])
         .collect();
-    let order: Vec<u32> = live.iter().map(|u| u.row).collect();
+    let order = table.order.live_rows(&table.meta);
     let pending: Vec<u64> = table
         .pending
         .in_order()
@@ -358,9 +328,9 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
 
     // Rows and their bookkeeping.
     let meta_values = reader.u64s("rows", &[rows, 4])?;
-    let meta: Vec<Record> = meta_values
+    let meta: Vec<RowMeta> = meta_values
         .chunks_exact(4)
-        .map(|m| Record {
+        .map(|m| RowMeta {
             key: m[0],
             count: m[1],
             call: m[2],
@@ -401,11 +371,7 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
                 m.key
             )));
         }
-        let uses = Uses {
-            count: m.count,
-            call: m.call,
-        };
-        map.insert(m.key, r as u32, uses);
+        map.insert(m.key, r as u32);
     }
     let free = reader.u32s("free", None)?;
     let mut seen = vec![false; rows];
@@ -438,28 +404,7 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
         }
         in_order[r] = true;
     }
-    let live: Vec<Use> = order_rows
-        .iter()
-        .map(|&row| {
-            let m = meta[row as usize];
-            Use {
-                call: m.call,
-                step: m.step,
-                key: m.key,
-                row,
-            }
-        })
-        .collect();
-    // The calls of this step began after the calls that last used the rows
-    // of earlier steps, and by the first call of a row used in this step.
-    let step_began = meta
-        .iter()
-        .filter(|m| m.occupied() && m.step == step)
-        .map(|m| m.call.saturating_sub(1))
-        .min()
-        .unwrap_or(call);
-    let meta: Vec<RowMeta> = meta.iter().map(|m| RowMeta { key: m.key }).collect();
-    let order = Order::from_live(config.eviction, &live, &map);
+    let order = Order::from_rows(config.eviction, &order_rows, &meta);
 
     // Sighting counts.
     let pending_values = reader.u64s("pending", &[usize::MAX, 3])?;
@@ -569,7 +514,6 @@ fn load(path: &Path) -> Result<(DynamicTable, Option<LayerState<OptimizerState>>
     table.pending = pending;
     table.step = step;
     table.call = call;
-    table.step_began = step_began;
     table.limit = limit;
     table.state_bytes = state_bytes;
     table.stats = stats;

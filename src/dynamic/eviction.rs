@@ -17,7 +17,6 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use super::keymap::{KeyMap, Uses};
 use crate::{Error, Result};
 
 /// Which key gives up its row when the table is full.
@@ -66,54 +65,40 @@ impl Eviction {
     }
 }
 
-/// What a table keeps per row beside the key map: the row's key.
+/// What a table knows about one of its rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RowMeta {
-    /// The key the row belongs to; 0 for a free row.
+    /// The key the row belongs to.
     pub(crate) key: u64,
-}
-
-/// One use of a row by its key: the call, and the step it came in. The
-/// step is kept here rather than with the key's uses in the key map: only
-/// a row's current entry is ever asked for it (is it pinned, has it
-/// expired, what does a checkpoint save), and leaving it out keeps a key's
-/// slot, which a translation writes once per key, to 32 bytes. The key
-/// says where the map keeps the uses that tell whether the entry is
-/// current.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Use {
+    /// Positions that named the key since it got the row; 0 for a free row.
+    pub(crate) count: u64,
+    /// The call that last used it.
     pub(crate) call: u64,
+    /// The step during which it was last used.
     pub(crate) step: u64,
-    pub(crate) key: u64,
-    pub(crate) row: u32,
 }
 
-impl Use {
-    /// Whether this is the last use of the row by its key.
-    #[inline(always)]
-    fn current(&self, map: &KeyMap) -> bool {
-        map.uses_of(self.key)
-            .is_some_and(|(row, uses)| row == self.row && uses.call == self.call)
+impl RowMeta {
+    /// Whether a key holds the row.
+    pub(crate) fn occupied(&self) -> bool {
+        self.count > 0
     }
 }
 
-/// Entries this far ahead have their key's slot prefetched while
-/// compacting or walking to the oldest live entry: the slots are
-/// scattered, and without it the pass waits on memory for every entry.
+/// Entries this far ahead have their row's meta prefetched while compacting
+/// or walking to the oldest live entry.
 const COMPACT_AHEAD: usize = 64;
 
-/// An LFU entry: `(count, call, key, row, step)`, the first to go the
-/// least (the step only rides along: the first four fields are unique).
-type Ranked = (u64, u64, u64, u32, u64);
+/// An LFU entry: `(count, call, key, row)`, the first to go the least.
+type Ranked = (u64, u64, u64, u32);
 
 /// Rows in the order a policy gives them up.
 #[derive(Clone, Debug)]
 pub(crate) enum Order {
-    /// Least recently used first (LRU and TTL): one entry per use.
-    Recency(VecDeque<Use>),
-    /// Least frequently used first (LFU): `(count, call, key, row, step)`
-    /// per use, with the entries met pinned during the current call set
-    /// aside.
+    /// Least recently used first (LRU and TTL): `(call, row)` per use.
+    Recency(VecDeque<(u64, u32)>),
+    /// Least frequently used first (LFU): `(count, call, key, row)` per
+    /// use, with the entries met pinned during the current call set aside.
     Frequency(BinaryHeap<Reverse<Ranked>>, Vec<Ranked>),
 }
 
@@ -125,80 +110,73 @@ impl Order {
         }
     }
 
-    /// Records `u`; `count` gives the key's count of uses (what LFU orders
-    /// by, asked only then: a read far away in memory); `map` holds every
-    /// key's uses, for dropping stale entries, `live` is the number of rows
-    /// with a key and `rows` the number of rows.
+    /// Whether the order is by frequency, which needs a row's count once
+    /// the whole call is counted.
+    pub(crate) fn by_frequency(&self) -> bool {
+        matches!(self, Order::Frequency(..))
+    }
+
+    /// Records a use of `row`, whose meta (updated) is `m`; `meta` is every
+    /// row's, for dropping stale entries, and `live` the rows with a key.
     #[inline]
-    pub(crate) fn used(
-        &mut self,
-        u: Use,
-        count: impl FnOnce() -> u64,
-        map: &KeyMap,
-        live: usize,
-        rows: usize,
-    ) {
+    pub(crate) fn used(&mut self, row: u32, m: RowMeta, meta: &[RowMeta], live: usize) {
         let entries = match self {
             Order::Recency(queue) => {
-                queue.push_back(u);
+                queue.push_back((m.call, row));
                 queue.len()
             }
             Order::Frequency(heap, _) => {
-                heap.push(Reverse((count(), u.call, u.key, u.row, u.step)));
+                heap.push(Reverse((m.count, m.call, m.key, row)));
                 heap.len()
             }
         };
         if entries > 2 * live + 64 {
-            self.compact(map, rows);
+            self.compact(meta);
         }
     }
 
-    /// The next row to give up to a new key during step `now`, with its
-    /// key, removed from the order; `None` if every occupied row was used
-    /// during `now`. Under TTL rows are never given up on demand.
-    pub(crate) fn victim(
-        &mut self,
-        eviction: Eviction,
-        map: &KeyMap,
-        now: u64,
-    ) -> Option<(u32, u64)> {
+    /// The next row to give up to a new key during step `now`, removed from
+    /// the order; `None` if every occupied row was used during `now`. Under
+    /// TTL rows are never given up on demand.
+    pub(crate) fn victim(&mut self, eviction: Eviction, meta: &[RowMeta], now: u64) -> Option<u32> {
         match (self, eviction) {
             (_, Eviction::Ttl { .. }) => None,
             (Order::Recency(queue), _) => {
                 // Calls, hence steps, only grow along the queue: once the
                 // oldest live row is pinned, all are.
-                let u = oldest(queue, map)?;
-                (u.step < now).then(|| {
+                let row = oldest(queue, meta)?;
+                (meta[row as usize].step < now).then(|| {
                     queue.pop_front();
-                    (u.row, u.key)
+                    row
                 })
             }
             (Order::Frequency(heap, aside), _) => {
-                while let Some(Reverse(entry @ (count, call, key, row, step))) = heap.pop() {
-                    if map.uses_of(key) != Some((row, Uses { count, call })) {
+                while let Some(Reverse(entry @ (count, call, _, row))) = heap.pop() {
+                    let m = meta[row as usize];
+                    if !(m.occupied() && m.count == count && m.call == call) {
                         continue; // stale
                     }
-                    if step >= now {
+                    if m.step >= now {
                         aside.push(entry); // pinned: back once the call is done
                         continue;
                     }
-                    return Some((row, key));
+                    return Some(row);
                 }
                 None
             }
         }
     }
 
-    /// The next row whose last use was before step `before`, with its
-    /// key, removed from the order (TTL's expiry).
-    pub(crate) fn expired(&mut self, map: &KeyMap, before: u64) -> Option<(u32, u64)> {
+    /// The next row whose last use was before step `before`, removed from
+    /// the order (TTL's expiry).
+    pub(crate) fn expired(&mut self, meta: &[RowMeta], before: u64) -> Option<u32> {
         let Order::Recency(queue) = self else {
             return None;
         };
-        let u = oldest(queue, map)?;
-        (u.step < before).then(|| {
+        let row = oldest(queue, meta)?;
+        (meta[row as usize].step < before).then(|| {
             queue.pop_front();
-            (u.row, u.key)
+            row
         })
     }
 
@@ -210,66 +188,79 @@ impl Order {
     }
 
     /// Drops the stale entries: a recency queue's by [`compact_recency`];
-    /// a heap's in one pass over its entries, each one's uses prefetched
-    /// ahead.
-    fn compact(&mut self, map: &KeyMap, rows: usize) {
+    /// a heap's in one pass over its entries, with each one's row
+    /// prefetched a few entries ahead (the rows are scattered: without it
+    /// the pass waits on memory for every entry).
+    fn compact(&mut self, meta: &[RowMeta]) {
+        fn keep<T: Copy>(
+            items: &mut [T],
+            meta: &[RowMeta],
+            row: impl Fn(T) -> u32,
+            current: impl Fn(T, RowMeta) -> bool,
+        ) -> usize {
+            let mut kept = 0;
+            for i in 0..items.len() {
+                if let Some(&ahead) = items.get(i + COMPACT_AHEAD) {
+                    crate::kernels::prefetch(
+                        meta.as_ptr().wrapping_add(row(ahead) as usize).cast(),
+                    );
+                }
+                let item = items[i];
+                if current(item, meta[row(item) as usize]) {
+                    items[kept] = item;
+                    kept += 1;
+                }
+            }
+            kept
+        }
         match self {
-            Order::Recency(queue) => compact_recency(queue, rows),
+            Order::Recency(queue) => compact_recency(queue, meta.len()),
             Order::Frequency(heap, _) => {
                 let mut entries = std::mem::take(heap).into_vec();
-                let mut kept = 0;
-                for i in 0..entries.len() {
-                    if let Some(Reverse(ahead)) = entries.get(i + COMPACT_AHEAD) {
-                        map.prefetch(ahead.2);
-                    }
-                    let Reverse((count, call, key, row, _)) = entries[i];
-                    if map.uses_of(key) == Some((row, Uses { count, call })) {
-                        entries[kept] = entries[i];
-                        kept += 1;
-                    }
-                }
+                let kept = keep(
+                    &mut entries,
+                    meta,
+                    |Reverse((.., row))| row,
+                    |Reverse((count, call, _, _)), m| {
+                        m.occupied() && m.call == call && m.count == count
+                    },
+                );
                 entries.truncate(kept);
                 *heap = BinaryHeap::from(entries);
             }
         }
     }
 
-    /// Each occupied row's last use, first to be given up first (what a
-    /// checkpoint keeps of the order; LFU's order follows from the rows'
-    /// uses, so its rows come in row order).
-    pub(crate) fn live(&self, map: &KeyMap) -> Vec<Use> {
+    /// The occupied rows, first to be given up first (what a checkpoint
+    /// keeps of the order; LFU's order follows from the rows' meta, so the
+    /// rows come in row order).
+    pub(crate) fn live_rows(&self, meta: &[RowMeta]) -> Vec<u32> {
         match self {
-            Order::Recency(queue) => queue.iter().filter(|u| u.current(map)).copied().collect(),
-            Order::Frequency(heap, aside) => {
-                let mut live: Vec<Use> = heap
-                    .iter()
-                    .map(|Reverse(entry)| entry)
-                    .chain(aside)
-                    .filter(|&&(count, call, key, row, _)| {
-                        map.uses_of(key) == Some((row, Uses { count, call }))
-                    })
-                    .map(|&(_, call, key, row, step)| Use {
-                        call,
-                        step,
-                        key,
-                        row,
-                    })
-                    .collect();
-                live.sort_unstable_by_key(|u| u.row);
-                live
-            }
+            Order::Recency(queue) => queue
+                .iter()
+                .filter(|&&(call, row)| {
+                    let m = meta[row as usize];
+                    m.occupied() && m.call == call
+                })
+                .map(|&(_, row)| row)
+                .collect(),
+            Order::Frequency(..) => (0..meta.len() as u32)
+                .filter(|&r| meta[r as usize].occupied())
+                .collect(),
         }
     }
 
-    /// The order of `eviction` holding the rows of `live` (from
-    /// [`live`](Self::live)), whose keys' uses `map` holds.
-    pub(crate) fn from_live(eviction: Eviction, live: &[Use], map: &KeyMap) -> Self {
+    /// The order of `eviction` holding `rows` (from
+    /// [`live_rows`](Self::live_rows)).
+    pub(crate) fn from_rows(eviction: Eviction, rows: &[u32], meta: &[RowMeta]) -> Self {
         let mut order = Self::new(eviction);
         match &mut order {
-            Order::Recency(queue) => queue.extend(live),
-            Order::Frequency(heap, _) => heap.extend(live.iter().map(|u| {
-                let count = map.uses_of(u.key).map_or(0, |(_, uses)| uses.count);
-                Reverse((count, u.call, u.key, u.row, u.step))
+            Order::Recency(queue) => {
+                queue.extend(rows.iter().map(|&r| (meta[r as usize].call, r)));
+            }
+            Order::Frequency(heap, _) => heap.extend(rows.iter().map(|&r| {
+                let m = meta[r as usize];
+                Reverse((m.count, m.call, m.key, r))
             })),
         }
         order
@@ -278,7 +269,7 @@ impl Order {
     /// Bytes allocated.
     pub(crate) fn bytes(&self) -> usize {
         match self {
-            Order::Recency(queue) => queue.capacity() * size_of::<Use>(),
+            Order::Recency(queue) => queue.capacity() * size_of::<(u64, u32)>(),
             Order::Frequency(heap, aside) => {
                 (heap.capacity() + aside.capacity()) * size_of::<Ranked>()
             }
@@ -291,7 +282,9 @@ impl Order {
     pub(crate) fn max_bytes(eviction: Eviction, rows: usize) -> usize {
         let entries = rows.saturating_mul(2).saturating_add(65);
         match eviction {
-            Eviction::Lru | Eviction::Ttl { .. } => entries.saturating_mul(2 * size_of::<Use>()),
+            Eviction::Lru | Eviction::Ttl { .. } => {
+                entries.saturating_mul(2 * size_of::<(u64, u32)>())
+            }
             Eviction::Lfu => entries
                 .saturating_add(rows)
                 .saturating_mul(2 * size_of::<Ranked>()),
@@ -300,19 +293,19 @@ impl Order {
 }
 
 /// Drops the stale entries of an LRU or TTL queue over `rows` rows without
-/// reading any row's uses: a row's current entry is its last in the queue.
+/// reading any row's meta: a row's current entry is its last in the queue.
 /// (Each use of a row appends an entry, and only the current entry of a row
 /// ever leaves from the front, when the row is given up: by then the row's
 /// earlier entries have left, so a row without a key has none.) One pass
 /// from the back keeps the first entry met of each row, with a bit per row
 /// saying whether it was met: 128 KiB for a million rows, which stay in the
-/// caches, where reading each entry's uses waited on memory.
-fn compact_recency(queue: &mut VecDeque<Use>, rows: usize) {
+/// caches, where reading each entry's meta waited on memory.
+fn compact_recency(queue: &mut VecDeque<(u64, u32)>, rows: usize) {
     let mut met = vec![0u64; rows.div_ceil(64)];
     let items = queue.make_contiguous();
     let mut kept = items.len();
     for i in (0..items.len()).rev() {
-        let row = items[i].row as usize;
+        let row = items[i].1 as usize;
         let (word, bit) = (&mut met[row / 64], 1u64 << (row % 64));
         if *word & bit == 0 {
             *word |= bit;
@@ -323,19 +316,18 @@ fn compact_recency(queue: &mut VecDeque<Use>, rows: usize) {
     queue.drain(..kept);
 }
 
-/// The front entry of `queue` that is still current, dropping stale ones.
+/// The front row of `queue` that is still current, dropping stale entries.
 /// Most entries met at the front are stale (their row was used again
-/// since): each one's uses are prefetched ahead, as in a compaction, so
-/// that the walk does not wait on each.
-fn oldest(queue: &mut VecDeque<Use>, map: &KeyMap) -> Option<Use> {
-    while let Some(&u) = queue.front() {
-        if let Some(ahead) = queue.get(COMPACT_AHEAD) {
-            // Two lines: an entry met here is most often a victim, whose
-            // removal shifts back the rest of its key's run.
-            map.prefetch_run(ahead.key);
+/// since): each one's row is prefetched [`COMPACT_AHEAD`] entries ahead,
+/// as in a compaction, so that the walk does not wait on each.
+fn oldest(queue: &mut VecDeque<(u64, u32)>, meta: &[RowMeta]) -> Option<u32> {
+    while let Some(&(call, row)) = queue.front() {
+        if let Some(&(_, ahead)) = queue.get(COMPACT_AHEAD) {
+            crate::kernels::prefetch(meta.as_ptr().wrapping_add(ahead as usize).cast());
         }
-        if u.current(map) {
-            return Some(u);
+        let m = meta[row as usize];
+        if m.occupied() && m.call == call {
+            return Some(row);
         }
         queue.pop_front();
     }
@@ -347,18 +339,20 @@ mod tests {
     use super::*;
     use crate::init::mix;
 
-    /// What the map says a queue keeps: entries whose row has a key and
+    /// What the meta says a queue keeps: entries whose row has a key and
     /// was last used in the entry's call.
-    fn current(queue: &VecDeque<Use>, map: &KeyMap) -> Vec<Use> {
-        queue.iter().filter(|u| u.current(map)).copied().collect()
+    fn current(queue: &VecDeque<(u64, u32)>, meta: &[RowMeta]) -> Vec<(u64, u32)> {
+        let current = |&&(call, row): &&(u64, u32)| {
+            let m = meta[row as usize];
+            m.occupied() && m.call == call
+        };
+        queue.iter().filter(current).copied().collect()
     }
 
     #[test]
     fn a_rows_last_entry_is_its_current_one() {
         let rows = 48;
-        let mut map = KeyMap::default();
-        map.reserve(rows).unwrap();
-        let mut keys = vec![0u64; rows];
+        let mut meta = vec![RowMeta::default(); rows];
         let mut order = Order::new(Eviction::Lru);
         let mut free: Vec<u32> = (1..rows as u32).collect();
         let mut draw = 0u64;
@@ -366,7 +360,7 @@ mod tests {
             draw += 1;
             (mix(draw) % n as u64) as usize
         };
-        let (mut step, mut compared, mut admitted) = (0, 0, 0u64);
+        let (mut step, mut compared) = (0, 0);
         for call in 1..4_000u64 {
             step += (next(3) == 0) as u64;
             for _ in 0..next(8) {
@@ -374,47 +368,36 @@ mod tests {
                 match next(10) {
                     // Uses of rows with a key, most of the time.
                     0..6 => {
-                        let r = 1 + next(rows - 1) as u32;
-                        let key = keys[r as usize];
-                        if let Some(i) = map.find(key)
-                            && map.row_at(i) == r
-                            && map.record_use(i, call).is_some()
-                        {
-                            let u = Use {
-                                call,
-                                step,
-                                key,
-                                row: r,
-                            };
-                            order.used(u, || map.uses_at(i).count, &map, live, rows);
+                        let r = 1 + next(rows - 1);
+                        let m = &mut meta[r];
+                        if m.occupied() && m.call != call {
+                            (m.call, m.step, m.count) = (call, step, m.count + 1);
+                            order.used(r as u32, *m, &meta, live);
                         }
                     }
                     // An admission into a free row.
                     6..8 => {
                         if let Some(r) = free.pop() {
-                            admitted += 1;
-                            let key = mix(admitted);
-                            keys[r as usize] = key;
-                            map.insert(key, r, Uses { count: 1, call });
-                            let u = Use {
+                            let m = RowMeta {
+                                key: mix(call),
+                                count: 1,
                                 call,
                                 step,
-                                key,
-                                row: r,
                             };
-                            order.used(u, || 1, &map, live + 1, rows);
+                            meta[r as usize] = m;
+                            order.used(r, m, &meta, live + 1);
                         }
                     }
                     // An eviction, or an expiry, freeing the row.
                     8 => {
-                        if let Some((r, key)) = order.victim(Eviction::Lru, &map, step) {
-                            assert_eq!(map.remove(key), Some(r));
+                        if let Some(r) = order.victim(Eviction::Lru, &meta, step) {
+                            meta[r as usize] = RowMeta::default();
                             free.push(r);
                         }
                     }
                     _ => {
-                        if let Some((r, key)) = order.expired(&map, step.saturating_sub(2)) {
-                            assert_eq!(map.remove(key), Some(r));
+                        if let Some(r) = order.expired(&meta, step.saturating_sub(2)) {
+                            meta[r as usize] = RowMeta::default();
                             free.push(r);
                         }
                     }
@@ -423,7 +406,7 @@ mod tests {
             let Order::Recency(queue) = &order else {
                 unreachable!("an LRU order")
             };
-            let want = current(queue, &map);
+            let want = current(queue, &meta);
             // Every row with a key has its current entry (the compactions
             // inside `used` dropped none).
             assert_eq!(want.len(), rows - 1 - free.len(), "call {call}");

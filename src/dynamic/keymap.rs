@@ -1,18 +1,9 @@
-//! `KeyMap`: the key → row directory of a dynamic table, which also holds
-//! each key's uses.
+//! `KeyMap`: the key → row directory of a dynamic table.
 //!
-//! Open addressing with linear probing over slots of 32 bytes (the key,
-//! its row, and how often and when it was last used), two to a cache
-//! line, at most half full. Row 0 is the table's default row and never a
-//! key's, so a slot whose row is 0 is empty: no separate control bytes,
-//! and the slot a key hashes to is its first probe.
-//!
-//! Why the uses live in the slot: a translation finds each key's slot and
-//! then records its use. With the uses kept per row, in an array of their
-//! own, each key cost two random reads of structures far larger than the
-//! caches; here the probe's read is the only one. What asks for a row's
-//! uses (the eviction order's checks, a checkpoint) knows the row's key
-//! and probes for it.
+//! Open addressing with linear probing over slots of 16 bytes (the key and
+//! its row), four to a cache line, at most half full. Row 0 is the table's
+//! default row and never a key's, so a slot whose row is 0 is empty: no
+//! separate control bytes, and the slot a key hashes to is its first probe.
 //!
 //! Why not `hashbrown`, which the rest of the crate uses for batch-sized
 //! maps: a translation of a batch probes the directory once per id, in
@@ -29,20 +20,13 @@
 use crate::init::mix;
 use crate::{Error, Result};
 
-/// A key, its row and its uses; row 0 marks an empty slot.
+/// A key and its row; row 0 marks an empty slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C, align(32))]
+#[repr(C, align(16))]
 struct Slot {
     key: u64,
-    /// Positions that named the key since it got the row.
-    count: u64,
-    /// The call that last used it.
-    call: u64,
     row: u32,
 }
-
-/// Slots in a 64-byte cache line.
-const SLOTS_PER_LINE: usize = 64 / size_of::<Slot>();
 
 /// Fewest slots of a non-empty map.
 const MIN_SLOTS: usize = 16;
@@ -51,15 +35,7 @@ const MIN_SLOTS: usize = 16;
 /// integers do not map to neighbouring slots.
 const SALT: u64 = 0x5851_F42D_4C95_7F2D;
 
-/// A key's uses: how many positions named it since it got its row, and the
-/// call that last used it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Uses {
-    pub(crate) count: u64,
-    pub(crate) call: u64,
-}
-
-/// Keys to their rows and uses (see the module docs).
+/// Keys to their rows (see the module docs).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct KeyMap {
     slots: Vec<Slot>,
@@ -115,21 +91,6 @@ impl KeyMap {
     /// The row of `key`, whose home slot is `home` ([`home_of`](Self::home_of)).
     #[inline(always)]
     pub(crate) fn get_from(&self, key: u64, home: usize) -> Option<u32> {
-        self.find_from(key, home).map(|i| {
-            // SAFETY: `find_from` gives a slot index.
-            unsafe { self.slots.get_unchecked(i) }.row
-        })
-    }
-
-    /// The slot of `key`, if it has one.
-    #[inline(always)]
-    pub(crate) fn find(&self, key: u64) -> Option<usize> {
-        self.find_from(key, self.home_of(key))
-    }
-
-    /// The slot of `key`, whose home slot is `home`, if it has one.
-    #[inline(always)]
-    pub(crate) fn find_from(&self, key: u64, home: usize) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
@@ -142,40 +103,9 @@ impl KeyMap {
                 return None;
             }
             if slot.key == key {
-                return Some(i);
+                return Some(slot.row);
             }
             i = (i + 1) & mask;
-        }
-    }
-
-    /// The row of slot `i` (from [`find_from`](Self::find_from)).
-    #[inline(always)]
-    pub(crate) fn row_at(&self, i: usize) -> u32 {
-        self.slots[i].row
-    }
-
-    /// The row and uses of `key`, if it has a row.
-    pub(crate) fn uses_of(&self, key: u64) -> Option<(u32, Uses)> {
-        self.find(key).map(|i| (self.row_at(i), self.uses_at(i)))
-    }
-
-    /// Records a use of the key in slot `i` by call `call`: one more
-    /// position named it. Returns whether it is the call's first use of the
-    /// key, and the call that used it last before.
-    #[inline(always)]
-    pub(crate) fn record_use(&mut self, i: usize, call: u64) -> Option<u64> {
-        let slot = &mut self.slots[i];
-        slot.count += 1;
-        (slot.call != call).then(|| std::mem::replace(&mut slot.call, call))
-    }
-
-    /// The uses of the key in slot `i`.
-    #[inline(always)]
-    pub(crate) fn uses_at(&self, i: usize) -> Uses {
-        let slot = &self.slots[i];
-        Uses {
-            count: slot.count,
-            call: slot.call,
         }
     }
 
@@ -185,32 +115,12 @@ impl KeyMap {
         self.prefetch_home(self.home_of(key));
     }
 
-    /// Starts loading the two lines from `key`'s home slot on: where an
-    /// insert or a removal, which go on to the end of the key's run, look.
-    #[inline(always)]
-    pub(crate) fn prefetch_run(&self, key: u64) {
-        if !self.slots.is_empty() {
-            let home = self.home_of(key);
-            let slot = self.slots.as_ptr().wrapping_add(home);
-            crate::kernels::prefetch(slot.cast());
-            let next = (home | (SLOTS_PER_LINE - 1)) + 1;
-            if next < self.slots.len() {
-                crate::kernels::prefetch(self.slots.as_ptr().wrapping_add(next).cast());
-            }
-        }
-    }
-
-    /// Starts loading slot `home` ([`home_of`](Self::home_of)), and the
-    /// next line too when `home` ends its line: a probe goes on to the next
-    /// slot about as often as not at the map's load.
+    /// Starts loading slot `home` ([`home_of`](Self::home_of)).
     #[inline(always)]
     pub(crate) fn prefetch_home(&self, home: usize) {
         if !self.slots.is_empty() {
             let slot = self.slots.as_ptr().wrapping_add(home);
             crate::kernels::prefetch(slot.cast());
-            if home % SLOTS_PER_LINE == SLOTS_PER_LINE - 1 && home + 1 < self.slots.len() {
-                crate::kernels::prefetch(slot.wrapping_add(1).cast());
-            }
         }
     }
 
@@ -226,8 +136,8 @@ impl KeyMap {
     }
 
     /// The row of `key`, or `row` (`row > 0`) once inserted for it if it
-    /// had none, with no uses; room was made with
-    /// [`clear_for`](Self::clear_for) or [`reserve`](Self::reserve).
+    /// had none; room was made with [`clear_for`](Self::clear_for) or
+    /// [`reserve`](Self::reserve).
     ///
     /// # Panics
     /// If `key` is new and there is no room (a bug: the caller sizes the
@@ -245,11 +155,7 @@ impl KeyMap {
                     Self::slots_for(self.len + 1) <= mask + 1,
                     "key map insert without room"
                 );
-                *slot = Slot {
-                    key,
-                    row,
-                    ..Slot::default()
-                };
+                *slot = Slot { key, row };
                 self.len += 1;
                 return row;
             }
@@ -285,35 +191,18 @@ impl KeyMap {
         Ok(())
     }
 
-    /// Takes back the counting of a use by [`record_use`](Self::record_use)
-    /// of the key in slot `i`.
-    pub(crate) fn uncount(&mut self, i: usize) {
-        self.slots[i].count -= 1;
-    }
-
-    /// Gives the key in slot `i` back `call` as the call that used it
-    /// last, undoing [`record_use`](Self::record_use).
-    pub(crate) fn restore_call(&mut self, i: usize, call: u64) {
-        self.slots[i].call = call;
-    }
-
-    /// Adds `key` → `row` (`row > 0`) with its `uses`; the key must not be
-    /// present, and room was made with [`reserve`](Self::reserve).
+    /// Adds `key` → `row` (`row > 0`), which must not be present; room was
+    /// made with [`reserve`](Self::reserve).
     ///
     /// # Panics
     /// If there is no room (a bug: the caller reserves first).
-    pub(crate) fn insert(&mut self, key: u64, row: u32, uses: Uses) {
+    pub(crate) fn insert(&mut self, key: u64, row: u32) {
         debug_assert!(row != 0 && self.get(key).is_none());
         assert!(
             Self::slots_for(self.len + 1) <= self.slots.len(),
             "key map insert without room"
         );
-        self.place(Slot {
-            key,
-            count: uses.count,
-            call: uses.call,
-            row,
-        });
+        self.place(Slot { key, row });
         self.len += 1;
     }
 
@@ -388,25 +277,13 @@ mod tests {
                 assert_eq!(map.remove(key), model.remove(&key), "step {step}");
             } else if let std::collections::btree_map::Entry::Vacant(e) = model.entry(key) {
                 map.reserve(1).unwrap();
-                let uses = Uses {
-                    count: u64::from(step),
-                    call: key,
-                };
-                map.insert(key, step + 1, uses);
+                map.insert(key, step + 1);
                 e.insert(step + 1);
             }
             assert_eq!(map.len(), model.len());
             if step % 997 == 0 {
                 for k in 0..512 {
                     assert_eq!(map.get(k), model.get(&k).copied(), "key {k}");
-                }
-                // The uses moved with their key.
-                for (&k, &row) in &model {
-                    let want = Uses {
-                        count: u64::from(row - 1),
-                        call: k,
-                    };
-                    assert_eq!(map.uses_of(k), Some((row, want)), "key {k}");
                 }
             }
         }
@@ -441,7 +318,7 @@ mod tests {
             .take(4)
             .collect();
         for (i, &k) in last.iter().enumerate() {
-            map.insert(k, i as u32 + 1, Uses::default());
+            map.insert(k, i as u32 + 1);
         }
         assert_eq!(map.remove(last[0]), Some(1));
         for (i, &k) in last.iter().enumerate().skip(1) {

@@ -301,7 +301,7 @@ impl<O: SparseOptimizer> DynamicEmbedding<O> {
                 .rows
                 .iter()
                 .map(|&r| r as usize)
-                .filter(|&r| r != DEFAULT_ROW as usize && self.table.holds_row(r))
+                .filter(|&r| r != DEFAULT_ROW as usize && self.table.meta[r].occupied())
                 .collect();
             self.optimizer.catch_up(&mut self.table.weights, &rows)?;
         }

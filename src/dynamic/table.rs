@@ -5,9 +5,9 @@ use rayon::prelude::*;
 
 use super::admission::{Admission, Pending};
 use super::changes::ChangeLog;
-use super::eviction::{Eviction, Order, RowMeta, Use};
+use super::eviction::{Eviction, Order, RowMeta};
 use super::fill::Filler;
-use super::keymap::{KeyMap, Uses};
+use super::keymap::KeyMap;
 use super::{Capacity, DynamicConfig, Memory, Stats};
 use crate::aligned::{SendPtr, checked_stride};
 use crate::index::Index;
@@ -31,6 +31,9 @@ const FIRST_ROWS: usize = 16;
 /// Ids this far ahead have their key's slot prefetched: far enough for a
 /// DRAM fetch to land while the ids in between are probed.
 const PROBE_AHEAD: usize = 32;
+
+/// Positions this far ahead have their row's bookkeeping prefetched.
+const META_AHEAD: usize = 32;
 
 /// Evicted and admitted keys this far ahead have their map slot prefetched.
 const ADMIT_AHEAD: usize = 8;
@@ -57,7 +60,6 @@ pub struct DynamicTable {
     pub(crate) weights: EmbeddingTable,
     /// The default row's values, to restore row 0 after a flush moved it.
     pub(crate) default: Vec<f32>,
-    /// The keys' rows and uses.
     pub(crate) map: KeyMap,
     /// One per row of `weights`.
     pub(crate) meta: Vec<RowMeta>,
@@ -69,9 +71,6 @@ pub struct DynamicTable {
     pub(crate) step: u64,
     /// Translating calls so far.
     pub(crate) call: u64,
-    /// Translating calls made before the step under way began: a key last
-    /// used in a later call was used during this step.
-    pub(crate) step_began: u64,
     /// The most keys the capacity allows.
     pub(crate) limit: usize,
     /// Optimizer bytes per row counted against a byte capacity.
@@ -90,15 +89,6 @@ struct NewKey {
     row: u32,
 }
 
-/// A key the batch being translated names and the table has a row for,
-/// with the call that used it last before this one.
-#[derive(Clone, Copy, Debug)]
-struct Touched {
-    key: u64,
-    before: u64,
-    row: u32,
-}
-
 /// Working memory of a translation, kept between calls.
 #[derive(Clone, Debug, Default)]
 struct Scratch {
@@ -109,11 +99,9 @@ struct Scratch {
     /// `(position, new key)` of every position naming a new key.
     positions: Vec<(usize, usize)>,
     /// Rows that already had a key and were used, in first-use order.
-    touched: Vec<Touched>,
+    touched: Vec<u32>,
     /// Rows given to new keys.
     fresh: Vec<usize>,
-    /// The key given each row of `fresh`, and the positions naming it.
-    admitted: Vec<(u64, u32)>,
     /// `(row, key)` of the rows taken from keys for new ones.
     evicted: Vec<(usize, u64)>,
     /// The rows of a fused step's batch.
@@ -128,9 +116,8 @@ impl Scratch {
         self.news.capacity() * size_of::<NewKey>()
             + self.index.bytes()
             + self.positions.capacity() * size_of::<(usize, usize)>()
-            + self.touched.capacity() * size_of::<Touched>()
+            + self.touched.capacity() * size_of::<u32>()
             + self.fresh.capacity() * size_of::<usize>()
-            + self.admitted.capacity() * size_of::<(u64, u32)>()
             + self.evicted.capacity() * size_of::<(usize, u64)>()
             + self.rows.capacity() * size_of::<u32>()
             + self.labels.capacity() * size_of::<u32>()
@@ -176,7 +163,6 @@ impl DynamicTable {
             pending: Pending::default(),
             step: 0,
             call: 0,
-            step_began: 0,
             limit,
             state_bytes: 0,
             stats: Stats::default(),
@@ -269,13 +255,8 @@ impl DynamicTable {
         self.meta
             .iter()
             .enumerate()
-            .filter(|&(r, _)| self.holds_row(r))
+            .filter(|(_, m)| m.occupied())
             .map(|(r, m)| (m.key, r))
-    }
-
-    /// Whether a key holds row `r`.
-    pub(crate) fn holds_row(&self, r: usize) -> bool {
-        holds_row(&self.meta, &self.map, r)
     }
 
     /// What unknown keys read (zeros unless set).
@@ -510,14 +491,9 @@ impl DynamicTable {
         }
         rows.clear();
         rows.resize(ids.len(), DEFAULT_ROW);
+        time("translate: probe", || self.probe(ids, rows));
         let call = self.call + 1;
         let now = self.step;
-        // The uses are recorded as the keys are probed, in batch order,
-        // each key's slot read once; they are taken back if the storage
-        // cannot grow.
-        time("translate: probe and uses", || {
-            self.probe_and_record(ids, rows, call)
-        });
         // Which new keys would be admitted: decided from the stream alone.
         time("translate: new keys", || self.collect_new_keys(ids, rows));
         let admission = self.config.admission;
@@ -527,11 +503,8 @@ impl DynamicTable {
             new.admit = admission.admits(new.key, seen, new.occurrences, call);
             wanted += new.admit as usize;
         }
-        if wanted > 0
-            && let Err(e) = time("translate: make room", || self.make_room(wanted, optimizer))
-        {
-            self.undo_uses(ids, rows);
-            return Err(e);
+        if wanted > 0 {
+            time("translate: make room", || self.make_room(wanted, optimizer))?;
         }
         // The grouping's labels: a known key's row, a new key's number
         // from `base` on. Rows given to new keys are never rows the batch
@@ -559,7 +532,7 @@ impl DynamicTable {
             };
             // Nothing can fail from here on: record uses, admit, evict.
             let mut translate = || {
-                time("translate: uses", || self.touch(call, now));
+                time("translate: uses", || self.touch(rows, call, now));
                 time("translate: admit", || self.admit(admission, call, now));
             };
             match &mut grouped {
@@ -584,15 +557,9 @@ impl DynamicTable {
             rows[j] = scratch.news[k].row;
         }
         // Known keys count as used first (`touch`), then the admitted ones.
-        let (live, all) = (map.len(), meta.len());
-        for (&r, &(key, count)) in scratch.fresh.iter().zip(&scratch.admitted) {
-            let u = Use {
-                call,
-                step: now,
-                key,
-                row: r as u32,
-            };
-            order.used(u, || u64::from(count), map, live, all);
+        let live = map.len();
+        for &r in &scratch.fresh {
+            order.used(r as u32, meta[r], meta, live);
         }
         order.settle();
         self.call = call;
@@ -620,42 +587,28 @@ impl DynamicTable {
     /// already are left as they are (a backward pass after its forward pass
     /// changes nothing).
     pub(crate) fn rows_for_gradient<I: Index>(&mut self, ids: &[I]) -> Vec<u32> {
-        let mut slots = vec![None; ids.len()];
-        probe_ahead(&self.map, ids, |map, j, key, home| {
-            slots[j] = map.find_from(key, home);
-        });
-        let map = &mut self.map;
-        let rows: Vec<u32> = slots
-            .iter()
-            .map(|i| i.map_or(DEFAULT_ROW, |i| map.row_at(i)))
-            .collect();
-        let (now, began) = (self.step, self.step_began);
-        if slots.iter().flatten().all(|&i| map.uses_at(i).call > began) {
+        let mut rows = self.rows_of(ids);
+        let now = self.step;
+        let in_use = |r: &u32| *r == DEFAULT_ROW || self.meta[*r as usize].step == now;
+        if rows.iter().all(in_use) {
             return rows;
         }
         let call = self.call + 1;
         let mut used = Vec::new();
-        for (&i, &id) in slots.iter().zip(ids) {
-            let Some(i) = i else {
-                continue;
-            };
-            let last = map.uses_at(i).call;
-            if last > began && last != call {
+        for r in &mut rows {
+            let m = &mut self.meta[*r as usize];
+            if *r == DEFAULT_ROW || (m.step == now && m.call != call) {
                 continue;
             }
-            if map.record_use(i, call).is_some() {
-                used.push((i, key_of(id)));
+            if m.call != call {
+                (m.call, m.step) = (call, now);
+                used.push(*r);
             }
+            m.count += 1;
         }
-        let (live, all) = (map.len(), self.meta.len());
-        for (i, key) in used {
-            let u = Use {
-                call,
-                step: now,
-                key,
-                row: map.row_at(i),
-            };
-            self.order.used(u, || map.uses_at(i).count, map, live, all);
+        let live = self.map.len();
+        for r in used {
+            self.order.used(r, self.meta[r as usize], &self.meta, live);
         }
         self.call = call;
         rows
@@ -670,39 +623,6 @@ impl DynamicTable {
             rows.par_chunks_mut(TASK_IDS)
                 .zip(ids.par_chunks(TASK_IDS))
                 .for_each(|(rows, ids)| probe_run(map, ids, rows));
-        }
-    }
-
-    /// [`probe`](Self::probe) on the calling thread, recording each use as
-    /// its key is found (the first half of [`touch`](Self::touch)), so that
-    /// each key's slot is read once.
-    fn probe_and_record<I: Index>(&mut self, ids: &[I], rows: &mut [u32], call: u64) {
-        let touched = &mut self.scratch.touched;
-        touched.clear();
-        probe_ahead(&mut self.map, ids, |map, j, key, home| {
-            if let Some(i) = map.find_from(key, home) {
-                let row = map.row_at(i);
-                rows[j] = row;
-                if let Some(before) = map.record_use(i, call) {
-                    touched.push(Touched { key, before, row });
-                }
-            }
-        });
-    }
-
-    /// Takes back the uses [`probe_and_record`](Self::probe_and_record)
-    /// recorded for `ids` (whose rows were `rows`), when the translation
-    /// fails after it. The keys are probed again: the map may have moved to
-    /// a larger one since.
-    fn undo_uses<I: Index>(&mut self, ids: &[I], rows: &[u32]) {
-        let map = &mut self.map;
-        for (&id, &r) in ids.iter().zip(rows) {
-            if r != DEFAULT_ROW {
-                map.uncount(map.find(key_of(id)).expect("a key with a row"));
-            }
-        }
-        for t in &self.scratch.touched {
-            map.restore_call(map.find(t.key).expect("a key with a row"), t.before);
         }
     }
 
@@ -792,45 +712,57 @@ impl DynamicTable {
         self.free.extend((first as u32..rows).rev());
     }
 
-    /// Enters the uses of the keys the batch names that had a row (recorded
-    /// in their slots by [`probe_and_record`](Self::probe_and_record)) in
-    /// the eviction order, in first-use order (LFU: with their counts for
-    /// the whole call).
-    fn touch(&mut self, call: u64, now: u64) {
-        let map = &self.map;
-        let (live, all) = (map.len(), self.meta.len());
-        for t in &self.scratch.touched {
-            let u = Use {
-                call,
-                step: now,
-                key: t.key,
-                row: t.row,
-            };
-            let count = || map.uses_of(t.key).map_or(0, |(_, uses)| uses.count);
-            self.order.used(u, count, map, live, all);
+    /// Records the use of every row the batch names (`rows[j] != 0`), in
+    /// batch order, each row in the eviction order once (LFU: in
+    /// `scratch.touched`, entered once the call's counts are known).
+    fn touch(&mut self, rows: &[u32], call: u64, now: u64) {
+        let meta = &mut self.meta[..];
+        let touched = &mut self.scratch.touched;
+        touched.clear();
+        let by_frequency = self.order.by_frequency();
+        let live = self.map.len();
+        for (j, &r) in rows.iter().enumerate() {
+            if let Some(&ahead) = rows.get(j + META_AHEAD) {
+                kernels::prefetch(meta.as_ptr().wrapping_add(ahead as usize).cast());
+            }
+            if r == DEFAULT_ROW {
+                continue;
+            }
+            let m = &mut meta[r as usize];
+            m.count += 1;
+            if m.call != call {
+                m.call = call;
+                m.step = now;
+                if by_frequency {
+                    touched.push(r);
+                } else {
+                    let m = *m;
+                    self.order.used(r, m, meta, live);
+                }
+            }
+        }
+        for &r in touched.iter() {
+            self.order.used(r, meta[r as usize], meta, live);
         }
     }
 
     /// Gives rows to the new keys that are admitted, in first-position
     /// order, evicting when the table is full; counts the others'
-    /// sightings. An evicted key leaves the key map as it is chosen (the
-    /// eviction order has just read its slot); the admitted keys go in
-    /// once every row is chosen, each probe prefetched a few keys ahead:
-    /// the same keys end with the same rows as when each key is removed and
-    /// inserted in turn, without each admission waiting on a probe of a map
-    /// far larger than the caches.
+    /// sightings. The rows are chosen first, then the key map changes in
+    /// two runs, the evicted keys out and the admitted ones in, each probe
+    /// prefetched a few keys ahead: the same keys end with the same rows as
+    /// when each key is removed and inserted in turn, without each
+    /// admission waiting on two probes of a map far larger than the caches.
     fn admit(&mut self, admission: Admission, call: u64, now: u64) {
         let counting = matches!(admission, Admission::AfterSightings(_));
         let pending_limit = self.limit;
         let Scratch {
             news,
             fresh,
-            admitted,
             evicted,
             ..
         } = &mut self.scratch;
         fresh.clear();
-        admitted.clear();
         evicted.clear();
         let mut keys = self.map.len();
         for new in news.iter_mut() {
@@ -848,10 +780,8 @@ impl DynamicTable {
             };
             keys += free.is_some() as usize;
             let row = free.or_else(|| {
-                let (victim, key) = self.order.victim(self.config.eviction, &self.map, now)?;
-                // Its slot is in the caches: the order just read it.
-                self.map.remove(key);
-                evicted.push((victim as usize, key));
+                let victim = self.order.victim(self.config.eviction, &self.meta, now)?;
+                evicted.push((victim as usize, self.meta[victim as usize].key));
                 self.stats.evicted += 1;
                 Some(victim)
             });
@@ -866,27 +796,27 @@ impl DynamicTable {
             if counting {
                 self.pending.remove(new.key);
             }
+            self.meta[row as usize] = RowMeta {
+                key: new.key,
+                count: u64::from(new.occurrences),
+                call,
+                step: now,
+            };
             new.row = row;
             fresh.push(row as usize);
-            admitted.push((new.key, new.occurrences));
             self.stats.admitted += 1;
         }
-        // Each admitted key's slot and its row's key are prefetched (the
-        // rows' keys are written here rather than as the rows are chosen,
-        // where each write would wait on memory).
-        for (i, (&row, &(key, count))) in fresh.iter().zip(admitted.iter()).enumerate() {
-            if let (Some(&row), Some(&(key, _))) =
-                (fresh.get(i + ADMIT_AHEAD), admitted.get(i + ADMIT_AHEAD))
-            {
-                self.map.prefetch_run(key);
-                kernels::prefetch(self.meta.as_ptr().wrapping_add(row).cast());
+        for (i, &(_, key)) in evicted.iter().enumerate() {
+            if let Some(&(_, ahead)) = evicted.get(i + ADMIT_AHEAD) {
+                self.map.prefetch(ahead);
             }
-            self.meta[row] = RowMeta { key };
-            let uses = Uses {
-                count: u64::from(count),
-                call,
-            };
-            self.map.insert(key, row as u32, uses);
+            self.map.remove(key);
+        }
+        for (i, &row) in fresh.iter().enumerate() {
+            if let Some(&ahead) = fresh.get(i + ADMIT_AHEAD) {
+                self.map.prefetch(self.meta[ahead].key);
+            }
+            self.map.insert(self.meta[row].key, row as u32);
         }
     }
 
@@ -1065,7 +995,6 @@ impl DynamicTable {
     /// The optimizer's `catch_up` errors, before anything changes.
     pub fn advance(&mut self, optimizer: &mut dyn SparseOptimizer) -> Result<()> {
         self.step += 1;
-        self.step_began = self.call;
         let Eviction::Ttl { steps } = self.config.eviction else {
             return Ok(());
         };
@@ -1073,7 +1002,7 @@ impl DynamicTable {
             return Ok(());
         };
         let mut expired = Vec::new();
-        while let Some((r, _)) = self.order.expired(&self.map, before) {
+        while let Some(r) = self.order.expired(&self.meta, before) {
             expired.push(r as usize);
         }
         if let Some(changes) = &mut self.changes
@@ -1125,46 +1054,24 @@ const TASK_FLOATS: usize = 1 << 16;
 /// Ids per probing task (and the most a lookup task takes).
 const TASK_IDS: usize = 4096;
 
-/// Calls `visit(map, j, key, home)` for each id `j` in turn, with its key
-/// and the slot where its probe starts, each key's slot prefetched
+/// Probes `ids` one after the other, each key's slot prefetched
 /// [`PROBE_AHEAD`] ids ahead. Each key is hashed once: its home slot waits
-/// in a ring from its prefetch to its visit.
-#[inline(always)]
-fn probe_ahead<I: Index, M: std::ops::Deref<Target = KeyMap>>(
-    mut map: M,
-    ids: &[I],
-    mut visit: impl FnMut(&mut M, usize, u64, usize),
-) {
+/// in a ring from its prefetch to its probe.
+fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
     let mut homes = [0usize; PROBE_AHEAD];
     for (home, &id) in homes.iter_mut().zip(ids) {
         *home = map.home_of(key_of(id));
         map.prefetch_home(*home);
     }
-    for (j, &id) in ids.iter().enumerate() {
+    for (j, (row, &id)) in rows.iter_mut().zip(ids).enumerate() {
         let home = &mut homes[j % PROBE_AHEAD];
         let here = *home;
         if let Some(&ahead) = ids.get(j + PROBE_AHEAD) {
             *home = map.home_of(key_of(ahead));
             map.prefetch_home(*home);
         }
-        visit(&mut map, j, key_of(id), here);
+        *row = map.get_from(key_of(id), here).unwrap_or(DEFAULT_ROW);
     }
-}
-
-/// The row of each of `ids`, or [`DEFAULT_ROW`], probed in turn
-/// ([`probe_ahead`]).
-fn probe_run<I: Index>(map: &KeyMap, ids: &[I], rows: &mut [u32]) {
-    probe_ahead(map, ids, |map, j, key, home| {
-        rows[j] = map.get_from(key, home).unwrap_or(DEFAULT_ROW);
-    });
-}
-
-/// Whether a key holds row `r`: the key the row names (`meta`) has it in
-/// `map`. (A free row names key 0, which is not in the map or holds
-/// another row.)
-pub(crate) fn holds_row(meta: &[RowMeta], map: &KeyMap, r: usize) -> bool {
-    meta.get(r)
-        .is_some_and(|m| map.get(m.key) == Some(r as u32))
 }
 
 /// The positions whose row is not the default row: their rows, and their
