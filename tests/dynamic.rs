@@ -969,3 +969,131 @@ fn non_finite_gradients_are_refused_and_nothing_trains() {
     );
     assert_eq!(sgd.state(), sgd_translated.state());
 }
+
+/// An optimizer that trains as SGD until told to refuse to grow its state
+/// (as a failed allocation would), to reach a translation's error path.
+#[derive(Clone, Debug, Default)]
+struct Refusing {
+    sgd: Sgd,
+    refuse: bool,
+}
+
+impl SparseOptimizer for Refusing {
+    fn step(&mut self, table: &mut EmbeddingTable, grad: &SparseGrad) -> embtable::Result<()> {
+        self.sgd.step(table, grad)
+    }
+
+    fn flush(&mut self, table: &mut EmbeddingTable) -> embtable::Result<()> {
+        self.sgd.flush(table)
+    }
+
+    fn state(&self) -> embtable::optim::OptimizerState {
+        self.sgd.state()
+    }
+
+    fn load_state(&mut self, state: embtable::optim::OptimizerState) -> embtable::Result<()> {
+        self.sgd.load_state(state)
+    }
+
+    fn lr(&self) -> f32 {
+        self.sgd.lr()
+    }
+
+    fn set_lr(&mut self, lr: f32) -> embtable::Result<()> {
+        self.sgd.set_lr(lr)
+    }
+
+    fn set_schedule(&mut self, schedule: Option<std::sync::Arc<dyn embtable::optim::LrSchedule>>) {
+        self.sgd.set_schedule(schedule)
+    }
+
+    fn steps(&self) -> u64 {
+        self.sgd.steps()
+    }
+
+    fn reset_rows(&mut self, table: &EmbeddingTable, rows: &[usize]) -> embtable::Result<()> {
+        if self.refuse {
+            return Err(Error::Alloc {
+                what: "test optimizer state",
+                bytes: table.rows(),
+            });
+        }
+        self.sgd.reset_rows(table, rows)
+    }
+}
+
+/// A translation that admits keys fails when the optimizer state cannot
+/// grow, after the batch was probed and its new keys counted: the table is
+/// as it was, byte for byte in its checkpoint (uses, recency, counts), and
+/// goes on as a table that never tried, on every thread count, for a small
+/// batch and for one probed in parallel tasks.
+#[test]
+fn a_translation_that_cannot_grow_changes_nothing() {
+    let dir = common::Scratch::new("dynamic-refused-growth");
+    let evictions = [Eviction::Lru, Eviction::Lfu, Eviction::Ttl { steps: 2 }];
+    let runs = each_config(|| {
+        let mut checked = 0;
+        for (e, eviction) in evictions.into_iter().enumerate() {
+            // Small batches, and one above the size probed in parallel.
+            for (b, len) in [9usize, 5_000].into_iter().enumerate() {
+                let config = DynamicConfig {
+                    capacity: Capacity::Rows(3_000),
+                    eviction,
+                    ..Default::default()
+                };
+                let mut table = DynamicTable::new(4, config).unwrap();
+                let mut opt = Refusing::default();
+                let known: Vec<u64> = (0..2_000).map(|k| mix(k) % 2_500).collect();
+                table.translate(&known, &mut opt).unwrap();
+                table.advance(&mut opt).unwrap();
+                table.translate(&known[..30], &mut opt).unwrap();
+                let name = format!("{}-{e}-{b}", rayon::current_num_threads());
+                let before = dir.path(&format!("{name}-before"));
+                table.save(&before).unwrap();
+                // Known keys (repeated) and new ones, in one batch.
+                let batch: Vec<u64> = (0..len as u64)
+                    .map(|i| {
+                        if i % 3 == 0 {
+                            10_000 + i
+                        } else {
+                            known[i as usize % 40]
+                        }
+                    })
+                    .collect();
+                opt.refuse = true;
+                let err = table.translate(&batch, &mut opt).unwrap_err();
+                assert!(matches!(err, Error::Alloc { .. }), "{err}");
+                let after = dir.path(&format!("{name}-after"));
+                table.save(&after).unwrap();
+                assert!(
+                    std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap(),
+                    "{name}: the failed translation changed the table"
+                );
+                opt.refuse = false;
+                let mut twin = DynamicTable::load(&before).unwrap();
+                for round in 0..3u64 {
+                    let more: Vec<u64> = batch.iter().map(|&k| k + round * 7).collect();
+                    let rows = table.translate(&more, &mut opt).unwrap();
+                    assert_eq!(rows, twin.translate(&more, &mut Frozen).unwrap(), "{name}");
+                    table.advance(&mut opt).unwrap();
+                    twin.advance(&mut Frozen).unwrap();
+                }
+                let (mine, theirs) = (
+                    dir.path(&format!("{name}-mine")),
+                    dir.path(&format!("{name}-twin")),
+                );
+                table.save(&mine).unwrap();
+                twin.save(&theirs).unwrap();
+                assert!(
+                    std::fs::read(&mine).unwrap() == std::fs::read(&theirs).unwrap(),
+                    "{name}: the table that failed went on unlike its twin"
+                );
+                checked += 1;
+            }
+        }
+        checked
+    });
+    for (tier, threads, checked) in runs {
+        assert_eq!(checked, 6, "{tier} {threads}");
+    }
+}
