@@ -971,11 +971,13 @@ fn non_finite_gradients_are_refused_and_nothing_trains() {
 }
 
 /// An optimizer that trains as SGD until told to refuse to grow its state
-/// (as a failed allocation would), to reach a translation's error path.
+/// (as a failed allocation would), to reach a translation's error path, or
+/// to bring rows current (as an optimizer whose rows lag may fail to).
 #[derive(Clone, Debug, Default)]
 struct Refusing {
     sgd: Sgd,
     refuse: bool,
+    refuse_catch_up: bool,
 }
 
 impl SparseOptimizer for Refusing {
@@ -1009,6 +1011,20 @@ impl SparseOptimizer for Refusing {
 
     fn steps(&self) -> u64 {
         self.sgd.steps()
+    }
+
+    fn has_lagging_rows(&self) -> bool {
+        self.refuse_catch_up
+    }
+
+    fn catch_up(&mut self, _: &mut EmbeddingTable, rows: &[usize]) -> embtable::Result<()> {
+        if self.refuse_catch_up && !rows.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "test optimizer",
+                reason: format!("refuses to bring {} rows current", rows.len()),
+            });
+        }
+        Ok(())
     }
 
     fn reset_rows(&mut self, table: &EmbeddingTable, rows: &[usize]) -> embtable::Result<()> {
@@ -1096,4 +1112,68 @@ fn a_translation_that_cannot_grow_changes_nothing() {
     for (tier, threads, checked) in runs {
         assert_eq!(checked, 6, "{tier} {threads}");
     }
+}
+
+/// Ending a step whose TTL expires keys fails if their rows cannot be
+/// brought current for the change log: the step does not end and no key
+/// expires (the table saves the same bytes, the log exports the same
+/// changes), and the next `advance` expires them as a table that never
+/// failed does.
+#[test]
+fn an_expiry_that_cannot_catch_up_changes_nothing() {
+    let dir = common::Scratch::new("dynamic-refused-expiry");
+    let build = || {
+        let config = DynamicConfig {
+            eviction: Eviction::Ttl { steps: 2 },
+            track_changes: true,
+            ..Default::default()
+        };
+        let mut table = DynamicTable::new(4, config).unwrap();
+        let mut opt = Refusing::default();
+        let old: Vec<u64> = (0..300).map(mix).collect();
+        table.translate(&old, &mut opt).unwrap();
+        table.advance(&mut opt).unwrap();
+        table.translate(&old[..100], &mut opt).unwrap();
+        table.advance(&mut opt).unwrap();
+        table
+    };
+    let (mut table, mut twin) = (build(), build());
+    let mut opt = Refusing {
+        refuse_catch_up: true,
+        ..Default::default()
+    };
+    let (before, after) = (dir.path("before"), dir.path("after"));
+    table.save(&before).unwrap();
+    let err = table.advance(&mut opt).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "test optimizer",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    table.save(&after).unwrap();
+    assert!(
+        std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap(),
+        "the failed advance changed the table"
+    );
+    assert_eq!((table.steps(), table.len()), (twin.steps(), 300));
+    opt.refuse_catch_up = false;
+    table.advance(&mut opt).unwrap();
+    twin.advance(&mut opt).unwrap();
+    assert_eq!((table.len(), table.stats().expired), (100, 200));
+    assert_eq!(
+        table.export_changes().unwrap(),
+        twin.export_changes().unwrap()
+    );
+    let (mine, theirs) = (dir.path("mine"), dir.path("twin"));
+    table.save(&mine).unwrap();
+    twin.save(&theirs).unwrap();
+    assert!(
+        std::fs::read(&mine).unwrap() == std::fs::read(&theirs).unwrap(),
+        "the table that failed went on unlike its twin"
+    );
 }

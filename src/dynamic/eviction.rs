@@ -180,6 +180,16 @@ impl Order {
         })
     }
 
+    /// Puts `rows`, which [`expired`](Self::expired) gave in this order,
+    /// back at the front of the order, as they were.
+    pub(crate) fn restore_expired(&mut self, rows: &[usize], meta: &[RowMeta]) {
+        if let Order::Recency(queue) = self {
+            for &r in rows.iter().rev() {
+                queue.push_front((meta[r].call, r as u32));
+            }
+        }
+    }
+
     /// Ends a call: the pinned entries set aside go back.
     pub(crate) fn settle(&mut self) {
         if let Order::Frequency(heap, aside) = self {

@@ -994,13 +994,19 @@ impl DynamicTable {
     /// # Errors
     /// The optimizer's `catch_up` errors, before anything changes.
     pub fn advance(&mut self, optimizer: &mut dyn SparseOptimizer) -> Result<()> {
-        self.step += 1;
-        let Eviction::Ttl { steps } = self.config.eviction else {
-            return Ok(());
-        };
-        let Some(before) = self.step.checked_sub(steps) else {
-            return Ok(());
-        };
+        let now = self.step + 1;
+        if let Eviction::Ttl { steps } = self.config.eviction
+            && let Some(before) = now.checked_sub(steps)
+        {
+            self.expire(before, optimizer)?;
+        }
+        self.step = now;
+        Ok(())
+    }
+
+    /// Frees the rows of the keys last used before step `before`, logging
+    /// them (brought current first) if changes are tracked.
+    fn expire(&mut self, before: u64, optimizer: &mut dyn SparseOptimizer) -> Result<()> {
         let mut expired = Vec::new();
         while let Some(r) = self.order.expired(&self.meta, before) {
             expired.push(r as usize);
@@ -1008,8 +1014,12 @@ impl DynamicTable {
         if let Some(changes) = &mut self.changes
             && !expired.is_empty()
         {
-            if optimizer.has_lagging_rows() {
-                optimizer.catch_up(&mut self.weights, &expired)?;
+            if optimizer.has_lagging_rows()
+                && let Err(e) = optimizer.catch_up(&mut self.weights, &expired)
+            {
+                // Nothing changes on error: the rows keep their place.
+                self.order.restore_expired(&expired, &self.meta);
+                return Err(e);
             }
             for &r in &expired {
                 changes.evicted(self.meta[r].key, self.weights.row(r));
