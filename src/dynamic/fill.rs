@@ -9,6 +9,11 @@
 //! stored non-temporally: the same values, bit for bit (the tests draw every
 //! row both ways), without the wait or the read. Other inits, and other
 //! CPUs, draw one at a time.
+//!
+//! A fused step that updates the admitted rows draws each right before its
+//! update instead ([`Filler::fill_cached`]), with ordinary stores: the row
+//! is then in L1 for the update, and crosses memory once rather than
+//! being written out here and read back by the step.
 
 use crate::Init;
 use crate::init::mix;
@@ -38,6 +43,18 @@ impl Filler {
     /// stay zero. Call [`finish`](Self::finish) before the rows are read by
     /// another thread.
     pub(crate) fn fill(&self, key: u64, row: &mut [f32], dim: usize) {
+        self.draw::<true>(key, row, dim);
+    }
+
+    /// [`fill`](Self::fill) with ordinary stores, for a row about to be
+    /// read by this thread: it stays in the caches, and no
+    /// [`finish`](Self::finish) is needed.
+    pub(crate) fn fill_cached(&self, key: u64, row: &mut [f32], dim: usize) {
+        self.draw::<false>(key, row, dim);
+    }
+
+    #[inline(always)]
+    fn draw<const STREAM: bool>(&self, key: u64, row: &mut [f32], dim: usize) {
         debug_assert!(dim <= row.len() && row.len().is_multiple_of(16));
         debug_assert!((row.as_ptr() as usize).is_multiple_of(64));
         #[cfg(target_arch = "x86_64")]
@@ -47,7 +64,7 @@ impl Filler {
             // SAFETY: `wide` is set only when the tier in use is AVX2 or
             // AVX-512, so this CPU has AVX2; `row` is whole 64-byte lines
             // at a 64-byte boundary, as `fill_uniform_avx2` needs.
-            if unsafe { fill_uniform_avx2(self.seed, key, low, high, row, dim) } {
+            if unsafe { fill_uniform_avx2::<STREAM>(self.seed, key, low, high, row, dim) } {
                 return;
             }
         }
@@ -66,7 +83,7 @@ impl Filler {
 }
 
 /// `Init::Uniform`'s row for `key`, eight draws at a time, stored
-/// non-temporally; the lanes from `dim` on get zeros. Returns `false`,
+/// non-temporally if `STREAM`; the lanes from `dim` on get zeros. Returns `false`,
 /// leaving `row` partly written, if a draw rounds to `high`: uniform
 /// draws that again, one at a time, which shifts the rest of the row's
 /// stream (about once in 2²⁴ draws for the default bounds).
@@ -82,7 +99,7 @@ impl Filler {
 /// a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn fill_uniform_avx2(
+unsafe fn fill_uniform_avx2<const STREAM: bool>(
     seed: u64,
     key: u64,
     low: f32,
@@ -159,7 +176,13 @@ unsafe fn fill_uniform_avx2(
         };
         // SAFETY: `at + 8 <= row.len()` (a multiple of 8) and `out + at`
         // is 32-byte aligned, as the caller promises.
-        unsafe { _mm256_stream_ps(out.add(at), v) };
+        unsafe {
+            if STREAM {
+                _mm256_stream_ps(out.add(at), v);
+            } else {
+                _mm256_store_ps(out.add(at), v);
+            }
+        }
     }
     true
 }
@@ -169,8 +192,8 @@ mod tests {
     use super::*;
     use crate::aligned::AlignedBuf;
 
-    /// Every row of `init` drawn by the filler equals `fill_key_row`'s,
-    /// pads zero, for each tier this CPU has.
+    /// Every row of `init` drawn by the filler, streamed or not, equals
+    /// `fill_key_row`'s, pads zero, for each tier this CPU has.
     fn agrees(init: Init, dims: &[usize], keys: u64) {
         for tier in Tier::available() {
             kernels::with_tier(tier, || {
@@ -178,12 +201,16 @@ mod tests {
                     let stride = dim.next_multiple_of(16);
                     let mut buf = AlignedBuf::zeroed(stride, "row").unwrap();
                     let filler = Filler::new(init, 0x5eed ^ dim as u64);
-                    for key in 0..keys {
-                        let key = mix(key).rotate_left(dim as u32);
+                    for key in 0..2 * keys {
+                        let (stream, key) = (key % 2 == 0, mix(key / 2).rotate_left(dim as u32));
                         let row = buf.as_mut_slice();
                         row[..dim].fill(f32::NAN); // the pads are zero, as in the storage
-                        filler.fill(key, row, dim);
-                        filler.finish();
+                        if stream {
+                            filler.fill(key, row, dim);
+                            filler.finish();
+                        } else {
+                            filler.fill_cached(key, row, dim);
+                        }
                         let mut want = vec![0.0; dim];
                         init.fill_key_row(0x5eed ^ dim as u64, key, &mut want);
                         let got = &buf.as_slice()[..dim];
@@ -191,10 +218,8 @@ mod tests {
                             .iter()
                             .zip(&want)
                             .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{tier} {init:?} dim {dim} key {key}");
-                        if filler.wide {
-                            assert!(buf.as_slice()[dim..].iter().all(|&x| x == 0.0));
-                        }
+                        assert!(same, "{tier} {init:?} dim {dim} key {key} stream {stream}");
+                        assert!(buf.as_slice()[dim..].iter().all(|&x| x == 0.0));
                     }
                 }
             });
