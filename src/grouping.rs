@@ -528,12 +528,12 @@ impl Grouping {
             });
     }
 
-    /// Replaces each group's row `r` by `row(r)`, once the batch is
-    /// grouped and released: a batch grouped by labels that stand one to
-    /// one for rows is then grouped by those rows.
-    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
-        for r in &mut self.groups.rows {
-            *r = row(*r);
+    /// Replaces each group `k`'s row `r` by `row(k, r)`, group after
+    /// group, once the batch is grouped and released: a batch grouped by
+    /// labels that stand one to one for rows is then grouped by those rows.
+    pub(crate) fn relabel(&mut self, mut row: impl FnMut(usize, usize) -> usize) {
+        for (k, r) in self.groups.rows.iter_mut().enumerate() {
+            *r = row(k, *r);
         }
     }
 
@@ -939,7 +939,7 @@ mod tests {
                 // SAFETY: usize labels always name a row; the batch fits.
                 unsafe { g.build(&labels, &mut maps) };
                 g.release(&mut maps, |_| 0);
-                g.relabel(|l| 30_010 - l);
+                g.relabel(|_, l| 30_010 - l);
                 let (want_rows, heads, sizes, group_at, rank_at) = reference(&rows);
                 assert_eq!(g.rows(), &want_rows[..]);
                 assert_eq!(g.heads(), &heads[..]);

@@ -13,7 +13,7 @@ use crate::aligned::{SendPtr, checked_stride};
 use crate::index::Index;
 use crate::kernels;
 use crate::optim::SparseOptimizer;
-use crate::optim::engine::{self, Finite, TakenGrouping};
+use crate::optim::engine::{self, Check, Finite, Fresh, TakenGrouping};
 use crate::phases::time;
 use crate::{Bags, EmbeddingTable, Error, Pooling, Result, SparseGrad};
 
@@ -109,6 +109,10 @@ struct Scratch {
     /// Per position, what the fused step's grouping beside the admission
     /// groups by: its row, or for a new key a number past the rows.
     labels: Vec<u32>,
+    /// The fused step's groups of admitted keys, ascending, and their
+    /// keys: the step draws their rows.
+    fresh_groups: Vec<u32>,
+    fresh_keys: Vec<u64>,
 }
 
 impl Scratch {
@@ -121,6 +125,8 @@ impl Scratch {
             + self.evicted.capacity() * size_of::<(usize, u64)>()
             + self.rows.capacity() * size_of::<u32>()
             + self.labels.capacity() * size_of::<u32>()
+            + self.fresh_groups.capacity() * size_of::<u32>()
+            + self.fresh_keys.capacity() * size_of::<u64>()
     }
 }
 
@@ -475,6 +481,9 @@ impl DynamicTable {
     /// `optimizer`'s fused step meanwhile, on another thread when one is
     /// free (the uses and admissions are sequential): `None` if the
     /// optimizer has no fused step or a key got no row.
+    ///
+    /// With a grouping, the admitted keys' rows are not drawn yet: the
+    /// caller's step draws them ([`step_grouped`](Self::step_grouped)).
     fn translate_grouping<I: Index>(
         &mut self,
         ids: &[I],
@@ -564,18 +573,32 @@ impl DynamicTable {
         order.settle();
         self.call = call;
         self.stats.lookups += ids.len() as u64;
-        time("translate: fill", || self.settle_rows(optimizer))?;
+        if self.scratch.news.iter().any(|new| new.row == DEFAULT_ROW)
+            && let Some(grouped) = grouped.take()
+        {
+            // Refused: the step drops its positions and groups the rest.
+            engine::give_back(optimizer, grouped);
+        }
+        let draw = grouped.is_none();
+        time("translate: fill", || self.settle_rows(optimizer, draw))?;
         let Some(mut grouped) = grouped else {
             return Ok(None);
         };
-        let news = &self.scratch.news;
-        if news.iter().any(|new| new.row == DEFAULT_ROW) {
-            // Refused: the step drops its positions and groups the rest.
-            engine::give_back(optimizer, grouped);
-            return Ok(None);
-        }
-        grouped.relabel(|l| match l.checked_sub(base) {
-            Some(k) => news[k].row as usize,
+        let Scratch {
+            news,
+            fresh_groups,
+            fresh_keys,
+            ..
+        } = &mut self.scratch;
+        fresh_groups.clear();
+        fresh_keys.clear();
+        grouped.relabel(|group, l| match l.checked_sub(base) {
+            Some(k) => {
+                // Fits: there are fewer groups than ids.
+                fresh_groups.push(group as u32);
+                fresh_keys.push(news[k].key);
+                news[k].row as usize
+            }
             None => l,
         });
         Ok(Some(grouped))
@@ -821,9 +844,9 @@ impl DynamicTable {
     }
 
     /// After admission: logs the evicted rows (brought current first),
-    /// fills the new keys' rows and starts their optimizer state afresh.
-    /// The optimizer calls were checked by `make_room`.
-    fn settle_rows(&mut self, optimizer: &mut dyn SparseOptimizer) -> Result<()> {
+    /// fills the new keys' rows if `draw` and starts their optimizer state
+    /// afresh. The optimizer calls were checked by `make_room`.
+    fn settle_rows(&mut self, optimizer: &mut dyn SparseOptimizer, draw: bool) -> Result<()> {
         let Scratch { fresh, evicted, .. } = &self.scratch;
         if let Some(changes) = &mut self.changes
             && !evicted.is_empty()
@@ -839,6 +862,23 @@ impl DynamicTable {
         if fresh.is_empty() {
             return Ok(());
         }
+        if draw {
+            self.draw_fresh_rows();
+        }
+        if let Some(changes) = &mut self.changes {
+            changes.mark(self.scratch.fresh.iter().copied());
+        }
+        // The state alone: the rows' values are not read.
+        let reset = optimizer.reset_rows(&self.weights, &self.scratch.fresh);
+        if reset.is_err() && !draw {
+            self.draw_fresh_rows(); // the keys keep their rows
+        }
+        reset
+    }
+
+    /// Fills the rows given to new keys with their initial values.
+    fn draw_fresh_rows(&mut self) {
+        let fresh = &self.scratch.fresh;
         let filler = Filler::new(self.config.init, self.config.seed);
         let (dim, stride) = (self.dim(), self.weights.stride());
         let meta = &self.meta;
@@ -856,10 +896,6 @@ impl DynamicTable {
             }
             filler.finish();
         });
-        if let Some(changes) = &mut self.changes {
-            changes.mark(fresh.iter().copied());
-        }
-        optimizer.reset_rows(&self.weights, fresh)
     }
 
     /// Applies `grad` (over rows of [`weights`](Self::weights), from rows
@@ -940,7 +976,8 @@ impl DynamicTable {
         rows: &mut Vec<u32>,
     ) -> Result<()> {
         let dim = self.dim();
-        let (scan, grouped) = if rayon::current_num_threads() > 1 && optimizer.fused().is_some() {
+        let fused = optimizer.fused().is_some();
+        let (scan, grouped) = if rayon::current_num_threads() > 1 && fused {
             let tier = kernels::current();
             let mut scan = None;
             let grouped = time("translate beside scan", || {
@@ -952,19 +989,20 @@ impl DynamicTable {
                 })
             })?;
             (scan, grouped)
+        } else if fused {
+            // Grouped as the fused step would, so that the step draws the
+            // admitted rows.
+            let grouped = time("translate", || {
+                self.translate_grouping(ids, optimizer, rows, true)
+            })?;
+            (None, grouped)
         } else {
             time("translate", || self.translate_into(ids, optimizer, rows))?;
             (None, None)
         };
-        if let (Some(grouped), Some(found)) = (grouped, scan) {
-            engine::step_lookup_grouped(
-                optimizer,
-                &mut self.weights,
-                rows,
-                grad_out,
-                grouped,
-                found,
-            )?;
+        if let Some(grouped) = grouped {
+            let check = scan.map_or(Check::Scan, Check::Scanned);
+            self.step_grouped(optimizer, rows, grad_out, grouped, check)?;
         } else if rows.contains(&DEFAULT_ROW) {
             // The scan covered the positions dropped here: not used.
             let (rows, grad) = known_positions(rows, grad_out, dim);
@@ -977,6 +1015,41 @@ impl DynamicTable {
         }
         self.mark_changed(rows);
         self.advance(optimizer)
+    }
+
+    /// The fused step of a batch grouped by its translation, which draws
+    /// the admitted keys' rows right before their update (in the task that
+    /// updates them: each row crosses memory once). If the step writes
+    /// nothing (an error, or sums that might overflow), they are drawn
+    /// here: the keys keep their rows.
+    fn step_grouped<O: SparseOptimizer>(
+        &mut self,
+        optimizer: &mut O,
+        rows: &[u32],
+        grad_out: &[f32],
+        grouped: TakenGrouping,
+        check: Check,
+    ) -> Result<()> {
+        let filler = Filler::new(self.config.init, self.config.seed);
+        let dim = self.dim();
+        let keys = &self.scratch.fresh_keys;
+        let fill = |n: usize, row: &mut [f32]| filler.fill_cached(keys[n], row, dim);
+        let fresh = Fresh {
+            at: &self.scratch.fresh_groups,
+            fill: &fill,
+        };
+        let weights = &mut self.weights;
+        let stepped =
+            engine::step_lookup_grouped(optimizer, weights, rows, grad_out, grouped, check, fresh);
+        if !matches!(stepped, Ok(true)) {
+            self.draw_fresh_rows();
+        }
+        if !stepped? {
+            let mut grad = SparseGrad::for_table(&self.weights);
+            grad.accumulate_lookup(rows, grad_out)?;
+            optimizer.step(&mut self.weights, &grad)?;
+        }
+        Ok(())
     }
 
     fn mark_changed(&mut self, rows: &[u32]) {

@@ -748,7 +748,8 @@ impl Core {
             check_finite(grad)?;
         }
         let grads = Grads::Grouped(Grouped::stored(grad));
-        self.apply(config, next, table, grad.rows(), &grads, kernels::current())
+        let tier = kernels::current();
+        self.apply(config, next, table, grad.rows(), &grads, tier, Fresh::NONE)
     }
 
     /// A step on the distinct `rows`, whose gradient `grads` gives row by
@@ -772,7 +773,8 @@ impl Core {
         let next = self.prepare(config, table)?;
         check_row_step(rows, table, grads, &mut self.seen)?;
         let grads = Grads::Rows(grads);
-        self.apply(config, next, table, rows, &grads, kernels::current())
+        let tier = kernels::current();
+        self.apply(config, next, table, rows, &grads, tier, Fresh::NONE)
     }
 
     /// The checks of a fused `step_lookup` before its ids are looked at.
@@ -790,13 +792,16 @@ impl Core {
 
     /// A fused step whose ids [`Groups`] holds, grouped for `table`: checks
     /// `grad_out` as `check` says (by default while copying the later
-    /// positions' rows next to each other), then applies. `Ok(false)`: the
-    /// sums might overflow, nothing was written, and the caller must step
-    /// with a stored gradient (which checks the sums).
+    /// positions' rows next to each other), then applies, writing the
+    /// `fresh` rows' values first. `Ok(false)`: the sums might overflow,
+    /// nothing was written, and the caller must step with a stored gradient
+    /// (which checks the sums). On `Err` or `Ok(false)` no row was written,
+    /// the fresh ones neither.
     ///
     /// ```text
     /// check grad_out finite, copying the later positions' rows to scratch (groups.rs)
     /// for each row r, in parallel (each row by exactly one task):
+    ///     r fresh: write its values
     ///     g = 0 + grad_out[first position of r] + scratch rows of its later positions, in order
     ///     catch up; apply the rule's update with g
     /// ```
@@ -806,6 +811,7 @@ impl Core {
         table: &mut EmbeddingTable,
         grad_out: &[f32],
         check: Check,
+        fresh: Fresh<'_>,
     ) -> Result<bool> {
         let next = self.prepare(config, table)?;
         let (dim, ids) = (table.dim(), grad_out.len() / table.dim().max(1));
@@ -843,14 +849,16 @@ impl Core {
             later: groups.later(),
             scratch: groups.scratch(),
         });
-        let update = || self.apply(config, next, table, groups.rows(), &grads, tier);
+        let update = || self.apply(config, next, table, groups.rows(), &grads, tier, fresh);
         let applied = time("update", update);
         self.groups = groups;
         applied.map(|()| true)
     }
 
     /// Applies a validated step to `rows` with gradients `grads` (their
-    /// rows are distinct and `< table.rows()`).
+    /// rows are distinct and `< table.rows()`), writing the `fresh` ones'
+    /// values first. On `Err` nothing was written.
+    #[allow(clippy::too_many_arguments)]
     fn apply<C: Config>(
         &mut self,
         config: &mut C,
@@ -859,6 +867,7 @@ impl Core {
         rows: &[usize],
         grads: &Grads<'_>,
         tier: Tier,
+        fresh: Fresh<'_>,
     ) -> Result<()> {
         let rule = next.rule();
         if self.tables.is_none() {
@@ -896,6 +905,7 @@ impl Core {
             rows,
             Some(grads),
             plan,
+            fresh,
         );
         self.steps = now + 1;
         Ok(())
@@ -961,6 +971,7 @@ impl Core {
             &targets,
             None,
             plan,
+            Fresh::NONE,
         );
         catch.targets = targets;
         if rows.is_none() {
@@ -1526,9 +1537,10 @@ pub(crate) fn check_row_step(
     Ok(())
 }
 
-/// Visits `rows` (distinct, each `< table.rows()`): catches up row `i` as
-/// `plan` says, then applies `rule` with gradient `i` of `grads` if any.
-/// Parallel over rows above a size threshold.
+/// Visits `rows` (distinct, each `< table.rows()`): writes row `i`'s
+/// values if `fresh` names it, catches it up as `plan` says, then applies
+/// `rule` with gradient `i` of `grads` if any. Parallel over rows above a
+/// size threshold.
 #[allow(clippy::too_many_arguments)]
 fn visit<R: Rule>(
     tier: Tier,
@@ -1539,6 +1551,7 @@ fn visit<R: Rule>(
     rows: &[usize],
     grads: Option<&Grads<'_>>,
     plan: Option<(&[u64], CatchUp<'_, R::Step>)>,
+    fresh: Fresh<'_>,
 ) {
     let (stride, table_dim) = (table.stride(), table.dim());
     let state_width = if tables.per_row { 1 } else { stride };
@@ -1569,6 +1582,7 @@ fn visit<R: Rule>(
                 grads,
                 plan: plan.map(|p| &p[start..start + rows.len()]),
                 catch,
+                fresh,
                 zeros,
                 bufs,
                 dim: table_dim,
@@ -1601,6 +1615,7 @@ struct Visit<'a, R: Rule> {
     grads: Option<&'a Grads<'a>>,
     plan: Option<&'a [u64]>,
     catch: CatchUp<'a, R::Step>,
+    fresh: Fresh<'a>,
     /// A padded row of zeros: the gradient of a replayed step.
     zeros: &'a [f32],
     /// The weights, then each state array.
@@ -1623,6 +1638,9 @@ impl<R: Rule> Kernel for Visit<'_, R> {
             Some(Grads::Rows(g)) => (Vec::with_capacity(g.parts()), vec![0.0f32; self.dim]),
             _ => (Vec::new(), Vec::new()),
         };
+        // The next fresh row among these: `fresh.at[next]`.
+        let at = self.fresh.at;
+        let mut next = at.partition_point(|&v| (v as usize) < self.start);
         for (i, &r) in self.rows.iter().enumerate() {
             if let Some(&ahead) = self.rows.get(i + PREFETCH_AHEAD) {
                 for b in self.bufs {
@@ -1633,6 +1651,14 @@ impl<R: Rule> Kernel for Visit<'_, R> {
                     Some(Grads::Rows(g)) => g.prefetch(ahead),
                     None => {}
                 }
+            }
+            if at.get(next).is_some_and(|&v| v as usize == self.start + i) {
+                // SAFETY: `r < rows` of the weights (validated by the
+                // caller of `visit`), and rows are distinct across all
+                // tasks, so this task holds the only reference to row `r`
+                // (it ends before the update's).
+                (self.fresh.fill)(next, unsafe { self.bufs[0].row(r) });
+                next += 1;
             }
             let mut replay = 0..0;
             if let Some(p) = self.plan.map(|p| p[i])
@@ -1712,6 +1738,7 @@ pub(crate) trait Fused {
         table: &mut EmbeddingTable,
         grad_out: &[f32],
         check: Check,
+        fresh: Fresh<'_>,
     ) -> Result<bool>;
     /// [`SparseOptimizer::step_rows_finite`].
     fn step_rows(
@@ -1720,6 +1747,26 @@ pub(crate) trait Fused {
         rows: &[usize],
         grads: &dyn super::RowGradients,
     ) -> Result<()>;
+}
+
+/// Rows of a fused step whose values it writes right before their update
+/// (a dynamic table's newly admitted rows: drawn by the task that updates
+/// them, each crosses memory once, and the drawing runs in parallel).
+#[derive(Clone, Copy)]
+pub(crate) struct Fresh<'a> {
+    /// Indices into the step's rows (its groups), ascending.
+    pub(crate) at: &'a [u32],
+    /// Writes the values of fresh row `n` (`at[n]`) into its whole padded
+    /// row (pads zero).
+    pub(crate) fill: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+}
+
+impl Fresh<'_> {
+    /// No fresh rows.
+    pub(crate) const NONE: Fresh<'static> = Fresh {
+        at: &[],
+        fill: &|_, _| {},
+    };
 }
 
 /// How a fused step checks that `grad_out` is finite.
@@ -1762,9 +1809,9 @@ impl TakenGrouping {
         unsafe { self.0.build(labels, bound) };
     }
 
-    /// Replaces each group's label `l` by `row(l)`. The labels must stand
-    /// one to one for rows.
-    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
+    /// Replaces each group `k`'s label `l` by `row(k, l)`, group after
+    /// group. The labels must stand one to one for rows.
+    pub(crate) fn relabel(&mut self, row: impl FnMut(usize, usize) -> usize) {
         self.0.relabel(row);
     }
 }
@@ -1788,9 +1835,13 @@ pub(crate) fn give_back<O: SparseOptimizer + ?Sized>(opt: &mut O, grouped: Taken
     }
 }
 
-/// [`step_lookup`] of `rows` with `Finite::Scanned(found)`, whose positions
-/// `grouped` (from [`take_grouping`] on `opt`) groups by row already: the
-/// same step, bit for bit, without grouping them again.
+/// [`step_lookup`] of `rows`, checking `grad_out` as `check` says, whose
+/// positions `grouped` (from [`take_grouping`] on `opt`) groups by row
+/// already: the same step, bit for bit, without grouping them again; the
+/// `fresh` rows' values are written right before their update.
+/// `Ok(false)`: the sums might overflow, and the caller must step with a
+/// stored gradient. On `Err` and `Ok(false)` nothing was written, the
+/// fresh rows neither.
 ///
 /// # Panics
 /// If a group's row is not below `table.rows()` (the caller's grouping
@@ -1801,8 +1852,9 @@ pub(crate) fn step_lookup_grouped<O: SparseOptimizer + ?Sized>(
     rows: &[u32],
     grad_out: &[f32],
     grouped: TakenGrouping,
-    found: ScanPart,
-) -> Result<()> {
+    check: Check,
+    fresh: Fresh<'_>,
+) -> Result<bool> {
     let Some(FusedStep(fused)) = opt.fused() else {
         unreachable!("a grouping is taken from a fused step only")
     };
@@ -1816,16 +1868,17 @@ pub(crate) fn step_lookup_grouped<O: SparseOptimizer + ?Sized>(
         groups.rows().iter().all(|&r| r < table.rows()),
         "a grouping's row out of bounds"
     );
+    let groups_len = groups.rows().len();
+    assert!(
+        fresh.at.is_sorted_by(|a, b| a < b)
+            && fresh.at.last().is_none_or(|&v| (v as usize) < groups_len),
+        "fresh rows out of order or bounds"
+    );
     time("check", || {
         fused.check_lookup(table, rows.len(), grad_out.len())?;
         crate::index::validate_ids(rows, table.rows())
     })?;
-    if fused.step_grouped(table, grad_out, Check::Scanned(found))? {
-        return Ok(());
-    }
-    let mut grad = SparseGrad::for_table(table);
-    grad.accumulate_lookup(rows, grad_out)?;
-    opt.step(table, &grad)
+    fused.step_grouped(table, grad_out, check, fresh)
 }
 
 /// An optimizer's fused lookup step, handed to the provided
@@ -1892,7 +1945,7 @@ pub(crate) fn step_lookup<O: SparseOptimizer + ?Sized, I: Index>(
                     Check::Scan
                 }
             };
-            if fused.step_grouped(table, grad_out, check)? {
+            if fused.step_grouped(table, grad_out, check, Fresh::NONE)? {
                 return Ok(());
             }
         }

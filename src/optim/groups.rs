@@ -85,9 +85,9 @@ impl Groups {
         self.later.push(total);
     }
 
-    /// Replaces each group's row `r` by `row(r)` (see
+    /// Replaces each group `k`'s row `r` by `row(k, r)` (see
     /// [`Grouping::relabel`]).
-    pub(crate) fn relabel(&mut self, row: impl Fn(usize) -> usize) {
+    pub(crate) fn relabel(&mut self, row: impl FnMut(usize, usize) -> usize) {
         self.grouping.relabel(row);
     }
 

@@ -208,9 +208,10 @@ macro_rules! sparse_optimizer {
                 table: &mut $crate::EmbeddingTable,
                 grad_out: &[f32],
                 check: $crate::optim::engine::Check,
+                fresh: $crate::optim::engine::Fresh<'_>,
             ) -> $crate::Result<bool> {
                 self.core
-                    .step_grouped(&mut self.config, table, grad_out, check)
+                    .step_grouped(&mut self.config, table, grad_out, check, fresh)
             }
 
             fn step_rows(
