@@ -368,6 +368,56 @@ fn dynamic_table_admissions_and_lookups() {
     }
 }
 
+/// The dynamic table's fused step, which draws each admitted key's row in
+/// the task that updates it (the engine writes that row through its raw
+/// base pointer): on every tier, on two threads, with evictions, equal to
+/// translate, accumulate and step.
+#[test]
+fn dynamic_fused_step_draws_admitted_rows() {
+    use embtable::dynamic::{Capacity, DynamicConfig, DynamicTable};
+    let n = if cfg!(miri) { 24 } else { 3000 };
+    for &dim in DIMS {
+        let results = each_tier_on_two_threads(|| {
+            let config = DynamicConfig {
+                capacity: Capacity::Rows(n),
+                ..Default::default()
+            };
+            let mut fused = DynamicTable::new(dim, config.clone()).unwrap();
+            let mut reference = DynamicTable::new(dim, config).unwrap();
+            let sgd = || Sgd::new(SgdConfig::default());
+            let (mut fused_opt, mut reference_opt) = (sgd(), sgd());
+            // Each step: known keys (repeated) and new ones; the third
+            // step's new keys take evicted rows.
+            for step in 0..3u64 {
+                let keys: Vec<u64> = (0..n as u64)
+                    .map(|j| {
+                        if j % 3 == 0 {
+                            (step + 1) << 32 | j
+                        } else {
+                            j % 40
+                        }
+                    })
+                    .collect();
+                let grad_out: Vec<f32> = (0..n * dim).map(|i| (i % 13) as f32 - 6.0).collect();
+                fused.step_lookup(&mut fused_opt, &keys, &grad_out).unwrap();
+                let rows = reference.translate(&keys, &mut reference_opt).unwrap();
+                let mut grad = SparseGrad::for_table(reference.weights());
+                grad.accumulate_lookup(&rows, &grad_out).unwrap();
+                reference.step(&mut reference_opt, &mut grad).unwrap();
+            }
+            assert!(fused.stats().evicted > 0, "{:?}", fused.stats());
+            let (got, want) = (fused.weights().as_padded(), reference.weights().as_padded());
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            got.to_vec()
+        });
+        assert_all_equal(&results, &format!("dynamic fused step dim {dim}"));
+    }
+}
+
 /// Three steps and three fused steps of `opt` then a flush, on every
 /// configuration (on two threads only if the batch is over the parallel
 /// threshold): tables and states must agree bitwise.
