@@ -84,9 +84,9 @@ impl Filler {
 
 /// `Init::Uniform`'s row for `key`, eight draws at a time, stored
 /// non-temporally if `STREAM`; the lanes from `dim` on get zeros. Returns
-/// `false`, leaving `row` partly written, if a draw rounds to `high`: uniform draws that again, one at a time, which shifts
-/// the rest of the row's stream (about once in 2²⁴ draws for the default
-/// bounds).
+/// `false`, leaving `row` partly written, if a draw rounds to `high`:
+/// uniform draws that again, one at a time, which shifts the rest of the
+/// row's stream (about once in 2²⁴ draws for the default bounds).
 ///
 /// The draws match `SplitMix64::unit_f32`: the stream of key `k` starts at
 /// `mix(seed ^ mix(k + γ))` and draw `i` is `mix(s + (i + 1)γ) >> 40`.
