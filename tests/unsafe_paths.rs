@@ -382,7 +382,7 @@ fn dynamic_fused_step_draws_admitted_rows() {
                 capacity: Capacity::Rows(n),
                 ..Default::default()
             };
-            let mut fused = DynamicTable::new(dim, config.clone()).unwrap();
+            let mut fused = DynamicTable::new(dim, config).unwrap();
             let mut reference = DynamicTable::new(dim, config).unwrap();
             let sgd = || Sgd::new(SgdConfig::default());
             let (mut fused_opt, mut reference_opt) = (sgd(), sgd());
